@@ -1,0 +1,85 @@
+"""`fastllava run | ...`: the command line. User errors print one line and exit with code 2."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+from .errors import UserError
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {value}")
+    return value
+
+
+def _add_model_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", help="checkpoint directory (HF LLaVA format); default: the embedded model")
+    p.add_argument("--device", help="cpu, cuda, cuda:1, ... (default: cuda when available)")
+    p.add_argument("--dtype", choices=["float32", "float16", "bfloat16"],
+                   help="default: float32 on the CPU, bfloat16 on a GPU")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="fastllava", description="Fast LLaVA inference.")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    run = sub.add_parser("run", help="answer a prompt about an image, streaming the answer")
+    _add_model_args(run)
+    run.add_argument("--image", help="image file (omit for a text-only prompt)")
+    run.add_argument("--prompt", required=True, help="the question or instruction")
+    run.add_argument("--max-new-tokens", type=_positive_int, default=64)
+    run.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
+    run.add_argument("--top-p", type=float, default=1.0)
+    run.add_argument("--top-k", type=int, default=0)
+    run.add_argument("--seed", type=int, help="seed for sampling")
+    run.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
+    run.add_argument("--json", action="store_true", help="print one JSON object instead of streaming")
+    run.set_defaults(func=cmd_run)
+    return parser
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    from . import load
+    from .images import load_image
+
+    image = load_image(args.image) if args.image else None  # fail on a bad image before loading weights
+    model = load(args.model, device=args.device, dtype=args.dtype)
+    kwargs = dict(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p,
+                  top_k=args.top_k, seed=args.seed, stop=args.stop)
+    if args.json:
+        result = model.generate(images=[image], prompts=[args.prompt], **kwargs)[0]
+        print(json.dumps({"model": str(model.path), "prompt": args.prompt, "text": result.text,
+                          "finish_reason": result.finish_reason, "stats": result.stats}))
+        return 0
+    stream = model.stream(image=image, prompt=args.prompt, **kwargs)
+    for delta in stream:
+        print(delta, end="", flush=True)
+    s = stream.result.stats
+    print(f"\n[{s['prompt_tokens']} prompt + {s['image_tokens']} image tokens, {s['generated_tokens']} generated"
+          f" | TTFT {s['ttft_s'] * 1000:.1f} ms | decode {s['decode_tok_s']:.1f} tok/s"
+          f" | {stream.result.finish_reason}]", file=sys.stderr)
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return args.func(args)
+    except UserError as e:
+        print(f"fastllava: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("fastllava: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,224 @@
+"""Model configuration read from a Hugging Face LLaVA `config.json`.
+
+Missing keys take the defaults that transformers' own config classes use, because real
+checkpoints (e.g. llava-hf/llava-1.5-7b-hf) store only the values that differ from them.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from .errors import UserError
+
+# transformers' LlavaConfig fills a missing vision_config with these CLIP ViT-L/14-336 values.
+_LLAVA_VISION_DEFAULTS = {
+    "intermediate_size": 4096,
+    "hidden_size": 1024,
+    "patch_size": 14,
+    "image_size": 336,
+    "num_hidden_layers": 24,
+    "num_attention_heads": 16,
+}
+
+# Per text model type: the defaults of transformers' LlamaConfig / MistralConfig.
+_TEXT_DEFAULTS = {
+    "llama": {
+        "vocab_size": 32000,
+        "hidden_size": 4096,
+        "intermediate_size": 11008,
+        "num_hidden_layers": 32,
+        "num_attention_heads": 32,
+        "max_position_embeddings": 2048,
+        "rms_norm_eps": 1e-6,
+        "sliding_window": None,
+    },
+    "mistral": {
+        "vocab_size": 32000,
+        "hidden_size": 4096,
+        "intermediate_size": 14336,
+        "num_hidden_layers": 32,
+        "num_attention_heads": 32,
+        "num_key_value_heads": 8,
+        "max_position_embeddings": 4096 * 32,
+        "rms_norm_eps": 1e-6,
+        "sliding_window": 4096,
+    },
+}
+
+
+@dataclass
+class VisionConfig:
+    """CLIP-style vision transformer."""
+
+    hidden_size: int = 768
+    intermediate_size: int = 3072
+    num_hidden_layers: int = 12
+    num_attention_heads: int = 12
+    num_channels: int = 3
+    image_size: int = 224
+    patch_size: int = 32
+    hidden_act: str = "quick_gelu"
+    layer_norm_eps: float = 1e-5
+
+    @property
+    def head_dim(self) -> int:
+        return self.hidden_size // self.num_attention_heads
+
+    @property
+    def grid(self) -> int:
+        return self.image_size // self.patch_size
+
+    @property
+    def num_patches(self) -> int:
+        return self.grid * self.grid
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "VisionConfig":
+        model_type = d.get("model_type", "clip_vision_model")
+        if model_type not in ("clip_vision_model", "clip"):
+            raise UserError(f"unsupported vision tower {model_type!r}; fastllava supports CLIP-style towers")
+        merged = {**_LLAVA_VISION_DEFAULTS, **d}
+        image_size, patch_size = merged.get("image_size", 224), merged.get("patch_size", 32)
+        if isinstance(image_size, (list, tuple)) or isinstance(patch_size, (list, tuple)):
+            raise UserError("non-square vision image_size/patch_size is not supported")
+        return cls(**_pick(cls, merged))
+
+
+@dataclass
+class RopeConfig:
+    theta: float = 10000.0
+    kind: str = "default"  # default | linear | dynamic
+    factor: float = 1.0
+
+
+@dataclass
+class TextConfig:
+    """Llama / Mistral decoder."""
+
+    model_type: str = "llama"
+    vocab_size: int = 32000
+    hidden_size: int = 4096
+    intermediate_size: int = 11008
+    num_hidden_layers: int = 32
+    num_attention_heads: int = 32
+    num_key_value_heads: int = 32
+    head_dim: int = 128
+    hidden_act: str = "silu"
+    max_position_embeddings: int = 2048
+    rms_norm_eps: float = 1e-6
+    attention_bias: bool = False
+    mlp_bias: bool = False
+    sliding_window: int | None = None
+    tie_word_embeddings: bool = False
+    bos_token_id: int | None = 1
+    eos_token_id: list[int] = field(default_factory=lambda: [2])
+    pad_token_id: int | None = None
+    rope: RopeConfig = field(default_factory=RopeConfig)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "TextConfig":
+        model_type = d.get("model_type", "llama")
+        if model_type not in _TEXT_DEFAULTS:
+            raise UserError(
+                f"unsupported text model {model_type!r}; supported: {', '.join(sorted(_TEXT_DEFAULTS))}"
+            )
+        merged = {**_TEXT_DEFAULTS[model_type], **d}
+        merged["model_type"] = model_type
+        if merged.get("num_key_value_heads") is None:
+            merged["num_key_value_heads"] = merged["num_attention_heads"]
+        if merged.get("head_dim") is None:
+            merged["head_dim"] = merged["hidden_size"] // merged["num_attention_heads"]
+        eos = merged.get("eos_token_id", 2)
+        merged["eos_token_id"] = [] if eos is None else ([eos] if isinstance(eos, int) else list(eos))
+        if merged.get("hidden_act", "silu") != "silu":
+            raise UserError(f"unsupported text hidden_act {merged['hidden_act']!r}; only 'silu' is supported")
+        cfg = cls(**_pick(cls, merged, exclude={"rope"}))
+        cfg.rope = _read_rope(d)
+        return cfg
+
+
+def _read_rope(d: dict) -> RopeConfig:
+    """RoPE settings from either the legacy (`rope_theta` + `rope_scaling`) or the
+    transformers >= 5 (`rope_parameters`) form."""
+    params = dict(d.get("rope_parameters") or {})
+    legacy = d.get("rope_scaling") or {}
+    theta = params.get("rope_theta", d.get("rope_theta", 10000.0))
+    kind = params.get("rope_type") or legacy.get("rope_type") or legacy.get("type") or "default"
+    factor = params.get("factor", legacy.get("factor", 1.0))
+    if kind not in ("default", "linear", "dynamic"):
+        raise UserError(f"unsupported RoPE scaling {kind!r}; supported: default, linear, dynamic")
+    return RopeConfig(theta=float(theta), kind=kind, factor=float(factor))
+
+
+@dataclass
+class LlavaConfig:
+    vision: VisionConfig
+    text: TextConfig
+    image_token_index: int = 32000
+    projector_hidden_act: str = "gelu"
+    projector_bias: bool = True
+    vision_feature_select_strategy: str = "default"
+    vision_feature_layers: list[int] = field(default_factory=lambda: [-2])
+    tie_word_embeddings: bool = False
+    torch_dtype: str | None = None
+
+    @property
+    def image_features_per_image(self) -> int:
+        """Visual tokens one image gives the language model (576 for LLaVA-1.5)."""
+        extra = 1 if self.vision_feature_select_strategy == "full" else 0
+        return self.vision.num_patches + extra
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "LlavaConfig":
+        model_type = d.get("model_type", "llava")
+        if model_type != "llava":
+            raise UserError(f"unsupported model_type {model_type!r} in config.json; expected 'llava'")
+        vision = VisionConfig.from_dict(d.get("vision_config") or {})
+        text = TextConfig.from_dict(d.get("text_config") or {})
+        layer = d.get("vision_feature_layer", -2)
+        layers = [layer] if isinstance(layer, int) else list(layer)
+        n = vision.num_hidden_layers
+        for idx in layers:
+            if not -(n + 1) <= idx <= n:
+                raise UserError(f"vision_feature_layer {idx} is out of range for a {n}-layer vision tower")
+        strategy = d.get("vision_feature_select_strategy", "default")
+        if strategy not in ("default", "full"):
+            raise UserError(f"unknown vision_feature_select_strategy {strategy!r}; expected default or full")
+        tie = bool(d.get("tie_word_embeddings", False)) or bool(
+            (d.get("text_config") or {}).get("tie_word_embeddings", False)
+        )
+        text.tie_word_embeddings = tie
+        return cls(
+            vision=vision,
+            text=text,
+            image_token_index=d.get("image_token_index", d.get("image_token_id", 32000)),
+            projector_hidden_act=d.get("projector_hidden_act", "gelu"),
+            projector_bias=d.get("multimodal_projector_bias", True),
+            vision_feature_select_strategy=strategy,
+            vision_feature_layers=layers,
+            tie_word_embeddings=tie,
+            torch_dtype=d.get("torch_dtype") or d.get("dtype"),
+        )
+
+    @classmethod
+    def from_file(cls, path: str | Path) -> "LlavaConfig":
+        path = Path(path)
+        try:
+            d = json.loads(path.read_text())
+        except FileNotFoundError:
+            raise UserError(f"no config.json in {path.parent}") from None
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise UserError(f"{path} is not valid JSON: {e}") from None
+        if not isinstance(d, dict):
+            raise UserError(f"{path} must hold a JSON object")
+        try:
+            return cls.from_dict(d)
+        except (TypeError, ValueError) as e:
+            raise UserError(f"{path}: bad model configuration: {e}") from None
+
+
+def _pick(cls, d: dict, exclude: set[str] = frozenset()) -> dict:
+    names = {f for f in cls.__dataclass_fields__ if f not in exclude}
+    return {k: v for k, v in d.items() if k in names}

@@ -1,0 +1,233 @@
+"""The user-facing model: `fastllava.load(path)` returns a `Llava` that generates text from
+images and prompts, streams it, and exposes transformers-shaped low-level calls for tools."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Iterator, Sequence
+
+import torch
+
+from .checkpoint import load_model
+from .errors import UserError
+from .generation import SamplingParams, StepTimes, check_left_padded, decode_steps
+from .images import ImageInput, ImageProcessor
+from .models.llava import LlavaModel
+from .prompts import PromptEncoder
+
+
+@dataclass
+class Result:
+    text: str
+    token_ids: list[int]
+    finish_reason: str  # "stop" (EOS or a stop string) or "length"
+    stats: dict = field(default_factory=dict)
+
+
+class Llava:
+    def __init__(self, model: LlavaModel, processor: ImageProcessor, prompts: PromptEncoder | None,
+                 path: Path | None = None):
+        self.model = model
+        self.processor = processor
+        self.prompts = prompts
+        self.path = path
+
+    @property
+    def config(self):
+        return self.model.cfg
+
+    @property
+    def device(self) -> torch.device:
+        return self.model.device
+
+    # ---- low-level calls mirroring LlavaForConditionalGeneration ----
+
+    @torch.inference_mode()
+    def logits(self, input_ids: torch.Tensor, pixel_values: torch.Tensor | None,
+               attention_mask: torch.Tensor | None = None,
+               position_ids: torch.Tensor | None = None) -> torch.Tensor:
+        """Logits [B, T, V] as `LlavaForConditionalGeneration.forward` returns them: input_ids
+        [B, T] already hold one image token per visual feature; positions default to 0..T-1
+        like transformers' forward (pass position_ids to count real tokens only)."""
+        device = self.device
+        input_ids = input_ids.to(device)
+        feats = self.model.image_features(pixel_values.to(device)) if pixel_values is not None else None
+        embeds = self.model.embed(input_ids, feats)
+        if position_ids is None:
+            position_ids = torch.arange(input_ids.shape[1], device=device).expand_as(input_ids)
+        mask = None if attention_mask is None else attention_mask.to(device).bool()
+        return self.model(embeds, position_ids.to(device), mask).float()
+
+    def generate_ids(self, input_ids: torch.Tensor, pixel_values: torch.Tensor | None,
+                     attention_mask: torch.Tensor | None = None, max_new_tokens: int = 64,
+                     eos_token_id: int | list[int] | None = -1, **sampling) -> torch.Tensor:
+        """New token ids [B, N] (greedy unless sampling is asked for). Rows that end early are
+        padded with the pad id after their EOS, as transformers does. eos_token_id=-1 uses the
+        config's; None never stops early."""
+        if attention_mask is None:
+            attention_mask = torch.ones_like(input_ids)
+        check_left_padded(attention_mask)
+        params = SamplingParams(max_new_tokens=max_new_tokens, **sampling).validate()
+        eos = self._eos_ids(eos_token_id)
+        finished = torch.zeros(input_ids.shape[0], dtype=torch.bool)
+        done_before = finished.clone()
+        pad = self.config.text.pad_token_id if self.config.text.pad_token_id is not None else (eos or [0])[0]
+        steps = []
+        for token in decode_steps(self.model, input_ids, attention_mask, pixel_values, params, eos,
+                                  finished, StepTimes()):
+            steps.append(torch.where(done_before, torch.full_like(token, pad), token))
+            done_before = finished.clone()
+        return torch.stack(steps, dim=1)
+
+    # ---- text in, text out ----
+
+    def generate(self, images: Sequence[ImageInput] | None = None, prompts: Sequence[str] | str = (),
+                 max_new_tokens: int = 64, temperature: float = 0.0, top_p: float = 1.0, top_k: int = 0,
+                 seed: int | None = None, stop: Sequence[str] = ()) -> list[Result]:
+        """One answer per prompt; `images[i]` goes with `prompts[i]` (None for a text-only prompt)."""
+        params = SamplingParams(max_new_tokens, temperature, top_p, top_k, seed, list(stop)).validate()
+        return list(self._run(images, prompts, params, stream=False))[-1]
+
+    def stream(self, image: ImageInput | None = None, prompt: str = "", **kwargs) -> "TextStream":
+        """Text deltas of one answer as they are produced; `.result` holds the Result afterwards."""
+        params = SamplingParams(**kwargs).validate()
+        return TextStream(self._run([image], [prompt], params, stream=True))
+
+    def _run(self, images, prompts, params: SamplingParams, stream: bool):
+        prompts = [prompts] if isinstance(prompts, str) else list(prompts)
+        images = [None] * len(prompts) if images is None else list(images)
+        if not prompts:
+            raise UserError("give at least one prompt")
+        if len(images) != len(prompts):
+            raise UserError(f"{len(images)} images for {len(prompts)} prompts; give one image (or None) per prompt")
+        input_ids, mask, pixel_values = self.encode(images, prompts)
+        eos = self._eos_ids(-1)
+        b = len(prompts)
+        finished = torch.zeros(b, dtype=torch.bool)
+        texts, ids, reasons = [""] * b, [[] for _ in range(b)], ["length"] * b
+        counts = [0] * b  # tokens generated per row, EOS included (as usage counts them)
+        times = StepTimes()
+        for token in decode_steps(self.model, input_ids, mask, pixel_values, params, eos, finished, times):
+            for row in range(b):
+                if reasons[row] == "stop":
+                    continue
+                tok = int(token[row])
+                counts[row] += 1
+                if tok in eos:
+                    reasons[row] = "stop"
+                    continue
+                ids[row].append(tok)
+                text = self.prompts.decode(ids[row])
+                cut = _stop_index(text, params.stop)
+                if cut is not None:
+                    text, reasons[row] = text[:cut], "stop"
+                    finished[row] = True
+                if stream and not text.endswith("\ufffd") and text.startswith(texts[row]):
+                    yield text[len(texts[row]):]
+                    texts[row] = text
+                elif not stream:
+                    texts[row] = text
+        if stream:  # flush what was held back (an incomplete character at the very end)
+            final = self.prompts.decode(ids[0])
+            cut = _stop_index(final, params.stop)
+            final = final if cut is None else final[:cut]
+            if final.startswith(texts[0]) and final != texts[0]:
+                yield final[len(texts[0]):]
+            texts[0] = final
+        n_images = sum(im is not None for im in images)
+        results = []
+        for row in range(b):
+            gen = counts[row]
+            stats = {
+                "prompt_tokens": int(mask[row].sum()) - (self.config.image_features_per_image if images[row] is not None else 0),
+                "image_tokens": self.config.image_features_per_image if images[row] is not None else 0,
+                "generated_tokens": gen,
+                "batch_size": b,
+                "images_in_batch": n_images,
+                "vision_s": round(times.vision_s, 6),
+                "ttft_s": round(times.first_token_s, 6),
+                "total_s": round(times.end_s, 6),
+                "decode_tok_s": _rate(gen - 1, times.end_s - times.first_token_s),
+            }
+            results.append(Result(texts[row], ids[row], reasons[row], stats))
+        yield results
+
+    def encode(self, images, prompts: list[str]):
+        """Prompt ids left-padded into [B, T], their mask, and pixel_values [N, 3, H, W] (or None)."""
+        if self.prompts is None:
+            raise UserError("this checkpoint has no tokenizer.json, so it cannot take text prompts")
+        rows = []
+        for image, prompt in zip(images, prompts):
+            if not isinstance(prompt, str):
+                raise UserError(f"prompts must be strings, got {type(prompt).__name__}")
+            rows.append(self.prompts.prompt_ids(prompt, 0 if image is None else 1))
+        longest = max(len(r) for r in rows)
+        pad = self.config.text.pad_token_id or 0
+        input_ids = torch.full((len(rows), longest), pad, dtype=torch.long)
+        mask = torch.zeros((len(rows), longest), dtype=torch.long)
+        for i, r in enumerate(rows):
+            input_ids[i, longest - len(r):] = torch.tensor(r)
+            mask[i, longest - len(r):] = 1
+        present = [im for im in images if im is not None]
+        pixel_values = self.processor(present) if present else None
+        return input_ids, mask, pixel_values
+
+    def _eos_ids(self, eos_token_id) -> list[int]:
+        if eos_token_id is None:
+            return []
+        if isinstance(eos_token_id, int) and eos_token_id == -1:
+            return list(self.config.text.eos_token_id)
+        return [eos_token_id] if isinstance(eos_token_id, int) else list(eos_token_id)
+
+
+class TextStream:
+    """Iterate for text deltas; after the loop, `result` is the finished Result."""
+
+    def __init__(self, parts: Iterator):
+        self._parts = parts
+        self.result: Result | None = None
+
+    def __iter__(self) -> Iterator[str]:
+        for part in self._parts:
+            if isinstance(part, list):
+                self.result = part[0]
+            else:
+                yield part
+
+
+def _stop_index(text: str, stops: list[str]) -> int | None:
+    hits = [text.find(s) for s in stops if s and s in text]
+    return min(hits) if hits else None
+
+
+def _rate(n: int, seconds: float) -> float:
+    return round(n / seconds, 2) if n > 0 and seconds > 0 else 0.0
+
+
+def load(path: str | Path | None = None, device: str | torch.device | None = None,
+         dtype: str | torch.dtype | None = None, pad_to_square: bool | None = None) -> Llava:
+    """Load a LLaVA checkpoint directory (HF format, safetensors). `device` defaults to CUDA when
+    available; `dtype` to float32 on the CPU and bfloat16 elsewhere. Without a path, the embedded
+    default model is loaded."""
+    if path is None:
+        from .assets import default_model_dir
+
+        path = default_model_dir()
+    path = Path(path).expanduser()
+    if device is None:
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    try:
+        device = torch.device(device)
+    except RuntimeError:
+        raise UserError(f"unknown device {device!r}") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise UserError("device 'cuda' was asked for but no CUDA GPU is available")
+    model = load_model(path, device, dtype)
+    processor = ImageProcessor.from_dir(path, model.cfg.vision.image_size)
+    if pad_to_square is not None:
+        processor.pad_to_square = pad_to_square
+    prompts = None
+    if (path / "tokenizer.json").exists():
+        prompts = PromptEncoder.from_dir(path, model.cfg.image_token_index, model.cfg.image_features_per_image)
+    return Llava(model, processor, prompts, path)

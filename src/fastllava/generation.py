@@ -1,0 +1,127 @@
+"""Prefill and decode over a static KV cache, with sampling and per-step timing.
+
+Prompts in a batch are left-padded: every row then writes each step into the same cache slot,
+positions count only real tokens, and padding is masked out of attention.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Iterator
+
+import torch
+
+from .errors import UserError
+from .models.llava import LlavaModel
+
+
+@dataclass
+class SamplingParams:
+    max_new_tokens: int = 64
+    temperature: float = 0.0  # 0 = greedy
+    top_p: float = 1.0
+    top_k: int = 0  # 0 = off
+    seed: int | None = None
+    stop: list[str] = field(default_factory=list)
+
+    def validate(self) -> "SamplingParams":
+        if not isinstance(self.max_new_tokens, int) or self.max_new_tokens < 1:
+            raise UserError(f"max_new_tokens must be a positive integer, got {self.max_new_tokens!r}")
+        if self.temperature is None or not 0 <= self.temperature <= 100:
+            raise UserError(f"temperature must be in [0, 100], got {self.temperature!r}")
+        if self.top_p is None or not 0 < self.top_p <= 1:
+            raise UserError(f"top_p must be in (0, 1], got {self.top_p!r}")
+        if not isinstance(self.top_k, int) or self.top_k < 0:
+            raise UserError(f"top_k must be a non-negative integer, got {self.top_k!r}")
+        if isinstance(self.stop, str):
+            self.stop = [self.stop]
+        return self
+
+
+def sample(logits: torch.Tensor, p: SamplingParams, generator: torch.Generator | None) -> torch.Tensor:
+    """logits [B, V] -> token ids [B]: greedy at temperature 0, else temperature, top-k, top-p."""
+    if p.temperature == 0:
+        return logits.argmax(-1)
+    logits = logits.float() / p.temperature
+    if p.top_k:
+        kth = logits.topk(min(p.top_k, logits.shape[-1]), dim=-1).values[:, -1:]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if p.top_p < 1:
+        sorted_logits, order = logits.sort(dim=-1, descending=True)
+        cum = sorted_logits.softmax(-1).cumsum(-1)
+        drop = cum - sorted_logits.softmax(-1) >= p.top_p  # keep the smallest prefix reaching top_p
+        sorted_logits = sorted_logits.masked_fill(drop, float("-inf"))
+        logits = torch.full_like(logits, float("-inf")).scatter(-1, order, sorted_logits)
+    probs = logits.softmax(-1)
+    return torch.multinomial(probs, 1, generator=generator)[:, 0]
+
+
+def positions_from_mask(attention_mask: torch.Tensor) -> torch.Tensor:
+    """Left-padded mask [B, T] -> positions [B, T] counting real tokens only (pads get 0)."""
+    return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
+
+
+def check_left_padded(attention_mask: torch.Tensor) -> None:
+    m = attention_mask.bool()
+    if bool((m[:, :-1] & ~m[:, 1:]).any()):
+        raise UserError("attention_mask must be left-padded for generation (padding before the prompt)")
+    if not bool(m[:, -1].all()):
+        raise UserError("every prompt in the batch needs at least one token")
+
+
+@dataclass
+class StepTimes:
+    """Wall-clock marks of one generation (seconds since its start)."""
+
+    start: float = 0.0
+    vision_s: float = 0.0
+    first_token_s: float = 0.0
+    end_s: float = 0.0
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+@torch.inference_mode()
+def decode_steps(model: LlavaModel, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+                 pixel_values: torch.Tensor | None, params: SamplingParams, eos_ids: list[int],
+                 finished: torch.Tensor, times: StepTimes) -> Iterator[torch.Tensor]:
+    """Yield the sampled tokens [B] (on the CPU) after each step.
+
+    `finished` [B] (bool, CPU) is shared with the caller: rows that hit EOS are marked here, and
+    the caller may mark rows it stopped itself (stop strings); generation ends when all are done.
+    """
+    device = model.device
+    b, t = input_ids.shape
+    times.start = time.perf_counter()
+    feats = model.image_features(pixel_values.to(device)) if pixel_values is not None else None
+    _sync(device)
+    times.vision_s = time.perf_counter() - times.start
+    mask = attention_mask.to(device).bool()
+    embeds = model.embed(input_ids.to(device), feats)
+    positions = positions_from_mask(mask)
+    cache = model.new_cache(b, t + params.max_new_tokens)
+    generator = None
+    if params.temperature > 0:
+        generator = torch.Generator(device=device)
+        generator.manual_seed(params.seed if params.seed is not None else int(torch.seed() % 2**63))
+    eos = torch.tensor(eos_ids or [-1], device="cpu")
+    logits = model(embeds, positions, None if bool(mask.all()) else mask, cache, last_only=True)[:, -1]
+    pos = positions[:, -1:]  # [B, 1]
+    for step in range(params.max_new_tokens):
+        token = sample(logits, params, generator)  # [B]
+        token_cpu = token.cpu()
+        if step == 0:
+            times.first_token_s = time.perf_counter() - times.start
+        finished |= torch.isin(token_cpu, eos)
+        yield token_cpu
+        if bool(finished.all()) or step == params.max_new_tokens - 1:
+            break
+        pos = pos + 1
+        x = model.language_model.embed_tokens(token[:, None])  # [B, 1, D]
+        logits = model(x, pos, None, cache)[:, -1]
+    _sync(device)
+    times.end_s = time.perf_counter() - times.start

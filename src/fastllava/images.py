@@ -1,0 +1,190 @@
+"""Reading images safely and CLIP preprocessing (`preprocessor_config.json`).
+
+The preprocessing follows transformers' `CLIPImageProcessor`: resize the shortest edge with
+PIL (bicubic by default), center crop, rescale to [0, 1], normalize with the CLIP mean and std.
+`pad_to_square` is the original LLaVA repo's `image_aspect_ratio="pad"`: the image is first
+pasted centred on a square canvas filled with the mean colour.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Union
+
+import numpy as np
+import torch
+from PIL import Image, UnidentifiedImageError
+
+from .errors import UserError
+
+ImageInput = Union[Image.Image, np.ndarray, str, Path, bytes]
+
+CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
+CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+DEFAULT_MAX_PIXELS = 64_000_000  # refuse larger images (decompression bombs)
+
+
+def load_image(image: ImageInput, max_pixels: int = DEFAULT_MAX_PIXELS) -> Image.Image:
+    """A PIL image in RGB from a PIL image, an HWC/HW numpy array (uint8, or float in [0, 1]),
+    a path, or encoded bytes. Bad input raises UserError with one line saying why."""
+    if isinstance(image, Image.Image):
+        _check_pixels(image.size, max_pixels, "image")
+        return image.convert("RGB")
+    if isinstance(image, np.ndarray):
+        return _from_array(image, max_pixels)
+    if isinstance(image, (bytes, bytearray, memoryview)):
+        return _decode(io.BytesIO(bytes(image)), "image bytes", max_pixels)
+    if isinstance(image, (str, Path)):
+        path = Path(image).expanduser()
+        if not path.exists():
+            raise UserError(f"image {path} does not exist")
+        if not path.is_file():
+            raise UserError(f"image {path} is not a file")
+        if path.stat().st_size == 0:
+            raise UserError(f"image {path} is an empty file")
+        with path.open("rb") as f:
+            return _decode(f, f"image {path}", max_pixels)
+    raise UserError(f"unsupported image type {type(image).__name__}; give a PIL image, numpy array, path or bytes")
+
+
+def _check_pixels(size: tuple[int, int], max_pixels: int, what: str) -> None:
+    w, h = size
+    if w < 1 or h < 1:
+        raise UserError(f"{what} has no pixels ({w}x{h})")
+    if w * h > max_pixels:
+        raise UserError(f"{what} is {w}x{h} = {w * h} pixels, over the limit of {max_pixels}")
+
+
+def _decode(stream, what: str, max_pixels: int) -> Image.Image:
+    if stream.seek(0, io.SEEK_END) == 0:
+        raise UserError(f"{what} is empty")
+    stream.seek(0)
+    try:
+        with Image.open(stream) as img:
+            _check_pixels(img.size, max_pixels, what)  # before decoding a single pixel
+            img.load()
+            return img.convert("RGB")
+    except UnidentifiedImageError:
+        raise UserError(f"{what} is not an image (format not recognised)") from None
+    except Image.DecompressionBombError as e:
+        raise UserError(f"{what} is too large: {e}") from None
+    except (OSError, SyntaxError, ValueError) as e:
+        raise UserError(f"{what} is corrupt or truncated: {e}") from None
+
+
+def _from_array(arr: np.ndarray, max_pixels: int) -> Image.Image:
+    if arr.ndim == 3 and arr.shape[0] in (1, 3, 4) and arr.shape[-1] not in (1, 3, 4):
+        arr = np.moveaxis(arr, 0, -1)  # CHW -> HWC
+    if arr.ndim not in (2, 3) or (arr.ndim == 3 and arr.shape[-1] not in (1, 3, 4)):
+        raise UserError(f"numpy image must be HxW or HxWxC with C in 1, 3, 4; got shape {arr.shape}")
+    _check_pixels((arr.shape[1], arr.shape[0]), max_pixels, "numpy image")
+    if arr.dtype != np.uint8:
+        if not np.issubdtype(arr.dtype, np.floating) and not np.issubdtype(arr.dtype, np.integer):
+            raise UserError(f"numpy image has unsupported dtype {arr.dtype}")
+        if np.issubdtype(arr.dtype, np.floating):
+            arr = arr * 255.0
+        arr = np.clip(np.rint(arr), 0, 255).astype(np.uint8)
+    if arr.ndim == 3 and arr.shape[-1] == 1:
+        arr = arr[..., 0]
+    return Image.fromarray(arr).convert("RGB")
+
+
+@dataclass
+class ImageProcessor:
+    """CLIP image preprocessing with transformers' `CLIPImageProcessor` semantics."""
+
+    shortest_edge: int | None = 336
+    size_hw: tuple[int, int] | None = None  # resize to exactly (height, width) instead
+    crop_hw: tuple[int, int] | None = (336, 336)
+    resample: int = 3  # PIL bicubic
+    rescale_factor: float | None = 1 / 255
+    mean: tuple[float, ...] | None = CLIP_MEAN
+    std: tuple[float, ...] | None = CLIP_STD
+    pad_to_square: bool = False
+
+    @classmethod
+    def from_config(cls, d: dict, default_size: int) -> "ImageProcessor":
+        size = d.get("size", {"shortest_edge": default_size})
+        if isinstance(size, int):
+            size = {"shortest_edge": size}
+        crop = d.get("crop_size", {"height": default_size, "width": default_size})
+        if isinstance(crop, int):
+            crop = {"height": crop, "width": crop}
+        do = lambda key: d.get(key, True)  # noqa: E731
+        return cls(
+            shortest_edge=size.get("shortest_edge") if do("do_resize") else None,
+            size_hw=(size["height"], size["width"]) if do("do_resize") and "height" in size else None,
+            crop_hw=(crop["height"], crop["width"]) if do("do_center_crop") else None,
+            resample=int(d.get("resample", 3)),
+            rescale_factor=d.get("rescale_factor", 1 / 255) if do("do_rescale") else None,
+            mean=tuple(d.get("image_mean", CLIP_MEAN)) if do("do_normalize") else None,
+            std=tuple(d.get("image_std", CLIP_STD)) if do("do_normalize") else None,
+            pad_to_square=bool(d.get("do_pad", False) or d.get("image_aspect_ratio") == "pad"),
+        )
+
+    @classmethod
+    def from_dir(cls, path: Path, default_size: int) -> "ImageProcessor":
+        file = path / "preprocessor_config.json"
+        if not file.exists():
+            return cls(shortest_edge=default_size, crop_hw=(default_size, default_size))
+        try:
+            return cls.from_config(json.loads(file.read_text()), default_size)
+        except (json.JSONDecodeError, AttributeError, KeyError, TypeError) as e:
+            raise UserError(f"{file} is not a valid image processor config: {e}") from None
+
+    def __call__(self, images: list[ImageInput]) -> torch.Tensor:
+        """Images -> pixel_values [N, 3, H, W] float32."""
+        return torch.stack([self.one(load_image(im)) for im in images])
+
+    def one(self, img: Image.Image) -> torch.Tensor:
+        if self.pad_to_square:
+            img = expand_to_square(img, tuple(int(m * 255) for m in (self.mean or CLIP_MEAN)))
+        if self.size_hw is not None:
+            img = img.resize((self.size_hw[1], self.size_hw[0]), resample=self.resample)
+        elif self.shortest_edge is not None:
+            img = img.resize(_shortest_edge_size(img.size, self.shortest_edge), resample=self.resample)
+        arr = np.asarray(img)  # [H, W, 3] uint8
+        if self.crop_hw is not None:
+            arr = center_crop(arr, self.crop_hw)
+        out = arr.astype(np.float32)
+        if self.rescale_factor is not None:
+            out = (arr.astype(np.float64) * self.rescale_factor).astype(np.float32)
+        if self.mean is not None:
+            out = (out - np.asarray(self.mean, np.float32)) / np.asarray(self.std, np.float32)
+        return torch.from_numpy(np.ascontiguousarray(out.transpose(2, 0, 1)))  # [3, H, W]
+
+
+def _shortest_edge_size(size: tuple[int, int], edge: int) -> tuple[int, int]:
+    """PIL (width, height) whose shorter side is `edge`, the longer one scaled and truncated."""
+    w, h = size
+    short, long = (w, h) if w <= h else (h, w)
+    new_short, new_long = edge, int(edge * long / short)
+    return (new_short, new_long) if w <= h else (new_long, new_short)
+
+
+def center_crop(arr: np.ndarray, hw: tuple[int, int]) -> np.ndarray:
+    """Crop [H, W, C] to hw around the centre, zero-padding first when the image is smaller."""
+    h, w = arr.shape[:2]
+    ch, cw = hw
+    if h < ch or w < cw:
+        ph, pw = max(ch, h), max(cw, w)
+        canvas = np.zeros((ph, pw, arr.shape[2]), arr.dtype)
+        top, left = (ph - h) // 2, (pw - w) // 2
+        canvas[top:top + h, left:left + w] = arr
+        arr, h, w = canvas, ph, pw
+    top, left = (h - ch) // 2, (w - cw) // 2
+    return arr[top:top + ch, left:left + cw]
+
+
+def expand_to_square(img: Image.Image, fill: tuple[int, ...]) -> Image.Image:
+    w, h = img.size
+    if w == h:
+        return img
+    side = max(w, h)
+    canvas = Image.new(img.mode, (side, side), fill)
+    canvas.paste(img, ((side - w) // 2, (side - h) // 2))
+    return canvas
+

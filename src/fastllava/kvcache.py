@@ -1,0 +1,43 @@
+"""Preallocated (static) key/value cache for the language model."""
+
+from __future__ import annotations
+
+import torch
+
+
+class StaticKVCache:
+    """Keys and values for every layer in one buffer, filled left to right.
+
+    All rows of a batch share the slot index of each step; left padding keeps them aligned,
+    and `valid` marks which slots hold real tokens so that padding is never attended to.
+    """
+
+    def __init__(self, num_layers: int, batch: int, kv_heads: int, max_len: int, head_dim: int,
+                 dtype: torch.dtype, device: torch.device | str):
+        shape = (num_layers, batch, kv_heads, max_len, head_dim)
+        self.k = torch.zeros(shape, dtype=dtype, device=device)  # [L, B, Hkv, S, Dh]
+        self.v = torch.zeros(shape, dtype=dtype, device=device)
+        self.valid = torch.zeros(batch, max_len, dtype=torch.bool, device=device)  # [B, S]
+        self.length = 0  # slots in use
+        self.max_len = max_len
+
+    def reserve(self, key_valid: torch.Tensor) -> tuple[int, int]:
+        """Claim the next T slots for a step whose tokens are marked by key_valid [B, T];
+        returns the (start, end) slot range. Layers write into it with `write`."""
+        start, end = self.length, self.length + key_valid.shape[1]
+        if end > self.max_len:
+            raise RuntimeError(f"KV cache overflow: {end} slots needed, {self.max_len} allocated")
+        self.valid[:, start:end] = key_valid
+        self.length = end
+        return start, end
+
+    def write(self, layer: int, start: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Store k, v [B, Hkv, T, Dh] at slots start.. and return all keys/values so far."""
+        end = start + k.shape[2]
+        self.k[layer, :, :, start:end] = k
+        self.v[layer, :, :, start:end] = v
+        return self.k[layer, :, :, :end], self.v[layer, :, :, :end]
+
+    @property
+    def nbytes(self) -> int:
+        return self.k.numel() * self.k.element_size() * 2

@@ -1,0 +1,1 @@
+"""Plain PyTorch modules of the LLaVA family."""

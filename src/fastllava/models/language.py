@@ -1,0 +1,158 @@
+"""Llama / Mistral decoder: RMSNorm, rotary positions, grouped-query attention, SiLU MLP."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..config import TextConfig
+from ..kvcache import StaticKVCache
+from .fused import FusedLinear
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(dim))
+        self.eps = eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        dtype = x.dtype
+        x = x.float()
+        x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * x.to(dtype)
+
+
+class Rotary(nn.Module):
+    """Rotary position embedding with optional linear or dynamic-NTK scaling."""
+
+    def __init__(self, cfg: TextConfig):
+        super().__init__()
+        self.dim, self.rope, self.max_pos = cfg.head_dim, cfg.rope, cfg.max_position_embeddings
+        # A plain attribute, not a buffer: it stays float32 when the model is cast to bf16.
+        self.inv_freq = self._inv_freq(cfg.rope.theta)  # [Dh/2], float32
+
+    def _inv_freq(self, base: float) -> torch.Tensor:
+        inv = 1.0 / (base ** (torch.arange(0, self.dim, 2, dtype=torch.int64, device="cpu").float() / self.dim))
+        return inv / self.rope.factor if self.rope.kind == "linear" else inv
+
+    def forward(self, positions: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        """positions [B, T] -> cos, sin [B, T, Dh]."""
+        if self.inv_freq.device != positions.device:
+            self.inv_freq = self.inv_freq.to(positions.device)
+        inv_freq = self.inv_freq
+        if self.rope.kind == "dynamic":
+            seq_len = int(positions.max()) + 1
+            if seq_len > self.max_pos:
+                f = self.rope.factor
+                base = self.rope.theta * ((f * seq_len / self.max_pos) - (f - 1)) ** (self.dim / (self.dim - 2))
+                inv_freq = self._inv_freq(base).to(positions.device)
+        freqs = positions[..., None].float() * inv_freq  # [B, T, Dh/2]
+        emb = torch.cat([freqs, freqs], dim=-1)
+        return emb.cos().to(dtype), emb.sin().to(dtype)
+
+
+def _rotate_half(x: torch.Tensor) -> torch.Tensor:
+    x1, x2 = x.chunk(2, dim=-1)
+    return torch.cat([-x2, x1], dim=-1)
+
+
+def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """x [B, H, T, Dh]; cos, sin [B, T, Dh]."""
+    cos, sin = cos[:, None], sin[:, None]
+    return x * cos + _rotate_half(x) * sin
+
+
+class Attention(nn.Module):
+    def __init__(self, cfg: TextConfig):
+        super().__init__()
+        self.heads, self.kv_heads, self.head_dim = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
+        q_dim, kv_dim = self.heads * self.head_dim, self.kv_heads * self.head_dim
+        self.qkv = FusedLinear(cfg.hidden_size, [q_dim, kv_dim, kv_dim], bias=cfg.attention_bias)  # q, k, v
+        self.o_proj = nn.Linear(q_dim, cfg.hidden_size, bias=cfg.attention_bias)
+
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, mask: torch.Tensor | None,
+                cache: StaticKVCache | None, layer: int, start: int) -> torch.Tensor:
+        b, t, _ = x.shape
+        q, k, v = self.qkv.forward_split(x)
+        q = apply_rotary(q.view(b, t, self.heads, self.head_dim).transpose(1, 2), cos, sin)  # [B, H, T, Dh]
+        k = apply_rotary(k.view(b, t, self.kv_heads, self.head_dim).transpose(1, 2), cos, sin)  # [B, Hkv, T, Dh]
+        v = v.view(b, t, self.kv_heads, self.head_dim).transpose(1, 2)
+        if cache is not None:
+            k, v = cache.write(layer, start, k, v)  # [B, Hkv, S, Dh]
+        causal = mask is None and t > 1
+        out = F.scaled_dot_product_attention(
+            q, k, v, attn_mask=mask, is_causal=causal, enable_gqa=self.kv_heads != self.heads
+        )  # [B, H, T, Dh]
+        return self.o_proj(out.transpose(1, 2).reshape(b, t, self.heads * self.head_dim))
+
+
+class MLP(nn.Module):
+    def __init__(self, cfg: TextConfig):
+        super().__init__()
+        self.gate_up = FusedLinear(cfg.hidden_size, [cfg.intermediate_size] * 2, bias=cfg.mlp_bias)  # gate, up
+        self.down_proj = nn.Linear(cfg.intermediate_size, cfg.hidden_size, bias=cfg.mlp_bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        gate, up = self.gate_up.forward_split(x)
+        return self.down_proj(F.silu(gate) * up)
+
+
+class DecoderLayer(nn.Module):
+    def __init__(self, cfg: TextConfig):
+        super().__init__()
+        self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.self_attn = Attention(cfg)
+        self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.mlp = MLP(cfg)
+
+    def forward(self, x, cos, sin, mask, cache, layer, start):
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, mask, cache, layer, start)
+        return x + self.mlp(self.post_attention_layernorm(x))
+
+
+class LanguageModel(nn.Module):
+    """Decoder stack without the output head: embeddings in, final-normed hidden states out."""
+
+    def __init__(self, cfg: TextConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
+        self.layers = nn.ModuleList(DecoderLayer(cfg) for _ in range(cfg.num_hidden_layers))
+        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.rotary = Rotary(cfg)
+
+    def forward(self, x: torch.Tensor, positions: torch.Tensor, key_valid: torch.Tensor | None,
+                cache: StaticKVCache | None = None) -> torch.Tensor:
+        """x [B, T, D] input embeddings; positions [B, T]; key_valid [B, T] marks real (non-pad)
+        tokens of this step, None when all are real. With a cache, the step is appended to it."""
+        b, t, _ = x.shape
+        if cache is not None:
+            start, end = cache.reserve(key_valid if key_valid is not None else x.new_ones(b, t, dtype=torch.bool))
+            all_valid = cache.valid[:, :end]  # [B, S]
+        else:
+            start, end, all_valid = 0, t, key_valid
+        mask = self._mask(all_valid, start, t, end, x.device)
+        cos, sin = self.rotary(positions, x.dtype)
+        for i, layer in enumerate(self.layers):
+            x = layer(x, cos, sin, mask, cache, i, start)
+        return self.norm(x)
+
+    def _mask(self, key_valid: torch.Tensor | None, start: int, t: int, end: int,
+              device: torch.device) -> torch.Tensor | None:
+        """Boolean attention mask [B, 1, T, S] (True = attend), or None when plain causal
+        attention over the whole range is exact."""
+        window = self.cfg.sliding_window
+        needs_window = window is not None and end > window
+        if (key_valid is None or bool(key_valid.all())) and not needs_window and (start == 0 or t == 1):
+            return None
+        q_slot = torch.arange(start, start + t, device=device)[:, None]  # [T, 1]
+        k_slot = torch.arange(end, device=device)[None, :]  # [1, S]
+        allowed = k_slot <= q_slot
+        if needs_window:
+            allowed = allowed & (k_slot > q_slot - window)
+        mask = allowed[None] if key_valid is None else allowed[None] & key_valid[:, None, :]  # [B, T, S]
+        # A padded query would see nothing; let it see itself so attention stays finite.
+        mask = mask | (k_slot == q_slot)[None]
+        return mask[:, None]

@@ -1,0 +1,78 @@
+"""LLaVA: encode the image, select and project its features, splice them into the prompt
+where the image tokens stand, and run the language model."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from ..config import LlavaConfig
+from ..errors import UserError
+from ..kvcache import StaticKVCache
+from .language import LanguageModel
+from .projector import Projector
+from .vision import VisionTower, absolute_layer
+
+
+class LlavaModel(nn.Module):
+    def __init__(self, cfg: LlavaConfig):
+        super().__init__()
+        self.cfg = cfg
+        depth = max(absolute_layer(i, cfg.vision.num_hidden_layers) for i in cfg.vision_feature_layers)
+        self.vision_tower = VisionTower(cfg.vision, depth)
+        in_dim = cfg.vision.hidden_size * len(cfg.vision_feature_layers)
+        self.multi_modal_projector = Projector(
+            in_dim, cfg.text.hidden_size, cfg.projector_hidden_act, cfg.projector_bias
+        )
+        self.language_model = LanguageModel(cfg.text)
+        self.lm_head = nn.Linear(cfg.text.hidden_size, cfg.text.vocab_size, bias=False)
+        if cfg.tie_word_embeddings:
+            self.lm_head.weight = self.language_model.embed_tokens.weight
+
+    @property
+    def device(self) -> torch.device:
+        return self.lm_head.weight.device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.lm_head.weight.dtype
+
+    def vision_features(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        """pixel_values [N, C, H, W] -> selected vision features [N, P, Dv * len(layers)]."""
+        states = self.vision_tower(pixel_values, self.cfg.vision_feature_layers)
+        if self.cfg.vision_feature_select_strategy == "default":
+            states = [s[:, 1:] for s in states]  # drop the class token
+        return torch.cat(states, dim=-1)
+
+    def image_features(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        """pixel_values [N, C, H, W] -> projected image features [N, P, D]."""
+        return self.multi_modal_projector(self.vision_features(pixel_values))
+
+    def embed(self, input_ids: torch.Tensor, image_features: torch.Tensor | None) -> torch.Tensor:
+        """Token embeddings [B, T, D] with image features written at the image-token positions,
+        images taken in order of appearance (row by row)."""
+        is_image = input_ids == self.cfg.image_token_index  # [B, T]
+        ids = input_ids.masked_fill(is_image, 0)
+        x = self.language_model.embed_tokens(ids)
+        n_slots = int(is_image.sum())
+        n_feats = 0 if image_features is None else image_features.shape[0] * image_features.shape[1]
+        if n_slots != n_feats:
+            raise UserError(
+                f"the prompt holds {n_slots} image tokens but the images give {n_feats} features"
+            )
+        if n_slots:
+            x = x.masked_scatter(is_image[..., None], image_features.reshape(-1, x.shape[-1]).to(x.dtype))
+        return x
+
+    def forward(self, embeds: torch.Tensor, positions: torch.Tensor, key_valid: torch.Tensor | None,
+                cache: StaticKVCache | None = None, last_only: bool = False) -> torch.Tensor:
+        """embeds [B, T, D] -> logits [B, T, V] (or [B, 1, V] with last_only)."""
+        h = self.language_model(embeds, positions, key_valid, cache)
+        if last_only:
+            h = h[:, -1:]
+        return self.lm_head(h)
+
+    def new_cache(self, batch: int, max_len: int) -> StaticKVCache:
+        t = self.cfg.text
+        return StaticKVCache(t.num_hidden_layers, batch, t.num_key_value_heads, max_len, t.head_dim,
+                             self.dtype, self.device)

@@ -1,0 +1,122 @@
+"""CLIP-style vision transformer (class token, pre-LN blocks), as used by LLaVA.
+
+Only the hidden states are computed; the tower stops after the deepest layer that the
+feature selection needs, so layers LLaVA never reads cost nothing.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..config import VisionConfig
+from .activations import activation
+from .fused import FusedLinear
+
+
+def absolute_layer(layer: int, num_layers: int) -> int:
+    """A transformers hidden-state index (negative counts from the end) as 0..num_layers."""
+    return layer if layer >= 0 else num_layers + 1 + layer
+
+
+class VisionEmbeddings(nn.Module):
+    def __init__(self, cfg: VisionConfig):
+        super().__init__()
+        self.class_embedding = nn.Parameter(torch.empty(cfg.hidden_size))
+        self.patch_embedding = nn.Conv2d(
+            cfg.num_channels, cfg.hidden_size, kernel_size=cfg.patch_size, stride=cfg.patch_size, bias=False
+        )
+        self.position_embedding = nn.Embedding(cfg.num_patches + 1, cfg.hidden_size)
+
+    def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        # pixel_values: [N, C, H, W]
+        patches = self.patch_embedding(pixel_values.to(self.patch_embedding.weight.dtype))  # [N, D, g, g]
+        patches = patches.flatten(2).transpose(1, 2)  # [N, g*g, D]
+        cls = self.class_embedding.expand(patches.shape[0], 1, -1)  # [N, 1, D]
+        x = torch.cat([cls, patches], dim=1)  # [N, 1+g*g, D]
+        return x + self.position_embedding.weight[None]
+
+
+class VisionAttention(nn.Module):
+    def __init__(self, cfg: VisionConfig):
+        super().__init__()
+        self.heads, self.head_dim = cfg.num_attention_heads, cfg.head_dim
+        self.qkv = FusedLinear(cfg.hidden_size, [cfg.hidden_size] * 3, bias=True)  # q_proj, k_proj, v_proj
+        self.out_proj = nn.Linear(cfg.hidden_size, cfg.hidden_size)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        n, t, _ = x.shape
+        qkv = self.qkv(x).view(n, t, 3, self.heads, self.head_dim).permute(2, 0, 3, 1, 4)  # [3, N, H, T, Dh]
+        out = F.scaled_dot_product_attention(qkv[0], qkv[1], qkv[2])  # [N, H, T, Dh]
+        return self.out_proj(out.transpose(1, 2).reshape(n, t, -1))
+
+    def cls_attention(self, x: torch.Tensor) -> torch.Tensor:
+        """Softmax attention of the class token to every token, averaged over heads: [N, T]."""
+        n, t, _ = x.shape
+        qkv = self.qkv(x).view(n, t, 3, self.heads, self.head_dim).permute(2, 0, 3, 1, 4)
+        q, k = qkv[0][:, :, :1], qkv[1]  # [N, H, 1, Dh], [N, H, T, Dh]
+        scores = (q.float() @ k.float().transpose(-1, -2)) * self.head_dim**-0.5  # [N, H, 1, T]
+        return scores.softmax(-1).mean(1)[:, 0]
+
+
+class VisionMLP(nn.Module):
+    def __init__(self, cfg: VisionConfig):
+        super().__init__()
+        self.fc1 = nn.Linear(cfg.hidden_size, cfg.intermediate_size)
+        self.fc2 = nn.Linear(cfg.intermediate_size, cfg.hidden_size)
+        self.act = activation(cfg.hidden_act)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc2(self.act(self.fc1(x)))
+
+
+class VisionBlock(nn.Module):
+    def __init__(self, cfg: VisionConfig):
+        super().__init__()
+        self.layer_norm1 = nn.LayerNorm(cfg.hidden_size, eps=cfg.layer_norm_eps)
+        self.self_attn = VisionAttention(cfg)
+        self.layer_norm2 = nn.LayerNorm(cfg.hidden_size, eps=cfg.layer_norm_eps)
+        self.mlp = VisionMLP(cfg)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = x + self.self_attn(self.layer_norm1(x))
+        return x + self.mlp(self.layer_norm2(x))
+
+
+class VisionTower(nn.Module):
+    """Returns the hidden states that LLaVA selects, as transformers numbers them:
+    index 0 is the (pre-layernormed) embedding output, index i the output of block i."""
+
+    def __init__(self, cfg: VisionConfig, depth: int | None = None):
+        """depth: how many blocks to build (the deepest one feature selection reads);
+        defaults to all of them."""
+        super().__init__()
+        self.cfg = cfg
+        self.embeddings = VisionEmbeddings(cfg)
+        self.pre_layrnorm = nn.LayerNorm(cfg.hidden_size, eps=cfg.layer_norm_eps)
+        depth = cfg.num_hidden_layers if depth is None else depth
+        self.layers = nn.ModuleList(VisionBlock(cfg) for _ in range(depth))
+
+    def _absolute(self, layer: int) -> int:
+        return absolute_layer(layer, self.cfg.num_hidden_layers)
+
+    def forward(self, pixel_values: torch.Tensor, layers: list[int]) -> list[torch.Tensor]:
+        """pixel_values [N, C, H, W] -> one [N, 1+P, D] tensor per requested layer index."""
+        wanted = [self._absolute(i) for i in layers]
+        x = self.pre_layrnorm(self.embeddings(pixel_values))
+        states = {0: x}
+        for i, block in enumerate(self.layers[: max(wanted)], start=1):
+            x = block(x)
+            states[i] = x
+        return [states[i] for i in wanted]
+
+    def cls_attention(self, pixel_values: torch.Tensor, layer: int) -> torch.Tensor:
+        """Class-token attention [N, P] to the patches inside block `layer` (transformers numbering
+        of hidden states: the block that reads hidden state `layer - 1`)."""
+        target = self._absolute(layer)
+        x = self.pre_layrnorm(self.embeddings(pixel_values))
+        for block in self.layers[: max(target - 1, 0)]:
+            x = block(x)
+        block = self.layers[max(target - 1, 0)]
+        return block.self_attn.cls_attention(block.layer_norm1(x))[:, 1:]

@@ -1,0 +1,96 @@
+"""Prompts: the LLaVA-1.5 conversation format (or the checkpoint's chat template), tokenization
+through `tokenizer.json`, and expansion of the image token to one id per visual feature."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from tokenizers import Tokenizer
+
+from .errors import UserError
+
+LLAVA15_TEMPLATE = "USER: {image}\n{prompt} ASSISTANT:"
+
+
+class PromptEncoder:
+    def __init__(self, tokenizer: Tokenizer, image_token_index: int, features_per_image: int,
+                 chat_template: str | None = None, special: dict | None = None):
+        self.tokenizer = tokenizer
+        self.image_token_index = image_token_index
+        self.features_per_image = features_per_image
+        self.chat_template = chat_template
+        self.special = special or {}
+        self.image_token = tokenizer.id_to_token(image_token_index) or "<image>"
+        self._template = None
+        if chat_template:
+            from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+            env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
+            self._template = env.from_string(chat_template)
+
+    @classmethod
+    def from_dir(cls, path: Path, image_token_index: int, features_per_image: int) -> "PromptEncoder":
+        file = path / "tokenizer.json"
+        if not file.exists():
+            raise UserError(f"no tokenizer.json in {path}; text prompts need the checkpoint's tokenizer")
+        try:
+            tokenizer = Tokenizer.from_file(str(file))
+        except Exception as e:  # the tokenizers library raises plain Exception subclasses
+            raise UserError(f"cannot read {file}: {e}") from None
+        tok_cfg = _read_json(path / "tokenizer_config.json")
+        template = tok_cfg.get("chat_template")
+        template = _read_json(path / "chat_template.json").get("chat_template", template)
+        jinja = path / "chat_template.jinja"
+        if jinja.exists():
+            template = jinja.read_text()
+        special = {k: _token_text(tok_cfg.get(k)) for k in ("bos_token", "eos_token", "pad_token")}
+        return cls(tokenizer, image_token_index, features_per_image, template, special)
+
+    def format(self, prompt: str, num_images: int = 1) -> str:
+        """The full model input text for one user turn with `num_images` images before the prompt."""
+        if self._template is not None:
+            content = [{"type": "image"} for _ in range(num_images)] + [{"type": "text", "text": prompt}]
+            return self._template.render(
+                messages=[{"role": "user", "content": content}], add_generation_prompt=True,
+                **{k: v for k, v in self.special.items() if v is not None},
+            )
+        images = "\n".join([self.image_token] * num_images)
+        return LLAVA15_TEMPLATE.format(image=images, prompt=prompt) if num_images else f"USER: {prompt} ASSISTANT:"
+
+    def encode(self, text: str) -> list[int]:
+        """Token ids of a formatted text, each image token repeated once per visual feature."""
+        bos = self.special.get("bos_token")
+        add_special = not (bos and text.startswith(bos))
+        ids = self.tokenizer.encode(text, add_special_tokens=add_special).ids
+        out: list[int] = []
+        for i in ids:
+            out.extend([i] * self.features_per_image if i == self.image_token_index else [i])
+        return out
+
+    def prompt_ids(self, prompt: str, num_images: int = 1) -> list[int]:
+        ids = self.encode(self.format(prompt, num_images))
+        found = sum(1 for i in ids if i == self.image_token_index) // max(self.features_per_image, 1)
+        if found != num_images:
+            raise UserError(f"the formatted prompt holds {found} image tokens for {num_images} image(s); "
+                            f"is {self.image_token!r} (id {self.image_token_index}) in the tokenizer?")
+        return ids
+
+    def decode(self, ids: list[int]) -> str:
+        return self.tokenizer.decode(ids, skip_special_tokens=True)
+
+
+def _read_json(path: Path) -> dict:
+    if not path.exists():
+        return {}
+    try:
+        d = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise UserError(f"{path} is not valid JSON: {e}") from None
+    return d if isinstance(d, dict) else {}
+
+
+def _token_text(tok) -> str | None:
+    if isinstance(tok, dict):
+        return tok.get("content")
+    return tok
