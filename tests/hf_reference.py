@@ -1,0 +1,109 @@
+"""Tiny random LLaVA models built with transformers (the reference), saved as HF checkpoints
+in the key layouts found in the wild."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+from safetensors.torch import save_file
+
+IMAGE_TOKEN = 100
+VOCAB = 128
+
+
+def tiny_llava(text: str = "llama", kv_heads: int = 4, feature_layer=-2, strategy: str = "default",
+               tie: bool = False, seed: int = 0, **text_overrides):
+    from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig, LlavaForConditionalGeneration, MistralConfig
+
+    torch.manual_seed(seed)
+    vision = CLIPVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=3, num_attention_heads=4,
+                              image_size=32, patch_size=8, projection_dim=16)
+    common = dict(vocab_size=VOCAB, hidden_size=64, intermediate_size=112, num_hidden_layers=3,
+                  num_attention_heads=4, num_key_value_heads=kv_heads, max_position_embeddings=256,
+                  tie_word_embeddings=tie, pad_token_id=0)
+    common.update(text_overrides)
+    text_cfg = LlamaConfig(**common) if text == "llama" else MistralConfig(**common)
+    cfg = LlavaConfig(vision_config=vision, text_config=text_cfg, image_token_index=IMAGE_TOKEN,
+                      vision_feature_layer=feature_layer, vision_feature_select_strategy=strategy,
+                      image_seq_length=16 if strategy == "default" else 17, tie_word_embeddings=tie)
+    model = LlavaForConditionalGeneration(cfg).eval()
+    with torch.no_grad():  # random init leaves some tensors at exact constants; perturb all of them
+        for p in model.parameters():
+            p.add_(torch.randn_like(p) * 0.02)
+    return model
+
+
+def _runtime_state(model) -> dict[str, torch.Tensor]:
+    """Parameters under transformers' runtime names (model.language_model.*, model.vision_tower.*,
+    model.multi_modal_projector.*, lm_head.*), tied head left out as save_pretrained does."""
+    state = {k: v.detach().clone().contiguous() for k, v in model.state_dict().items()}
+    if model.config.tie_word_embeddings:
+        state.pop("lm_head.weight", None)
+    return state
+
+
+def _rename(state: dict, rules: list[tuple[str, str]]) -> dict:
+    out = {}
+    for key, value in state.items():
+        for old, new in rules:
+            if key.startswith(old):
+                key = new + key[len(old):]
+                break
+        out[key] = value
+    return out
+
+
+LAYOUTS = {
+    # transformers >= 4.52 runtime / save layout, CLIP tower nested under vision_model
+    "new": [("model.vision_tower.", "model.vision_tower.vision_model.")],
+    # the original llava-hf layout
+    "original": [
+        ("model.language_model.", "language_model.model."),
+        ("lm_head.", "language_model.lm_head."),
+        ("model.vision_tower.", "vision_tower.vision_model."),
+        ("model.multi_modal_projector.", "multi_modal_projector."),
+    ],
+}
+
+
+def save_checkpoint(model, path: Path, layout: str = "saved", shards: int = 1) -> Path:
+    """Write `model` to `path`: layout "saved" is whatever save_pretrained writes; "new" and
+    "original" are the two documented key layouts; shards > 1 writes an index and shards."""
+    path.mkdir(parents=True, exist_ok=True)
+    if layout == "saved":
+        model.save_pretrained(path, max_shard_size="40KB" if shards > 1 else "5GB")
+        return path
+    model.config.save_pretrained(path)
+    state = _rename(_runtime_state(model), LAYOUTS[layout])
+    keys = sorted(state)
+    if shards == 1:
+        save_file(state, str(path / "model.safetensors"), metadata={"format": "pt"})
+        return path
+    weight_map = {}
+    for i in range(shards):
+        name = f"model-{i + 1:05d}-of-{shards:05d}.safetensors"
+        part = {k: state[k] for k in keys[i::shards]}
+        save_file(part, str(path / name), metadata={"format": "pt"})
+        weight_map.update({k: name for k in part})
+    (path / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
+    return path
+
+
+def batch_inputs(features: int, seed: int = 1):
+    """Two left-padded prompts of different lengths, each with one image: (ids, mask, pixels)."""
+    g = torch.Generator().manual_seed(seed)
+    rows = []
+    for n_before, n_after in ((3, 6), (1, 2)):
+        before = torch.randint(3, IMAGE_TOKEN, (n_before,), generator=g)
+        after = torch.randint(3, IMAGE_TOKEN, (n_after,), generator=g)
+        rows.append(torch.cat([torch.tensor([1]), before, torch.full((features,), IMAGE_TOKEN), after]))
+    longest = max(len(r) for r in rows)
+    ids = torch.zeros(len(rows), longest, dtype=torch.long)
+    mask = torch.zeros(len(rows), longest, dtype=torch.long)
+    for i, r in enumerate(rows):
+        ids[i, longest - len(r):] = r
+        mask[i, longest - len(r):] = 1
+    pixels = torch.randn(len(rows), 3, 32, 32, generator=g)
+    return ids, mask, pixels
