@@ -9,6 +9,13 @@ import sys
 from .errors import UserError
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse with one-line errors (no usage dump), exit code 2."""
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
+
+
 def _positive_int(text: str) -> int:
     try:
         value = int(text)
@@ -27,7 +34,7 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="fastllava", description="Fast LLaVA inference.")
+    parser = _Parser(prog="fastllava", description="Fast LLaVA inference.")
     sub = parser.add_subparsers(dest="command", required=True)
 
     run = sub.add_parser("run", help="answer a prompt about an image, streaming the answer")
