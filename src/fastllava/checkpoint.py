@@ -18,8 +18,9 @@ from pathlib import Path
 
 import torch
 from safetensors import SafetensorError, safe_open
+from safetensors.torch import save_file
 
-from .config import LlavaConfig
+from .config import LlavaConfig, to_hf_dict
 from .errors import UserError
 from .models.llava import LlavaModel
 
@@ -171,3 +172,33 @@ def load_model(path: str | Path, device: str | torch.device = "cpu",
         more = f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""
         raise UserError(f"checkpoint {path} lacks tensor {missing[0]!r}{more}")
     return model.eval()
+
+
+# our module prefix -> the original llava-hf checkpoint prefix (what save_model writes)
+_SAVE_PREFIXES = [
+    ("language_model.", "language_model.model."),
+    ("lm_head.", "language_model.lm_head."),
+    ("vision_tower.layers.", "vision_tower.vision_model.encoder.layers."),
+    ("vision_tower.", "vision_tower.vision_model."),
+    ("multi_modal_projector.", "multi_modal_projector."),
+]
+
+
+def save_model(model: LlavaModel, path: str | Path) -> Path:
+    """Write `model` as a Hugging Face LLaVA checkpoint (config.json + model.safetensors, the
+    original key layout) that transformers' LlavaForConditionalGeneration loads as it is."""
+    if len(model.vision_tower.layers) != model.cfg.vision.num_hidden_layers:
+        raise UserError("save_model needs a vision tower with all its layers (use vision_feature_layer -1)")
+    path = Path(path)
+    path.mkdir(parents=True, exist_ok=True)
+    state = {}
+    for name, (param, rows) in _targets(model).items():
+        prefix, saved = next((p, s) for p, s in _SAVE_PREFIXES if name.startswith(p))
+        tensor = param.detach() if rows is None else param.detach()[rows]
+        state[saved + name[len(prefix):]] = tensor.to("cpu", torch.float32).contiguous()
+    hidden = model.cfg.vision.hidden_size  # CLIP's post-layernorm, unused by LLaVA: identity
+    state["vision_tower.vision_model.post_layernorm.weight"] = torch.ones(hidden)
+    state["vision_tower.vision_model.post_layernorm.bias"] = torch.zeros(hidden)
+    save_file(state, str(path / "model.safetensors"), metadata={"format": "pt"})
+    (path / "config.json").write_text(json.dumps(to_hf_dict(model.cfg), indent=2) + "\n")
+    return path

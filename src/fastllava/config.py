@@ -222,3 +222,39 @@ class LlavaConfig:
 def _pick(cls, d: dict, exclude: set[str] = frozenset()) -> dict:
     names = {f for f in cls.__dataclass_fields__ if f not in exclude}
     return {k: v for k, v in d.items() if k in names}
+
+
+def to_hf_dict(cfg: LlavaConfig) -> dict:
+    """A transformers-style LLaVA config.json for `cfg` (vision tower with all its layers)."""
+    v, t = cfg.vision, cfg.text
+    layers = cfg.vision_feature_layers
+    return {
+        "architectures": ["LlavaForConditionalGeneration"],
+        "model_type": "llava",
+        "image_token_index": cfg.image_token_index,
+        "image_seq_length": cfg.image_features_per_image,
+        "projector_hidden_act": cfg.projector_hidden_act,
+        "multimodal_projector_bias": cfg.projector_bias,
+        "vision_feature_layer": layers[0] if len(layers) == 1 else layers,
+        "vision_feature_select_strategy": cfg.vision_feature_select_strategy,
+        "tie_word_embeddings": cfg.tie_word_embeddings,
+        "torch_dtype": cfg.torch_dtype or "float32",
+        "vision_config": {
+            "model_type": "clip_vision_model", "hidden_size": v.hidden_size,
+            "intermediate_size": v.intermediate_size, "num_hidden_layers": v.num_hidden_layers,
+            "num_attention_heads": v.num_attention_heads, "num_channels": v.num_channels,
+            "image_size": v.image_size, "patch_size": v.patch_size, "hidden_act": v.hidden_act,
+            "layer_norm_eps": v.layer_norm_eps, "projection_dim": v.hidden_size,
+        },
+        "text_config": {
+            "model_type": t.model_type, "vocab_size": t.vocab_size, "hidden_size": t.hidden_size,
+            "intermediate_size": t.intermediate_size, "num_hidden_layers": t.num_hidden_layers,
+            "num_attention_heads": t.num_attention_heads, "num_key_value_heads": t.num_key_value_heads,
+            "head_dim": t.head_dim, "hidden_act": t.hidden_act, "max_position_embeddings": t.max_position_embeddings,
+            "rms_norm_eps": t.rms_norm_eps, "attention_bias": t.attention_bias, "mlp_bias": t.mlp_bias,
+            "sliding_window": t.sliding_window, "tie_word_embeddings": t.tie_word_embeddings,
+            "bos_token_id": t.bos_token_id, "eos_token_id": t.eos_token_id[0] if len(t.eos_token_id) == 1
+            else t.eos_token_id, "pad_token_id": t.pad_token_id, "rope_theta": t.rope.theta,
+            "rope_scaling": None if t.rope.kind == "default" else {"rope_type": t.rope.kind, "factor": t.rope.factor},
+        },
+    }

@@ -1,0 +1,40 @@
+#!/usr/bin/env python
+"""Train the embedded default model and write it as a HF LLaVA checkpoint.
+
+    python scripts/train_default_model.py --out src/fastllava/assets/default_model [--device cuda]
+
+Every TrainSpec field is a flag (--steps, --align-steps, --batch-size, --lr, --seed, sizes...).
+"""
+
+import argparse
+import dataclasses
+import sys
+
+from fastllava.errors import UserError
+from fastllava.training import TrainSpec, train
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--out", required=True, help="checkpoint directory to write")
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--threads", type=int, help="CPU threads for torch")
+    for f in dataclasses.fields(TrainSpec):
+        parser.add_argument("--" + f.name.replace("_", "-"), type=type(f.default), default=f.default)
+    args = parser.parse_args()
+    if args.threads:
+        import torch
+
+        torch.set_num_threads(args.threads)
+    spec = TrainSpec(**{f.name: getattr(args, f.name) for f in dataclasses.fields(TrainSpec)})
+    try:
+        out = train(args.out, spec, device=args.device, log=lambda m: print(m, flush=True))
+    except UserError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    print(f"wrote {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
