@@ -116,6 +116,29 @@ def test_chat_template_is_used_when_shipped(ckpt, tmp_path):
     assert m.generate(images=[_image(6)], prompts=["what is it ?"], max_new_tokens=3)[0].stats["image_tokens"] == 16
 
 
+LLAVA_HF_STYLE_TEMPLATE = (
+    "{% for message in messages %}{% if message['role'] != 'system' %}{{ message['role'].upper() + ': '}}{% endif %}"
+    "{% for content in message['content'] | selectattr('type', 'equalto', 'image') %}{{ '<image>\n' }}{% endfor %}"
+    "{% if message['role'] != 'assistant' %}{% for content in message['content'] | selectattr('type', 'equalto', "
+    "'text') %}{{ content['text'] + ' '}}{% endfor %}{% else %}{% for content in message['content'] | "
+    "selectattr('type', 'equalto', 'text') %}{% generation %}{{ content['text'] + ' '}}{% endgeneration %}"
+    "{% endfor %}{% endif %}{% endfor %}{% if add_generation_prompt %}{{ 'ASSISTANT:' }}{% endif %}")
+
+
+def test_llava_hf_style_template_gives_the_llava_prompt(ckpt, tmp_path):
+    for f in ckpt.iterdir():
+        (tmp_path / f.name).write_bytes(f.read_bytes())
+    (tmp_path / "chat_template.jinja").write_text(LLAVA_HF_STYLE_TEMPLATE)
+    m = fastllava.load(tmp_path, device="cpu")
+    assert m.prompts.format("what is it ?") == "USER: <image>\nwhat is it ? ASSISTANT:"
+    (tmp_path / "chat_template.jinja").write_text("{% if messages %}{{ raise_exception('no') }}{% endif %}")
+    with pytest.raises(fastllava.UserError, match="chat template failed"):
+        fastllava.load(tmp_path, device="cpu").prompts.format("x")
+    (tmp_path / "chat_template.jinja").write_text("{% for x in %}")
+    with pytest.raises(fastllava.UserError, match="does not parse"):
+        fastllava.load(tmp_path, device="cpu")
+
+
 def test_cli_run_json_and_stream(ckpt, model, tmp_path):
     img = _image(7)
     img.save(tmp_path / "img.png")

@@ -22,12 +22,7 @@ class PromptEncoder:
         self.chat_template = chat_template
         self.special = special or {}
         self.image_token = tokenizer.id_to_token(image_token_index) or "<image>"
-        self._template = None
-        if chat_template:
-            from jinja2.sandbox import ImmutableSandboxedEnvironment
-
-            env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
-            self._template = env.from_string(chat_template)
+        self._template = _compile_template(chat_template) if chat_template else None
 
     @classmethod
     def from_dir(cls, path: Path, image_token_index: int, features_per_image: int) -> "PromptEncoder":
@@ -51,10 +46,13 @@ class PromptEncoder:
         """The full model input text for one user turn with `num_images` images before the prompt."""
         if self._template is not None:
             content = [{"type": "image"} for _ in range(num_images)] + [{"type": "text", "text": prompt}]
-            return self._template.render(
-                messages=[{"role": "user", "content": content}], add_generation_prompt=True,
-                **{k: v for k, v in self.special.items() if v is not None},
-            )
+            try:
+                return self._template.render(
+                    messages=[{"role": "user", "content": content}], add_generation_prompt=True,
+                    **{k: v for k, v in self.special.items() if v is not None},
+                )
+            except Exception as e:  # jinja2 errors and raise_exception() calls in the template
+                raise UserError(f"the checkpoint's chat template failed: {e}") from None
         images = "\n".join([self.image_token] * num_images)
         return LLAVA15_TEMPLATE.format(image=images, prompt=prompt) if num_images else f"USER: {prompt} ASSISTANT:"
 
@@ -78,6 +76,32 @@ class PromptEncoder:
 
     def decode(self, ids: list[int]) -> str:
         return self.tokenizer.decode(ids, skip_special_tokens=True)
+
+
+def _compile_template(source: str):
+    """A chat template in a sandboxed jinja2 environment, with the `{% generation %}` block and
+    `raise_exception()` that transformers' templates use."""
+    from jinja2 import TemplateError, nodes
+    from jinja2.ext import Extension
+    from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+    class Generation(Extension):  # marks assistant text for training masks; renders its body
+        tags = {"generation"}
+
+        def parse(self, parser):
+            lineno = next(parser.stream).lineno
+            body = parser.parse_statements(("name:endgeneration",), drop_needle=True)
+            return nodes.Scope(body, lineno=lineno)
+
+    def raise_exception(message):
+        raise TemplateError(message)
+
+    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True, extensions=[Generation])
+    env.globals["raise_exception"] = raise_exception
+    try:
+        return env.from_string(source)
+    except TemplateError as e:
+        raise UserError(f"the checkpoint's chat template does not parse: {e}") from None
 
 
 def _read_json(path: Path) -> dict:
