@@ -112,6 +112,9 @@ def test_cli_errors_exit_2_without_traceback(tmp_path, good):
         (["run", "--model", str(d), "--prompt", "hi"], "not a valid safetensors"),
         (["run", "--model", str(good), "--prompt", "hi"], "tokenizer.json"),
         (["run", "--model", str(good), "--prompt", "hi", "--max-new-tokens", "0"], "positive integer"),
+        (["eval", "--model", str(good), "--data", str(tmp_path / "no-data")], "does not exist"),
+        (["data", "shapes", "--n", "-3", "--out", str(tmp_path / "d")], "positive integer"),
+        (["data", "shapes", "--n", "3", "--out", str(tmp_path / "d"), "--families", "colour"], "unknown famil"),
     ]
     for args, words in cases:
         r = _cli(*args)

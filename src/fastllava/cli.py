@@ -1,4 +1,4 @@
-"""`fastllava run | ...`: the command line. User errors print one line and exit with code 2."""
+"""`fastllava run | data | eval`: the command line. User errors print one line and exit with code 2."""
 
 from __future__ import annotations
 
@@ -6,7 +6,9 @@ import argparse
 import json
 import sys
 
+from .cli_args import add_model_args, positive_int
 from .errors import UserError
+from .evaluation.commands import add_data_parser, add_eval_parser
 
 
 class _Parser(argparse.ArgumentParser):
@@ -16,32 +18,15 @@ class _Parser(argparse.ArgumentParser):
         self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
 
 
-def _positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {value}")
-    return value
-
-
-def _add_model_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--model", help="checkpoint directory (HF LLaVA format); default: the embedded model")
-    p.add_argument("--device", help="cpu, cuda, cuda:1, ... (default: cuda when available)")
-    p.add_argument("--dtype", choices=["float32", "float16", "bfloat16"],
-                   help="default: float32 on the CPU, bfloat16 on a GPU")
-
-
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="fastllava", description="Fast LLaVA inference.")
     sub = parser.add_subparsers(dest="command", required=True)
 
     run = sub.add_parser("run", help="answer a prompt about an image, streaming the answer")
-    _add_model_args(run)
+    add_model_args(run)
     run.add_argument("--image", help="image file (omit for a text-only prompt)")
     run.add_argument("--prompt", required=True, help="the question or instruction")
-    run.add_argument("--max-new-tokens", type=_positive_int, default=64)
+    run.add_argument("--max-new-tokens", type=positive_int, default=64)
     run.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
     run.add_argument("--top-p", type=float, default=1.0)
     run.add_argument("--top-k", type=int, default=0)
@@ -49,6 +34,9 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
     run.add_argument("--json", action="store_true", help="print one JSON object instead of streaming")
     run.set_defaults(func=cmd_run)
+
+    add_data_parser(sub)
+    add_eval_parser(sub)
     return parser
 
 

@@ -139,9 +139,10 @@ class Llava:
         results = []
         for row in range(b):
             gen = counts[row]
+            image_tokens = self.config.image_features_per_image if images[row] is not None else 0
             stats = {
-                "prompt_tokens": int(mask[row].sum()) - (self.config.image_features_per_image if images[row] is not None else 0),
-                "image_tokens": self.config.image_features_per_image if images[row] is not None else 0,
+                "prompt_tokens": int(mask[row].sum()) - image_tokens,
+                "image_tokens": image_tokens,
                 "generated_tokens": gen,
                 "batch_size": b,
                 "images_in_batch": n_images,

@@ -1,0 +1,78 @@
+"""`fastllava data shapes ...` and `fastllava eval ...`: argparse sub-commands. Each handler takes
+the parsed Namespace, returns an exit code, and raises UserError for user mistakes."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+from ..cli_args import add_model_args, positive_int
+from .questions import FAMILIES
+
+
+def _families(text: str) -> list[str]:
+    names = [f.strip() for f in text.split(",") if f.strip()]
+    unknown = [f for f in names if f not in FAMILIES]
+    if unknown or not names:
+        raise argparse.ArgumentTypeError(f"unknown families {unknown or text!r}; choose from {','.join(FAMILIES)}")
+    return names
+
+
+def add_data_parser(subparsers) -> argparse.ArgumentParser:
+    """`data shapes --n N --seed S --out DIR [--image-size PX] [--families a,b] [--overwrite]`."""
+    data = subparsers.add_parser("data", help="generate synthetic datasets")
+    kinds = data.add_subparsers(dest="dataset", required=True)
+    shapes = kinds.add_parser("shapes", help="coloured shapes with one-word questions (color, count, ...)")
+    shapes.add_argument("--n", type=positive_int, required=True, help="number of questions")
+    shapes.add_argument("--seed", type=int, default=0)
+    shapes.add_argument("--out", required=True, help="output directory")
+    shapes.add_argument("--image-size", type=positive_int, default=336, help="image side in pixels (default 336)")
+    shapes.add_argument("--families", type=_families, help=f"comma-separated subset of {','.join(FAMILIES)}")
+    shapes.add_argument("--questions-per-image", type=positive_int, default=3)
+    shapes.add_argument("--overwrite", action="store_true", help="replace a dataset already in --out")
+    shapes.set_defaults(func=cmd_data_shapes)
+    return data
+
+
+def add_eval_parser(subparsers) -> argparse.ArgumentParser:
+    """`eval [--model M] --data DIR [--batch-size B] [--limit N] [--out DIR] [--device D] [--dtype T]`."""
+    p = subparsers.add_parser("eval", help="score a model on a question set (exact match)")
+    add_model_args(p)
+    p.add_argument("--data", required=True, help="dataset directory holding questions.jsonl")
+    p.add_argument("--batch-size", type=positive_int, default=8)
+    p.add_argument("--limit", type=positive_int, help="score only the first N questions")
+    p.add_argument("--max-new-tokens", type=positive_int, default=8)
+    p.add_argument("--out", help="results directory (default: runs/eval-<timestamp>)")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.set_defaults(func=cmd_eval)
+    return p
+
+
+def cmd_data_shapes(args: argparse.Namespace) -> int:
+    from .dataset import generate_dataset
+
+    meta = generate_dataset(args.n, args.seed, args.out, image_size=args.image_size, families=args.families,
+                            questions_per_image=args.questions_per_image, overwrite=args.overwrite)
+    print(f"wrote {meta['n']} questions about {meta['images']} images ({meta['image_size']} px) to {args.out}")
+    return 0
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    from .. import load
+    from .dataset import load_dataset
+    from .runner import evaluate
+
+    data = load_dataset(args.data)  # fail on a bad data directory before loading weights
+    out = Path(args.out) if args.out else Path("runs") / f"eval-{time.strftime('%Y%m%d-%H%M%S')}"
+    model = load(args.model, device=args.device, dtype=args.dtype)
+    results = evaluate(model, data, batch_size=args.batch_size, limit=args.limit, out_dir=out,
+                       progress=not args.quiet, generate_kwargs={"max_new_tokens": args.max_new_tokens})
+    overall = results["overall"]
+    print(f"accuracy {overall['accuracy']:.4f} on {overall['n']} questions"
+          + (f" ({len(results['errors'])} skipped)" if results["errors"] else ""))
+    for name, r in results["families"].items():
+        print(f"  {name:<10} {r['accuracy']:.4f}  (n={r['n']})")
+    print(f"results: {out / 'results.json'}", file=sys.stderr)
+    return 0

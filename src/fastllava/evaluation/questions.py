@@ -1,0 +1,160 @@
+"""Questions with one-word answers, derived from a Scene so that answers are right by construction.
+
+Every object a question names is uniquely referable in its scene ("the red circle" only when
+there is exactly one red circle). The words that can appear are fixed: see VOCABULARY.
+"""
+
+from __future__ import annotations
+
+import re
+from collections import Counter
+from dataclasses import dataclass
+from math import hypot
+
+import numpy as np
+
+from .scenes import BACKGROUND_WORDS, COLORS, PLURALS, SHAPES, SIZES, Scene, SceneObject
+
+FAMILIES = ("color", "shape", "count", "exist", "position", "relation")
+STRATEGIES = ("random", "popular", "adversarial")  # how "exist" negatives are drawn (POPE)
+ANSWER_SUFFIX = "Answer with one word."
+PUNCTUATION = ("?", ".", ",", ":")
+RELATIONS = {"left": "left of", "right": "right of", "above": "above", "below": "below"}
+OPPOSITE = {"left": "right", "right": "left", "above": "below", "below": "above"}
+NEAREST_MARGIN = 1.2  # the second-nearest object must be at least this much farther
+
+
+@dataclass(frozen=True)
+class Question:
+    question: str
+    answer: str
+    family: str
+    strategy: str | None = None  # "exist" only
+
+
+def prompt(question: str) -> str:
+    """What the model is asked: the question and the one-word instruction."""
+    return f"{question} {ANSWER_SUFFIX}"
+
+
+def _words(*texts: str) -> set[str]:
+    return {w for t in texts for w in re.findall(r"[a-z0-9]+", t.lower())}
+
+
+VOCABULARY: tuple[str, ...] = tuple(sorted(
+    _words("what color is the shape object nearest to how many are there objects a which side of on",
+           "left right above below yes no with background at top bottom center", ANSWER_SUFFIX)
+    | set(SHAPES) | set(PLURALS.values()) | set(COLORS) | set(SIZES) | set(BACKGROUND_WORDS.values())
+    | {str(i) for i in range(7)}
+))
+
+
+def referable(scene: Scene) -> list[SceneObject]:
+    """Objects that "the <colour> <shape>" names unambiguously."""
+    pairs = Counter((o.color, o.shape) for o in scene.objects)
+    return [o for o in scene.objects if pairs[o.color, o.shape] == 1]
+
+
+def _pick(rng: np.random.Generator, items: list):
+    return items[int(rng.integers(len(items)))] if items else None
+
+
+def ask_color(scene: Scene, rng: np.random.Generator) -> Question | None:
+    shapes = Counter(o.shape for o in scene.objects)
+    obj = _pick(rng, [o for o in scene.objects if shapes[o.shape] == 1])
+    return obj and Question(f"What color is the {obj.shape}?", obj.color, "color")
+
+
+def ask_shape(scene: Scene, rng: np.random.Generator) -> Question | None:
+    colors = Counter(o.color for o in scene.objects)
+    obj = _pick(rng, [o for o in scene.objects if colors[o.color] == 1])
+    return obj and Question(f"What shape is the {obj.color} object?", obj.shape, "shape")
+
+
+def ask_count(scene: Scene, rng: np.random.Generator, zero_rate: float = 0.15) -> Question | None:
+    by_shape = rng.random() < 0.5
+    values = [o.shape if by_shape else o.color for o in scene.objects]
+    universe = SHAPES if by_shape else tuple(COLORS)
+    absent = [v for v in universe if v not in values]
+    if absent and rng.random() < zero_rate:
+        target = _pick(rng, absent)
+    else:
+        target = _pick(rng, values)  # weighted by how many there are, so counts above 1 are common
+    n = values.count(target)
+    text = f"How many {PLURALS[target]} are there?" if by_shape else f"How many {target} objects are there?"
+    return Question(text, str(n), "count")
+
+
+def all_pairs() -> list[tuple[str, str]]:
+    return [(c, s) for c in COLORS for s in SHAPES]
+
+
+def ask_exist(scene: Scene, rng: np.random.Generator, answer: str, strategy: str,
+              popular: list[tuple[str, str]] = ()) -> Question | None:
+    """ "Is there a <colour> <shape>?" with the given answer; a "no" draws its absent object by
+    `strategy`: random, popular (most frequent in the dataset, `popular` sorted by frequency),
+    or adversarial (shares a colour or a shape with a present object)."""
+    present = {(o.color, o.shape) for o in scene.objects}
+    if answer == "yes":
+        pair = _pick(rng, sorted(present, key=all_pairs().index))
+    else:
+        absent = [p for p in all_pairs() if p not in present]
+        if strategy == "random":
+            pair = _pick(rng, absent)
+        elif strategy == "popular":
+            pair = _pick(rng, [p for p in popular if p not in present][:3])
+        elif strategy == "adversarial":
+            colors, shapes = {c for c, _ in present}, {s for _, s in present}
+            pair = _pick(rng, [p for p in absent if p[0] in colors or p[1] in shapes])
+        else:
+            raise ValueError(f"unknown strategy {strategy!r}")
+    return pair and Question(f"Is there a {pair[0]} {pair[1]}?", answer, "exist", strategy)
+
+
+def directions(a: SceneObject, b: SceneObject) -> list[str]:
+    """Where a is relative to b, along each axis where they are clearly apart (centre distance
+    along the axis larger than the sum of the radii). Image y grows downwards."""
+    gap = a.radius + b.radius
+    out = []
+    if abs(a.x - b.x) > gap:
+        out.append("left" if a.x < b.x else "right")
+    if abs(a.y - b.y) > gap:
+        out.append("above" if a.y < b.y else "below")
+    return out
+
+
+def ask_position(scene: Scene, rng: np.random.Generator) -> Question | None:
+    objs = referable(scene)
+    pairs = [(a, b) for a in objs for b in objs if a is not b and directions(a, b)]
+    if not pairs:
+        return None
+    a, b = pairs[int(rng.integers(len(pairs)))]
+    where = _pick(rng, directions(a, b))
+    if where in ("left", "right") and rng.random() < 1 / 3:
+        return Question(f"Which side of the {b.name} is the {a.name} on?", where, "position")
+    truth = rng.random() < 0.5
+    said = where if truth else OPPOSITE[where]
+    return Question(f"Is the {a.name} {RELATIONS[said]} the {b.name}?", "yes" if truth else "no", "position")
+
+
+def nearest(scene: Scene, anchor: SceneObject) -> SceneObject | None:
+    """The object nearest to `anchor` (centre distance), or None if not clearly the nearest."""
+    others = sorted((hypot(o.x - anchor.x, o.y - anchor.y), i) for i, o in enumerate(scene.objects)
+                    if o is not anchor)
+    if not others or (len(others) > 1 and others[1][0] < NEAREST_MARGIN * others[0][0]):
+        return None
+    return scene.objects[others[0][1]]
+
+
+def ask_relation(scene: Scene, rng: np.random.Generator) -> Question | None:
+    anchors = [(a, n) for a in referable(scene) if (n := nearest(scene, a)) is not None]
+    if not anchors:
+        return None
+    a, n = anchors[int(rng.integers(len(anchors)))]
+    if rng.random() < 0.5:
+        return Question(f"What color is the object nearest to the {a.name}?", n.color, "relation")
+    return Question(f"What shape is the object nearest to the {a.name}?", n.shape, "relation")
+
+
+ASK = {"color": ask_color, "shape": ask_shape, "count": ask_count, "position": ask_position,
+       "relation": ask_relation}  # "exist" needs more arguments: ask_exist

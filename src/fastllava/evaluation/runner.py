@@ -1,0 +1,119 @@
+"""Run a model over a question set and score it: results.json (accuracy overall and per family)
+and samples.jsonl (one line per scored question)."""
+
+from __future__ import annotations
+
+import json
+import sys
+from collections import defaultdict
+from pathlib import Path
+
+from ..errors import UserError
+from .dataset import Dataset, Sample, load_dataset
+from .progress import Progress
+from .questions import ANSWER_SUFFIX, prompt
+from .scoring import accuracy, is_correct
+
+DEFAULT_MAX_NEW_TOKENS = 8
+
+
+def evaluate(model, data_dir: str | Path | Dataset, batch_size: int = 8, limit: int | None = None,
+             out_dir: str | Path | None = None, progress: bool = True,
+             generate_kwargs: dict | None = None) -> dict:
+    """Ask `model` (a fastllava.Llava) every question, greedy by default; returns the results dict
+    and, with `out_dir`, writes results.json and samples.jsonl there."""
+    if batch_size < 1:
+        raise UserError(f"batch size must be at least 1, got {batch_size}")
+    if limit is not None and limit < 1:
+        raise UserError(f"limit must be at least 1, got {limit}")
+    data = data_dir if isinstance(data_dir, Dataset) else load_dataset(data_dir)
+    errors = list(data.errors)
+    samples = data.samples[:limit] if limit is not None else data.samples
+    if not samples:
+        raise UserError(f"no usable questions in {data.root}" + (f"; first problem: {errors[0]}" if errors else ""))
+    kwargs = {"max_new_tokens": DEFAULT_MAX_NEW_TOKENS, "temperature": 0.0, **(generate_kwargs or {})}
+
+    rows = []
+    with Progress("eval", len(samples), enabled=progress) as bar:
+        for start in range(0, len(samples), batch_size):
+            batch = samples[start:start + batch_size]
+            for sample, text in zip(batch, _answers(model, batch, kwargs, errors), strict=True):
+                if text is not None:
+                    rows.append(_row(sample, text))
+            bar.update(len(batch))
+    if errors:
+        shown = "; ".join(errors[:3]) + (f"; ... ({len(errors) - 3} more)" if len(errors) > 3 else "")
+        print(f"fastllava: warning: skipped {len(errors)} bad sample(s) in {data.root}: {shown}", file=sys.stderr)
+    if not rows:
+        raise UserError(f"no question in {data.root} could be answered; first problem: {errors[0]}")
+
+    results = _summary(model, data, rows, errors, batch_size, limit, kwargs)
+    if out_dir is not None:
+        out = Path(out_dir).expanduser()
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "results.json").write_text(json.dumps(results, indent=2) + "\n")
+        with (out / "samples.jsonl").open("w", encoding="utf-8") as f:
+            for row in rows:
+                f.write(json.dumps(row, ensure_ascii=False) + "\n")
+    return results
+
+
+def _answers(model, batch: list[Sample], kwargs: dict, errors: list[str]) -> list[str | None]:
+    """Predicted texts for a batch; if an image cannot be read, retry one by one so that only
+    the bad sample is lost (recorded in `errors`)."""
+    def ask(items):
+        results = model.generate(images=[s.image for s in items], prompts=[prompt(s.question) for s in items],
+                                 **kwargs)
+        return [r.text for r in results]
+
+    try:
+        return ask(batch)
+    except UserError as e:
+        if len(batch) == 1:
+            errors.append(f"questions.jsonl:{batch[0].line}: {e}")
+            return [None]
+    texts: list[str | None] = []
+    for s in batch:
+        try:
+            texts.append(ask([s])[0])
+        except UserError as e:
+            errors.append(f"questions.jsonl:{s.line}: {e}")
+            texts.append(None)
+    return texts
+
+
+def _row(sample: Sample, prediction: str) -> dict:
+    row = {"id": sample.id, "family": sample.family, "question": sample.question, "answer": sample.answer,
+           "prediction": prediction, "correct": is_correct(prediction, sample.answer)}
+    if sample.strategy is not None:
+        row["strategy"] = sample.strategy
+    return row
+
+
+def _summary(model, data: Dataset, rows: list[dict], errors: list[str], batch_size: int,
+             limit: int | None, kwargs: dict) -> dict:
+    from .. import __version__
+
+    by_family = defaultdict(list)
+    for row in rows:
+        by_family[row["family"]].append(row["correct"])
+    flags = [row["correct"] for row in rows]
+    settings = {
+        "data": str(data.root),
+        "dataset": {k: data.meta[k] for k in ("name", "version", "seed", "n", "image_size") if k in data.meta},
+        "batch_size": batch_size,
+        "limit": limit,
+        "max_new_tokens": kwargs["max_new_tokens"],
+        "generate": {k: v for k, v in kwargs.items() if k != "max_new_tokens"},
+        "answer_suffix": ANSWER_SUFFIX,
+        "device": str(getattr(model, "device", "unknown")),
+        "dtype": str(getattr(getattr(model, "model", None), "dtype", "unknown")).replace("torch.", ""),
+        "fastllava_version": __version__,
+    }
+    return {
+        "model": str(getattr(model, "path", None) or type(model).__name__),
+        "overall": {"accuracy": accuracy(flags), "n": len(flags)},
+        "families": {f: {"accuracy": accuracy(v), "n": len(v)} for f, v in sorted(by_family.items())},
+        "settings": settings,
+        "errors": errors,
+    }

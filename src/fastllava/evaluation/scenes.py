@@ -1,0 +1,180 @@
+"""Synthetic scenes: 1-6 coloured shapes on a plain or faintly textured background.
+
+A `Scene` is pure data: coordinates and radii are fractions of the image side (0 = left/top),
+so one scene renders at any size. Everything random comes from a seeded numpy Generator.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from math import cos, hypot, pi, sin
+
+import numpy as np
+from PIL import Image, ImageDraw
+
+SHAPES = ("circle", "square", "triangle", "star", "cross")
+PLURALS = {"circle": "circles", "square": "squares", "triangle": "triangles", "star": "stars", "cross": "crosses"}
+COLORS = {  # saturated and far apart in RGB, all far from the light-grey backgrounds
+    "red": (220, 30, 30),
+    "green": (30, 160, 50),
+    "blue": (30, 70, 220),
+    "yellow": (240, 210, 20),
+    "purple": (140, 40, 180),
+    "orange": (250, 130, 10),
+}
+SIZES = {"small": 0.075, "large": 0.13}  # bounding-circle radius; diameters ~15% and ~26% of the side
+BACKGROUNDS = ("plain", "noise", "stripes", "checker")
+BACKGROUND_WORDS = {"plain": "plain", "noise": "noisy", "stripes": "striped", "checker": "checkered"}
+
+# Mildly uneven frequencies, so that "popular" objects (POPE) mean something.
+SHAPE_WEIGHTS = (0.26, 0.22, 0.2, 0.17, 0.15)
+COLOR_WEIGHTS = (0.22, 0.19, 0.17, 0.15, 0.14, 0.13)
+
+MIN_GAP = 0.02  # free space between bounding circles, fraction of the side
+EDGE = 0.02  # free space between a bounding circle and the image border
+
+
+@dataclass(frozen=True)
+class SceneObject:
+    shape: str
+    color: str
+    size: str  # "small" | "large"
+    x: float  # centre, fraction of the width, 0 = left
+    y: float  # centre, fraction of the height, 0 = top
+    radius: float  # bounding circle, fraction of the side
+
+    @property
+    def name(self) -> str:
+        """How questions refer to it: "red circle"."""
+        return f"{self.color} {self.shape}"
+
+
+@dataclass(frozen=True)
+class Scene:
+    objects: tuple[SceneObject, ...]
+    background: str  # one of BACKGROUNDS
+    background_level: int  # base grey of the background, 0-255
+    texture_seed: int  # seeds the background texture (noise, stripe angle)
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        d["objects"] = [asdict(o) for o in self.objects]
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "Scene":
+        return cls(tuple(SceneObject(**o) for o in d["objects"]), d["background"], int(d["background_level"]),
+                   int(d["texture_seed"]))
+
+
+def random_scene(rng: np.random.Generator, min_objects: int = 1, max_objects: int = 6) -> Scene:
+    """A scene with non-overlapping objects; retries whole layouts until one fits."""
+    while True:
+        count = int(rng.integers(min_objects, max_objects + 1))
+        objects: list[SceneObject] = []
+        for _ in range(count):
+            obj = _place(rng, objects)
+            if obj is None:
+                break
+            objects.append(obj)
+        if len(objects) == count:
+            break
+    background = BACKGROUNDS[int(rng.integers(len(BACKGROUNDS)))]
+    return Scene(tuple(objects), background, int(rng.integers(195, 236)), int(rng.integers(2**31)))
+
+
+def _place(rng: np.random.Generator, placed: list[SceneObject], tries: int = 100) -> SceneObject | None:
+    shape = SHAPES[int(rng.choice(len(SHAPES), p=SHAPE_WEIGHTS))]
+    color = list(COLORS)[int(rng.choice(len(COLORS), p=COLOR_WEIGHTS))]
+    size = "large" if rng.random() < 0.5 else "small"
+    r = SIZES[size]
+    for _ in range(tries):
+        x, y = (round(float(v), 4) for v in rng.uniform(r + EDGE, 1 - r - EDGE, size=2))
+        if all(hypot(x - o.x, y - o.y) > r + o.radius + MIN_GAP for o in placed):
+            return SceneObject(shape, color, size, x, y, r)
+    return None
+
+
+def overlaps(a: SceneObject, b: SceneObject) -> bool:
+    """Bounding-circle test."""
+    return hypot(a.x - b.x, a.y - b.y) <= a.radius + b.radius
+
+
+# ---- rendering ----
+
+def render(scene: Scene, size: int = 336) -> Image.Image:
+    """The scene as an RGB image of size x size pixels."""
+    img = Image.fromarray(_background(scene, size))
+    draw = ImageDraw.Draw(img)
+    for obj in scene.objects:
+        _draw(draw, obj, size)
+    return img
+
+
+def _background(scene: Scene, size: int) -> np.ndarray:
+    rng = np.random.Generator(np.random.PCG64(scene.texture_seed))
+    level = float(scene.background_level)
+    yy, xx = np.mgrid[0:size, 0:size].astype(np.float32) / size  # [H, W] in [0, 1)
+    if scene.background == "plain":
+        grey = np.full((size, size), level, np.float32)
+    elif scene.background == "noise":
+        grey = level + rng.uniform(-12, 12, size=(size, size)).astype(np.float32)
+    elif scene.background == "stripes":
+        angle = float(rng.uniform(0, pi))
+        period = float(rng.uniform(0.06, 0.12))
+        phase = (xx * cos(angle) + yy * sin(angle)) / period
+        grey = level + np.where(np.floor(phase) % 2 == 0, 8.0, -8.0).astype(np.float32)
+    elif scene.background == "checker":
+        cells = int(rng.integers(6, 13))
+        parity = (np.floor(xx * cells) + np.floor(yy * cells)) % 2
+        grey = level + np.where(parity == 0, 8.0, -8.0).astype(np.float32)
+    else:
+        raise ValueError(f"unknown background {scene.background!r}")
+    grey = np.clip(np.rint(grey), 0, 255).astype(np.uint8)
+    return np.repeat(grey[:, :, None], 3, axis=2)  # [H, W, 3]
+
+
+def shape_points(shape: str, cx: float, cy: float, r: float) -> list[tuple[float, float]]:
+    """Polygon of a shape inscribed in the circle (cx, cy, r), in pixels; circles have none."""
+    if shape == "square":
+        h = r / 2**0.5
+        return [(cx - h, cy - h), (cx + h, cy - h), (cx + h, cy + h), (cx - h, cy + h)]
+    if shape == "triangle":  # equilateral, pointing up
+        return [(cx + r * cos(a), cy + r * sin(a)) for a in (-pi / 2, pi / 6, 5 * pi / 6)]
+    if shape == "star":  # five points, inner radius 0.45 r
+        return [(cx + rad * cos(-pi / 2 + k * pi / 5), cy + rad * sin(-pi / 2 + k * pi / 5))
+                for k, rad in ((k, r if k % 2 == 0 else 0.45 * r) for k in range(10))]
+    if shape == "cross":  # a plus sign with arms 0.6 r wide
+        w, a = 0.3 * r, 0.9 * r
+        return [(cx - w, cy - a), (cx + w, cy - a), (cx + w, cy - w), (cx + a, cy - w), (cx + a, cy + w),
+                (cx + w, cy + w), (cx + w, cy + a), (cx - w, cy + a), (cx - w, cy + w), (cx - a, cy + w),
+                (cx - a, cy - w), (cx - w, cy - w)]
+    raise ValueError(f"unknown shape {shape!r}")
+
+
+def _draw(draw: ImageDraw.ImageDraw, obj: SceneObject, size: int) -> None:
+    cx, cy, r = obj.x * size, obj.y * size, obj.radius * size
+    fill = COLORS[obj.color]
+    if obj.shape == "circle":
+        draw.ellipse([cx - r, cy - r, cx + r, cy + r], fill=fill)
+    else:
+        draw.polygon(shape_points(obj.shape, cx, cy, r), fill=fill)
+
+
+# ---- captions ----
+
+def location(obj: SceneObject) -> str:
+    """Where the object sits on a 3 x 3 grid: "top left", "top", ..., "center", ..."""
+    col = ("left", "", "right")[min(int(obj.x * 3), 2)]
+    row = ("top", "", "bottom")[min(int(obj.y * 3), 2)]
+    return " ".join(w for w in (row, col) if w) or "center"
+
+
+def caption(scene: Scene) -> str:
+    """A one-line description, objects in reading order:
+    "a noisy background with 2 objects: a large red circle at the top left, a small blue star at the center"."""
+    ordered = sorted(scene.objects, key=lambda o: (min(int(o.y * 3), 2), o.x))
+    parts = [f"a {o.size} {o.color} {o.shape} at the {location(o)}" for o in ordered]
+    n = len(scene.objects)
+    return (f"a {BACKGROUND_WORDS[scene.background]} background with {n} object{'s' if n != 1 else ''}: "
+            + ", ".join(parts))
