@@ -19,6 +19,7 @@ def main() -> int:
     parser.add_argument("--out", required=True, help="checkpoint directory to write")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--threads", type=int, help="CPU threads for torch")
+    parser.add_argument("--init", help="continue training from this checkpoint (one this script wrote)")
     for f in dataclasses.fields(TrainSpec):
         parser.add_argument("--" + f.name.replace("_", "-"), type=type(f.default), default=f.default)
     args = parser.parse_args()
@@ -28,7 +29,7 @@ def main() -> int:
         torch.set_num_threads(args.threads)
     spec = TrainSpec(**{f.name: getattr(args, f.name) for f in dataclasses.fields(TrainSpec)})
     try:
-        out = train(args.out, spec, device=args.device, log=lambda m: print(m, flush=True))
+        out = train(args.out, spec, device=args.device, log=lambda m: print(m, flush=True), init=args.init)
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -56,8 +56,9 @@ def cmd_run(args: argparse.Namespace) -> int:
     stream = model.stream(image=image, prompt=args.prompt, **kwargs)
     for delta in stream:
         print(delta, end="", flush=True)
+    print(flush=True)
     s = stream.result.stats
-    print(f"\n[{s['prompt_tokens']} prompt + {s['image_tokens']} image tokens, {s['generated_tokens']} generated"
+    print(f"[{s['prompt_tokens']} prompt + {s['image_tokens']} image tokens, {s['generated_tokens']} generated"
           f" | TTFT {s['ttft_s'] * 1000:.1f} ms | decode {s['decode_tok_s']:.1f} tok/s"
           f" | {stream.result.finish_reason}]", file=sys.stderr)
     return 0

@@ -19,8 +19,9 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .checkpoint import save_model
+from .checkpoint import load_model, save_model
 from .config import LlavaConfig, RopeConfig, TextConfig, VisionConfig
+from .errors import UserError
 from .evaluation.progress import Progress
 from .evaluation.questions import ASK, FAMILIES, STRATEGIES, all_pairs, ask_exist, prompt
 from .evaluation.scenes import caption, random_scene, render
@@ -111,11 +112,19 @@ def loss_on(model: LlavaModel, ids: torch.Tensor, labels: torch.Tensor, pixels: 
     return F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), labels[:, 1:].flatten(), ignore_index=-100)
 
 
-def train(out_dir: str | Path, spec: TrainSpec, device: str = "cpu", log=print) -> Path:
+def train(out_dir: str | Path, spec: TrainSpec, device: str = "cpu", log=print,
+          init: str | Path | None = None) -> Path:
+    """Train and save to out_dir; `init` continues from a checkpoint this function wrote."""
     torch.manual_seed(spec.seed)
     cfg = build_config(spec)
-    model = LlavaModel(cfg).to(device)
-    _init(model)
+    if init is not None:
+        model = load_model(init, device, torch.float32).train()
+        if model.cfg.vision.num_patches != cfg.vision.num_patches or model.cfg.text.vocab_size != VOCAB_SIZE:
+            raise UserError(f"{init} does not have the shapes of this training spec")
+        cfg = model.cfg
+    else:
+        model = LlavaModel(cfg).to(device)
+        _init(model)
     tokenizer = build_word_tokenizer(default_words(), IMAGE_TOKEN_ID, VOCAB_SIZE)
     encoder = PromptEncoder(tokenizer, IMAGE_TOKEN_ID, cfg.image_features_per_image)
     processor = ImageProcessor(shortest_edge=spec.image_size, crop_hw=(spec.image_size, spec.image_size))
