@@ -105,9 +105,10 @@ class Llava:
         eos = self._eos_ids(-1)
         b = len(prompts)
         finished = torch.zeros(b, dtype=torch.bool)
-        texts, ids, reasons = [""] * b, [[] for _ in range(b)], ["length"] * b
+        streamed, ids, reasons = [""] * b, [[] for _ in range(b)], ["length"] * b
         counts = [0] * b  # tokens generated per row, EOS included (as usage counts them)
         times = StepTimes()
+        watch_text = stream or bool(params.stop)  # otherwise decode once, at the end
         for token in decode_steps(self.model, input_ids, mask, pixel_values, params, eos, finished, times):
             for row in range(b):
                 if reasons[row] == "stop":
@@ -118,23 +119,17 @@ class Llava:
                     reasons[row] = "stop"
                     continue
                 ids[row].append(tok)
-                text = self.prompts.decode(ids[row])
-                cut = _stop_index(text, params.stop)
-                if cut is not None:
-                    text, reasons[row] = text[:cut], "stop"
-                    finished[row] = True
-                if stream and not text.endswith("\ufffd") and text.startswith(texts[row]):
-                    yield text[len(texts[row]):]
-                    texts[row] = text
-                elif not stream:
-                    texts[row] = text
-        if stream:  # flush what was held back (an incomplete character at the very end)
-            final = self.prompts.decode(ids[0])
-            cut = _stop_index(final, params.stop)
-            final = final if cut is None else final[:cut]
-            if final.startswith(texts[0]) and final != texts[0]:
-                yield final[len(texts[0]):]
-            texts[0] = final
+                if not watch_text:
+                    continue
+                text, stopped = self._visible_text(ids[row], params.stop)
+                if stopped:
+                    reasons[row], finished[row] = "stop", True
+                if stream and not text.endswith("\ufffd") and text.startswith(streamed[row]):
+                    yield text[len(streamed[row]):]
+                    streamed[row] = text
+        finals = [self._visible_text(row_ids, params.stop)[0] for row_ids in ids]
+        if stream and finals[0].startswith(streamed[0]) and finals[0] != streamed[0]:
+            yield finals[0][len(streamed[0]):]  # what was held back (an incomplete character at the end)
         n_images = sum(im is not None for im in images)
         results = []
         for row in range(b):
@@ -151,7 +146,7 @@ class Llava:
                 "total_s": round(times.end_s, 6),
                 "decode_tok_s": _rate(gen - 1, times.end_s - times.first_token_s),
             }
-            results.append(Result(texts[row], ids[row], reasons[row], stats))
+            results.append(Result(finals[row], ids[row], reasons[row], stats))
         yield results
 
     def encode(self, images, prompts: list[str]):
@@ -174,6 +169,12 @@ class Llava:
         pixel_values = self.processor(present) if present else None
         return input_ids, mask, pixel_values
 
+    def _visible_text(self, ids: list[int], stops: list[str]) -> tuple[str, bool]:
+        """Decoded text cut before the first stop string, and whether one was found."""
+        text = self.prompts.decode(ids)
+        hits = [text.find(s) for s in stops if s and s in text]
+        return (text[:min(hits)], True) if hits else (text, False)
+
     def _eos_ids(self, eos_token_id) -> list[int]:
         if eos_token_id is None:
             return []
@@ -195,11 +196,6 @@ class TextStream:
                 self.result = part[0]
             else:
                 yield part
-
-
-def _stop_index(text: str, stops: list[str]) -> int | None:
-    hits = [text.find(s) for s in stops if s and s in text]
-    return min(hits) if hits else None
 
 
 def _rate(n: int, seconds: float) -> float:

@@ -149,9 +149,10 @@ class ImageProcessor:
         arr = np.asarray(img)  # [H, W, 3] uint8
         if self.crop_hw is not None:
             arr = center_crop(arr, self.crop_hw)
-        out = arr.astype(np.float32)
         if self.rescale_factor is not None:
             out = (arr.astype(np.float64) * self.rescale_factor).astype(np.float32)
+        else:
+            out = arr.astype(np.float32)
         if self.mean is not None:
             out = (out - np.asarray(self.mean, np.float32)) / np.asarray(self.std, np.float32)
         return torch.from_numpy(np.ascontiguousarray(out.transpose(2, 0, 1)))  # [3, H, W]

@@ -19,7 +19,6 @@ class PromptEncoder:
         self.tokenizer = tokenizer
         self.image_token_index = image_token_index
         self.features_per_image = features_per_image
-        self.chat_template = chat_template
         self.special = special or {}
         self.image_token = tokenizer.id_to_token(image_token_index) or "<image>"
         self._template = _compile_template(chat_template) if chat_template else None

@@ -51,14 +51,6 @@ class VisionAttention(nn.Module):
         out = F.scaled_dot_product_attention(qkv[0], qkv[1], qkv[2])  # [N, H, T, Dh]
         return self.out_proj(out.transpose(1, 2).reshape(n, t, -1))
 
-    def cls_attention(self, x: torch.Tensor) -> torch.Tensor:
-        """Softmax attention of the class token to every token, averaged over heads: [N, T]."""
-        n, t, _ = x.shape
-        qkv = self.qkv(x).view(n, t, 3, self.heads, self.head_dim).permute(2, 0, 3, 1, 4)
-        q, k = qkv[0][:, :, :1], qkv[1]  # [N, H, 1, Dh], [N, H, T, Dh]
-        scores = (q.float() @ k.float().transpose(-1, -2)) * self.head_dim**-0.5  # [N, H, 1, T]
-        return scores.softmax(-1).mean(1)[:, 0]
-
 
 class VisionMLP(nn.Module):
     def __init__(self, cfg: VisionConfig):
@@ -105,18 +97,9 @@ class VisionTower(nn.Module):
         """pixel_values [N, C, H, W] -> one [N, 1+P, D] tensor per requested layer index."""
         wanted = [self._absolute(i) for i in layers]
         x = self.pre_layrnorm(self.embeddings(pixel_values))
-        states = {0: x}
+        states = {0: x}  # only the hidden states feature selection reads
         for i, block in enumerate(self.layers[: max(wanted)], start=1):
             x = block(x)
-            states[i] = x
+            if i in wanted:
+                states[i] = x
         return [states[i] for i in wanted]
-
-    def cls_attention(self, pixel_values: torch.Tensor, layer: int) -> torch.Tensor:
-        """Class-token attention [N, P] to the patches inside block `layer` (transformers numbering
-        of hidden states: the block that reads hidden state `layer - 1`)."""
-        target = self._absolute(layer)
-        x = self.pre_layrnorm(self.embeddings(pixel_values))
-        for block in self.layers[: max(target - 1, 0)]:
-            x = block(x)
-        block = self.layers[max(target - 1, 0)]
-        return block.self_attn.cls_attention(block.layer_norm1(x))[:, 1:]
