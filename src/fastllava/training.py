@@ -51,6 +51,9 @@ class TrainSpec:
     steps: int = 3000
     batch_size: int = 32
     lr: float = 2e-3
+    questions: int = 8  # question/answer segments sharing one image per training row
+    minutes: float = 0.0  # wall-clock budget per stage; the schedule follows whichever ends first (0 = off)
+    save_every: int = 200  # steps between intermediate checkpoints (0 = only at the end)
     seed: int = 0
 
 
@@ -68,53 +71,120 @@ def build_config(spec: TrainSpec) -> LlavaConfig:
 
 
 class Batches:
-    """Endless stream of (input_ids [B, T], labels [B, T], pixel_values [B, 3, H, W]); labels are
-    -100 except on the answer and its EOS. Right padding: causal attention never looks ahead."""
+    """Endless stream of packed training rows.
 
-    def __init__(self, encoder: PromptEncoder, processor: ImageProcessor, image_size: int, seed: int):
+    Instruction rows hold one image and `questions` question/answer segments that share it: the
+    prefix (`<s> USER: <image>...`) is followed by every segment (`question ASSISTANT: answer </s>`),
+    each segment attends to the prefix and to itself only and its positions continue from the
+    prefix, so each one sees exactly what a single-question prompt sees at inference, while the
+    image is encoded once for all of them. Caption rows (alignment) hold one segment.
+    A batch is (input_ids [B, T], positions [B, T], segments [B, T], targets [B, T], pixels);
+    `segments` is 0 on the prefix, i on segment i and -1 on padding; `targets` holds the next
+    token of the same segment where it is an answer token or EOS, else -100.
+    """
+
+    def __init__(self, encoder: PromptEncoder, processor: ImageProcessor, image_size: int, seed: int,
+                 questions: int = 1):
         self.encoder, self.processor, self.image_size = encoder, processor, image_size
+        self.questions = questions
         self.rng = np.random.Generator(np.random.PCG64(TRAIN_SEED_BASE + seed))
         self.popular = all_pairs()  # frequency order is learned from data; any order trains all pairs
+        self.family_weights = np.ones(len(FAMILIES))  # sampling weights, see `reweight`
 
-    def example(self, captions: bool) -> tuple[list[int], list[int], object]:
-        while True:
-            scene = random_scene(self.rng)
-            if captions:
-                question, answer = CAPTION_PROMPT, caption(scene)
-                break
-            family = FAMILIES[int(self.rng.integers(len(FAMILIES)))]
-            if family == "exist":
-                q = ask_exist(scene, self.rng, ("yes", "no")[int(self.rng.integers(2))],
-                              STRATEGIES[int(self.rng.integers(len(STRATEGIES)))], self.popular)
-            else:
-                q = ASK[family](scene, self.rng)
-            if q is not None:
-                question, answer = prompt(q.question), q.answer
-                break
-        ids = self.encoder.prompt_ids(question)
-        answer_ids = self.encoder.tokenizer.encode(answer, add_special_tokens=False).ids + [2]
-        return ids + answer_ids, [-100] * len(ids) + answer_ids, render(scene, self.image_size)
+    def reweight(self, family_losses: dict[str, float]) -> None:
+        """Ask more often from the families the model still gets wrong (weights ~ loss + floor)."""
+        self.family_weights = np.array([family_losses.get(f, 1.0) + 0.05 for f in FAMILIES])
+
+    def _question(self, scene) -> tuple[str, str, str] | None:
+        p = self.family_weights / self.family_weights.sum()
+        family = FAMILIES[int(self.rng.choice(len(FAMILIES), p=p))]
+        if family == "exist":
+            q = ask_exist(scene, self.rng, ("yes", "no")[int(self.rng.integers(2))],
+                          STRATEGIES[int(self.rng.integers(len(STRATEGIES)))], self.popular)
+        else:
+            q = ASK[family](scene, self.rng)
+        return None if q is None else (prompt(q.question), q.answer, family)
+
+    def example(self, captions: bool) -> tuple[list[int], list[tuple[list[int], list[int], str]], object]:
+        """(prefix ids, [(segment ids, segment targets, family)], image)."""
+        scene = random_scene(self.rng)
+        if captions:
+            qas = [(CAPTION_PROMPT, caption(scene), "caption")]
+        else:
+            qas, tries = [], 0
+            while len(qas) < self.questions and tries < 20 * self.questions:
+                tries += 1
+                qa = self._question(scene)
+                if qa is not None and all(qa[0] != q for q, _, _ in qas):
+                    qas.append(qa)
+        prefix, segments = None, []
+        for question, answer, family in qas:
+            ids = self.encoder.prompt_ids(question)
+            cut = len(ids) - ids[::-1].index(IMAGE_TOKEN_ID)  # the prefix ends after the last image token
+            prefix = ids[:cut]
+            answer_ids = self.encoder.tokenizer.encode(answer, add_special_tokens=False).ids + [2]
+            seg = ids[cut:] + answer_ids
+            targets = [-100] * (len(seg) - len(answer_ids) - 1) + answer_ids + [-100]  # next-token targets
+            segments.append((seg, targets, family))
+        return prefix, segments, render(scene, self.image_size)
 
     def batch(self, size: int, captions: bool = False):
         rows = [self.example(captions) for _ in range(size)]
-        longest = max(len(r[0]) for r in rows)
+        lengths = [len(p) + sum(len(s) for s, _, _ in segs) for p, segs, _ in rows]
+        longest = max(lengths)
         ids = torch.zeros(size, longest, dtype=torch.long)
-        labels = torch.full((size, longest), -100, dtype=torch.long)
-        for i, (x, y, _) in enumerate(rows):
-            ids[i, : len(x)], labels[i, : len(y)] = torch.tensor(x), torch.tensor(y)
-        return ids, labels, self.processor([r[2] for r in rows])
+        positions = torch.zeros(size, longest, dtype=torch.long)
+        segments = torch.full((size, longest), -1, dtype=torch.long)
+        targets = torch.full((size, longest), -100, dtype=torch.long)
+        families = []  # (row, column, family) of every answer target, for per-family losses
+        for i, (prefix, segs, _) in enumerate(rows):
+            n = len(prefix)
+            ids[i, :n], positions[i, :n], segments[i, :n] = torch.tensor(prefix), torch.arange(n), 0
+            at = n
+            for j, (seg, tgt, family) in enumerate(segs, start=1):
+                span = slice(at, at + len(seg))
+                ids[i, span], targets[i, span] = torch.tensor(seg), torch.tensor(tgt)
+                positions[i, span], segments[i, span] = torch.arange(n, n + len(seg)), j
+                families += [(i, at + k, family) for k, t in enumerate(tgt) if t != -100]
+                at += len(seg)
+        return ids, positions, segments, targets, self.processor([r[2] for r in rows]), families
 
 
-def loss_on(model: LlavaModel, ids: torch.Tensor, labels: torch.Tensor, pixels: torch.Tensor) -> torch.Tensor:
-    embeds = model.embed(ids, model.image_features(pixels))
-    positions = torch.arange(ids.shape[1], device=ids.device).expand_as(ids)
-    logits = model(embeds, positions, None)  # [B, T, V]
-    return F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), labels[:, 1:].flatten(), ignore_index=-100)
+def segment_mask(segments: torch.Tensor) -> torch.Tensor:
+    """segments [B, T] -> boolean attention mask [B, 1, T, T]: causal, and a segment sees the
+    prefix (segment 0) and itself only; padding (-1) sees only padding."""
+    t = segments.shape[1]
+    causal = torch.ones(t, t, dtype=torch.bool, device=segments.device).tril()  # [T, T]
+    q, k = segments[:, :, None], segments[:, None, :]  # [B, T, 1], [B, 1, T]
+    allowed = causal & (((k == 0) & (q >= 0)) | (k == q))
+    allowed |= torch.eye(t, dtype=torch.bool, device=segments.device)
+    return allowed[:, None]
+
+
+def packed_logits(model: LlavaModel, ids: torch.Tensor, positions: torch.Tensor, segments: torch.Tensor,
+                  pixels: torch.Tensor) -> torch.Tensor:
+    """Logits [B, T, V] of a packed batch (see Batches)."""
+    lm = model.language_model
+    x = model.embed(ids, model.image_features(pixels))  # [B, T, D]
+    cos, sin = lm.rotary(positions, x.dtype)
+    mask = segment_mask(segments)
+    for i, layer in enumerate(lm.layers):
+        x = layer(x, cos, sin, mask, None, i, 0)
+    return model.lm_head(lm.norm(x))
+
+
+def loss_on(model: LlavaModel, ids, positions, segments, targets, pixels) -> tuple[torch.Tensor, torch.Tensor]:
+    """Mean cross-entropy over the answer targets, and the per-target losses [N] (in target order)."""
+    logits = packed_logits(model, ids, positions, segments, pixels)
+    picked = targets != -100  # [B, T]
+    per = F.cross_entropy(logits[picked].float(), targets[picked], reduction="none")  # [N]
+    return per.mean(), per.detach()
 
 
 def train(out_dir: str | Path, spec: TrainSpec, device: str = "cpu", log=print,
           init: str | Path | None = None) -> Path:
-    """Train and save to out_dir; `init` continues from a checkpoint this function wrote."""
+    """Train and save to out_dir (also every `spec.save_every` steps, so a long run can be
+    evaluated or resumed while it goes); `init` continues from a checkpoint this function wrote."""
     torch.manual_seed(spec.seed)
     cfg = build_config(spec)
     if init is not None:
@@ -128,33 +198,65 @@ def train(out_dir: str | Path, spec: TrainSpec, device: str = "cpu", log=print,
     tokenizer = build_word_tokenizer(default_words(), IMAGE_TOKEN_ID, VOCAB_SIZE)
     encoder = PromptEncoder(tokenizer, IMAGE_TOKEN_ID, cfg.image_features_per_image)
     processor = ImageProcessor(shortest_edge=spec.image_size, crop_hw=(spec.image_size, spec.image_size))
-    data = Batches(encoder, processor, spec.image_size, spec.seed)
+    data = Batches(encoder, processor, spec.image_size, spec.seed, spec.questions)
     stages = [("align", spec.align_steps, list(model.multi_modal_projector.parameters()), True),
               ("instruct", spec.steps, list(model.parameters()), False)]
     for name, steps, params, captions in stages:
         if steps == 0:
             continue
         opt = torch.optim.AdamW(params, lr=spec.lr, betas=(0.9, 0.98), weight_decay=0.01)
-        warmup = max(1, steps // 20)
-        sched = torch.optim.lr_scheduler.LambdaLR(
-            opt, lambda s: min(1.0, (s + 1) / warmup) * 0.5 * (1 + math.cos(math.pi * min(s / steps, 1.0))))
         bar, start, running = Progress(name, steps), time.time(), None
+        family_loss: dict[str, float] = {}
         for step in range(steps):
-            ids, labels, pixels = (t.to(device) for t in data.batch(spec.batch_size, captions))
-            loss = loss_on(model, ids, labels, pixels)
+            done = max(step / steps, (time.time() - start) / (60 * spec.minutes) if spec.minutes else 0.0)
+            if done >= 1.0:
+                log(f"{name}: time budget of {spec.minutes} min reached after {step} steps")
+                break
+            for group in opt.param_groups:
+                group["lr"] = spec.lr * _lr_factor(done, step)
+            ids, positions, segments, targets, pixels, families = data.batch(spec.batch_size, captions)
+            loss, per = loss_on(model, ids.to(device), positions.to(device), segments.to(device),
+                                targets.to(device), pixels.to(device))
             opt.zero_grad(set_to_none=True)
             loss.backward()
             torch.nn.utils.clip_grad_norm_(params, 1.0)
             opt.step()
-            sched.step()
             running = loss.item() if running is None else 0.98 * running + 0.02 * loss.item()
+            _update_family_losses(family_loss, families, per.cpu())
+            if not captions:
+                data.reweight(family_loss)
             bar.update(1)
-            if (step + 1) % 100 == 0 or step + 1 == steps:
-                log(f"{name} step {step + 1}/{steps} loss {running:.4f} ({time.time() - start:.0f} s)")
+            if (step + 1) % 50 == 0 or step + 1 == steps:
+                fams = " ".join(f"{f}={v:.3f}" for f, v in sorted(family_loss.items()))
+                log(f"{name} step {step + 1}/{steps} loss {running:.4f} [{fams}] ({time.time() - start:.0f} s)")
+            if spec.save_every and (step + 1) % spec.save_every == 0 and step + 1 < steps:
+                _save(model, tokenizer, out_dir, spec.image_size)
         bar.close()
+    return _save(model, tokenizer, out_dir, spec.image_size)
+
+
+def _lr_factor(done: float, step: int, warmup_steps: int = 50) -> float:
+    """Linear warm-up over the first steps, then cosine decay to 5% of the peak as the run's
+    progress `done` (fraction of its steps or of its time budget, whichever is larger) goes to 1."""
+    return min(1.0, (step + 1) / warmup_steps) * (0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * min(done, 1.0))))
+
+
+def _update_family_losses(ema: dict[str, float], families: list[tuple[int, int, str]], per: torch.Tensor) -> None:
+    """Exponential moving average of the mean answer-token loss of each question family."""
+    sums: dict[str, list[float]] = {}
+    for (_, _, family), value in zip(families, per.tolist()):
+        sums.setdefault(family, []).append(value)
+    for family, values in sums.items():
+        mean = sum(values) / len(values)
+        ema[family] = mean if family not in ema else 0.9 * ema[family] + 0.1 * mean
+
+
+def _save(model: LlavaModel, tokenizer, out_dir: str | Path, image_size: int) -> Path:
+    was_training = model.training
     out = save_model(model.eval(), out_dir)
+    model.train(was_training)
     tokenizer.save(str(out / "tokenizer.json"))
-    write_preprocessor_config(out, spec.image_size)
+    write_preprocessor_config(out, image_size)
     return out
 
 
