@@ -1,0 +1,105 @@
+"""Parsing of the quantization specs users type: `--kv-cache` / `kv_cache=` and `--weights` /
+`weights=`. A bad spec is a one-line UserError that lists what is allowed."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from ..errors import UserError
+
+KV_HELP = ("fp, kivi[:bits=2|4,group=N,residual=N] (default bits=4,group=32,residual=128) or "
+           "vidkv[:group=N,residual=N,high=F,salient=F] (default group=32,residual=128,high=0.5,salient=0)")
+WEIGHTS_HELP = "fp, int8 or int4[:group=N] (default group=128)"
+
+
+@dataclass(frozen=True)
+class KVSpec:
+    method: str  # "kivi" | "vidkv"
+    bits: int = 4  # kivi only
+    group: int = 32
+    residual: int = 128
+    high: float = 0.5  # vidkv: fraction of key channels at 2 bits
+    salient: float = 0.0  # vidkv: fraction of visual tokens whose values keep 2 bits
+
+    def __str__(self) -> str:
+        if self.method == "kivi":
+            return f"kivi:bits={self.bits},group={self.group},residual={self.residual}"
+        return f"vidkv:group={self.group},residual={self.residual},high={self.high:g},salient={self.salient:g}"
+
+
+@dataclass(frozen=True)
+class WeightSpec:
+    bits: int  # 8 | 4
+    group: int = 128  # int4 only: input channels per scale
+
+    def __str__(self) -> str:
+        return "int8" if self.bits == 8 else f"int4:group={self.group}"
+
+
+def _options(text: str, allowed: dict[str, type], what: str, help_text: str) -> dict:
+    out = {}
+    for item in filter(None, (s.strip() for s in text.split(","))):
+        key, eq, value = item.partition("=")
+        key = key.strip()
+        if not eq or key not in allowed:
+            raise UserError(f"bad {what} option {item!r}; allowed: {help_text}")
+        try:
+            out[key] = allowed[key](value.strip())
+        except ValueError:
+            raise UserError(f"bad {what} value {item!r}; allowed: {help_text}") from None
+    return out
+
+
+def _kind(spec, what: str, help_text: str) -> tuple[str, str]:
+    """"name:options" -> (lower-case name, options)."""
+    if not isinstance(spec, str):
+        raise UserError(f"{what} must be a string, got {type(spec).__name__}; choose {help_text}")
+    kind, _, rest = spec.strip().partition(":")
+    return kind.strip().lower(), rest
+
+
+def parse_kv_cache(spec: str | KVSpec | None) -> KVSpec | None:
+    """None for the full-precision cache ("fp" or None), else a validated KVSpec."""
+    if spec is None or isinstance(spec, KVSpec):
+        return spec
+    method, rest = _kind(spec, "kv_cache", KV_HELP)
+    if method == "fp" and not rest:
+        return None
+    if method == "kivi":
+        kv = KVSpec("kivi", **_options(rest, {"bits": int, "group": int, "residual": int}, "kv_cache", KV_HELP))
+    elif method == "vidkv":
+        allowed = {"group": int, "residual": int, "high": float, "salient": float}
+        kv = KVSpec("vidkv", **_options(rest, allowed, "kv_cache", KV_HELP))
+    else:
+        raise UserError(f"unknown kv_cache {spec!r}; choose {KV_HELP}")
+    problem = None
+    if kv.bits not in (2, 4):
+        problem = f"bits must be 2 or 4, got {kv.bits}"
+    elif kv.group < 1:
+        problem = f"group must be positive, got {kv.group}"
+    elif kv.residual < 0 or kv.residual % kv.group:
+        problem = f"residual must be a non-negative multiple of group ({kv.group}), got {kv.residual}"
+    elif not 0 < kv.high < 1:
+        problem = f"high must be in (0, 1), got {kv.high:g}"
+    elif not 0 <= kv.salient <= 1:
+        problem = f"salient must be in [0, 1], got {kv.salient:g}"
+    if problem:
+        raise UserError(f"bad kv_cache {spec!r}: {problem}; allowed: {KV_HELP}")
+    return kv
+
+
+def parse_weights(spec: str | WeightSpec | None) -> WeightSpec | None:
+    """None for full-precision weights ("fp" or None), else a validated WeightSpec."""
+    if spec is None or isinstance(spec, WeightSpec):
+        return spec
+    kind, rest = _kind(spec, "weights", WEIGHTS_HELP)
+    if kind == "fp" and not rest:
+        return None
+    if kind == "int8" and not rest:
+        return WeightSpec(8)
+    if kind != "int4":
+        raise UserError(f"unknown weights {spec!r}; choose {WEIGHTS_HELP}")
+    ws = WeightSpec(4, **_options(rest, {"group": int}, "weights", WEIGHTS_HELP))
+    if ws.group < 2 or ws.group % 2:
+        raise UserError(f"bad weights {spec!r}: group must be an even number >= 2, got {ws.group}; allowed: {WEIGHTS_HELP}")
+    return ws

@@ -1,0 +1,114 @@
+"""Storage for one layer's quantized keys or values: packed codes and their parameters,
+preallocated for the whole sequence, plus the most recent tokens in full precision.
+
+A `Codec` turns a block of tokens [B, H, n, D] into named parts and back. Each part has one entry
+per `tokens_per_entry` tokens along dim 2 (1 for per-token codes, the group size for per-group
+scales), so that blocks written at token offsets land in fixed slices of preallocated buffers.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Protocol
+
+import torch
+
+
+@dataclass(frozen=True)
+class Part:
+    tail: tuple[int, ...]  # shape of one entry after [B, H, entries]
+    dtype: torch.dtype | None  # None: the cache's dtype (scales, minima)
+    tokens_per_entry: int
+
+
+class Codec(Protocol):
+    group: int  # tokens encoded together: every encoded block is a multiple of it
+
+    def parts(self, dim: int) -> dict[str, Part]: ...
+
+    def encode(self, x: torch.Tensor, valid: torch.Tensor) -> dict[str, torch.Tensor]:
+        """x [B, H, n, D], valid [B, n] -> parts, each [B, H, n / tokens_per_entry, *tail]."""
+        ...
+
+    def decode(self, parts: dict[str, torch.Tensor], n: int) -> torch.Tensor:
+        """parts of n tokens -> float32 [B, H, n, D]."""
+        ...
+
+
+class PackedStore:
+    """Preallocated buffers for `capacity` tokens of one codec."""
+
+    def __init__(self, codec: Codec, batch: int, heads: int, capacity: int, dim: int,
+                 dtype: torch.dtype, device: torch.device | str):
+        self.codec, self.dim = codec, dim
+        capacity = -(-capacity // codec.group) * codec.group
+        self.layout = codec.parts(dim)
+        self.buffers = {
+            name: torch.zeros(batch, heads, capacity // p.tokens_per_entry, *p.tail,
+                              dtype=p.dtype or dtype, device=device)
+            for name, p in self.layout.items()
+        }
+
+    def write(self, start: int, parts: dict[str, torch.Tensor]) -> None:
+        for name, value in parts.items():
+            per = self.layout[name].tokens_per_entry
+            self.buffers[name][:, :, start // per:start // per + value.shape[2]] = value
+
+    def read(self, n: int) -> torch.Tensor:
+        """The first n tokens, dequantized: float32 [B, H, n, D]."""
+        parts = {name: buf[:, :, :n // self.layout[name].tokens_per_entry] for name, buf in self.buffers.items()}
+        return self.codec.decode(parts, n)
+
+    @property
+    def nbytes(self) -> int:
+        return sum(b.numel() * b.element_size() for b in self.buffers.values())
+
+
+class QuantizedSequence:
+    """One layer's keys (or values): tokens [0, n_quantized) in a PackedStore, the rest in a
+    full-precision residual buffer.
+
+    flush="chunk" (KIVI's keys): the residual fills up to `residual` tokens and is then quantized
+    as a whole, so it holds total % residual tokens. flush="window" (KIVI's values): the residual
+    keeps at least the `residual` most recent tokens; older ones are quantized as soon as a whole
+    group of them has left the window.
+    """
+
+    def __init__(self, codec: Codec, flush: str, residual: int, batch: int, heads: int, max_len: int,
+                 dim: int, dtype: torch.dtype, device: torch.device | str):
+        if flush not in ("chunk", "window"):
+            raise ValueError(f"unknown flush policy {flush!r}")
+        self.codec, self.flush, self.residual = codec, flush, residual
+        self.store = PackedStore(codec, batch, heads, max_len, dim, dtype, device)
+        self.res = torch.zeros(batch, heads, residual + codec.group, dim, dtype=dtype, device=device)
+        self.n_quantized = 0
+        self.n_residual = 0
+
+    def _target(self, total: int) -> int:
+        """How many of `total` tokens belong in the quantized store."""
+        g = self.codec.group
+        if self.flush == "chunk":
+            return total // self.residual * self.residual if self.residual else total // g * g
+        return max(0, total - self.residual) // g * g
+
+    def append(self, x: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
+        """Add x [B, H, n, D]; valid [B, total] marks real tokens of all slots so far. Returns all
+        tokens [B, H, total, D]: the older ones dequantized, the residual and x as given."""
+        nq, nr = self.n_quantized, self.n_residual
+        recent = torch.cat([self.res[:, :, :nr], x], dim=2)  # [B, H, nr + n, D]
+        older = self.store.read(nq).to(x.dtype)
+        total = nq + recent.shape[2]
+        target = self._target(total)
+        moved = target - nq
+        if moved:
+            self.store.write(nq, self.codec.encode(recent[:, :, :moved], valid[:, nq:target]))
+        keep = recent[:, :, moved:]
+        if keep.shape[2] > self.res.shape[2]:
+            raise RuntimeError(f"residual overflow: {keep.shape[2]} tokens for {self.res.shape[2]} slots")
+        self.res[:, :, :keep.shape[2]] = keep
+        self.n_quantized, self.n_residual = target, keep.shape[2]
+        return torch.cat([older, recent], dim=2)
+
+    @property
+    def nbytes(self) -> int:
+        return self.store.nbytes + self.res.numel() * self.res.element_size()
