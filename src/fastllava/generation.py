@@ -78,6 +78,7 @@ class StepTimes:
     vision_s: float = 0.0
     first_token_s: float = 0.0
     end_s: float = 0.0
+    kv_cache_bytes: int = 0  # bytes the KV cache of this generation holds
 
 
 def _sync(device: torch.device) -> None:
@@ -104,6 +105,7 @@ def decode_steps(model: LlavaModel, input_ids: torch.Tensor, attention_mask: tor
     embeds = model.embed(input_ids.to(device), feats)
     positions = positions_from_mask(mask)
     cache = model.new_cache(b, t + params.max_new_tokens)
+    times.kv_cache_bytes = cache.nbytes
     generator = None
     if params.temperature > 0:
         generator = torch.Generator(device=device)
