@@ -1,4 +1,4 @@
-"""`fastllava run | data | eval`: the command line. User errors print one line and exit with code 2."""
+"""`fastllava run | data | eval | serve`: the command line. User errors print one line and exit with code 2."""
 
 from __future__ import annotations
 
@@ -9,6 +9,7 @@ import sys
 from .cli_args import add_model_args, positive_int
 from .errors import UserError
 from .evaluation.commands import add_data_parser, add_eval_parser
+from .serve.command import add_serve_parser
 
 
 class _Parser(argparse.ArgumentParser):
@@ -37,6 +38,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     add_data_parser(sub)
     add_eval_parser(sub)
+    add_serve_parser(sub)
     return parser
 
 

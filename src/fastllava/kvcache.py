@@ -38,6 +38,21 @@ class StaticKVCache:
         self.v[layer, :, :, start:end] = v
         return self.k[layer, :, :, :end], self.v[layer, :, :, :end]
 
+    def insert_row(self, row: int, src: "StaticKVCache", reset: bool = False) -> None:
+        """Copy the one row of `src` (a batch-1 cache after its prefill) into `row`, right-aligned
+        so that it ends at this cache's length; the length grows to src's if shorter (the slots
+        gained are invalid for the other rows) and the row's older slots become invalid.
+        `reset` first empties the cache (all rows) so that it starts again at slot 0."""
+        t, length = src.length, 0 if reset else self.length
+        if t > self.max_len:
+            raise RuntimeError(f"KV cache overflow: {t} slots needed, {self.max_len} allocated")
+        self.valid[:, length:t] = False
+        self.length = end = max(length, t)
+        self.valid[row] = False
+        self.k[:, row, :, end - t:end] = src.k[:, 0, :, :t]  # [L, Hkv, T, Dh]
+        self.v[:, row, :, end - t:end] = src.v[:, 0, :, :t]
+        self.valid[row, end - t:end] = src.valid[0, :t]
+
     @property
     def nbytes(self) -> int:
         return self.k.numel() * self.k.element_size() * 2

@@ -1,0 +1,191 @@
+"""The ASGI app: routes, API-key check, body limit, request -> job -> response (JSON or SSE).
+Every refusal is an OpenAI error object with its status; the model runs on the scheduler's thread."""
+
+from __future__ import annotations
+
+import asyncio
+import hmac
+import time
+from contextlib import asynccontextmanager
+
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse, StreamingResponse
+from starlette.concurrency import run_in_threadpool
+from starlette.exceptions import HTTPException
+
+from ..engine import Llava
+from ..errors import UserError
+from ..generation import SamplingParams
+from .content import load_images
+from .errors import APIError, invalid
+from .protocol import ChatRequest, check_model, parse_chat, parse_json
+from .reduce import check_reduce
+from .responses import DONE, Completion, model_card, sse
+from .scheduler import Busy, Job, Scheduler
+from .settings import Settings
+
+
+def create_app(llava: Llava, settings: Settings) -> FastAPI:
+    ctx = min(settings.max_len, llava.config.text.max_position_embeddings)
+    scheduler = Scheduler(llava, settings.max_batch_size, settings.max_queue, ctx)
+    created = int(time.time())
+
+    @asynccontextmanager
+    async def lifespan(app):
+        scheduler.start()
+        yield
+        await run_in_threadpool(scheduler.stop)
+
+    app = FastAPI(title="fastllava", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None)
+    app.state.scheduler = scheduler
+
+    @app.exception_handler(APIError)
+    async def api_error(request: Request, e: APIError):
+        headers = {"Retry-After": "1"} if e.status in (429, 503) else None
+        return JSONResponse(e.body(), status_code=e.status, headers=headers)
+
+    @app.exception_handler(HTTPException)
+    async def http_error(request: Request, e: HTTPException):
+        code = {404: "not_found", 405: "method_not_allowed"}.get(e.status_code)
+        return JSONResponse(APIError(e.status_code, f"{request.method} {request.url.path}: {e.detail}", None,
+                                     code).body(), status_code=e.status_code)
+
+    @app.exception_handler(Exception)
+    async def internal_error(request: Request, e: Exception):
+        return JSONResponse(APIError(500, "internal error", None, "internal_error").body(), status_code=500)
+
+    def authorize(request: Request) -> None:
+        if settings.api_key is None:
+            return
+        given = request.headers.get("authorization", "")
+        if not given.lower().startswith("bearer "):
+            raise APIError(401, "missing API key: send the header 'Authorization: Bearer KEY'", None, "missing_api_key")
+        if not hmac.compare_digest(given[7:].strip().encode(), settings.api_key.encode()):
+            raise APIError(401, "incorrect API key", None, "invalid_api_key")
+
+    @app.get("/health")
+    async def health():
+        return {"status": "ok", "model": settings.model_id, **scheduler.counts()}
+
+    @app.get("/v1/models")
+    async def models(request: Request):
+        authorize(request)
+        return {"object": "list", "data": [model_card(settings.model_id, created)]}
+
+    @app.get("/v1/models/{name:path}")
+    async def model(name: str, request: Request):
+        authorize(request)
+        check_model(name, settings.model_id)
+        return model_card(settings.model_id, created)
+
+    @app.post("/v1/chat/completions")
+    async def chat(request: Request):
+        authorize(request)
+        req = parse_chat(parse_json(await _read_body(request, settings.limits.max_body_bytes)),
+                         settings.limits.max_images)
+        check_model(req.model, settings.model_id)
+        check_reduce(req.reduce or settings.reduce)
+        ids, pixel_values, params = await run_in_threadpool(_prepare, llava, settings, ctx, req)
+        n_images = len(req.images)
+        info = Completion(settings.model_id, len(ids), n_images * llava.config.image_features_per_image)
+        loop, events = asyncio.get_running_loop(), asyncio.Queue()
+
+        def emit(event: tuple) -> None:  # called on the scheduler thread
+            try:
+                loop.call_soon_threadsafe(events.put_nowait, event)
+            except RuntimeError:  # the event loop is closed
+                pass
+
+        job = Job(ids, pixel_values, params, req.stream, emit)
+        try:
+            scheduler.submit(job)
+        except Busy as e:
+            raise APIError(e.status, str(e), None, "server_busy" if e.status == 429 else "shutting_down") from None
+        if req.stream:
+            return StreamingResponse(_stream(events, job, scheduler, info, req.include_usage),
+                                     media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
+        return JSONResponse(info.message(await _result(events, job, scheduler, request)))
+
+    return app
+
+
+def _prepare(llava: Llava, settings: Settings, ctx: int, req: ChatRequest):
+    """Images, prompt ids and sampling parameters of a request, within the limits (on a worker thread)."""
+    limits = settings.limits
+    images = load_images(req.images, settings)
+    try:
+        ids = llava.prompts.prompt_ids(req.prompt, len(images))
+    except UserError as e:
+        raise invalid(str(e), "messages", "invalid_prompt") from None
+    t = len(ids)
+    max_prompt = min(limits.max_prompt_tokens or ctx, ctx - 1)
+    if t > max_prompt:
+        raise invalid(f"the prompt is {t} tokens (images included), over the limit of {max_prompt}", "messages",
+                      "context_length_exceeded")
+    if req.max_tokens is not None and req.max_tokens > limits.max_tokens:
+        raise invalid(f"max_tokens is {req.max_tokens}, over the limit of {limits.max_tokens}", "max_tokens")
+    max_tokens = req.max_tokens or min(limits.default_max_tokens, ctx - t)
+    if t + max_tokens > ctx:
+        raise invalid(f"the prompt ({t} tokens) plus max_tokens ({max_tokens}) is over the context of {ctx} tokens",
+                      "max_tokens", "context_length_exceeded")
+    params = SamplingParams(max_tokens, req.temperature, req.top_p, req.top_k, req.seed, req.stop).validate()
+    pixel_values = llava.processor(images) if images else None  # [N, 3, H, W]
+    return ids, pixel_values, params
+
+
+async def _read_body(request: Request, limit: int) -> bytes:
+    declared = request.headers.get("content-length")
+    if declared is not None and declared.isdigit() and int(declared) > limit:
+        raise APIError(413, f"the body is {declared} bytes, over the limit of {limit}", None, "body_too_large")
+    parts, size = [], 0
+    async for part in request.stream():
+        size += len(part)
+        if size > limit:
+            raise APIError(413, f"the body is over the limit of {limit} bytes", None, "body_too_large")
+        parts.append(part)
+    return b"".join(parts)
+
+
+async def _disconnected(request: Request) -> None:
+    """Returns when the client goes away (the body has been read, so only that can come)."""
+    while (await request.receive())["type"] != "http.disconnect":
+        pass
+
+
+async def _result(events: asyncio.Queue, job: Job, scheduler: Scheduler, request: Request):
+    """The job's Finish; if the client disconnects first, the job is cancelled."""
+    gone = asyncio.ensure_future(_disconnected(request))
+    got = asyncio.ensure_future(events.get())
+    try:
+        await asyncio.wait({gone, got}, return_when=asyncio.FIRST_COMPLETED)
+        if not got.done():
+            scheduler.cancel(job)
+            raise APIError(499, "the client closed the request", None, "client_disconnected")  # nobody reads it
+        kind, value = got.result()
+        if kind == "error":
+            raise value
+        return value
+    finally:
+        gone.cancel()
+        got.cancel()
+
+
+async def _stream(events: asyncio.Queue, job: Job, scheduler: Scheduler, info: Completion, include_usage: bool):
+    """SSE: a role chunk, content chunks, the finish chunk, the usage chunk if asked, [DONE]."""
+    try:
+        yield info.chunk({"role": "assistant", "content": ""})
+        while True:
+            kind, value = await events.get()
+            if kind == "delta":
+                yield info.chunk({"content": value})
+                continue
+            if kind == "done":
+                yield info.chunk({}, value.finish_reason)
+                if include_usage:
+                    yield info.usage_chunk(value.completion_tokens)
+            else:
+                yield sse(value.body())
+            yield DONE
+            return
+    finally:
+        scheduler.cancel(job)  # frees the row if the client left early; harmless when finished

@@ -1,0 +1,68 @@
+"""`fastllava serve`: options, then uvicorn running the app."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from ..cli_args import add_model_args, positive_int
+from ..errors import UserError
+from .settings import Limits, Settings
+
+
+def add_serve_parser(sub) -> None:
+    p = sub.add_parser("serve", help="OpenAI-compatible HTTP server (POST /v1/chat/completions)")
+    add_model_args(p)
+    p.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1, this machine only)")
+    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--api-key", help="require 'Authorization: Bearer KEY' (default: no key)")
+    p.add_argument("--served-model-name", help="the `model` name clients use (default: the folder's name)")
+    p.add_argument("--reduce", help="token-reduction spec used when a request does not give one")
+    p.add_argument("--max-batch-size", type=positive_int, default=8, help="sequences decoded together")
+    p.add_argument("--max-queue", type=positive_int, default=64, help="waiting requests beyond the batch (then 429)")
+    p.add_argument("--max-len", type=positive_int, default=4096, help="KV-cache slots per row (capped by the model)")
+    d = Limits()
+    p.add_argument("--max-body-bytes", type=positive_int, default=d.max_body_bytes)
+    p.add_argument("--max-image-bytes", type=positive_int, default=d.max_image_bytes)
+    p.add_argument("--max-image-pixels", type=positive_int, default=d.max_image_pixels)
+    p.add_argument("--max-images", type=positive_int, default=d.max_images, help="images per request")
+    p.add_argument("--max-prompt-tokens", type=positive_int, help="default: the context")
+    p.add_argument("--max-tokens", type=positive_int, default=d.max_tokens, help="the most a request may generate")
+    p.add_argument("--allow-http-images", action="store_true", help="fetch http(s):// image URLs (off: refused)")
+    p.add_argument("--allow-file-images", metavar="DIR", help="serve file:// image URLs from under DIR (off: refused)")
+    p.set_defaults(func=cmd_serve)
+
+
+def settings_from_args(args: argparse.Namespace, model_dir: Path) -> Settings:
+    files = None
+    if args.allow_file_images:
+        files = Path(args.allow_file_images).expanduser()
+        if not files.is_dir():
+            raise UserError(f"--allow-file-images: {files} is not a folder")
+    limits = Limits(max_body_bytes=args.max_body_bytes, max_image_bytes=args.max_image_bytes,
+                    max_image_pixels=args.max_image_pixels, max_images=args.max_images,
+                    max_prompt_tokens=args.max_prompt_tokens, max_tokens=args.max_tokens)
+    return Settings(model_id=args.served_model_name or model_dir.name, api_key=args.api_key, limits=limits,
+                    allow_http_images=args.allow_http_images, file_image_dir=files,
+                    max_batch_size=args.max_batch_size, max_queue=args.max_queue, max_len=args.max_len,
+                    reduce=args.reduce)
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    import uvicorn
+
+    from .. import load
+    from .app import create_app
+    from .errors import APIError
+    from .reduce import check_reduce
+
+    if not 0 < args.port < 65536:
+        raise UserError(f"--port must be in 1..65535, got {args.port}")
+    try:
+        check_reduce(args.reduce)
+    except APIError as e:
+        raise UserError(f"--reduce: {e}") from None
+    llava = load(args.model, device=args.device, dtype=args.dtype)
+    settings = settings_from_args(args, llava.path)
+    uvicorn.run(create_app(llava, settings), host=args.host, port=args.port, log_level="info")
+    return 0

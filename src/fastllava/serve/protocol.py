@@ -1,0 +1,194 @@
+"""Chat-completion requests: JSON body -> a checked `ChatRequest`, or an APIError naming the
+parameter at fault (OpenAI's field names and ranges)."""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass, field
+
+from .errors import APIError, invalid
+
+# Accepted and ignored (they do not change the answer).
+IGNORED = {"user", "metadata", "store", "service_tier", "safety_identifier", "prompt_cache_key",
+           "parallel_tool_calls", "stream_options"}
+# Accepted only at the value that means "off".
+OFF_VALUES = {"n": (1,), "frequency_penalty": (0,), "presence_penalty": (0,), "logprobs": (False,),
+              "top_logprobs": (0,), "logit_bias": ({},), "tools": ([],), "tool_choice": ("none", "auto"),
+              "functions": ([],), "modalities": (["text"],)}
+HANDLED = {"model", "messages", "max_tokens", "max_completion_tokens", "temperature", "top_p", "top_k",
+           "seed", "stop", "stream", "reduce", "response_format"}
+MAX_STOPS, MAX_STOP_CHARS = 4, 256
+
+
+@dataclass
+class ImageRef:
+    url: str
+    param: str  # where it stood, e.g. "messages[0].content[1].image_url.url"
+
+
+@dataclass
+class ChatRequest:
+    model: str | None
+    prompt: str  # system text and the user's text parts, joined by newlines
+    images: list[ImageRef]
+    max_tokens: int | None  # None: the server's default
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = 0
+    seed: int | None = None
+    stop: list[str] = field(default_factory=list)
+    stream: bool = False
+    include_usage: bool = False
+    reduce: str | None = None
+
+
+def parse_json(body: bytes) -> dict:
+    try:
+        data = json.loads(body)
+    except (ValueError, RecursionError) as e:  # JSONDecodeError and UnicodeDecodeError are ValueErrors
+        raise invalid(f"the body is not valid JSON: {str(e)[:200]}", None, "invalid_json") from None
+    if not isinstance(data, dict):
+        raise invalid(f"the body must be a JSON object, got {_kind(data)}", None, "invalid_type")
+    return data
+
+
+def parse_chat(d: dict, max_images: int) -> ChatRequest:
+    for key in d:
+        if key not in HANDLED | IGNORED | set(OFF_VALUES):
+            raise invalid(f"unrecognized request argument supplied: {key}", key, "unknown_parameter")
+    for key, allowed in OFF_VALUES.items():
+        if d.get(key) is not None and d[key] not in allowed:
+            raise invalid(f"{key}={json.dumps(d[key])[:80]} is not supported by this server", key, "unsupported_value")
+    fmt = _get(d, "response_format", dict)
+    if fmt is not None and fmt.get("type") != "text":
+        raise invalid("only response_format {\"type\": \"text\"} is supported", "response_format", "unsupported_value")
+    prompt, images = _messages(d.get("messages"), max_images)
+    stream = bool(_get(d, "stream", bool))
+    options = _get(d, "stream_options", dict)
+    if options is not None and not stream:
+        raise invalid("stream_options is only allowed when stream is true", "stream_options")
+    include_usage = options is not None and _get(options, "include_usage", bool, "stream_options.include_usage")
+    max_tokens = _get(d, "max_completion_tokens", int)
+    if max_tokens is None:
+        max_tokens = _get(d, "max_tokens", int)
+    name = "max_completion_tokens" if d.get("max_completion_tokens") is not None else "max_tokens"
+    if max_tokens is not None and max_tokens < 1:
+        raise invalid(f"{name} must be at least 1, got {max_tokens}", name)
+    temperature = _number(d, "temperature", 0, 2, 1.0)
+    top_p = _number(d, "top_p", 0, 1, 1.0)
+    if top_p == 0:
+        raise invalid("top_p must be greater than 0", "top_p")
+    top_k = _get(d, "top_k", int) or 0
+    if top_k < 0:
+        raise invalid(f"top_k must be at least 0, got {top_k}", "top_k")
+    seed = _get(d, "seed", int)
+    if seed is not None and not 0 <= seed < 2**63:
+        raise invalid(f"seed must be in [0, 2**63), got {seed}", "seed")
+    return ChatRequest(model=_get(d, "model", str), prompt=prompt, images=images, max_tokens=max_tokens,
+                       temperature=temperature, top_p=top_p, top_k=top_k, seed=seed, stop=_stops(d),
+                       stream=stream, include_usage=bool(include_usage), reduce=_get(d, "reduce", str))
+
+
+def _messages(messages, max_images: int) -> tuple[str, list[ImageRef]]:
+    """The prompt text and images of a conversation of system messages and one user message."""
+    if not isinstance(messages, list) or not messages:
+        what = "missing" if messages is None else f"{_kind(messages)}"
+        raise invalid(f"messages must be a non-empty array of messages, got {what}", "messages")
+    texts, images, users = [], [], 0
+    for i, m in enumerate(messages):
+        where = f"messages[{i}]"
+        if not isinstance(m, dict):
+            raise invalid(f"{where} must be an object, got {_kind(m)}", where, "invalid_type")
+        role = m.get("role")
+        if role not in ("system", "developer", "user", "assistant", "tool"):
+            raise invalid(f"{where}.role must be system, developer or user, got {json.dumps(role)[:40]}",
+                          f"{where}.role")
+        if role in ("assistant", "tool"):
+            raise invalid("only one user turn is supported (with optional system messages); "
+                          f"{where} has role {role}", f"{where}.role", "unsupported_value")
+        users += role == "user"
+        if users > 1:
+            raise invalid("only one user message is supported", where, "unsupported_value")
+        text, refs = _content(m.get("content"), f"{where}.content", allow_images=role == "user")
+        texts.append(text)
+        images += refs
+    if users == 0:
+        raise invalid("messages must hold a user message", "messages")
+    if len(images) > max_images:
+        raise invalid(f"{len(images)} images in the request; at most {max_images} are allowed",
+                      "messages", "too_many_images")
+    return "\n".join(t for t in texts if t), images
+
+
+def _content(content, where: str, allow_images: bool) -> tuple[str, list[ImageRef]]:
+    if isinstance(content, str):
+        return content, []
+    if not isinstance(content, list) or not content:
+        raise invalid(f"{where} must be a string or a non-empty array of parts, got {_kind(content)}",
+                      where, "invalid_type")
+    texts, images = [], []
+    for j, part in enumerate(content):
+        p = f"{where}[{j}]"
+        if not isinstance(part, dict):
+            raise invalid(f"{p} must be an object, got {_kind(part)}", p, "invalid_type")
+        kind = part.get("type")
+        if kind == "text":
+            texts.append(_get(part, "text", str, f"{p}.text", required=True))
+        elif kind == "image_url" and allow_images:
+            ref = _get(part, "image_url", dict, f"{p}.image_url", required=True)
+            images.append(ImageRef(_get(ref, "url", str, f"{p}.image_url.url", required=True), f"{p}.image_url.url"))
+        elif kind == "image_url":
+            raise invalid(f"{p}: images are only allowed in user messages", p, "unsupported_value")
+        else:
+            raise invalid(f"{p}.type must be text or image_url, got {json.dumps(kind)[:40]}", f"{p}.type",
+                          "unsupported_value")
+    return "\n".join(texts), images
+
+
+def _stops(d: dict) -> list[str]:
+    stop = d.get("stop")
+    stops = [] if stop is None else [stop] if isinstance(stop, str) else stop
+    if not isinstance(stops, list) or not all(isinstance(s, str) and s for s in stops):
+        raise invalid("stop must be a non-empty string or an array of them", "stop", "invalid_type")
+    if len(stops) > MAX_STOPS or any(len(s) > MAX_STOP_CHARS for s in stops):
+        raise invalid(f"at most {MAX_STOPS} stop strings of {MAX_STOP_CHARS} characters are allowed", "stop")
+    return stops
+
+
+def _number(d: dict, key: str, lo: float, hi: float, default: float) -> float:
+    value = d.get(key)
+    if value is None:
+        return default
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        raise invalid(f"{key} must be a number, got {_kind(value)}", key, "invalid_type")
+    if not lo <= value <= hi:
+        raise invalid(f"{key} must be in [{lo}, {hi}], got {value}", key)
+    return float(value)
+
+
+def _get(d: dict, key: str, kind: type, param: str | None = None, required: bool = False):
+    """d[key] checked to be of `kind` (bools are not ints); None when absent unless required."""
+    value = d.get(key)
+    param = param or key
+    if value is None:
+        if required:
+            raise invalid(f"{param} is required", param, "missing_required_parameter")
+        return None
+    if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
+        raise invalid(f"{param} must be {_NAMES[kind]}, got {_kind(value)}", param, "invalid_type")
+    return value
+
+
+_NAMES = {str: "a string", int: "an integer", bool: "a boolean", dict: "an object", list: "an array"}
+
+
+def _kind(value) -> str:
+    return {dict: "an object", list: "an array", str: "a string", bool: "a boolean", int: "an integer",
+            float: "a number", type(None): "null"}.get(type(value), type(value).__name__)
+
+
+def check_model(name: str | None, model_id: str) -> None:
+    if name is not None and name != model_id:
+        raise APIError(404, f"the model {name!r} does not exist; this server serves {model_id!r}", "model",
+                       "model_not_found")

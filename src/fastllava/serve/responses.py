@@ -1,0 +1,59 @@
+"""OpenAI response objects: chat.completion, chat.completion.chunk (SSE), usage, models."""
+
+from __future__ import annotations
+
+import json
+import time
+import uuid
+from dataclasses import dataclass
+
+from .scheduler import Finish
+
+
+@dataclass
+class Completion:
+    """What every response object of one request shares."""
+
+    model: str
+    prompt_tokens: int  # text + image tokens fed to the language model
+    image_tokens: int
+    id: str = ""
+    created: int = 0
+
+    def __post_init__(self):
+        self.id = self.id or f"chatcmpl-{uuid.uuid4().hex}"
+        self.created = self.created or int(time.time())
+
+    def usage(self, completion_tokens: int) -> dict:
+        return {"prompt_tokens": self.prompt_tokens, "completion_tokens": completion_tokens,
+                "total_tokens": self.prompt_tokens + completion_tokens,
+                "prompt_tokens_details": {"cached_tokens": 0, "image_tokens": self.image_tokens,
+                                          "text_tokens": self.prompt_tokens - self.image_tokens}}
+
+    def message(self, fin: Finish) -> dict:
+        return {**self._head("chat.completion"),
+                "choices": [{"index": 0, "message": {"role": "assistant", "content": fin.text, "refusal": None},
+                             "logprobs": None, "finish_reason": fin.finish_reason}],
+                "usage": self.usage(fin.completion_tokens)}
+
+    def chunk(self, delta: dict, finish_reason: str | None = None) -> str:
+        return sse({**self._head("chat.completion.chunk"),
+                    "choices": [{"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish_reason}]})
+
+    def usage_chunk(self, completion_tokens: int) -> str:
+        return sse({**self._head("chat.completion.chunk"), "choices": [], "usage": self.usage(completion_tokens)})
+
+    def _head(self, kind: str) -> dict:
+        return {"id": self.id, "object": kind, "created": self.created, "model": self.model,
+                "system_fingerprint": "fastllava"}
+
+
+def sse(obj: dict) -> str:
+    return f"data: {json.dumps(obj, ensure_ascii=False)}\n\n"
+
+
+DONE = "data: [DONE]\n\n"
+
+
+def model_card(model_id: str, created: int) -> dict:
+    return {"id": model_id, "object": "model", "created": created, "owned_by": "fastllava"}

@@ -1,0 +1,243 @@
+"""Continuous batching over one StaticKVCache of `max_batch_size` rows.
+
+A request is prefilled alone (batch 1, exactly as `Llava.generate` does it) and its cache row
+is copied into a free row of the shared cache, right-aligned at the shared length (see
+`StaticKVCache.insert_row`). Each decode step then runs every active row together, each at its
+own position; a row that finishes (EOS, stop string, max_tokens, client gone) frees its slot
+for the next waiting request. A request is admitted only while every active row still has room
+to finish; otherwise it waits until rows drain (the cache starts again at slot 0 when empty).
+All model work happens on one thread; results go back through each job's `emit` callback.
+"""
+
+from __future__ import annotations
+
+import sys
+import threading
+import traceback
+from collections import deque
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+
+from ..engine import Llava
+from ..errors import UserError
+from ..generation import SamplingParams, sample
+from .errors import APIError
+
+
+@dataclass
+class Job:
+    ids: list[int]  # prompt token ids, image tokens expanded
+    pixel_values: torch.Tensor | None  # [N, 3, H, W]
+    params: SamplingParams
+    stream: bool  # emit text deltas as they are produced
+    emit: Callable[[tuple], None]  # ("delta", str) | ("done", Finish) | ("error", APIError)
+    cancelled: bool = False
+
+
+@dataclass
+class Finish:
+    text: str
+    finish_reason: str  # "stop" or "length"
+    completion_tokens: int  # EOS included, as usage counts it
+
+
+class Busy(Exception):
+    def __init__(self, status: int, message: str):
+        super().__init__(message)
+        self.status = status
+
+
+class _Row:
+    """One sequence being decoded in row `index` of the shared cache."""
+
+    def __init__(self, index: int, job: Job, generator: torch.Generator | None, llava: Llava, eos: set[int]):
+        self.index, self.job, self.generator, self.llava, self.eos = index, job, generator, llava, eos
+        self.pos = len(job.ids) - 1  # position of the last token fed to the model
+        self.last = 0  # the last sampled token
+        self.ids: list[int] = []  # generated ids, EOS excluded
+        self.count = 0  # generated tokens, EOS included
+        self.streamed = ""
+        self.reason = "length"
+
+    def push(self, tok: int) -> bool:
+        """Take a sampled token; emit what text it adds; True when the sequence is finished."""
+        self.count, self.last = self.count + 1, tok
+        p = self.job.params
+        if tok in self.eos:
+            self.reason = "stop"
+            return True
+        self.ids.append(tok)
+        if self.job.stream or p.stop:
+            text, stopped = self.llava._visible_text(self.ids, p.stop)
+            if self.job.stream and not text.endswith("\ufffd") and text.startswith(self.streamed):
+                self._delta(text)
+            if stopped:
+                self.reason = "stop"
+                return True
+        return self.count >= p.max_new_tokens
+
+    def finish(self) -> Finish:
+        text = self.llava._visible_text(self.ids, self.job.params.stop)[0]
+        if self.job.stream and text.startswith(self.streamed):
+            self._delta(text)  # what was held back (an incomplete character at the end)
+        return Finish(text, self.reason, self.count)
+
+    def _delta(self, text: str) -> None:
+        if text != self.streamed:
+            self.job.emit(("delta", text[len(self.streamed):]))
+            self.streamed = text
+
+
+class Scheduler:
+    def __init__(self, llava: Llava, max_batch_size: int, max_queue: int, max_len: int):
+        self.llava, self.model = llava, llava.model
+        self.cache = self.model.new_cache(max_batch_size, max_len)
+        self.rows: list[_Row | None] = [None] * max_batch_size
+        self.waiting: deque[Job] = deque()
+        self.max_queue = max_queue
+        self.eos = set(llava.config.text.eos_token_id)
+        self.finished = self.cancelled = 0  # requests answered / dropped because the client left
+        self._cond = threading.Condition()
+        self._stopping = False
+        self._thread = threading.Thread(target=self._loop, name="fastllava-scheduler", daemon=True)
+
+    @property
+    def max_len(self) -> int:
+        return self.cache.max_len
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def stop(self) -> None:
+        with self._cond:
+            self._stopping = True
+            self._cond.notify()
+        self._thread.join()
+
+    def submit(self, job: Job) -> None:
+        """Queue a job, or raise Busy (429 when the queue is full, 503 when shutting down)."""
+        with self._cond:
+            if self._stopping:
+                raise Busy(503, "the server is shutting down")
+            if len(self.waiting) >= self.max_queue:
+                raise Busy(429, f"the server is busy ({len(self.waiting)} requests waiting); retry later")
+            self.waiting.append(job)
+            self._cond.notify()
+
+    def cancel(self, job: Job) -> None:
+        """Drop a job (its client went away); its row is freed before the next step."""
+        job.cancelled = True
+        with self._cond:
+            self._cond.notify()
+
+    def counts(self) -> dict:
+        return {"active": len(self._active()), "waiting": len(self.waiting), "max_batch_size": len(self.rows),
+                "finished": self.finished, "cancelled": self.cancelled}
+
+    # ---- the model thread ----
+
+    def _loop(self) -> None:
+        with torch.inference_mode():
+            while True:
+                with self._cond:
+                    while not self._stopping and not self.waiting and not self._active():
+                        self._cond.wait()
+                    if self._stopping:
+                        break
+                for r in self._active():
+                    if r.job.cancelled:
+                        self.rows[r.index] = None
+                        self.cancelled += 1
+                self._admit()
+                if self._active():
+                    self._guarded(self._step)
+        for job in list(self.waiting) + [r.job for r in self._active()]:
+            job.emit(("error", APIError(503, "the server is shutting down", None, "shutting_down")))
+
+    def _active(self) -> list[_Row]:
+        return [r for r in self.rows if r is not None]
+
+    def _admit(self) -> None:
+        while None in self.rows:
+            with self._cond:
+                while self.waiting and self.waiting[0].cancelled:
+                    self.waiting.popleft()
+                if not self.waiting or not self._fits(self.waiting[0]):
+                    return
+                job = self.waiting.popleft()
+            self._guarded(self._start, self.rows.index(None), job)
+
+    def _fits(self, job: Job) -> bool:
+        """Whether, with the job's prompt inserted now, every row still has slots to finish."""
+        active = self._active()
+        end = max(self.cache.length if active else 0, len(job.ids))
+        need = [r.job.params.max_new_tokens - r.count for r in active] + [job.params.max_new_tokens - 1]
+        return end + max(need) <= self.cache.max_len
+
+    def _start(self, index: int, job: Job) -> None:
+        """Prefill the job alone, sample its first token, copy its cache row into `index`."""
+        p, device = job.params, self.model.device
+        try:
+            feats = self.model.image_features(job.pixel_values.to(device)) if job.pixel_values is not None else None
+            embeds = self.model.embed(torch.tensor([job.ids], device=device), feats)  # [1, T, D]
+        except UserError as e:
+            job.emit(("error", APIError(400, str(e), "messages", "invalid_prompt")))
+            return
+        t = len(job.ids)
+        small = self.model.new_cache(1, t)
+        logits = self.model(embeds, torch.arange(t, device=device)[None], None, small, last_only=True)[:, -1]
+        generator = None
+        if p.temperature > 0:
+            generator = torch.Generator(device=device)
+            generator.manual_seed(p.seed if p.seed is not None else int(torch.seed() % 2**63))
+        first = int(sample(logits, p, generator)[0])
+        self.cache.insert_row(index, small, reset=not self._active())
+        row = self.rows[index] = _Row(index, job, generator, self.llava, self.eos)
+        if row.push(first):
+            self._finish(row)
+
+    def _step(self) -> None:
+        """One decode step for all rows (inactive rows compute on a masked dummy token)."""
+        device, b = self.model.device, len(self.rows)
+        active = self._active()
+        tokens = torch.zeros(b, 1, dtype=torch.long)  # [B, 1]
+        pos = torch.zeros(b, 1, dtype=torch.long)
+        key_valid = torch.zeros(b, 1, dtype=torch.bool)
+        for r in active:
+            tokens[r.index, 0], pos[r.index, 0], key_valid[r.index, 0] = r.last, r.pos + 1, True
+        x = self.model.language_model.embed_tokens(tokens.to(device))  # [B, 1, D]
+        logits = self.model(x, pos.to(device), key_valid.to(device), self.cache)[:, -1]  # [B, V]
+        for r, tok in zip(active, self._sample(logits, active)):
+            r.pos += 1
+            if r.push(tok):
+                self._finish(r)
+
+    def _sample(self, logits: torch.Tensor, rows: list[_Row]) -> list[int]:
+        """Each row's next token from its own logits row [1, V]: greedy rows in one argmax,
+        sampled rows with their own seeded generator (as a batch-1 generate would)."""
+        greedy = [r.index for r in rows if r.job.params.temperature == 0]
+        picked = {}
+        if greedy:
+            idx = torch.tensor(greedy, device=logits.device)
+            picked = dict(zip(greedy, logits.index_select(0, idx).argmax(-1).tolist()))
+        return [picked[r.index] if r.index in picked else int(sample(logits[r.index:r.index + 1], r.job.params,
+                                                                     r.generator)[0]) for r in rows]
+
+    def _finish(self, row: _Row) -> None:
+        self.rows[row.index] = None
+        self.finished += 1
+        if not row.job.cancelled:
+            row.job.emit(("done", row.finish()))
+
+    def _guarded(self, fn, *args) -> None:
+        """Run a model step; on an unexpected failure, fail the jobs involved, keep serving."""
+        try:
+            fn(*args)
+        except Exception:  # a bug or an out-of-memory: report it to the clients, keep the loop alive
+            traceback.print_exc(file=sys.stderr)
+            jobs = [r.job for r in self._active()] + [a for a in args if isinstance(a, Job)]
+            self.rows = [None] * len(self.rows)
+            for job in jobs:
+                job.emit(("error", APIError(500, "internal error while generating", None, "internal_error")))

@@ -1,0 +1,34 @@
+"""What an operator sets when starting the server: identity, access, limits, batching."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+
+@dataclass
+class Limits:
+    max_body_bytes: int = 32 * 2**20  # the whole request body
+    max_image_bytes: int = 16 * 2**20  # one encoded image
+    max_image_pixels: int = 4096 * 4096  # width x height of one image (decompression bombs)
+    max_images: int = 4  # images in one request
+    max_prompt_tokens: int | None = None  # None: the model's context
+    max_tokens: int = 2048  # the most a request may ask to generate (capped by the context)
+    default_max_tokens: int = 256  # when a request does not say (capped by what fits)
+
+
+@dataclass
+class Settings:
+    model_id: str  # the name clients pass as `model`
+    api_key: str | None = None  # None: no authentication
+    limits: Limits = None  # type: ignore[assignment]
+    allow_http_images: bool = False  # fetch http(s):// image URLs
+    file_image_dir: Path | None = None  # serve file:// image URLs from under this folder only
+    max_batch_size: int = 8  # rows decoded together
+    max_queue: int = 64  # requests waiting for a row beyond the batch; more are answered 429
+    max_len: int = 4096  # KV-cache slots (capped by the model's max_position_embeddings)
+    reduce: str | None = None  # the default token-reduction spec
+
+    def __post_init__(self):
+        if self.limits is None:
+            self.limits = Limits()

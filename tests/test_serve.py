@@ -1,0 +1,157 @@
+"""The OpenAI-compatible server, called with the official openai client: answers equal
+model.generate, streaming, continuous batching of concurrent requests, disconnects, a full queue."""
+
+from __future__ import annotations
+
+import http.client
+import json
+import threading
+from concurrent.futures import ThreadPoolExecutor
+
+import pytest
+from openai import OpenAI, RateLimitError
+
+import fastllava
+from fastllava.serve.settings import Settings
+from serve_helpers import data_url, png_bytes, random_image, raw_request, running_server, tiny_checkpoint, user_message
+
+KEY = "sk-test"
+PROMPTS = ["what color is the circle ?", "describe it .", "how many red square are there ?", "what is it ?"]
+
+
+@pytest.fixture(scope="module")
+def llava(tmp_path_factory):
+    return fastllava.load(tiny_checkpoint(tmp_path_factory.mktemp("serve")), device="cpu")
+
+
+@pytest.fixture(scope="module")
+def base(llava):
+    with running_server(llava, Settings(model_id="tiny", api_key=KEY, max_batch_size=8, max_queue=64)) as url:
+        yield url
+
+
+@pytest.fixture(scope="module")
+def client(base):
+    return OpenAI(base_url=base + "/v1", api_key=KEY, max_retries=0)
+
+
+def _ask(client, image_seed: int, prompt: str, **kw):
+    img = random_image(image_seed)
+    return client.chat.completions.create(model="tiny", messages=user_message(prompt, data_url(png_bytes(img))), **kw)
+
+
+def test_non_streaming_with_image_equals_generate(client, llava):
+    for kw, gen in ((dict(temperature=0), dict()), (dict(temperature=0.9, top_p=0.9, seed=7),
+                                                    dict(temperature=0.9, top_p=0.9, seed=7))):
+        r = _ask(client, 1, "describe it .", max_tokens=24, **kw)
+        ref = llava.generate(images=[random_image(1)], prompts=["describe it ."], max_new_tokens=24, **gen)[0]
+        assert r.choices[0].message.content == ref.text
+        assert r.choices[0].finish_reason == ref.finish_reason
+        assert r.object == "chat.completion" and r.model == "tiny" and r.choices[0].message.role == "assistant"
+        u = r.usage
+        assert u.completion_tokens == ref.stats["generated_tokens"]
+        assert u.prompt_tokens == ref.stats["prompt_tokens"] + ref.stats["image_tokens"]
+        assert u.prompt_tokens_details.image_tokens == 16 and u.total_tokens == u.prompt_tokens + u.completion_tokens
+
+
+def test_streaming_with_image_equals_generate(client, llava):
+    stream = _ask(client, 2, "what is it ?", max_completion_tokens=30, temperature=0, stream=True,
+                  stream_options={"include_usage": True})
+    chunks = list(stream)
+    ref = llava.generate(images=[random_image(2)], prompts=["what is it ?"], max_new_tokens=30)[0]
+    assert all(c.object == "chat.completion.chunk" for c in chunks)
+    assert chunks[0].choices[0].delta.role == "assistant"
+    text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    assert text == ref.text
+    assert [c.choices[0].finish_reason for c in chunks if c.choices and c.choices[0].finish_reason] == [ref.finish_reason]
+    assert chunks[-1].choices == [] and chunks[-1].usage.completion_tokens == ref.stats["generated_tokens"]
+    assert len({c.id for c in chunks}) == 1
+
+
+def test_stop_strings_and_text_only(client, llava):
+    full = llava.generate(images=[random_image(3)], prompts=["describe it ."], max_new_tokens=20)[0]
+    words = full.text.split()
+    assert len(words) >= 3
+    r = _ask(client, 3, "describe it .", max_tokens=20, temperature=0, stop=[words[2]])
+    ref = llava.generate(images=[random_image(3)], prompts=["describe it ."], max_new_tokens=20, stop=[words[2]])[0]
+    assert (r.choices[0].message.content, r.choices[0].finish_reason) == (ref.text, "stop")
+    r = client.chat.completions.create(model="tiny", temperature=0, max_tokens=10,
+                                       messages=[{"role": "system", "content": "red"},
+                                                 {"role": "user", "content": "what is it ?"}])
+    ref = llava.generate(images=[None], prompts=["red\nwhat is it ?"], max_new_tokens=10)[0]
+    assert r.choices[0].message.content == ref.text and r.usage.prompt_tokens_details.image_tokens == 0
+
+
+def test_64_concurrent_requests_equal_one_at_a_time(client, llava, base):
+    jobs = []  # (seed, prompt, kwargs): varied lengths, stops and sampling so rows come and go mid-decode
+    for i in range(64):
+        kw = dict(max_tokens=4 + (i * 7) % 40, temperature=0)
+        if i % 5 == 0:
+            kw.update(temperature=0.8, seed=i)
+        jobs.append((100 + i, PROMPTS[i % 4], kw))
+    refs = [llava.generate(images=[random_image(s)], prompts=[p], max_new_tokens=kw["max_tokens"],
+                           temperature=kw["temperature"], seed=kw.get("seed"))[0] for s, p, kw in jobs]
+    with ThreadPoolExecutor(64) as pool:
+        results = list(pool.map(lambda job: _ask(client, job[0], job[1], **job[2]), jobs))
+    for ref, r in zip(refs, results):
+        assert (r.choices[0].message.content, r.choices[0].finish_reason) == (ref.text, ref.finish_reason)
+        assert r.usage.completion_tokens == ref.stats["generated_tokens"]
+    status, health = raw_request(base, "GET", "/health")
+    assert status == 200 and health["status"] == "ok" and health["active"] == 0 and health["waiting"] == 0
+
+
+def _long_job(llava) -> tuple[int, int]:
+    """(seed, max_tokens) of a greedy request that runs to its max_tokens (no EOS)."""
+    for seed in range(200, 260):
+        ref = llava.generate(images=[random_image(seed)], prompts=["describe it ."], max_new_tokens=200)[0]
+        if ref.finish_reason == "length":
+            return seed, 200
+    raise AssertionError("no long-running prompt found")
+
+
+def test_client_disconnect_frees_its_slot(llava, base):
+    seed, max_tokens = _long_job(llava)
+    before = raw_request(base, "GET", "/health")[1]["cancelled"]
+    body = {"model": "tiny", "messages": user_message("describe it .", data_url(png_bytes(random_image(seed)))),
+            "max_tokens": max_tokens, "temperature": 0, "stream": True}
+    conn = http.client.HTTPConnection(base.removeprefix("http://").split(":")[0], int(base.rsplit(":", 1)[1]))
+    conn.request("POST", "/v1/chat/completions", json.dumps(body), {"Authorization": f"Bearer {KEY}"})
+    r = conn.getresponse()
+    assert r.status == 200 and r.readline().startswith(b"data: ")  # the first chunk: the request is running
+    conn.sock.close()  # the client goes away mid-answer
+    conn.close()
+    while True:  # the row is freed (the scheduler counts it as cancelled) and nothing stays active
+        h = raw_request(base, "GET", "/health")[1]
+        if h["active"] == 0 and h["cancelled"] > before:
+            break
+    assert h["cancelled"] == before + 1
+
+
+def test_full_queue_answers_429_and_server_recovers(llava):
+    seed, max_tokens = _long_job(llava)
+    url = data_url(png_bytes(random_image(seed)))
+    with running_server(llava, Settings(model_id="tiny", max_batch_size=1, max_queue=2)) as base:
+        c = OpenAI(base_url=base + "/v1", api_key="unused", max_retries=0)
+
+        def call(_):
+            try:
+                r = c.chat.completions.create(model="tiny", messages=user_message("describe it .", url),
+                                              max_tokens=max_tokens, temperature=0)
+                return r.choices[0].message.content
+            except RateLimitError as e:
+                assert e.status_code == 429 and e.body["code"] == "server_busy"
+                return 429
+
+        with ThreadPoolExecutor(12) as pool:
+            out = list(pool.map(call, range(12)))
+        ref = llava.generate(images=[random_image(seed)], prompts=["describe it ."], max_new_tokens=max_tokens)[0]
+        assert 429 in out and ref.text in out and set(out) == {429, ref.text}
+        assert c.chat.completions.create(model="tiny", messages=user_message("describe it .", url), max_tokens=3,
+                                         temperature=0).choices[0].finish_reason in ("stop", "length")
+
+
+def test_models_and_health(client, base):
+    assert [m.id for m in client.models.list().data] == ["tiny"]
+    assert client.models.retrieve("tiny").id == "tiny"
+    status, body = raw_request(base, "GET", "/health")
+    assert status == 200 and body["model"] == "tiny" and body["max_batch_size"] == 8
