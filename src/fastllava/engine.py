@@ -15,6 +15,8 @@ from .generation import SamplingParams, StepTimes, check_left_padded, decode_ste
 from .images import ImageInput, ImageProcessor
 from .models.llava import LlavaModel
 from .prompts import PromptEncoder
+from .quant.spec import parse_weights
+from .quant.weights import quantize_weights
 
 
 @dataclass
@@ -203,10 +205,13 @@ def _rate(n: int, seconds: float) -> float:
 
 
 def load(path: str | Path | None = None, device: str | torch.device | None = None,
-         dtype: str | torch.dtype | None = None, pad_to_square: bool | None = None) -> Llava:
+         dtype: str | torch.dtype | None = None, pad_to_square: bool | None = None,
+         weights: str | None = None) -> Llava:
     """Load a LLaVA checkpoint directory (HF format, safetensors). `device` defaults to CUDA when
     available; `dtype` to float32 on the CPU and bfloat16 elsewhere. Without a path, the embedded
-    default model is loaded."""
+    default model is loaded. `weights`: "fp" (default), "int8" or "int4[:group=N]" weight-only
+    quantization (see fastllava.quant)."""
+    weight_spec = parse_weights(weights)  # a bad spec fails before any weight is read
     if path is None:
         from .assets import default_model_dir
 
@@ -220,7 +225,7 @@ def load(path: str | Path | None = None, device: str | torch.device | None = Non
         raise UserError(f"unknown device {device!r}") from None
     if device.type == "cuda" and not torch.cuda.is_available():
         raise UserError("device 'cuda' was asked for but no CUDA GPU is available")
-    model = load_model(path, device, dtype)
+    model = quantize_weights(load_model(path, device, dtype), weight_spec)
     processor = ImageProcessor.from_dir(path, model.cfg.vision.image_size)
     if pad_to_square is not None:
         processor.pad_to_square = pad_to_square

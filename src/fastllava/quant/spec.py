@@ -9,7 +9,8 @@ from ..errors import UserError
 
 KV_HELP = ("fp, kivi[:bits=2|4,group=N,residual=N] (default bits=4,group=32,residual=128) or "
            "vidkv[:group=N,residual=N,high=F,salient=F] (default group=32,residual=128,high=0.5,salient=0)")
-WEIGHTS_HELP = "fp, int8 or int4[:group=N] (default group=128)"
+WEIGHTS_HELP = ("fp, int8[:vision=0|1] or int4[:group=N,vision=0|1] (default group=128; vision=1 also "
+                "quantizes the vision tower and projector)")
 
 
 @dataclass(frozen=True)
@@ -31,9 +32,11 @@ class KVSpec:
 class WeightSpec:
     bits: int  # 8 | 4
     group: int = 128  # int4 only: input channels per scale
+    vision: bool = False  # also quantize the vision tower and the projector
 
     def __str__(self) -> str:
-        return "int8" if self.bits == 8 else f"int4:group={self.group}"
+        text = "int8" if self.bits == 8 else f"int4:group={self.group}"
+        return text + (("," if self.bits == 4 else ":") + "vision=1" if self.vision else "")
 
 
 def _options(text: str, allowed: dict[str, type], what: str, help_text: str) -> dict:
@@ -48,6 +51,12 @@ def _options(text: str, allowed: dict[str, type], what: str, help_text: str) -> 
         except ValueError:
             raise UserError(f"bad {what} value {item!r}; allowed: {help_text}") from None
     return out
+
+
+def _flag(text: str) -> bool:
+    if text not in ("0", "1"):
+        raise ValueError(text)
+    return text == "1"
 
 
 def _kind(spec, what: str, help_text: str) -> tuple[str, str]:
@@ -95,11 +104,10 @@ def parse_weights(spec: str | WeightSpec | None) -> WeightSpec | None:
     kind, rest = _kind(spec, "weights", WEIGHTS_HELP)
     if kind == "fp" and not rest:
         return None
-    if kind == "int8" and not rest:
-        return WeightSpec(8)
-    if kind != "int4":
+    if kind not in ("int8", "int4"):
         raise UserError(f"unknown weights {spec!r}; choose {WEIGHTS_HELP}")
-    ws = WeightSpec(4, **_options(rest, {"group": int}, "weights", WEIGHTS_HELP))
+    allowed = {"vision": _flag} | ({"group": int} if kind == "int4" else {})
+    ws = WeightSpec(int(kind[3:]), **_options(rest, allowed, "weights", WEIGHTS_HELP))
     if ws.group < 2 or ws.group % 2:
         raise UserError(f"bad weights {spec!r}: group must be an even number >= 2, got {ws.group}; allowed: {WEIGHTS_HELP}")
     return ws

@@ -93,7 +93,7 @@ def parse_chat(d: dict, max_images: int) -> ChatRequest:
 def _messages(messages, max_images: int) -> tuple[str, list[ImageRef]]:
     """The prompt text and images of a conversation of system messages and one user message."""
     if not isinstance(messages, list) or not messages:
-        what = "missing" if messages is None else f"{_kind(messages)}"
+        what = "nothing" if messages is None else "an empty array" if messages == [] else _kind(messages)
         raise invalid(f"messages must be a non-empty array of messages, got {what}", "messages")
     texts, images, users = [], [], 0
     for i, m in enumerate(messages):

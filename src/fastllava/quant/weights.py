@@ -1,0 +1,100 @@
+"""Weight-only quantization of linear layers: int8 per output channel (symmetric) and int4 in
+groups of input channels (asymmetric min-max), as in gpt-fast and GPTQ-style checkpoints.
+
+`quantize_weights(model, spec)` replaces the model's nn.Linear layers by QuantLinear modules that
+hold packed integers plus scales and compute in the activations' dtype. On the CPU, int8 uses
+PyTorch's fused `_weight_int8pack_mm`; elsewhere, and for int4, the weight is dequantized for
+each call (memory shrinks; speed is that of a dequantize plus a dense matmul).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..errors import UserError
+from .packing import pack_bits, unpack_bits
+from .quantizers import minmax_decode, minmax_encode, minmax_params
+from .spec import WeightSpec, parse_weights
+
+
+class QuantLinear(nn.Module):
+    """y = x W^T + b with W [N, K] stored as int8 [N, K] + scale [N], or as int4 nibbles
+    [N, K/2] + scale and min [N, K/group]. `splits` (from FusedLinear) keeps forward_split."""
+
+    def __init__(self, linear: nn.Linear, spec: WeightSpec):
+        super().__init__()
+        w = linear.weight.detach()  # [N, K]
+        self.in_features, self.out_features = linear.in_features, linear.out_features
+        self.bits, self.group = spec.bits, spec.group
+        self.splits = list(getattr(linear, "splits", [self.out_features]))
+        dtype = w.dtype
+        if self.bits == 8:
+            scale = w.float().abs().amax(-1).clamp(min=1e-12) / 127  # [N]
+            q = (w.float() / scale[:, None]).round().clamp(-127, 127).to(torch.int8)
+            self.register_buffer("qweight", q)
+            self.register_buffer("scale", scale.to(dtype))
+        else:
+            if self.in_features % self.group:
+                raise UserError(f"int4 group {self.group} does not divide a layer's {self.in_features} input "
+                                f"features; choose an even divisor of {self.in_features}")
+            wg = w.float().view(self.out_features, -1, self.group)  # [N, K/G, G]
+            scale, mn = minmax_params(wg, -1, 4)  # [N, K/G, 1]
+            codes = minmax_encode(wg, scale, mn, 4).view(self.out_features, self.in_features)
+            self.register_buffer("qweight", pack_bits(codes, 4))  # [N, K/2]
+            self.register_buffer("scale", scale[..., 0].to(dtype))
+            self.register_buffer("minimum", mn[..., 0].to(dtype))
+        self.bias = None if linear.bias is None else nn.Parameter(linear.bias.detach().clone(), requires_grad=False)
+
+    def dequantize(self) -> torch.Tensor:
+        """The weight [N, K] as the layer computes with it, in the scales' dtype."""
+        if self.bits == 8:
+            return (self.qweight.float() * self.scale.float()[:, None]).to(self.scale.dtype)
+        codes = unpack_bits(self.qweight, 4, self.in_features).view(self.out_features, -1, self.group)
+        w = minmax_decode(codes, self.scale[..., None], self.minimum[..., None])
+        return w.view(self.out_features, self.in_features).to(self.scale.dtype)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.bits == 8 and x.device.type == "cpu" and x.dtype == self.scale.dtype:
+            y = torch._weight_int8pack_mm(x.reshape(-1, self.in_features), self.qweight, self.scale)
+            y = y.view(*x.shape[:-1], self.out_features)
+            return y if self.bias is None else y + self.bias
+        return F.linear(x, self.dequantize().to(x.dtype), self.bias)
+
+    def forward_split(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        return self(x).split(self.splits, dim=-1)
+
+    def extra_repr(self) -> str:
+        group = f", group={self.group}" if self.bits == 4 else ""
+        return f"in={self.in_features}, out={self.out_features}, int{self.bits}{group}"
+
+
+def quantize_weights(model: nn.Module, spec: str | WeightSpec | None) -> nn.Module:
+    """Replace the linear layers of the language model (the output head excepted) by QuantLinear;
+    with the spec's vision=1 also those of the vision tower and the projector. Returns the model."""
+    spec = parse_weights(spec)
+    if spec is None:
+        return model
+    roots = ["language_model"] + (["vision_tower", "multi_modal_projector"] if spec.vision else [])
+    for root in roots:
+        _replace(model.get_submodule(root), spec)
+    return model
+
+
+def _replace(module: nn.Module, spec: WeightSpec) -> None:
+    for name, child in module.named_children():
+        if isinstance(child, nn.Linear):
+            setattr(module, name, QuantLinear(child, spec))
+        else:
+            _replace(child, spec)
+
+
+def parameter_bytes(model: nn.Module) -> int:
+    """Bytes of every parameter and buffer, shared tensors counted once."""
+    seen, total = set(), 0
+    for t in list(model.parameters()) + list(model.buffers()):
+        if t.data_ptr() not in seen:
+            seen.add(t.data_ptr())
+            total += t.numel() * t.element_size()
+    return total
