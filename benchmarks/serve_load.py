@@ -1,0 +1,176 @@
+"""Load test for `fastllava serve`: N concurrent clients send a fixed number of streaming chat
+requests (an image each) and we report throughput, latency and time to first token (p50/p99)
+and errors by status.
+
+    .venv/bin/python benchmarks/serve_load.py --clients 8 --requests 64            # starts a server
+    .venv/bin/python benchmarks/serve_load.py --url http://127.0.0.1:8000 --api-key KEY ...
+
+Without --url, `fastllava serve` is started as a subprocess on a free loopback port (with
+--model, --max-batch-size, --device) and stopped at the end. Clients use the standard library
+only (http.client, one thread each).
+"""
+
+from __future__ import annotations
+
+import argparse
+import base64
+import http.client
+import json
+import os
+import socket
+import subprocess
+import sys
+import threading
+import time
+import urllib.parse
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parent.parent
+PROMPTS = ["What color is the circle nearest to the blue square? Answer with one word.",
+           "How many shapes are there? Answer with a number.", "Is there a red triangle? Answer yes or no.",
+           "Describe the image."]
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--url", help="a running server (default: start one)")
+    p.add_argument("--api-key")
+    p.add_argument("--model", help="for the started server (default: the embedded model)")
+    p.add_argument("--device", help="for the started server")
+    p.add_argument("--max-batch-size", type=int, default=8, help="for the started server")
+    p.add_argument("--clients", type=int, default=8, help="concurrent clients")
+    p.add_argument("--requests", type=int, default=64, help="requests in all")
+    p.add_argument("--max-tokens", type=int, default=32)
+    p.add_argument("--temperature", type=float, default=0.0)
+    p.add_argument("--images", default=str(ROOT / "examples"), help="folder of .png/.jpg images to cycle through")
+    p.add_argument("--json", action="store_true", help="print one JSON object")
+    args = p.parse_args(argv)
+    images = sorted(f for f in Path(args.images).iterdir() if f.suffix.lower() in (".png", ".jpg", ".jpeg"))
+    if not images:
+        p.error(f"no images in {args.images}")
+    urls = [f"data:image/{f.suffix[1:].lower()};base64," + base64.b64encode(f.read_bytes()).decode() for f in images]
+    server = None
+    url = args.url
+    if url is None:
+        server, url = start_server(args)
+    try:
+        report = run_load(url, args, urls)
+    finally:
+        if server is not None:
+            server.terminate()
+            server.wait(30)
+    report.update(clients=args.clients, requests=args.requests, max_tokens=args.max_tokens,
+                  max_batch_size=None if args.url else args.max_batch_size)
+    print(json.dumps(report) if args.json else "\n".join(f"{k:>22}: {v}" for k, v in report.items()))
+    return 0 if report["errors"] == {} else 1
+
+
+def start_server(args) -> tuple[subprocess.Popen, str]:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    cmd = [sys.executable, "-m", "fastllava.cli", "serve", "--port", str(port), "--max-batch-size",
+           str(args.max_batch_size), "--max-queue", str(max(args.clients, 1))]
+    cmd += ["--model", args.model] if args.model else []
+    cmd += ["--device", args.device] if args.device else []
+    cmd += ["--api-key", args.api_key] if args.api_key else []
+    server = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=os.environ.copy())
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.time() + 300
+    while time.time() < deadline:
+        if server.poll() is not None:
+            sys.exit(f"serve_load: the server exited: {server.stderr.read().decode()[-2000:]}")
+        try:
+            if request(url, "GET", "/health", None, None)[0] == 200:
+                return server, url
+        except OSError:
+            time.sleep(0.2)
+    server.kill()
+    sys.exit("serve_load: the server did not start within 300 s")
+
+
+def request(url: str, method: str, path: str, body: dict | None, key: str | None, on_line=None):
+    """(status, response text); on_line(line) is called for each line as it arrives."""
+    u = urllib.parse.urlparse(url)
+    conn = http.client.HTTPConnection(u.hostname, u.port, timeout=600)
+    headers = {"Content-Type": "application/json"} | ({"Authorization": f"Bearer {key}"} if key else {})
+    try:
+        conn.request(method, path, json.dumps(body) if body is not None else None, headers)
+        r = conn.getresponse()
+        lines = []
+        while line := r.readline():
+            lines.append(line)
+            if on_line is not None and r.status == 200:
+                on_line(line)
+        return r.status, b"".join(lines).decode()
+    finally:
+        conn.close()
+
+
+def run_load(url: str, args, image_urls: list[str]) -> dict:
+    lock = threading.Lock()
+    next_index = [0]
+    latencies, ttfts, tokens, errors = [], [], [], {}
+
+    def one(i: int) -> None:
+        body = {"model": model_id, "stream": True, "stream_options": {"include_usage": True},
+                "max_tokens": args.max_tokens, "temperature": args.temperature,
+                "messages": [{"role": "user", "content": [
+                    {"type": "image_url", "image_url": {"url": image_urls[i % len(image_urls)]}},
+                    {"type": "text", "text": PROMPTS[(i // len(image_urls)) % len(PROMPTS)]}]}]}
+        start, first, usage = time.perf_counter(), [None], [0]
+
+        def on_line(line: bytes) -> None:
+            if not line.startswith(b"data: {"):
+                return
+            chunk = json.loads(line[6:])
+            if first[0] is None and chunk["choices"] and chunk["choices"][0]["delta"].get("content"):
+                first[0] = time.perf_counter() - start
+            if chunk.get("usage"):
+                usage[0] = chunk["usage"]["completion_tokens"]
+
+        try:
+            status, text = request(url, "POST", "/v1/chat/completions", body, args.api_key, on_line)
+        except OSError as e:
+            status, text = type(e).__name__, ""
+        elapsed = time.perf_counter() - start
+        with lock:
+            if status == 200 and "[DONE]" in text:
+                latencies.append(elapsed)
+                ttfts.append(first[0] if first[0] is not None else elapsed)
+                tokens.append(usage[0])
+            else:
+                errors[str(status)] = errors.get(str(status), 0) + 1
+
+    def client() -> None:
+        while True:
+            with lock:
+                i = next_index[0]
+                next_index[0] += 1
+            if i >= args.requests:
+                return
+            one(i)
+
+    status, text = request(url, "GET", "/v1/models", None, args.api_key)
+    if status != 200:
+        sys.exit(f"serve_load: GET /v1/models answered {status}: {text[:300]}")
+    model_id = json.loads(text)["data"][0]["id"]
+    t0 = time.perf_counter()
+    threads = [threading.Thread(target=client) for _ in range(args.clients)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    wall = time.perf_counter() - t0
+    pct = lambda xs, q: round(float(np.percentile(xs, q)) * 1000, 1) if xs else None  # noqa: E731
+    return {"ok": len(latencies), "errors": errors, "wall_s": round(wall, 2),
+            "requests_per_s": round(len(latencies) / wall, 2), "output_tok_per_s": round(sum(tokens) / wall, 1),
+            "mean_output_tokens": round(float(np.mean(tokens)), 1) if tokens else None,
+            "latency_p50_ms": pct(latencies, 50), "latency_p99_ms": pct(latencies, 99),
+            "ttft_p50_ms": pct(ttfts, 50), "ttft_p99_ms": pct(ttfts, 99)}
+
+
+if __name__ == "__main__":
+    sys.exit(main())
