@@ -15,6 +15,8 @@ from .generation import SamplingParams, StepTimes, check_left_padded, decode_ste
 from .images import ImageInput, ImageProcessor
 from .models.llava import LlavaModel
 from .prompts import PromptEncoder
+from .reduction.accounting import prefill_stats
+from .reduction.runtime import make_reduction
 from .quant.spec import parse_weights
 from .quant.weights import quantize_weights
 
@@ -48,25 +50,29 @@ class Llava:
     @torch.inference_mode()
     def logits(self, input_ids: torch.Tensor, pixel_values: torch.Tensor | None,
                attention_mask: torch.Tensor | None = None,
-               position_ids: torch.Tensor | None = None) -> torch.Tensor:
+               position_ids: torch.Tensor | None = None, reduce=None) -> torch.Tensor:
         """Logits [B, T, V] as `LlavaForConditionalGeneration.forward` returns them: input_ids
         [B, T] already hold one image token per visual feature; positions default to 0..T-1
-        like transformers' forward (pass position_ids to count real tokens only)."""
+        like transformers' forward (pass position_ids to count real tokens only). With `reduce`
+        (a spec, Method or Reduction) T is the sequence left after the reduction's last cut."""
         device = self.device
         input_ids = input_ids.to(device)
-        feats = self.model.image_features(pixel_values.to(device)) if pixel_values is not None else None
-        embeds = self.model.embed(input_ids, feats)
         if position_ids is None:
             position_ids = torch.arange(input_ids.shape[1], device=device).expand_as(input_ids)
-        mask = None if attention_mask is None else attention_mask.to(device).bool()
-        return self.model(embeds, position_ids.to(device), mask).float()
+        valid = torch.ones_like(input_ids, dtype=torch.bool) if attention_mask is None else attention_mask.to(device).bool()
+        reduction = make_reduction(reduce, self.config)
+        pixels = pixel_values.to(device) if pixel_values is not None else None
+        embeds, positions, valid = self.model.prepare(input_ids, pixels, valid, position_ids.to(device), reduction)
+        mask = None if attention_mask is None and reduction is None else valid
+        return self.model(embeds, positions, mask, reduction=reduction).float()
 
     def generate_ids(self, input_ids: torch.Tensor, pixel_values: torch.Tensor | None,
                      attention_mask: torch.Tensor | None = None, max_new_tokens: int = 64,
-                     eos_token_id: int | list[int] | None = -1, **sampling) -> torch.Tensor:
+                     eos_token_id: int | list[int] | None = -1, reduce=None, **sampling) -> torch.Tensor:
         """New token ids [B, N] (greedy unless sampling is asked for). Rows that end early are
         padded with the pad id after their EOS, as transformers does. eos_token_id=-1 uses the
-        config's; None never stops early."""
+        config's; None never stops early. `reduce`: a visual token reduction spec, Method or
+        Reduction (whose trace is then filled in)."""
         if attention_mask is None:
             attention_mask = torch.ones_like(input_ids)
         check_left_padded(attention_mask)
@@ -76,8 +82,9 @@ class Llava:
         done_before = finished.clone()
         pad = self.config.text.pad_token_id if self.config.text.pad_token_id is not None else (eos or [0])[0]
         steps = []
+        reduction = make_reduction(reduce, self.config)
         for token in decode_steps(self.model, input_ids, attention_mask, pixel_values, params, eos,
-                                  finished, StepTimes()):
+                                  finished, StepTimes(), reduction):
             steps.append(torch.where(done_before, torch.full_like(token, pad), token))
             done_before = finished.clone()
         return torch.stack(steps, dim=1)
@@ -86,17 +93,18 @@ class Llava:
 
     def generate(self, images: Sequence[ImageInput] | None = None, prompts: Sequence[str] | str = (),
                  max_new_tokens: int = 64, temperature: float = 0.0, top_p: float = 1.0, top_k: int = 0,
-                 seed: int | None = None, stop: Sequence[str] = ()) -> list[Result]:
-        """One answer per prompt; `images[i]` goes with `prompts[i]` (None for a text-only prompt)."""
+                 seed: int | None = None, stop: Sequence[str] = (), reduce=None) -> list[Result]:
+        """One answer per prompt; `images[i]` goes with `prompts[i]` (None for a text-only prompt).
+        `reduce`: visual token reduction, a spec such as "visionzip:keep=64" or a Method."""
         params = SamplingParams(max_new_tokens, temperature, top_p, top_k, seed, list(stop)).validate()
-        return list(self._run(images, prompts, params, stream=False))[-1]
+        return list(self._run(images, prompts, params, stream=False, reduce=reduce))[-1]
 
-    def stream(self, image: ImageInput | None = None, prompt: str = "", **kwargs) -> "TextStream":
+    def stream(self, image: ImageInput | None = None, prompt: str = "", reduce=None, **kwargs) -> "TextStream":
         """Text deltas of one answer as they are produced; `.result` holds the Result afterwards."""
         params = SamplingParams(**kwargs).validate()
-        return TextStream(self._run([image], [prompt], params, stream=True))
+        return TextStream(self._run([image], [prompt], params, stream=True, reduce=reduce))
 
-    def _run(self, images, prompts, params: SamplingParams, stream: bool):
+    def _run(self, images, prompts, params: SamplingParams, stream: bool, reduce=None):
         prompts = [prompts] if isinstance(prompts, str) else list(prompts)
         images = [None] * len(prompts) if images is None else list(images)
         if not prompts:
@@ -111,7 +119,8 @@ class Llava:
         counts = [0] * b  # tokens generated per row, EOS included (as usage counts them)
         times = StepTimes()
         watch_text = stream or bool(params.stop)  # otherwise decode once, at the end
-        for token in decode_steps(self.model, input_ids, mask, pixel_values, params, eos, finished, times):
+        reduction = make_reduction(reduce, self.config)
+        for token in decode_steps(self.model, input_ids, mask, pixel_values, params, eos, finished, times, reduction):
             for row in range(b):
                 if reasons[row] == "stop":
                     continue
@@ -147,6 +156,8 @@ class Llava:
                 "ttft_s": round(times.first_token_s, 6),
                 "total_s": round(times.end_s, 6),
                 "decode_tok_s": _rate(gen - 1, times.end_s - times.first_token_s),
+                **self._prefill_stats(reduction, row, stats_text=int(mask[row].sum()) - image_tokens,
+                                      image_tokens=image_tokens),
             }
             results.append(Result(finals[row], ids[row], reasons[row], stats))
         yield results
@@ -170,6 +181,18 @@ class Llava:
         present = [im for im in images if im is not None]
         pixel_values = self.processor(present) if present else None
         return input_ids, mask, pixel_values
+
+    def _prefill_stats(self, reduction, row: int, stats_text: int, image_tokens: int) -> dict:
+        """Visual tokens entering the LLM and after each cut, their layer-weighted mean, prefill FLOPs."""
+        t = self.config.text
+        counts, cuts = [image_tokens], []
+        if reduction is not None:
+            counts = [int(c[row]) for c in reduction.counts] or [image_tokens]
+            cuts = reduction.cuts
+        stats = prefill_stats(stats_text, counts, cuts, t.num_hidden_layers, t.hidden_size, t.intermediate_size)
+        if reduction is not None:
+            stats["reduce"] = reduction.method.spec()
+        return stats
 
     def _visible_text(self, ids: list[int], stops: list[str]) -> tuple[str, bool]:
         """Decoded text cut before the first stop string, and whether one was found."""

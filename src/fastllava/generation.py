@@ -14,6 +14,7 @@ import torch
 
 from .errors import UserError
 from .models.llava import LlavaModel
+from .reduction.runtime import Reduction
 
 
 @dataclass
@@ -89,21 +90,22 @@ def _sync(device: torch.device) -> None:
 @torch.inference_mode()
 def decode_steps(model: LlavaModel, input_ids: torch.Tensor, attention_mask: torch.Tensor,
                  pixel_values: torch.Tensor | None, params: SamplingParams, eos_ids: list[int],
-                 finished: torch.Tensor, times: StepTimes) -> Iterator[torch.Tensor]:
+                 finished: torch.Tensor, times: StepTimes,
+                 reduction: Reduction | None = None) -> Iterator[torch.Tensor]:
     """Yield the sampled tokens [B] (on the CPU) after each step.
 
     `finished` [B] (bool, CPU) is shared with the caller: rows that hit EOS are marked here, and
     the caller may mark rows it stopped itself (stop strings); generation ends when all are done.
+    `reduction` applies a visual token reduction method at prefill (its trace is filled in).
     """
     device = model.device
     b, t = input_ids.shape
     times.start = time.perf_counter()
-    feats = model.image_features(pixel_values.to(device)) if pixel_values is not None else None
+    mask = attention_mask.to(device).bool()
+    pixels = pixel_values.to(device) if pixel_values is not None else None
+    embeds, positions, mask = model.prepare(input_ids.to(device), pixels, mask, positions_from_mask(mask), reduction)
     _sync(device)
     times.vision_s = time.perf_counter() - times.start
-    mask = attention_mask.to(device).bool()
-    embeds = model.embed(input_ids.to(device), feats)
-    positions = positions_from_mask(mask)
     cache = model.new_cache(b, t + params.max_new_tokens)
     times.kv_cache_bytes = cache.nbytes
     generator = None
@@ -111,7 +113,7 @@ def decode_steps(model: LlavaModel, input_ids: torch.Tensor, attention_mask: tor
         generator = torch.Generator(device=device)
         generator.manual_seed(params.seed if params.seed is not None else int(torch.seed() % 2**63))
     eos = torch.tensor(eos_ids or [-1], device="cpu")
-    logits = model(embeds, positions, None if bool(mask.all()) else mask, cache, last_only=True)[:, -1]
+    logits = model(embeds, positions, None if bool(mask.all()) else mask, cache, True, reduction)[:, -1]
     pos = positions[:, -1:]  # [B, 1]
     for step in range(params.max_new_tokens):
         token = sample(logits, params, generator)  # [B]

@@ -10,6 +10,11 @@ class StaticKVCache:
 
     All rows of a batch share the slot index of each step; left padding keeps them aligned,
     and `valid` marks which slots hold real tokens so that padding is never attended to.
+
+    Each layer has its own length and valid mask, so that visual token reduction inside the
+    language model can leave the layers after a cut with a compact cache: a *stage* is a run of
+    consecutive layers sharing one slot layout, and `stages` lists the first layer of each
+    (just [0] without reduction).
     """
 
     def __init__(self, num_layers: int, batch: int, kv_heads: int, max_len: int, head_dim: int,
@@ -17,18 +22,38 @@ class StaticKVCache:
         shape = (num_layers, batch, kv_heads, max_len, head_dim)
         self.k = torch.zeros(shape, dtype=dtype, device=device)  # [L, B, Hkv, S, Dh]
         self.v = torch.zeros(shape, dtype=dtype, device=device)
-        self.valid = torch.zeros(batch, max_len, dtype=torch.bool, device=device)  # [B, S]
-        self.length = 0  # slots in use
+        self.valid = torch.zeros(num_layers, batch, max_len, dtype=torch.bool, device=device)  # [L, B, S]
+        self.lengths = [0] * num_layers  # slots in use, per layer
+        self.stages = [0]  # first layer of each run of layers sharing a slot layout
         self.max_len = max_len
 
-    def reserve(self, key_valid: torch.Tensor) -> tuple[int, int]:
-        """Claim the next T slots for a step whose tokens are marked by key_valid [B, T];
-        returns the (start, end) slot range. Layers write into it with `write`."""
-        start, end = self.length, self.length + key_valid.shape[1]
+    @property
+    def length(self) -> int:
+        """Slots in use by the first layer (the uncompacted prompt plus generated tokens)."""
+        return self.lengths[0]
+
+    def stage_layers(self, first: int) -> range:
+        """The layers of the stage starting at `first`."""
+        later = [s for s in self.stages if s > first]
+        return range(first, later[0] if later else len(self.lengths))
+
+    def split(self, first: int) -> None:
+        """Start a new stage at layer `first` (its layers are then reserved separately)."""
+        if first not in self.stages:
+            self.stages = sorted(self.stages + [first])
+
+    def reserve(self, first: int, key_valid: torch.Tensor) -> tuple[int, int]:
+        """Claim the next T slots in every layer of the stage starting at `first` for a step whose
+        tokens are marked by key_valid [B, T]; returns the (start, end) slot range. Layers write
+        into it with `write`."""
+        layers = self.stage_layers(first)
+        start = self.lengths[first]
+        end = start + key_valid.shape[1]
         if end > self.max_len:
             raise RuntimeError(f"KV cache overflow: {end} slots needed, {self.max_len} allocated")
-        self.valid[:, start:end] = key_valid
-        self.length = end
+        self.valid[layers.start:layers.stop, :, start:end] = key_valid
+        for i in layers:
+            self.lengths[i] = end
         return start, end
 
     def write(self, layer: int, start: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -42,16 +67,20 @@ class StaticKVCache:
         """Copy the one row of `src` (a batch-1 cache after its prefill) into `row`, right-aligned
         so that it ends at this cache's length; the length grows to src's if shorter (the slots
         gained are invalid for the other rows) and the row's older slots become invalid.
-        `reset` first empties the cache (all rows) so that it starts again at slot 0."""
+        `reset` first empties the cache (all rows) so that it starts again at slot 0.
+        Both caches must have one stage (no reduction inside the language model)."""
+        if self.stages != [0] or src.stages != [0]:
+            raise RuntimeError("insert_row needs caches with a single stage")
         t, length = src.length, 0 if reset else self.length
         if t > self.max_len:
             raise RuntimeError(f"KV cache overflow: {t} slots needed, {self.max_len} allocated")
-        self.valid[:, length:t] = False
-        self.length = end = max(length, t)
-        self.valid[row] = False
+        self.valid[:, :, length:t] = False
+        end = max(length, t)
+        self.lengths = [end] * len(self.lengths)
+        self.valid[:, row] = False
         self.k[:, row, :, end - t:end] = src.k[:, 0, :, :t]  # [L, Hkv, T, Dh]
         self.v[:, row, :, end - t:end] = src.v[:, 0, :, :t]
-        self.valid[row, end - t:end] = src.valid[0, :t]
+        self.valid[:, row, end - t:end] = src.valid[:, 0, :t]
 
     @property
     def nbytes(self) -> int:

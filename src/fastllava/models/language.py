@@ -73,7 +73,10 @@ class Attention(nn.Module):
         self.o_proj = nn.Linear(q_dim, cfg.hidden_size, bias=cfg.attention_bias)
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, mask: torch.Tensor | None,
-                cache: StaticKVCache | None, layer: int, start: int) -> torch.Tensor:
+                cache: StaticKVCache | None, layer: int, start: int, weights: bool = False):
+        """x [B, T, D] -> (out [B, T, D], probs [B, H, T, S] or None, keys [B, Hkv, S, Dh]).
+        `weights` computes the attention probabilities explicitly (for a reduction hook at this
+        layer); otherwise attention goes through SDPA and probs is None."""
         b, t, _ = x.shape
         q, k, v = self.qkv.forward_split(x)
         q = apply_rotary(q.view(b, t, self.heads, self.head_dim).transpose(1, 2), cos, sin)  # [B, H, T, Dh]
@@ -81,11 +84,28 @@ class Attention(nn.Module):
         v = v.view(b, t, self.kv_heads, self.head_dim).transpose(1, 2)
         if cache is not None:
             k, v = cache.write(layer, start, k, v)  # [B, Hkv, S, Dh]
-        causal = mask is None and t > 1
-        out = F.scaled_dot_product_attention(
-            q, k, v, attn_mask=mask, is_causal=causal, enable_gqa=self.kv_heads != self.heads
-        )  # [B, H, T, Dh]
-        return self.o_proj(out.transpose(1, 2).reshape(b, t, self.heads * self.head_dim))
+        probs = None
+        if weights:
+            probs = _attention_probs(q, k, mask)  # [B, H, T, S]
+            rep = self.heads // self.kv_heads
+            out = probs.to(v.dtype) @ v.repeat_interleave(rep, dim=1)
+        else:
+            causal = mask is None and t > 1
+            out = F.scaled_dot_product_attention(
+                q, k, v, attn_mask=mask, is_causal=causal, enable_gqa=self.kv_heads != self.heads
+            )  # [B, H, T, Dh]
+        return self.o_proj(out.transpose(1, 2).reshape(b, t, self.heads * self.head_dim)), probs, k
+
+
+def _attention_probs(q: torch.Tensor, k: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+    """Softmax attention probabilities [B, H, T, S] (float32) of queries q [B, H, T, Dh] over keys
+    k [B, Hkv, S, Dh]; mask [B, 1, T, S] (True = attend) or None for causal (queries are the last T)."""
+    t, s = q.shape[2], k.shape[2]
+    k = k.repeat_interleave(q.shape[1] // k.shape[1], dim=1)
+    scores = (q.float() @ k.float().transpose(-1, -2)) / q.shape[-1] ** 0.5  # [B, H, T, S]
+    if mask is None:
+        mask = torch.ones(t, s, dtype=torch.bool, device=q.device).tril(s - t)
+    return scores.masked_fill(~mask, float("-inf")).softmax(-1)
 
 
 class MLP(nn.Module):
@@ -108,8 +128,13 @@ class DecoderLayer(nn.Module):
         self.mlp = MLP(cfg)
 
     def forward(self, x, cos, sin, mask, cache, layer, start):
-        x = x + self.self_attn(self.input_layernorm(x), cos, sin, mask, cache, layer, start)
-        return x + self.mlp(self.post_attention_layernorm(x))
+        return self.forward_with_attention(x, cos, sin, mask, cache, layer, start, False)[0]
+
+    def forward_with_attention(self, x, cos, sin, mask, cache, layer, start, weights: bool):
+        """-> (x [B, T, D], probs [B, H, T, S] or None, keys [B, Hkv, S, Dh]) (see Attention)."""
+        h, probs, keys = self.self_attn(self.input_layernorm(x), cos, sin, mask, cache, layer, start, weights)
+        x = x + h
+        return x + self.mlp(self.post_attention_layernorm(x)), probs, keys
 
 
 class LanguageModel(nn.Module):
@@ -124,20 +149,45 @@ class LanguageModel(nn.Module):
         self.rotary = Rotary(cfg)
 
     def forward(self, x: torch.Tensor, positions: torch.Tensor, key_valid: torch.Tensor | None,
-                cache: StaticKVCache | None = None) -> torch.Tensor:
+                cache: StaticKVCache | None = None, pruner=None) -> torch.Tensor:
         """x [B, T, D] input embeddings; positions [B, T]; key_valid [B, T] marks real (non-pad)
-        tokens of this step, None when all are real. With a cache, the step is appended to it."""
+        tokens of this step, None when all are real. With a cache, the step is appended to it.
+
+        `pruner` (a reduction.LayerPruner, prefill only) drops visual tokens after its cut layers:
+        later layers run on the compacted sequence (kept tokens keep their positions) and, with a
+        cache, get a compact cache of their own. The result then has the compacted length."""
         b, t, _ = x.shape
-        if cache is not None:
-            start, end = cache.reserve(key_valid if key_valid is not None else x.new_ones(b, t, dtype=torch.bool))
-            all_valid = cache.valid[:, :end]  # [B, S]
-        else:
-            start, end, all_valid = 0, t, key_valid
-        mask = self._mask(all_valid, start, t, end, x.device)
-        cos, sin = self.rotary(positions, x.dtype)
+        valid = key_valid if key_valid is not None else x.new_ones(b, t, dtype=torch.bool)  # [B, T]
+        stages = [0]
+        if pruner is not None:
+            stages += [c + 1 for c in pruner.cuts]
+            if cache is not None:
+                if cache.length:
+                    raise RuntimeError("visual token reduction runs at prefill, on an empty cache")
+                for first in stages:
+                    cache.split(first)
+        elif cache is not None:
+            stages = cache.stages
         for i, layer in enumerate(self.layers):
-            x = layer(x, cos, sin, mask, cache, i, start)
+            if i in stages:  # a new slot layout: reserve it and build its mask and rotary tables
+                mask, start = self._stage(cache, i, valid, positions.device)
+                cos, sin = self.rotary(positions, x.dtype)
+            if pruner is not None and i in pruner.cuts:
+                x, probs, keys = layer.forward_with_attention(x, cos, sin, mask, cache, i, start,
+                                                              pruner.needs_attention)
+                x, positions, valid = pruner(i, x, probs, keys, valid, positions)
+            else:
+                x = layer(x, cos, sin, mask, cache, i, start)
         return self.norm(x)
+
+    def _stage(self, cache: StaticKVCache | None, first: int, valid: torch.Tensor,
+               device: torch.device) -> tuple[torch.Tensor | None, int]:
+        """(attention mask, first slot) for the layers of the stage starting at layer `first`."""
+        t = valid.shape[1]
+        if cache is None:
+            return self._mask(valid, 0, t, t, device), 0
+        start, end = cache.reserve(first, valid)
+        return self._mask(cache.valid[first, :, :end], start, t, end, device), start
 
     def _mask(self, key_valid: torch.Tensor | None, start: int, t: int, end: int,
               device: torch.device) -> torch.Tensor | None:

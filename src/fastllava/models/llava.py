@@ -11,7 +11,9 @@ from ..errors import UserError
 from ..kvcache import StaticKVCache
 from .language import LanguageModel
 from .projector import Projector
-from .vision import VisionTower, absolute_layer
+from ..reduction.base import VisionContext
+from ..reduction.runtime import Reduction
+from .vision import ClsInfo, VisionTower, absolute_layer
 
 
 class LlavaModel(nn.Module):
@@ -37,12 +39,20 @@ class LlavaModel(nn.Module):
     def dtype(self) -> torch.dtype:
         return self.lm_head.weight.dtype
 
-    def vision_features(self, pixel_values: torch.Tensor) -> torch.Tensor:
-        """pixel_values [N, C, H, W] -> selected vision features [N, P, Dv * len(layers)]."""
-        states = self.vision_tower(pixel_values, self.cfg.vision_feature_layers)
+    def vision_features(self, pixel_values: torch.Tensor, cls_info: bool = False):
+        """pixel_values [N, C, H, W] -> selected vision features [N, P, Dv * len(layers)]; with
+        cls_info also the ClsInfo (class-token attention, keys) of the deepest selected layer,
+        restricted to the selected tokens."""
+        states = self.vision_tower(pixel_values, self.cfg.vision_feature_layers, cls_info)
+        info = None
+        if cls_info:
+            states, info = states
         if self.cfg.vision_feature_select_strategy == "default":
             states = [s[:, 1:] for s in states]  # drop the class token
-        return torch.cat(states, dim=-1)
+            if info is not None:
+                info = ClsInfo(info.attention[:, 1:], info.keys[:, 1:])
+        feats = torch.cat(states, dim=-1)
+        return (feats, info) if cls_info else feats
 
     def image_features(self, pixel_values: torch.Tensor) -> torch.Tensor:
         """pixel_values [N, C, H, W] -> projected image features [N, P, D]."""
@@ -64,10 +74,41 @@ class LlavaModel(nn.Module):
             x = x.masked_scatter(is_image[..., None], image_features.reshape(-1, x.shape[-1]).to(x.dtype))
         return x
 
+    def prepare(self, input_ids: torch.Tensor, pixel_values: torch.Tensor | None, valid: torch.Tensor,
+                positions: torch.Tensor, reduction: Reduction | None = None):
+        """Encode the images, splice them into the prompt input_ids [B, T] (real tokens `valid`
+        [B, T]) and, with a reduction, call its hook before the language model.
+        -> (embeds [B, T', D], positions [B, T'], valid [B, T'])."""
+        method = reduction.method if reduction is not None else None
+        want_cls = method is not None and method.where == "vision" and method.needs_cls
+        vision, info, feats = None, None, None
+        if pixel_values is not None:
+            vision = self.vision_features(pixel_values, want_cls)
+            if want_cls:
+                vision, info = vision
+            feats = self.multi_modal_projector(vision)
+        x = self.embed(input_ids, feats)
+        if reduction is None:
+            return x, positions, valid
+        is_image = (input_ids == self.cfg.image_token_index) & valid  # [B, T]
+        reduction.start(is_image)
+        if method.where != "vision" or feats is None:
+            return x, positions, valid
+        rows = is_image.nonzero()[:, 0].view(feats.shape[0], -1)[:, 0]  # [N] the row of each image
+        ctx = VisionContext(
+            vision=vision, features=feats, cls_attention=info.attention if info else None,
+            keys=info.keys if info else None, text=x[rows], text_valid=(valid & ~is_image)[rows],
+            grid=self.cfg.vision.grid, budget=method.keep, project=self.multi_modal_projector,
+        )
+        return reduction.vision(ctx, x, is_image, valid, positions)
+
     def forward(self, embeds: torch.Tensor, positions: torch.Tensor, key_valid: torch.Tensor | None,
-                cache: StaticKVCache | None = None, last_only: bool = False) -> torch.Tensor:
-        """embeds [B, T, D] -> logits [B, T, V] (or [B, 1, V] with last_only)."""
-        h = self.language_model(embeds, positions, key_valid, cache)
+                cache: StaticKVCache | None = None, last_only: bool = False,
+                reduction: Reduction | None = None) -> torch.Tensor:
+        """embeds [B, T, D] -> logits [B, T, V] (or [B, 1, V] with last_only); with a reduction
+        that cuts inside the language model, T is the length after the last cut."""
+        pruner = reduction if reduction is not None and reduction.cuts else None
+        h = self.language_model(embeds, positions, key_valid, cache, pruner)
         if last_only:
             h = h[:, -1:]
         return self.lm_head(h)

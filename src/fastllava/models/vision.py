@@ -6,6 +6,8 @@ feature selection needs, so layers LLaVA never reads cost nothing.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -45,11 +47,28 @@ class VisionAttention(nn.Module):
         self.qkv = FusedLinear(cfg.hidden_size, [cfg.hidden_size] * 3, bias=True)  # q_proj, k_proj, v_proj
         self.out_proj = nn.Linear(cfg.hidden_size, cfg.hidden_size)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, cls_info: bool = False):
+        """x [N, T, D] -> out [N, T, D]; with cls_info -> (out, ClsInfo) for reduction methods."""
         n, t, _ = x.shape
         qkv = self.qkv(x).view(n, t, 3, self.heads, self.head_dim).permute(2, 0, 3, 1, 4)  # [3, N, H, T, Dh]
         out = F.scaled_dot_product_attention(qkv[0], qkv[1], qkv[2])  # [N, H, T, Dh]
-        return self.out_proj(out.transpose(1, 2).reshape(n, t, -1))
+        out = self.out_proj(out.transpose(1, 2).reshape(n, t, -1))
+        if not cls_info:
+            return out
+        q_cls = qkv[0][:, :, :1].float()  # [N, H, 1, Dh]
+        scores = q_cls @ qkv[1].float().transpose(-1, -2) / self.head_dim ** 0.5  # [N, H, 1, T]
+        attention = scores.softmax(-1).mean(1)[:, 0]  # [N, T], averaged over heads
+        keys = qkv[1].transpose(1, 2).reshape(n, t, -1)  # [N, T, D]
+        return out, ClsInfo(attention, keys)
+
+
+@dataclass
+class ClsInfo:
+    """What the class token sees in one block: its attention to every token [N, T] (softmax,
+    averaged over heads) and that block's keys [N, T, D] (heads concatenated)."""
+
+    attention: torch.Tensor
+    keys: torch.Tensor
 
 
 class VisionMLP(nn.Module):
@@ -71,9 +90,15 @@ class VisionBlock(nn.Module):
         self.layer_norm2 = nn.LayerNorm(cfg.hidden_size, eps=cfg.layer_norm_eps)
         self.mlp = VisionMLP(cfg)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = x + self.self_attn(self.layer_norm1(x))
-        return x + self.mlp(self.layer_norm2(x))
+    def forward(self, x: torch.Tensor, cls_info: bool = False):
+        """x [N, T, D] -> x, or (x, ClsInfo) with cls_info (see VisionAttention)."""
+        h = self.self_attn(self.layer_norm1(x), cls_info)
+        info = None
+        if cls_info:
+            h, info = h
+        x = x + h
+        x = x + self.mlp(self.layer_norm2(x))
+        return (x, info) if cls_info else x
 
 
 class VisionTower(nn.Module):
@@ -93,13 +118,21 @@ class VisionTower(nn.Module):
     def _absolute(self, layer: int) -> int:
         return absolute_layer(layer, self.cfg.num_hidden_layers)
 
-    def forward(self, pixel_values: torch.Tensor, layers: list[int]) -> list[torch.Tensor]:
-        """pixel_values [N, C, H, W] -> one [N, 1+P, D] tensor per requested layer index."""
+    def forward(self, pixel_values: torch.Tensor, layers: list[int], cls_info: bool = False):
+        """pixel_values [N, C, H, W] -> one [N, 1+P, D] tensor per requested layer index; with
+        cls_info also the ClsInfo of the block producing the deepest one (None if that is the
+        embedding output)."""
         wanted = [self._absolute(i) for i in layers]
+        deepest = max(wanted)
         x = self.pre_layrnorm(self.embeddings(pixel_values))
         states = {0: x}  # only the hidden states feature selection reads
-        for i, block in enumerate(self.layers[: max(wanted)], start=1):
-            x = block(x)
+        info = None
+        for i, block in enumerate(self.layers[:deepest], start=1):
+            if cls_info and i == deepest:
+                x, info = block(x, True)
+            else:
+                x = block(x)
             if i in wanted:
                 states[i] = x
-        return [states[i] for i in wanted]
+        selected = [states[i] for i in wanted]
+        return (selected, info) if cls_info else selected

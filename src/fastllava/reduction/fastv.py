@@ -1,0 +1,37 @@
+"""`fastv`: after layer K, keep the visual tokens that receive the most attention."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from .base import LayerContext, Method, Selection, top_mask
+from .registry import register
+
+
+@register
+@dataclass
+class FastV(Method):
+    """The first `layer` (K) decoder layers see every visual token; after layer K, keep the
+    `keep` visual tokens with the highest attention received in layer K, averaged over heads
+    and over all (real) query tokens; the others leave every later layer and its KV cache.
+
+    Chen et al., "An Image is Worth 1/2 Tokens After Layer 2: Plug-and-Play Inference
+    Acceleration for Large Vision-Language Models" (FastV), ECCV 2024, arXiv:2403.06764.
+    """
+
+    name = "fastv"
+    paper = "Chen et al. 2024, An Image is Worth 1/2 Tokens After Layer 2 (FastV, arXiv:2403.06764)"
+    where = "llm"
+    needs_attention = True
+
+    keep: int = 64
+    layer: int = 2
+
+    def cuts(self) -> list[int]:
+        return [self.layer - 1]
+
+    def select(self, ctx: LayerContext) -> Selection:
+        probs = ctx.probs.mean(1) * ctx.valid[:, :, None]  # [B, T, S], real queries only
+        received = probs.sum(1) / ctx.valid.sum(1, keepdim=True)  # [B, S]
+        scores = received.gather(1, ctx.cand)  # [B, N]
+        return Selection(top_mask(scores, ctx.cand_valid, ctx.budget))

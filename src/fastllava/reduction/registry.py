@@ -1,0 +1,94 @@
+"""Method specs `NAME[:key=value,...]` -> typed method objects, and the list of methods."""
+
+from __future__ import annotations
+
+from dataclasses import MISSING, fields
+
+from ..errors import UserError
+from .base import Method
+
+METHODS: dict[str, type[Method]] = {}
+
+
+def register(cls: type[Method]) -> type[Method]:
+    METHODS[cls.name] = cls
+    return cls
+
+
+def _kind(f) -> str:
+    """'int', 'float', 'str' or 'ints' (a dash-separated list) from a dataclass field's annotation."""
+    t = f.type if isinstance(f.type, str) else getattr(f.type, "__name__", str(f.type))
+    return "ints" if t.startswith("list") or t.startswith("tuple") else t
+
+
+def _convert(method: str, key: str, kind: str, text: str):
+    try:
+        if kind == "int":
+            return int(text)
+        if kind == "float":
+            return float(text)
+        if kind == "ints":
+            return [int(v) for v in text.split("-")]
+    except ValueError:
+        want = {"int": "an integer", "float": "a number", "ints": "integers joined by '-', e.g. 8-16-24"}[kind]
+        raise UserError(f"{method}: {key}={text!r} is not {want}") from None
+    return text
+
+
+def params(cls: type[Method]) -> list[tuple[str, str, object]]:
+    """(name, kind, default) of each parameter of a method class."""
+    out = []
+    for f in fields(cls):
+        default = f.default if f.default is not MISSING else f.default_factory()  # type: ignore[misc]
+        out.append((f.name, _kind(f), default))
+    return out
+
+
+def parse_spec(spec: str | Method) -> Method:
+    """'visionzip:keep=64' -> VisionZip(keep=64). A Method passes through unchanged."""
+    if isinstance(spec, Method):
+        return spec
+    if not isinstance(spec, str) or not spec.strip():
+        raise UserError(f"a reduction spec is NAME[:key=value,...]; methods: {', '.join(METHODS)}")
+    name, _, rest = spec.strip().partition(":")
+    cls = METHODS.get(name.strip())
+    if cls is None:
+        raise UserError(f"unknown reduction method {name.strip()!r}; methods: {', '.join(METHODS)}")
+    kinds = {n: k for n, k, _ in params(cls)}
+    values = {}
+    for item in filter(None, (p.strip() for p in rest.split(","))):
+        key, eq, text = item.partition("=")
+        key = key.strip()
+        if key not in kinds:
+            raise UserError(f"{name}: unknown parameter {key!r}; parameters: {', '.join(kinds)}")
+        if not eq or not text.strip():
+            raise UserError(f"{name}: parameter {key!r} needs a value ({key}=...)")
+        values[key] = _convert(name, key, kinds[key], text.strip())
+    return cls(**values)
+
+
+def parse_list(text: str) -> list[Method]:
+    """Several specs separated by ';' or by ',' before a method name: 'fastv,visionzip:keep=64'."""
+    parts: list[str] = []
+    for piece in text.replace(";", ",").split(","):
+        piece = piece.strip()
+        if not piece:
+            continue
+        if parts and "=" in piece and piece.split("=")[0].strip() not in METHODS:
+            parts[-1] += ("," if ":" in parts[-1] else ":") + piece  # a parameter of the previous method
+        else:
+            parts.append(piece)
+    if not parts:
+        raise UserError(f"no reduction method given; methods: {', '.join(METHODS)}")
+    return [parse_spec(p) for p in parts]
+
+
+def describe() -> str:
+    """The `fastllava methods` listing."""
+    lines = []
+    for name, cls in METHODS.items():
+        args = ", ".join(f"{n}={('-'.join(map(str, d)) or 'auto') if isinstance(d, list) else d}"
+                         for n, _, d in params(cls))
+        where = "before the LLM" if cls.where == "vision" else "inside the LLM"
+        lines.append(f"{name:<10} {where:<15} {args}\n{'':<10} {cls.paper}")
+    return "\n".join(lines)

@@ -1,0 +1,155 @@
+"""Applying a method during one prefill: the hook calls, sequence compaction, and the trace of
+what was kept (token counts for the stats, patch ownership for `inspect`, selections for replay).
+
+Sequences stay left-padded: after a cut every row's kept tokens are packed to the right of a
+shorter [B, T'] tensor, padding is re-marked, and every token keeps its original position.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .base import LayerContext, Method, Selection, VisionContext
+from .registry import parse_spec
+
+
+def compact(keep: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """keep [B, T] -> (index [B, T'] of the kept tokens packed to the right, valid [B, T'])."""
+    counts = keep.sum(1)  # [B]
+    width = max(int(counts.max()), 1)
+    rows, cols = keep.nonzero(as_tuple=True)
+    dest = (keep.long().cumsum(1) - 1 + (width - counts)[:, None])[rows, cols]
+    index = torch.zeros(keep.shape[0], width, dtype=torch.long, device=keep.device)
+    valid = torch.zeros(keep.shape[0], width, dtype=torch.bool, device=keep.device)
+    index[rows, dest] = cols
+    valid[rows, dest] = True
+    return index, valid
+
+
+def candidates(visual: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """visual [B, T] -> (index [B, N] of each row's visual tokens in order, valid [B, N])."""
+    counts = visual.sum(1)
+    width = max(int(counts.max()), 1)
+    rows, cols = visual.nonzero(as_tuple=True)
+    rank = (visual.long().cumsum(1) - 1)[rows, cols]
+    index = torch.zeros(visual.shape[0], width, dtype=torch.long, device=visual.device)
+    index[rows, rank] = cols
+    return index, torch.arange(width, device=visual.device)[None] < counts[:, None]
+
+
+def _take(x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+    """x [B, T, ...] gathered along T by index [B, T']."""
+    return x.gather(1, index.view(*index.shape, *([1] * (x.dim() - 2))).expand(-1, -1, *x.shape[2:]))
+
+
+class Reduction:
+    """One prefill's reduction: calls the method at its hook (or replays recorded selections),
+    compacts the sequence, and keeps the trace.
+
+    Trace: `counts` holds the visual tokens per row [B] entering the LLM, then after each cut;
+    `owner` [B, V] maps each visual token of the unreduced prompt (V per row, in order) to the
+    one that represents it now (itself, the token it was merged into, or -1 when dropped);
+    `selections` is what the method chose, in order, to replay with `Reduction(m, n, replay=...)`.
+    """
+
+    def __init__(self, method: Method, tokens_per_image: int, replay: list[Selection] | None = None):
+        self.method = method
+        self.tokens_per_image = tokens_per_image
+        self.replay = replay
+        self.selections: list[Selection] = []
+        self.cuts = method.cuts() if method.where == "llm" else []
+        self.needs_attention = method.needs_attention
+        self.counts: list[torch.Tensor] = []
+
+    def start(self, visual: torch.Tensor) -> None:
+        """Begin with the unreduced prompt's visual tokens visual [B, T]."""
+        self.visual = visual  # [B, T] visual tokens of the current sequence
+        self.patch = (visual.long().cumsum(1) - 1).masked_fill(~visual, -1)  # [B, T] index among the row's originals
+        self.images = visual.sum(1) // self.tokens_per_image  # [B]
+        n = visual.sum(1)
+        width = torch.arange(max(int(n.max()), 1), device=visual.device)[None]
+        self.owner = width.expand(visual.shape[0], -1).masked_fill(width >= n[:, None], -1)  # [B, V]
+        if self.method.where == "llm":
+            self.counts.append(n)
+
+    def _choose(self, ctx) -> Selection:
+        sel = self.replay[len(self.selections)] if self.replay is not None else self.method.select(ctx)
+        self.selections.append(sel)
+        return sel
+
+    def vision(self, ctx: VisionContext, x: torch.Tensor, is_image: torch.Tensor, valid: torch.Tensor,
+               positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Hook (a): x [B, T, D] embeddings with all image features spliced in -> the compacted
+        (x, positions, valid) holding only the kept (or merged) visual tokens."""
+        sel = self._choose(ctx)
+        cand, cand_valid = candidates(is_image)
+        return self._apply(_to_rows(sel, cand_valid, self.tokens_per_image), cand, cand_valid, x, valid, positions)
+
+    def __call__(self, layer: int, x: torch.Tensor, probs: torch.Tensor | None, keys: torch.Tensor,
+                 valid: torch.Tensor, positions: torch.Tensor):
+        """Hook (b), after `layer`: -> the compacted (x, positions, valid)."""
+        cut = self.cuts.index(layer)
+        cand, cand_valid = candidates(self.visual)
+        budget = self.images * self.method.budgets()[cut]  # [B]
+        ctx = LayerContext(layer, cut, x, probs, keys, valid, self.visual, cand, cand_valid, budget)
+        return self._apply(self._choose(ctx), cand, cand_valid, x, valid, positions)
+
+    def _apply(self, sel: Selection, cand, cand_valid, x, valid, positions):
+        """Keep the selected candidates cand [B, N] (writing merged values), update the owners,
+        compact the sequence."""
+        chosen = sel.keep & cand_valid  # [B, N]
+        rows, cols = chosen.nonzero(as_tuple=True)
+        keep = valid & ~self.visual
+        keep[rows, cand[rows, cols]] = True
+        if sel.values is not None:
+            x = x.clone()
+            x[rows, cand[rows, cols]] = sel.values[rows, cols].to(x.dtype)
+        self._own(sel, cand, cand_valid, chosen)
+        index, valid = compact(keep)
+        self.visual = _take(self.visual, index) & valid
+        self.patch = _take(self.patch, index).masked_fill(~self.visual, -1)
+        self.counts.append(self.visual.sum(1))
+        return _take(x, index), _take(positions, index).masked_fill(~valid, 0), valid
+
+    def _own(self, sel: Selection, cand: torch.Tensor, cand_valid: torch.Tensor, chosen: torch.Tensor) -> None:
+        """Re-map `owner` after a selection over the candidates cand [B, N]."""
+        patch = self.patch.gather(1, cand).masked_fill(~cand_valid, -1)  # [B, N] original index
+        if sel.groups is None:
+            target = patch.masked_fill(~chosen, -1)
+        else:
+            g = sel.groups
+            target = torch.where(g >= 0, patch.gather(1, g.clamp(min=0)), torch.full_like(g, -1))
+        lut = torch.full((cand.shape[0], self.owner.shape[1] + 1), -1, dtype=torch.long, device=cand.device)
+        lut.scatter_(1, patch + 1, target)  # column 0 collects the padding candidates
+        lut[:, 0] = -1
+        self.owner = torch.where(self.owner >= 0, lut[:, 1:].gather(1, self.owner.clamp(min=0)), self.owner)
+
+
+def _to_rows(sel: Selection, cand_valid: torch.Tensor, per_image: int) -> Selection:
+    """A selection over images [N, P] -> over each row's visual tokens [B, V] (images of a row
+    are consecutive, rows in order, as the image features were spliced)."""
+    b, v = cand_valid.shape
+    keep = torch.zeros(b, v, dtype=torch.bool, device=cand_valid.device)
+    keep[cand_valid] = sel.keep.reshape(-1)
+    values = None
+    if sel.values is not None:
+        values = sel.values.new_zeros(b, v, sel.values.shape[-1])
+        values[cand_valid] = sel.values.reshape(-1, sel.values.shape[-1])
+    groups = None
+    if sel.groups is not None:
+        offset = torch.arange(v, device=keep.device)[None].expand(b, -1) // per_image * per_image  # [B, V]
+        groups = torch.full((b, v), -1, dtype=torch.long, device=keep.device)
+        flat = sel.groups.reshape(-1)
+        groups[cand_valid] = torch.where(flat >= 0, flat + offset[cand_valid], flat)
+    return Selection(keep, values, groups)
+
+
+def make_reduction(spec, cfg) -> Reduction | None:
+    """A Reduction for one generation from a spec string, a Method or a Reduction (used as is, e.g.
+    to replay selections), checked against the model's LlavaConfig `cfg`; None stays None."""
+    if spec is None or isinstance(spec, Reduction):
+        return spec
+    layers = cfg.text.num_hidden_layers
+    method = parse_spec(spec).bind(layers)
+    method.check(cfg.image_features_per_image, layers, cfg.vision.grid)
+    return Reduction(method, cfg.image_features_per_image)

@@ -1,0 +1,147 @@
+"""Visual token reduction on a tiny random model (16 visual tokens, 3 decoder layers): full budgets
+are exact, budgets hold per sample, batches equal single prompts, the KV cache equals
+recomputation under the same selection, and pruned tokens leave the later layers' cache."""
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+import fastllava
+from fastllava.evaluation.tokenizer import build_word_tokenizer
+from fastllava.generation import positions_from_mask
+from fastllava.reduction import METHODS, Reduction
+from fastllava.reduction.runtime import make_reduction
+from hf_reference import IMAGE_TOKEN, VOCAB, batch_inputs, save_checkpoint, tiny_llava
+
+P = 16  # visual tokens per image of the tiny model
+FULL = {  # a spec keeping every visual token, per method
+    "random": "random:keep=16,seed=3", "pool": "pool:keep=16", "fastervlm": "fastervlm:keep=16",
+    "visionzip": "visionzip:keep=16", "fastv": "fastv:keep=16", "pdrop": "pdrop:keep=16,ratio=1",
+    "sparsevlm": "sparsevlm:keep=16", "dart": "dart:keep=16,pivots=3",
+}
+SMALL = {  # a real reduction, per method
+    "random": "random:keep=5", "pool": "pool:keep=6", "fastervlm": "fastervlm:keep=5",
+    "visionzip": "visionzip:keep=6,contextual=2", "fastv": "fastv:keep=5,layer=1",
+    "pdrop": "pdrop:keep=8,layers=1-2", "sparsevlm": "sparsevlm:keep=6,recycle=2",
+    "dart": "dart:keep=5,pivots=2",
+}
+WORDS = ["user", "assistant", ":", "?", ".", "what", "color", "is", "the", "circle", "square", "red", "blue"]
+WORDS += [f"w{i}" for i in range(VOCAB - 4 - len(WORDS))]
+
+
+def test_every_method_is_covered():
+    assert sorted(FULL) == sorted(SMALL) == sorted(METHODS)
+
+
+@pytest.fixture(scope="module")
+def model(tmp_path_factory):
+    path = save_checkpoint(tiny_llava(kv_heads=2, seed=5), tmp_path_factory.mktemp("red"), "new")
+    build_word_tokenizer(WORDS, image_token_id=IMAGE_TOKEN, vocab_size=VOCAB).save(str(path / "tokenizer.json"))
+    (path / "preprocessor_config.json").write_text(json.dumps(
+        {"size": {"shortest_edge": 32}, "crop_size": {"height": 32, "width": 32}}))
+    return fastllava.load(path, device="cpu", dtype="float32")
+
+
+def _image(seed):
+    return Image.fromarray(np.random.default_rng(seed).integers(0, 255, (32, 32, 3), dtype=np.uint8))
+
+
+@pytest.mark.parametrize("name", sorted(FULL))
+def test_full_budget_reproduces_unreduced_logits(model, name):
+    ids, mask, pixels = batch_inputs(P)
+    positions = positions_from_mask(mask)
+    ref = model.logits(ids, pixels, mask, positions)
+    got = model.logits(ids, pixels, mask, positions, reduce=FULL[name])
+    real = mask.bool()
+    assert got.shape == ref.shape
+    assert (got[real] - ref[real]).abs().max() <= 1e-5
+
+
+@pytest.mark.parametrize("name", sorted(SMALL))
+def test_budget_holds_for_every_sample(model, name):
+    prompts = ["what color is the circle ?", "what is the square ?", "red ?", "what color ?"]
+    images = [_image(1), _image(2), None, _image(3)]
+    out = model.generate(images=images, prompts=prompts, max_new_tokens=2, reduce=SMALL[name])
+    method = make_reduction(SMALL[name], model.config).method
+    entering = P if method.where == "llm" else method.keep
+    for img, r in zip(images, out):
+        want = [entering] + method.budgets() if method.where == "llm" else [entering]
+        assert r.stats["visual_tokens"] == (want if img is not None else [0] * len(want))
+        assert r.stats["reduce"] == method.spec()
+
+
+@pytest.mark.parametrize("name", sorted(SMALL))
+def test_batch_of_four_equals_each_alone(model, name):
+    images = [_image(10 + i) for i in range(4)]
+    prompts = ["what color is the circle ?", "what is it ?", "the square is what color ?", "blue ?"]
+    batched = model.generate(images=images, prompts=prompts, max_new_tokens=6, reduce=SMALL[name])
+    for img, prompt, got in zip(images, prompts, batched):
+        alone = model.generate(images=[img], prompts=[prompt], max_new_tokens=6, reduce=SMALL[name])[0]
+        assert got.token_ids == alone.token_ids
+
+
+@pytest.mark.parametrize("name", sorted(SMALL))
+def test_cached_greedy_equals_recompute_under_same_selection(model, name):
+    ids, mask, pixels = batch_inputs(P, seed=4)
+    n = 6
+    run = make_reduction(SMALL[name], model.config)
+    new = model.generate_ids(ids, pixels, mask, max_new_tokens=n, eos_token_id=None, reduce=run)
+    full_ids = torch.cat([ids, new[:, :-1]], dim=1)
+    full_mask = torch.cat([mask, torch.ones_like(new[:, :-1])], dim=1)
+    replay = Reduction(run.method, P, replay=run.selections)
+    logits = model.logits(full_ids, pixels, full_mask, positions_from_mask(full_mask), reduce=replay)
+    assert torch.equal(logits[:, -n:].argmax(-1), new)
+    assert [c.tolist() for c in replay.counts] == [c.tolist() for c in run.counts]
+
+
+@pytest.mark.parametrize("name", ["fastv", "pdrop", "dart"])
+def test_pruned_tokens_leave_later_layers_cache(model, name):
+    ids, mask, pixels = batch_inputs(P)
+    lm = model.model
+    red = make_reduction(SMALL[name], model.config)
+    valid = mask.bool()
+    x, pos, valid = lm.prepare(ids, pixels, valid, positions_from_mask(mask), red)
+    cache = lm.new_cache(2, ids.shape[1] + 4)
+    with torch.no_grad():
+        lm(x, pos, valid, cache, True, red)
+    real = mask.sum(1)  # [B] real prompt tokens per row
+    for layer in range(3):
+        visual = red.counts[sum(1 for c in red.cuts if c < layer)]  # [B] visual tokens this layer sees
+        held = cache.valid[layer].sum(1)  # real tokens per row in this layer's cache
+        assert held.tolist() == (real - P + visual).tolist()
+        assert cache.lengths[layer] == int((real - P + visual).max())  # the widest row sets the length
+
+
+def test_stats_count_flops_and_equivalent_tokens(model):
+    out = model.generate(images=[_image(1)], prompts=["what ?"], max_new_tokens=1, reduce="fastv:keep=4,layer=1")[0]
+    s = out.stats
+    assert s["visual_tokens"] == [16, 4]
+    assert s["visual_tokens_equivalent"] == round((16 + 4 + 4) / 3, 2)
+    d, m, text = 64, 112, s["prompt_tokens"]
+    flops = sum(4 * n * d * d + 2 * n * n * d + 3 * n * d * m for n in (text + 16, text + 4, text + 4))
+    assert s["prefill_flops"] == flops
+    plain = model.generate(images=[_image(1)], prompts=["what ?"], max_new_tokens=1)[0].stats
+    assert plain["visual_tokens"] == [16] and plain["prefill_flops"] > flops
+
+
+@pytest.mark.parametrize("spec, words", [
+    ("nosuch", ["unknown reduction method", "fastv", "visionzip"]),
+    ("fastv:kep=3", ["unknown parameter", "keep", "layer"]),
+    ("fastv:keep=0", ["budget 0", "1..16"]),
+    ("visionzip:keep=17", ["budget 17", "1..16"]),
+    ("pdrop:keep=8,ratio=0.5,layers=1-3", ["layer 3", "1..2"]),
+    ("fastv:keep=many", ["not an integer"]),
+    ("fastv:keep", ["needs a value"]),
+    ("pool:keep=7", ["1x7", "4x4"]),
+    ("visionzip:keep=4,contextual=4", ["contextual"]),
+])
+def test_bad_specs_are_one_line_user_errors(model, spec, words):
+    with pytest.raises(fastllava.UserError) as err:
+        model.generate(images=[_image(0)], prompts=["what ?"], max_new_tokens=1, reduce=spec)
+    message = str(err.value)
+    assert "\n" not in message
+    for w in words:
+        assert w in message
