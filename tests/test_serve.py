@@ -155,3 +155,46 @@ def test_models_and_health(client, base):
     assert client.models.retrieve("tiny").id == "tiny"
     status, body = raw_request(base, "GET", "/health")
     assert status == 200 and body["model"] == "tiny" and body["max_batch_size"] == 8
+
+
+def test_file_and_http_image_urls_only_when_allowed(llava, tmp_path):
+    import functools
+    import http.server
+
+    img = random_image(9)
+    (tmp_path / "img.png").write_bytes(png_bytes(img))
+    (tmp_path.parent / "outside.png").write_bytes(png_bytes(img))
+    handler = functools.partial(http.server.SimpleHTTPRequestHandler, directory=str(tmp_path))
+    files = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    threading.Thread(target=files.serve_forever, daemon=True).start()
+    ref = llava.generate(images=[img], prompts=["what is it ?"], max_new_tokens=8)[0].text
+    settings = Settings(model_id="tiny", allow_http_images=True, file_image_dir=tmp_path, max_batch_size=2)
+    try:
+        with running_server(llava, settings) as base:
+            c = OpenAI(base_url=base + "/v1", api_key="unused", max_retries=0)
+            for url in (f"file://{tmp_path}/img.png", f"http://127.0.0.1:{files.server_port}/img.png"):
+                r = c.chat.completions.create(model="tiny", messages=user_message("what is it ?", url), max_tokens=8,
+                                              temperature=0)
+                assert r.choices[0].message.content == ref
+            for url in (f"file://{tmp_path}/../outside.png", f"file://{tmp_path}/missing.png"):
+                status, body = raw_request(base, "POST", "/v1/chat/completions",
+                                           {"messages": user_message("what is it ?", url)})
+                assert status == 400 and body["error"]["code"] == "url_not_allowed"
+    finally:
+        files.shutdown()
+
+
+def test_cli_serve_defaults_and_errors(tmp_path):
+    import subprocess
+    import sys
+
+    from fastllava.cli import build_parser
+
+    args = build_parser().parse_args(["serve"])
+    assert (args.host, args.port, args.api_key, args.allow_http_images, args.allow_file_images) == \
+        ("127.0.0.1", 8000, None, False, None)
+    for bad, says in ((["--allow-file-images", str(tmp_path / "none")], "is not a folder"),
+                      (["--reduce", "nosuch"], "--reduce"), (["--port", "0"], "--port")):
+        r = subprocess.run([sys.executable, "-m", "fastllava.cli", "serve", *bad], capture_output=True, text=True,
+                           timeout=300)
+        assert r.returncode == 2 and says in r.stderr and len(r.stderr.strip().splitlines()) == 1, r.stderr

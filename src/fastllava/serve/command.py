@@ -34,11 +34,7 @@ def add_serve_parser(sub) -> None:
 
 
 def settings_from_args(args: argparse.Namespace, model_dir: Path) -> Settings:
-    files = None
-    if args.allow_file_images:
-        files = Path(args.allow_file_images).expanduser()
-        if not files.is_dir():
-            raise UserError(f"--allow-file-images: {files} is not a folder")
+    files = Path(args.allow_file_images).expanduser() if args.allow_file_images else None
     limits = Limits(max_body_bytes=args.max_body_bytes, max_image_bytes=args.max_image_bytes,
                     max_image_pixels=args.max_image_pixels, max_images=args.max_images,
                     max_prompt_tokens=args.max_prompt_tokens, max_tokens=args.max_tokens)
@@ -58,6 +54,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
     if not 0 < args.port < 65536:
         raise UserError(f"--port must be in 1..65535, got {args.port}")
+    if args.allow_file_images and not Path(args.allow_file_images).expanduser().is_dir():
+        raise UserError(f"--allow-file-images: {args.allow_file_images} is not a folder")
     try:
         check_reduce(args.reduce)
     except APIError as e:
