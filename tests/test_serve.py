@@ -100,6 +100,29 @@ def test_64_concurrent_requests_equal_one_at_a_time(client, llava, base):
     assert status == 200 and health["status"] == "ok" and health["active"] == 0 and health["waiting"] == 0
 
 
+REDUCE_SPECS = [None, "visionzip:keep=8", "fastv:keep=6,layer=1", "pool:keep=4", "pdrop:keep=8", "dart:keep=8,layer=1",
+                "fastervlm:keep=8", "sparsevlm:keep=8,layer=1"]
+
+
+def test_per_request_reduction_batched_equals_generate(client, llava):
+    """Requests with different reductions (before and inside the LLM) decode together, each as
+    model.generate(..., reduce=spec) alone."""
+    jobs = [(300 + i, PROMPTS[i % 4], REDUCE_SPECS[i % len(REDUCE_SPECS)]) for i in range(24)]
+    refs = [llava.generate(images=[random_image(s)], prompts=[p], max_new_tokens=20, reduce=spec)[0]
+            for s, p, spec in jobs]
+
+    def ask(job):
+        seed, prompt, spec = job
+        return _ask(client, seed, prompt, max_tokens=20, temperature=0, extra_body={"reduce": spec} if spec else None)
+
+    with ThreadPoolExecutor(24) as pool:
+        results = list(pool.map(ask, jobs))
+    for (_, _, spec), ref, r in zip(jobs, refs, results):
+        assert (r.choices[0].message.content, r.choices[0].finish_reason) == (ref.text, ref.finish_reason), spec
+        kept = (r.usage.prompt_tokens_details.model_extra or {}).get("visual_tokens")
+        assert (kept is None) == (spec is None) and (kept is None or kept == ref.stats["visual_tokens"]), spec
+
+
 def _long_job(llava) -> tuple[int, int]:
     """(seed, max_tokens) of a greedy request that runs to its max_tokens (no EOS)."""
     for seed in range(200, 260):

@@ -64,23 +64,28 @@ class StaticKVCache:
         return self.k[layer, :, :, :end], self.v[layer, :, :, :end]
 
     def insert_row(self, row: int, src: "StaticKVCache", reset: bool = False) -> None:
-        """Copy the one row of `src` (a batch-1 cache after its prefill) into `row`, right-aligned
-        so that it ends at this cache's length; the length grows to src's if shorter (the slots
-        gained are invalid for the other rows) and the row's older slots become invalid.
-        `reset` first empties the cache (all rows) so that it starts again at slot 0.
-        Both caches must have one stage (no reduction inside the language model)."""
-        if self.stages != [0] or src.stages != [0]:
-            raise RuntimeError("insert_row needs caches with a single stage")
+        """Copy the one row of `src` (a batch-1 cache after its prefill) into `row`, each layer's
+        slots right-aligned to end at this cache's length; the length grows to src's if shorter
+        (the slots gained are invalid for the other rows) and the row's older slots become
+        invalid. Where src has compact stages (visual tokens dropped inside the language model),
+        this cache is split there too, so that each stage's mask reads its own valid slots.
+        `reset` first empties the cache (all rows) so that it starts again at slot 0."""
         t, length = src.length, 0 if reset else self.length
         if t > self.max_len:
             raise RuntimeError(f"KV cache overflow: {t} slots needed, {self.max_len} allocated")
+        if reset:
+            self.stages = [0]
+        for first in src.stages:
+            self.split(first)
         self.valid[:, :, length:t] = False
         end = max(length, t)
         self.lengths = [end] * len(self.lengths)
         self.valid[:, row] = False
-        self.k[:, row, :, end - t:end] = src.k[:, 0, :, :t]  # [L, Hkv, T, Dh]
-        self.v[:, row, :, end - t:end] = src.v[:, 0, :, :t]
-        self.valid[:, row, end - t:end] = src.valid[:, 0, :t]
+        for first in src.stages:
+            ls, n = src.stage_layers(first), src.lengths[first]
+            self.k[ls.start:ls.stop, row, :, end - n:end] = src.k[ls.start:ls.stop, 0, :, :n]  # [l, Hkv, n, Dh]
+            self.v[ls.start:ls.stop, row, :, end - n:end] = src.v[ls.start:ls.stop, 0, :, :n]
+            self.valid[ls.start:ls.stop, row, end - n:end] = src.valid[ls.start:ls.stop, 0, :n]
 
     @property
     def nbytes(self) -> int:

@@ -84,7 +84,8 @@ def create_app(llava: Llava, settings: Settings) -> FastAPI:
         req = parse_chat(parse_json(await _read_body(request, settings.limits.max_body_bytes)),
                          settings.limits.max_images)
         check_model(req.model, settings.model_id)
-        check_reduce(req.reduce or settings.reduce)
+        reduce = req.reduce or settings.reduce
+        check_reduce(reduce, llava.config)
         ids, pixel_values, params = await run_in_threadpool(_prepare, llava, settings, ctx, req)
         n_images = len(req.images)
         info = Completion(settings.model_id, len(ids), n_images * llava.config.image_features_per_image)
@@ -96,7 +97,7 @@ def create_app(llava: Llava, settings: Settings) -> FastAPI:
             except RuntimeError:  # the event loop is closed
                 pass
 
-        job = Job(ids, pixel_values, params, req.stream, emit)
+        job = Job(ids, pixel_values, params, req.stream, emit, reduce)
         try:
             scheduler.submit(job)
         except Busy as e:
@@ -182,7 +183,7 @@ async def _stream(events: asyncio.Queue, job: Job, scheduler: Scheduler, info: C
             if kind == "done":
                 yield info.chunk({}, value.finish_reason)
                 if include_usage:
-                    yield info.usage_chunk(value.completion_tokens)
+                    yield info.usage_chunk(value)
             else:
                 yield sse(value.body())
             yield DONE

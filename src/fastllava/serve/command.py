@@ -48,19 +48,18 @@ def cmd_serve(args: argparse.Namespace) -> int:
     import uvicorn
 
     from .. import load
+    from ..reduction.runtime import make_reduction
     from .app import create_app
-    from .errors import APIError
-    from .reduce import check_reduce
 
     if not 0 < args.port < 65536:
         raise UserError(f"--port must be in 1..65535, got {args.port}")
     if args.allow_file_images and not Path(args.allow_file_images).expanduser().is_dir():
         raise UserError(f"--allow-file-images: {args.allow_file_images} is not a folder")
-    try:
-        check_reduce(args.reduce)
-    except APIError as e:
-        raise UserError(f"--reduce: {e}") from None
     llava = load(args.model, device=args.device, dtype=args.dtype)
+    try:
+        make_reduction(args.reduce, llava.config)
+    except UserError as e:
+        raise UserError(f"--reduce: {e}") from None
     settings = settings_from_args(args, llava.path)
     uvicorn.run(create_app(llava, settings), host=args.host, port=args.port, log_level="info")
     return 0

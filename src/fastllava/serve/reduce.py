@@ -1,12 +1,16 @@
-"""Per-request token reduction (`"reduce": "SPEC"` in the body, else the server's --reduce)."""
+"""Per-request token reduction: `"reduce": "SPEC"` in the body, else the server's --reduce."""
 
 from __future__ import annotations
 
+from ..config import LlavaConfig
+from ..errors import UserError
+from ..reduction.runtime import make_reduction
 from .errors import invalid
 
 
-def check_reduce(spec: str | None) -> None:
-    """Token reduction is not wired into the server's batched prefill yet: any spec is refused."""
-    if spec:
-        raise invalid(f"token reduction ({spec!r}) is not available in this server yet", "reduce",
-                      "reduction_unavailable")
+def check_reduce(spec: str | None, cfg: LlavaConfig) -> None:
+    """Refuse a spec that names no method, has bad parameters or does not fit the model (400)."""
+    try:
+        make_reduction(spec, cfg)
+    except UserError as e:
+        raise invalid(f"reduce: {e}", "reduce", "invalid_reduction") from None

@@ -24,24 +24,28 @@ class Completion:
         self.id = self.id or f"chatcmpl-{uuid.uuid4().hex}"
         self.created = self.created or int(time.time())
 
-    def usage(self, completion_tokens: int) -> dict:
-        return {"prompt_tokens": self.prompt_tokens, "completion_tokens": completion_tokens,
-                "total_tokens": self.prompt_tokens + completion_tokens,
-                "prompt_tokens_details": {"cached_tokens": 0, "image_tokens": self.image_tokens,
-                                          "text_tokens": self.prompt_tokens - self.image_tokens}}
+    def usage(self, fin: Finish) -> dict:
+        """Token counts; with a reduction, `visual_tokens` lists the visual tokens entering the
+        language model, then left after each cut inside it."""
+        details = {"cached_tokens": 0, "image_tokens": self.image_tokens,
+                   "text_tokens": self.prompt_tokens - self.image_tokens}
+        if fin.visual_tokens is not None:
+            details["visual_tokens"] = fin.visual_tokens
+        return {"prompt_tokens": self.prompt_tokens, "completion_tokens": fin.completion_tokens,
+                "total_tokens": self.prompt_tokens + fin.completion_tokens, "prompt_tokens_details": details}
 
     def message(self, fin: Finish) -> dict:
         return {**self._head("chat.completion"),
                 "choices": [{"index": 0, "message": {"role": "assistant", "content": fin.text, "refusal": None},
                              "logprobs": None, "finish_reason": fin.finish_reason}],
-                "usage": self.usage(fin.completion_tokens)}
+                "usage": self.usage(fin)}
 
     def chunk(self, delta: dict, finish_reason: str | None = None) -> str:
         return sse({**self._head("chat.completion.chunk"),
                     "choices": [{"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish_reason}]})
 
-    def usage_chunk(self, completion_tokens: int) -> str:
-        return sse({**self._head("chat.completion.chunk"), "choices": [], "usage": self.usage(completion_tokens)})
+    def usage_chunk(self, fin: Finish) -> str:
+        return sse({**self._head("chat.completion.chunk"), "choices": [], "usage": self.usage(fin)})
 
     def _head(self, kind: str) -> dict:
         return {"id": self.id, "object": kind, "created": self.created, "model": self.model,

@@ -22,7 +22,8 @@ import torch
 
 from ..engine import Llava
 from ..errors import UserError
-from ..generation import SamplingParams, sample
+from ..generation import SamplingParams, positions_from_mask, sample
+from ..reduction.runtime import make_reduction
 from .errors import APIError
 
 
@@ -33,6 +34,7 @@ class Job:
     params: SamplingParams
     stream: bool  # emit text deltas as they are produced
     emit: Callable[[tuple], None]  # ("delta", str) | ("done", Finish) | ("error", APIError)
+    reduce: str | None = None  # a token-reduction spec, applied at prefill
     cancelled: bool = False
 
 
@@ -41,6 +43,7 @@ class Finish:
     text: str
     finish_reason: str  # "stop" or "length"
     completion_tokens: int  # EOS included, as usage counts it
+    visual_tokens: list[int] | None = None  # with a reduction: entering the LLM, then after each cut
 
 
 class Busy(Exception):
@@ -52,9 +55,11 @@ class Busy(Exception):
 class _Row:
     """One sequence being decoded in row `index` of the shared cache."""
 
-    def __init__(self, index: int, job: Job, generator: torch.Generator | None, llava: Llava, eos: set[int]):
+    def __init__(self, index: int, job: Job, generator: torch.Generator | None, llava: Llava, eos: set[int],
+                 pos: int, visual_tokens: list[int] | None):
         self.index, self.job, self.generator, self.llava, self.eos = index, job, generator, llava, eos
-        self.pos = len(job.ids) - 1  # position of the last token fed to the model
+        self.pos = pos  # position of the last token fed to the model
+        self.visual_tokens = visual_tokens
         self.last = 0  # the last sampled token
         self.ids: list[int] = []  # generated ids, EOS excluded
         self.count = 0  # generated tokens, EOS included
@@ -82,7 +87,7 @@ class _Row:
         text = self.llava._visible_text(self.ids, self.job.params.stop)[0]
         if self.job.stream and text.startswith(self.streamed):
             self._delta(text)  # what was held back (an incomplete character at the end)
-        return Finish(text, self.reason, self.count)
+        return Finish(text, self.reason, self.count, self.visual_tokens)
 
     def _delta(self, text: str) -> None:
         if text != self.streamed:
@@ -177,24 +182,28 @@ class Scheduler:
         return end + max(need) <= self.cache.max_len
 
     def _start(self, index: int, job: Job) -> None:
-        """Prefill the job alone, sample its first token, copy its cache row into `index`."""
+        """Prefill the job alone (as `Llava.generate` does a batch of one), sample its first
+        token, copy its cache row into `index`."""
         p, device = job.params, self.model.device
+        valid = torch.ones(1, len(job.ids), dtype=torch.bool, device=device)  # [1, T]
+        pixels = job.pixel_values.to(device) if job.pixel_values is not None else None
         try:
-            feats = self.model.image_features(job.pixel_values.to(device)) if job.pixel_values is not None else None
-            embeds = self.model.embed(torch.tensor([job.ids], device=device), feats)  # [1, T, D]
+            reduction = make_reduction(job.reduce, self.llava.config)
+            embeds, positions, valid = self.model.prepare(torch.tensor([job.ids], device=device), pixels, valid,
+                                                          positions_from_mask(valid), reduction)  # [1, T', D]
         except UserError as e:
             job.emit(("error", APIError(400, str(e), "messages", "invalid_prompt")))
             return
-        t = len(job.ids)
-        small = self.model.new_cache(1, t)
-        logits = self.model(embeds, torch.arange(t, device=device)[None], None, small, last_only=True)[:, -1]
+        small = self.model.new_cache(1, embeds.shape[1])
+        logits = self.model(embeds, positions, None if bool(valid.all()) else valid, small, True, reduction)[:, -1]
         generator = None
         if p.temperature > 0:
             generator = torch.Generator(device=device)
             generator.manual_seed(p.seed if p.seed is not None else int(torch.seed() % 2**63))
         first = int(sample(logits, p, generator)[0])
         self.cache.insert_row(index, small, reset=not self._active())
-        row = self.rows[index] = _Row(index, job, generator, self.llava, self.eos)
+        kept = [int(c[0]) for c in reduction.counts] if reduction is not None else None
+        row = self.rows[index] = _Row(index, job, generator, self.llava, self.eos, int(positions[0, -1]), kept)
         if row.push(first):
             self._finish(row)
 
