@@ -171,7 +171,7 @@ def test_decode_steps_match_one_shot(flush):
 
 
 @pytest.mark.parametrize("spec", ["int4", "kivi:bits=3", "kivi:group=0", "kivi:residual=20", "kivi:bits",
-                                  "vidkv:high=1.5", "vidkv:salient=-1", "kivi:foo=1", 7])
+                                  "vidkv:high=1.5", "vidkv:salient=0.2", "kivi:foo=1", 7])
 def test_bad_kv_specs_are_one_line_user_errors(spec):
     with pytest.raises(UserError) as e:
         parse_kv_cache(spec)
@@ -182,4 +182,4 @@ def test_kv_spec_defaults():
     assert parse_kv_cache("fp") is None and parse_kv_cache(None) is None
     assert str(parse_kv_cache("kivi")) == "kivi:bits=4,group=32,residual=128"
     assert str(parse_kv_cache(" KIVI:bits=2, residual=64 ")) == "kivi:bits=2,group=32,residual=64"
-    assert str(parse_kv_cache("vidkv")) == "vidkv:group=32,residual=128,high=0.5,salient=0"
+    assert str(parse_kv_cache("vidkv")) == "vidkv:group=32,residual=128,high=0.5"

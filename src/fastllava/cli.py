@@ -6,7 +6,7 @@ import argparse
 import json
 import sys
 
-from .cli_args import add_model_args, positive_int
+from .cli_args import add_model_args, add_quant_args, load_options, positive_int
 from .errors import UserError
 from .evaluation.commands import add_data_parser, add_eval_parser
 from .serve.command import add_serve_parser
@@ -25,6 +25,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     run = sub.add_parser("run", help="answer a prompt about an image, streaming the answer")
     add_model_args(run)
+    add_quant_args(run)
     run.add_argument("--image", help="image file (omit for a text-only prompt)")
     run.add_argument("--prompt", required=True, help="the question or instruction")
     run.add_argument("--max-new-tokens", type=positive_int, default=64)
@@ -47,7 +48,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     from .images import load_image
 
     image = load_image(args.image) if args.image else None  # fail on a bad image before loading weights
-    model = load(args.model, device=args.device, dtype=args.dtype)
+    model = load(args.model, **load_options(args))
     kwargs = dict(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p,
                   top_k=args.top_k, seed=args.seed, stop=args.stop)
     if args.json:

@@ -21,3 +21,16 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", help="cpu, cuda, cuda:1, ... (default: cuda when available)")
     p.add_argument("--dtype", choices=["float32", "float16", "bfloat16"],
                    help="default: float32 on the CPU, bfloat16 on a GPU")
+
+
+def add_quant_args(p: argparse.ArgumentParser) -> None:
+    """--weights, --kv-cache (see fastllava.quant)."""
+    p.add_argument("--weights", help="weight-only quantization: fp (default), int8[:vision=1], "
+                                     "int4[:group=128,vision=1]")
+    p.add_argument("--kv-cache", help="KV-cache layout: fp (default), kivi[:bits=4,group=32,residual=128], "
+                                      "vidkv[:group=32,residual=128,high=0.5]")
+
+
+def load_options(args: argparse.Namespace) -> dict:
+    """fastllava.load's keyword arguments from add_model_args' and add_quant_args' options."""
+    return dict(device=args.device, dtype=args.dtype, weights=args.weights, kv_cache=args.kv_cache)

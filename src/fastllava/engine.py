@@ -17,7 +17,7 @@ from .models.llava import LlavaModel
 from .prompts import PromptEncoder
 from .reduction.accounting import prefill_stats
 from .reduction.runtime import make_reduction
-from .quant.spec import parse_weights
+from .quant.spec import parse_kv_cache, parse_weights
 from .quant.weights import quantize_weights
 
 
@@ -156,6 +156,7 @@ class Llava:
                 "ttft_s": round(times.first_token_s, 6),
                 "total_s": round(times.end_s, 6),
                 "decode_tok_s": _rate(gen - 1, times.end_s - times.first_token_s),
+                "kv_cache_bytes": times.kv_cache_bytes,  # the whole batch's cache, as allocated
                 **self._prefill_stats(reduction, row, stats_text=int(mask[row].sum()) - image_tokens,
                                       image_tokens=image_tokens),
             }
@@ -229,12 +230,13 @@ def _rate(n: int, seconds: float) -> float:
 
 def load(path: str | Path | None = None, device: str | torch.device | None = None,
          dtype: str | torch.dtype | None = None, pad_to_square: bool | None = None,
-         weights: str | None = None) -> Llava:
+         weights: str | None = None, kv_cache: str | None = None) -> Llava:
     """Load a LLaVA checkpoint directory (HF format, safetensors). `device` defaults to CUDA when
     available; `dtype` to float32 on the CPU and bfloat16 elsewhere. Without a path, the embedded
     default model is loaded. `weights`: "fp" (default), "int8" or "int4[:group=N]" weight-only
-    quantization (see fastllava.quant)."""
-    weight_spec = parse_weights(weights)  # a bad spec fails before any weight is read
+    quantization; `kv_cache`: "fp" (default), "kivi[:bits=4,group=32,residual=128]" or "vidkv"
+    (see fastllava.quant)."""
+    weight_spec, kv_spec = parse_weights(weights), parse_kv_cache(kv_cache)  # bad specs fail before loading
     if path is None:
         from .assets import default_model_dir
 
@@ -249,6 +251,7 @@ def load(path: str | Path | None = None, device: str | torch.device | None = Non
     if device.type == "cuda" and not torch.cuda.is_available():
         raise UserError("device 'cuda' was asked for but no CUDA GPU is available")
     model = quantize_weights(load_model(path, device, dtype), weight_spec)
+    model.kv_cache = kv_spec
     processor = ImageProcessor.from_dir(path, model.cfg.vision.image_size)
     if pad_to_square is not None:
         processor.pad_to_square = pad_to_square

@@ -8,7 +8,7 @@ import sys
 import time
 from pathlib import Path
 
-from ..cli_args import add_model_args, positive_int
+from ..cli_args import add_model_args, add_quant_args, load_options, positive_int
 from .questions import FAMILIES
 
 
@@ -40,6 +40,7 @@ def add_eval_parser(subparsers) -> argparse.ArgumentParser:
     """`eval [--model M] --data DIR [--batch-size B] [--limit N] [--out DIR] [--device D] [--dtype T]`."""
     p = subparsers.add_parser("eval", help="score a model on a question set (exact match)")
     add_model_args(p)
+    add_quant_args(p)
     p.add_argument("--data", required=True, help="dataset directory holding questions.jsonl")
     p.add_argument("--batch-size", type=positive_int, default=8)
     p.add_argument("--limit", type=positive_int, help="score only the first N questions")
@@ -66,7 +67,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
     data = load_dataset(args.data)  # fail on a bad data directory before loading weights
     out = Path(args.out) if args.out else Path("runs") / f"eval-{time.strftime('%Y%m%d-%H%M%S')}"
-    model = load(args.model, device=args.device, dtype=args.dtype)
+    model = load(args.model, **load_options(args))
     results = evaluate(model, data, batch_size=args.batch_size, limit=args.limit, out_dir=out,
                        progress=not args.quiet, generate_kwargs={"max_new_tokens": args.max_new_tokens})
     overall = results["overall"]

@@ -10,6 +10,7 @@ from ..config import LlavaConfig
 from ..errors import UserError
 from ..kvcache import StaticKVCache
 from .language import LanguageModel
+from ..quant.kvcache import new_kv_cache
 from .projector import Projector
 from ..reduction.base import VisionContext
 from ..reduction.runtime import Reduction
@@ -30,6 +31,7 @@ class LlavaModel(nn.Module):
         self.lm_head = nn.Linear(cfg.text.hidden_size, cfg.text.vocab_size, bias=False)
         if cfg.tie_word_embeddings:
             self.lm_head.weight = self.language_model.embed_tokens.weight
+        self.kv_cache = None  # the KV-cache layout (fastllava.quant.KVSpec); None: full precision
 
     @property
     def device(self) -> torch.device:
@@ -115,5 +117,5 @@ class LlavaModel(nn.Module):
 
     def new_cache(self, batch: int, max_len: int) -> StaticKVCache:
         t = self.cfg.text
-        return StaticKVCache(t.num_hidden_layers, batch, t.num_key_value_heads, max_len, t.head_dim,
-                             self.dtype, self.device)
+        return new_kv_cache(self.kv_cache, t.num_hidden_layers, batch, t.num_key_value_heads, max_len, t.head_dim,
+                            self.dtype, self.device)

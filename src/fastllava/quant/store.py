@@ -56,6 +56,9 @@ class PackedStore:
 
     def read(self, n: int) -> torch.Tensor:
         """The first n tokens, dequantized: float32 [B, H, n, D]."""
+        if n == 0:
+            b, h = next(iter(self.buffers.values())).shape[:2]
+            return torch.zeros(b, h, 0, self.dim, device=next(iter(self.buffers.values())).device)
         parts = {name: buf[:, :, :n // self.layout[name].tokens_per_entry] for name, buf in self.buffers.items()}
         return self.codec.decode(parts, n)
 
@@ -79,8 +82,9 @@ class QuantizedSequence:
         if flush not in ("chunk", "window"):
             raise ValueError(f"unknown flush policy {flush!r}")
         self.codec, self.flush, self.residual = codec, flush, residual
-        self.store = PackedStore(codec, batch, heads, max_len, dim, dtype, device)
-        self.res = torch.zeros(batch, heads, residual + codec.group, dim, dtype=dtype, device=device)
+        # sized for what max_len tokens can put in each: nothing is allocated that cannot be used
+        self.store = PackedStore(codec, batch, heads, self._target(max_len), dim, dtype, device)
+        self.res = torch.zeros(batch, heads, min(residual + codec.group, max_len), dim, dtype=dtype, device=device)
         self.n_quantized = 0
         self.n_residual = 0
 

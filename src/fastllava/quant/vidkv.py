@@ -12,7 +12,8 @@ Models", arXiv:2503.16257 (2025).
 - Values at 1.58 bits, per channel (the paper's finding: per-channel beats KIVI's per-token for
   visual tokens): ternary {-1, 0, +1} times the channel group's mean magnitude (absmean).
 - Optional salient-token preservation: the visual tokens most related to the text (mean dot
-  product with the text tokens' embeddings) keep 2-bit values (`salient_tokens`).
+  product with the text tokens' embeddings) keep 2-bit values. `salient_tokens` scores them; the
+  cache does not apply it yet (it needs the prompt's embeddings at prefill).
 - Recent tokens stay in full precision as in KIVI (residual window, default 128).
 
 Where the authors' public code (github.com/KD-TAO/VidKV) and the paper disagree we follow the

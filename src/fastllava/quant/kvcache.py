@@ -1,0 +1,68 @@
+"""A KV cache that stores keys and values quantized (KIVI or VidKV), with the slot bookkeeping
+and interface of StaticKVCache: attention writes a step with `write` and gets back every key and
+value so far, dequantized (the store) or as written (the full-precision residual), ready for SDPA.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from ..errors import UserError
+from ..kvcache import StaticKVCache
+from . import kivi, vidkv
+from .spec import KVSpec, parse_kv_cache
+from .store import QuantizedSequence
+
+
+def _sequences(spec: KVSpec, batch: int, heads: int, max_len: int, head_dim: int, dtype: torch.dtype,
+               device) -> tuple[QuantizedSequence, QuantizedSequence]:
+    """Keys and values of one layer."""
+    if spec.method == "kivi":
+        channels = min(spec.group, head_dim)
+        if head_dim % channels:
+            raise UserError(f"kivi group {spec.group} does not divide the head size {head_dim}; "
+                            f"use a divisor of {head_dim}")
+        key = (kivi.KeyCodec(spec.bits, spec.group), "chunk")
+        value = (kivi.ValueCodec(spec.bits, channels), "window")
+    else:
+        key = (vidkv.KeyCodec(spec.group, spec.high, head_dim), "chunk")
+        value = (vidkv.ValueCodec(spec.group), "chunk")
+    return tuple(QuantizedSequence(codec, flush, spec.residual, batch, heads, max_len, head_dim, dtype, device)
+                 for codec, flush in (key, value))
+
+
+class QuantizedKVCache(StaticKVCache):
+    """StaticKVCache's slots, lengths and valid masks (inherited, so token reduction's stages work
+    unchanged); keys and values live in per-layer quantized sequences instead of dense buffers."""
+
+    def __init__(self, spec: KVSpec, num_layers: int, batch: int, kv_heads: int, max_len: int, head_dim: int,
+                 dtype: torch.dtype, device: torch.device | str):
+        # head_dim 0: the base class keeps only its bookkeeping; its dense buffers stay empty.
+        super().__init__(num_layers, batch, kv_heads, max_len, 0, dtype, device)
+        self.spec = spec
+        self.layers = [_sequences(spec, batch, kv_heads, max_len, head_dim, dtype, device)
+                       for _ in range(num_layers)]
+
+    def write(self, layer: int, start: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Append k, v [B, Hkv, T, Dh] at slots start.. and return all keys/values so far."""
+        keys, values = self.layers[layer]
+        held = keys.n_quantized + keys.n_residual
+        if start != held:
+            raise RuntimeError(f"quantized KV cache layer {layer} holds {held} slots; cannot write at {start}")
+        valid = self.valid[layer, :, :start + k.shape[2]]  # [B, S]
+        return keys.append(k, valid), values.append(v, valid)
+
+    def insert_row(self, row: int, src: StaticKVCache, reset: bool = False) -> None:
+        raise UserError(f"kv_cache {self.spec} cannot take rows into a running batch; use kv_cache='fp'")
+
+    @property
+    def nbytes(self) -> int:
+        return sum(k.nbytes + v.nbytes for k, v in self.layers)
+
+
+def new_kv_cache(spec: str | KVSpec | None, num_layers: int, batch: int, kv_heads: int, max_len: int,
+                 head_dim: int, dtype: torch.dtype, device: torch.device | str) -> StaticKVCache:
+    """The cache a spec asks for: StaticKVCache for "fp"/None, else a QuantizedKVCache."""
+    spec = parse_kv_cache(spec)
+    cls_args = (num_layers, batch, kv_heads, max_len, head_dim, dtype, device)
+    return StaticKVCache(*cls_args) if spec is None else QuantizedKVCache(spec, *cls_args)
