@@ -9,6 +9,7 @@ import time
 from pathlib import Path
 
 from ..cli_args import add_model_args, add_quant_args, load_options, positive_int
+from ..errors import UserError
 from .questions import FAMILIES
 
 
@@ -47,6 +48,9 @@ def add_eval_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--max-new-tokens", type=positive_int, default=8)
     p.add_argument("--out", help="results directory (default: runs/eval-<timestamp>)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.add_argument("--reduce", help="visual token reduction spec; several (fastv,visionzip:contextual=8) "
+                                    "or --keep run a sweep against the unreduced model")
+    p.add_argument("--keep", type=_budgets, help="budgets for a sweep, e.g. 192,128,64,32,16")
     p.set_defaults(func=cmd_eval)
     return p
 
@@ -60,16 +64,39 @@ def cmd_data_shapes(args: argparse.Namespace) -> int:
     return 0
 
 
+def _budgets(text: str) -> list[int]:
+    try:
+        values = [int(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        values = []
+    if not values or min(values) < 1:
+        raise argparse.ArgumentTypeError(f"expected comma-separated positive integers, got {text!r}")
+    return values
+
+
 def cmd_eval(args: argparse.Namespace) -> int:
     from .. import load
+    from ..reduction import parse_list
     from .dataset import load_dataset
     from .runner import evaluate
 
     data = load_dataset(args.data)  # fail on a bad data directory before loading weights
+    if args.keep and not args.reduce:
+        raise UserError("--keep needs --reduce with the methods to sweep, e.g. --reduce fastv,visionzip")
+    methods = parse_list(args.reduce) if args.reduce else []  # fail on a bad spec before loading weights
     out = Path(args.out) if args.out else Path("runs") / f"eval-{time.strftime('%Y%m%d-%H%M%S')}"
     model = load(args.model, **load_options(args))
+    if args.keep or len(methods) > 1:
+        from .sweep import sweep
+
+        result = sweep(model, data, methods, args.keep, args.batch_size, args.limit, out, not args.quiet,
+                       {"max_new_tokens": args.max_new_tokens})
+        print((out / "sweep.md").read_text(), end="")
+        print(f"sweep: {out / 'sweep.json'}, {out / 'sweep.md'}, {out / 'sweep.png'}", file=sys.stderr)
+        return 0 if result else 1
     results = evaluate(model, data, batch_size=args.batch_size, limit=args.limit, out_dir=out,
-                       progress=not args.quiet, generate_kwargs={"max_new_tokens": args.max_new_tokens})
+                       progress=not args.quiet, generate_kwargs={"max_new_tokens": args.max_new_tokens,
+                                                                 "reduce": args.reduce})
     overall = results["overall"]
     print(f"accuracy {overall['accuracy']:.4f} on {overall['n']} questions"
           + (f" ({len(results['errors'])} skipped)" if results["errors"] else ""))

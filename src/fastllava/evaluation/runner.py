@@ -18,10 +18,11 @@ DEFAULT_MAX_NEW_TOKENS = 8
 
 
 def evaluate(model, data_dir: str | Path | Dataset, batch_size: int = 8, limit: int | None = None,
-             out_dir: str | Path | None = None, progress: bool = True,
+             out_dir: str | Path | None = None, progress: bool | Progress = True,
              generate_kwargs: dict | None = None) -> dict:
     """Ask `model` (a fastllava.Llava) every question, greedy by default; returns the results dict
-    and, with `out_dir`, writes results.json and samples.jsonl there."""
+    and, with `out_dir`, writes results.json and samples.jsonl there. `progress` may be a shared
+    Progress bar (left open)."""
     if batch_size < 1:
         raise UserError(f"batch size must be at least 1, got {batch_size}")
     if limit is not None and limit < 1:
@@ -34,13 +35,15 @@ def evaluate(model, data_dir: str | Path | Dataset, batch_size: int = 8, limit: 
     kwargs = {"max_new_tokens": DEFAULT_MAX_NEW_TOKENS, "temperature": 0.0, **(generate_kwargs or {})}
 
     rows = []
-    with Progress("eval", len(samples), enabled=progress) as bar:
-        for start in range(0, len(samples), batch_size):
-            batch = samples[start:start + batch_size]
-            for sample, text in zip(batch, _answers(model, batch, kwargs, errors), strict=True):
-                if text is not None:
-                    rows.append(_row(sample, text))
-            bar.update(len(batch))
+    bar = progress if isinstance(progress, Progress) else Progress("eval", len(samples), enabled=progress)
+    for start in range(0, len(samples), batch_size):
+        batch = samples[start:start + batch_size]
+        for sample, text in zip(batch, _answers(model, batch, kwargs, errors), strict=True):
+            if text is not None:
+                rows.append(_row(sample, text))
+        bar.update(len(batch))
+    if bar is not progress:
+        bar.close()
     if errors:
         shown = "; ".join(errors[:3]) + (f"; ... ({len(errors) - 3} more)" if len(errors) > 3 else "")
         print(f"fastllava: warning: skipped {len(errors)} bad sample(s) in {data.root}: {shown}", file=sys.stderr)

@@ -60,6 +60,11 @@ class LayerContext:
         idx = self.cand.view(*self.cand.shape, *([1] * (x.dim() - 2))).expand(-1, -1, *x.shape[2:])
         return x.gather(1, idx)
 
+    def last_attention(self) -> torch.Tensor:
+        """[B, T]: the attention the last prompt token pays each token, averaged over heads (with
+        left padding the last token of every row is real)."""
+        return self.probs[:, :, -1].mean(1)
+
     @property
     def text(self) -> torch.Tensor:
         """[B, T] real tokens that are not visual."""

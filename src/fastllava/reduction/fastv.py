@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from ..errors import UserError
 from .base import LayerContext, Method, Selection, top_mask
 from .registry import register
 
@@ -13,7 +14,9 @@ from .registry import register
 class FastV(Method):
     """The first `layer` (K) decoder layers see every visual token; after layer K, keep the
     `keep` visual tokens with the highest attention received in layer K, averaged over heads
-    and over all (real) query tokens; the others leave every later layer and its KV cache.
+    and over all (real) query tokens, as the paper describes (`rater=all`); `rater=last` ranks
+    by the last prompt token's attention instead, as the authors' released code does. The other
+    visual tokens leave every later layer and its KV cache.
 
     Chen et al., "An Image is Worth 1/2 Tokens After Layer 2: Plug-and-Play Inference
     Acceleration for Large Vision-Language Models" (FastV), ECCV 2024, arXiv:2403.06764.
@@ -26,12 +29,21 @@ class FastV(Method):
 
     keep: int = 64
     layer: int = 2
+    rater: str = "all"
+
+    def check(self, tokens: int, num_layers: int, grid: int) -> None:
+        if self.rater not in ("all", "last"):
+            raise UserError(f"{self.spec()}: rater must be all or last")
+        super().check(tokens, num_layers, grid)
 
     def cuts(self) -> list[int]:
         return [self.layer - 1]
 
     def select(self, ctx: LayerContext) -> Selection:
-        probs = ctx.probs.mean(1) * ctx.valid[:, :, None]  # [B, T, S], real queries only
-        received = probs.sum(1) / ctx.valid.sum(1, keepdim=True)  # [B, S]
+        if self.rater == "last":
+            received = ctx.last_attention()  # [B, T]
+        else:
+            probs = ctx.probs.mean(1) * ctx.valid[:, :, None]  # [B, T, S], real queries only
+            received = probs.sum(1) / ctx.valid.sum(1, keepdim=True)  # [B, S]
         scores = received.gather(1, ctx.cand)  # [B, N]
         return Selection(top_mask(scores, ctx.cand_valid, ctx.budget))

@@ -50,5 +50,5 @@ class PDrop(Method):
         super().check(tokens, num_layers, grid)
 
     def select(self, ctx: LayerContext) -> Selection:
-        last = ctx.probs[:, :, -1].mean(1)  # [B, S]: the last token's attention (left padding: it is real)
+        last = ctx.last_attention()  # [B, T]
         return Selection(top_mask(last.gather(1, ctx.cand), ctx.cand_valid, ctx.budget))

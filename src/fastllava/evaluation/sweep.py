@@ -1,0 +1,107 @@
+"""`fastllava eval --reduce fastv,visionzip --keep 192,128,64`: accuracy of each reduction method
+at each budget against the unreduced model, as JSON, a markdown table and a PNG plot."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import replace
+from pathlib import Path
+
+from ..reduction.accounting import visual_per_layer
+from ..reduction.runtime import make_reduction
+from .dataset import Dataset, load_dataset
+from .progress import Progress
+from .runner import evaluate
+
+
+def plan(model, methods, keeps: list[int] | None) -> list[tuple[str, object]]:
+    """(label, Method) to run: each method at each budget (or as given), checked against the
+    model; the label is the method's name, or its spec without keep when other parameters are set."""
+    runs = [replace(m, keep=k) for m in methods for k in keeps] if keeps else list(methods)
+    out = []
+    for m in runs:
+        label = m.name if m == type(m)(keep=m.keep) else m.spec().replace(f"keep={m.keep}", "").replace(":,", ":")
+        out.append((label.rstrip(",:"), make_reduction(m, model.config).method))
+    return out
+
+
+def sweep(model, data_dir, methods, keeps: list[int] | None = None, batch_size: int = 8,
+          limit: int | None = None, out_dir: str | Path | None = None, progress: bool = True,
+          generate_kwargs: dict | None = None) -> dict:
+    """Evaluate the unreduced model, then every method at every budget, with one progress bar;
+    with out_dir, write sweep.json, sweep.md, sweep.png and each run's results under runs/."""
+    runs = plan(model, methods, keeps)
+    data = data_dir if isinstance(data_dir, Dataset) else load_dataset(data_dir)
+    n = min(len(data.samples), limit) if limit else len(data.samples)
+    out = Path(out_dir).expanduser() if out_dir is not None else None
+    cfg = model.config
+    layers, tokens = cfg.text.num_hidden_layers, cfg.image_features_per_image
+    rows = []
+    with Progress("sweep", n * (len(runs) + 1), enabled=progress) as bar:
+        for label, method in [("none", None), *runs]:
+            name = method.spec() if method else "none"
+            kwargs = dict(generate_kwargs or {}, reduce=name if method else None)
+            res = evaluate(model, data, batch_size, limit, out / "runs" / name.replace(":", "_") if out else None,
+                           bar, kwargs)
+            counts = [tokens] if method is None else \
+                ([tokens] if method.where == "llm" else []) + method.budgets()
+            equivalent = sum(visual_per_layer(counts, method.cuts() if method else [], layers)) / layers
+            rows.append({"method": method.name if method else "none", "label": label, "spec": name,
+                         "keep": method.keep if method else tokens, "visual_tokens_equivalent": round(equivalent, 2),
+                         "accuracy": res["overall"]["accuracy"], "n": res["overall"]["n"],
+                         "families": {f: r["accuracy"] for f, r in res["families"].items()}})
+    base = rows[0]["accuracy"]
+    for r in rows:
+        r["retained"] = round(100 * r["accuracy"] / base, 2) if base else None
+    result = {"model": str(getattr(model, "path", "")), "data": str(data.root), "n": n,
+              "visual_tokens": tokens, "baseline": rows[0], "runs": rows[1:]}
+    if out is not None:
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "sweep.json").write_text(json.dumps(result, indent=2) + "\n")
+        (out / "sweep.md").write_text(table(result))
+        plot(result, out / "sweep.png")
+    return result
+
+
+def table(result: dict) -> str:
+    """Markdown: one row per method, one column per budget, 'accuracy (retained %)'."""
+    keeps = sorted({r["keep"] for r in result["runs"]}, reverse=True)
+    cells: dict[str, dict[int, str]] = {}
+    for r in result["runs"]:
+        kept = f"{r['retained']:.1f}%" if r["retained"] is not None else "n/a"
+        cells.setdefault(r["label"], {})[r["keep"]] = f"{r['accuracy']:.3f} ({kept})"
+    b = result["baseline"]
+    lines = [f"unreduced ({result['visual_tokens']} visual tokens): accuracy {b['accuracy']:.3f} on {result['n']} "
+             f"questions; cells: accuracy (% of unreduced)", "",
+             "| method | " + " | ".join(f"keep {k}" for k in keeps) + " |",
+             "|---|" + "---|" * len(keeps)]
+    for name, row in cells.items():
+        lines.append(f"| {name} | " + " | ".join(row.get(k, "") for k in keeps) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def plot(result: dict, path: Path) -> None:
+    """Retained accuracy (%) against visual tokens kept per image, one line per method."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 4), dpi=120)
+    lines: dict[str, list] = {}
+    for r in result["runs"]:
+        lines.setdefault(r["label"], []).append(r)
+    for name, runs in lines.items():
+        runs = sorted(runs, key=lambda r: r["keep"])
+        ax.plot([r["keep"] for r in runs], [r["retained"] or 0 for r in runs], marker="o", label=name)
+    ax.axhline(100, color="grey", linewidth=0.8, linestyle="--")
+    ax.set_xscale("log", base=2)
+    keeps = sorted({r["keep"] for r in result["runs"]})
+    ax.set_xticks(keeps, [str(k) for k in keeps])
+    ax.set_xlabel("visual tokens kept per image")
+    ax.set_ylabel("accuracy retained (% of unreduced)")
+    ax.set_title(f"{Path(result['model']).name or 'model'}: {result['n']} questions")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
