@@ -15,6 +15,7 @@ from __future__ import annotations
 import json
 import re
 from pathlib import Path
+from typing import Callable
 
 import torch
 from safetensors import SafetensorError, safe_open
@@ -52,6 +53,19 @@ _FUSED = {
 }
 
 _PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
+
+
+def resolve_device(device: str | torch.device | None) -> torch.device:
+    """None picks CUDA when available, else the CPU; unknown or absent devices are user errors."""
+    if device is None:
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    try:
+        device = torch.device(device)
+    except RuntimeError:
+        raise UserError(f"unknown device {device!r}") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise UserError("device 'cuda' was asked for but no CUDA GPU is available")
+    return device
 
 
 def resolve_dtype(dtype: str | torch.dtype | None, device: torch.device) -> torch.dtype:
@@ -117,6 +131,22 @@ def _targets(model: LlavaModel) -> dict[str, tuple[torch.Tensor, slice | None]]:
             targets[name.replace(fused, part)] = (param, slice(start, start + size))
             start += size
     return targets
+
+
+def weights_by_key(model: LlavaModel) -> Callable[[str], torch.Tensor | None]:
+    """A lookup from a checkpoint key (either layout) to the tensor of `model` holding it (a
+    view into a fused projection where needed), or None for keys LLaVA never reads. Used to give
+    another implementation (transformers, in `fastllava bench --compare hf`) the same weights."""
+    targets = _targets(model)
+
+    def lookup(key: str) -> torch.Tensor | None:
+        name = _our_name(key)
+        if name is None or name not in targets:
+            return None
+        param, rows = targets[name]
+        return param.detach() if rows is None else param.detach()[rows]
+
+    return lookup
 
 
 def _is_unused(name: str, model: LlavaModel) -> bool:

@@ -9,7 +9,7 @@ from typing import Iterator, Sequence
 
 import torch
 
-from .checkpoint import load_model
+from .checkpoint import load_model, resolve_device
 from .errors import UserError
 from .generation import SamplingParams, StepTimes, check_left_padded, decode_steps
 from .images import ImageInput, ImageProcessor
@@ -242,14 +242,7 @@ def load(path: str | Path | None = None, device: str | torch.device | None = Non
 
         path = default_model_dir()
     path = Path(path).expanduser()
-    if device is None:
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-    try:
-        device = torch.device(device)
-    except RuntimeError:
-        raise UserError(f"unknown device {device!r}") from None
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise UserError("device 'cuda' was asked for but no CUDA GPU is available")
+    device = resolve_device(device)
     model = quantize_weights(load_model(path, device, dtype), weight_spec)
     model.kv_cache = kv_spec
     processor = ImageProcessor.from_dir(path, model.cfg.vision.image_size)

@@ -1,0 +1,100 @@
+"""`fastllava bench ...`: the argparse sub-command."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from ..cli_args import add_model_args, positive_int
+from ..errors import UserError
+from ..evaluation.progress import Progress
+from .presets import PRESETS
+
+
+def _int_list(text: str) -> list[int]:
+    try:
+        values = [int(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated positive integers, got {text!r}") from None
+    if not values or min(values) < 1:
+        raise argparse.ArgumentTypeError(f"expected comma-separated positive integers, got {text!r}")
+    return values
+
+
+def add_bench_parser(subparsers) -> argparse.ArgumentParser:
+    p = subparsers.add_parser("bench", help="time to first token, decode speed and memory; optionally vs transformers")
+    add_model_args(p)
+    p.add_argument("--preset", choices=sorted(PRESETS),
+                   help="random weights at a real model's shapes instead of --model (no download)")
+    p.add_argument("--keep", type=_int_list, help="visual tokens kept per image, comma-separated "
+                   "(e.g. 576,192,64; default: all); values below all use --reduce")
+    p.add_argument("--reduce", default="fastervlm", help="token-reduction method for --keep budgets (default fastervlm)")
+    p.add_argument("--batch-size", type=_int_list, default=[1], help="comma-separated batch sizes (default 1)")
+    p.add_argument("--text-tokens", type=positive_int, default=40, help="text tokens per prompt (default 40)")
+    p.add_argument("--new-tokens", type=positive_int, default=32, help="tokens to generate (default 32)")
+    p.add_argument("--repeats", type=positive_int, default=5, help="timed runs per case; medians are reported")
+    p.add_argument("--warmup", type=int, default=2, help="untimed runs per case first (default 2)")
+    p.add_argument("--compare", choices=["hf"], help="also time transformers on the same weights and inputs")
+    p.add_argument("--seed", type=int, default=0, help="seed of the random weights and inputs")
+    p.add_argument("--out", default="bench-results", help="directory for bench.json, bench.md, bench.png")
+    p.set_defaults(func=cmd_bench)
+    return p
+
+
+def cmd_bench(args: argparse.Namespace) -> int:
+    import torch
+
+    from ..checkpoint import resolve_device, resolve_dtype
+    from .measure import Case, hf_twin, time_hf, time_ours
+    from .presets import preset_config, random_model
+    from .report import environment, table, write
+
+    if args.warmup < 0:
+        raise UserError(f"--warmup must be >= 0, got {args.warmup}")
+    if args.preset and args.model:
+        raise UserError("give --preset or --model, not both")
+    if args.preset:
+        device = resolve_device(args.device)
+        model = random_model(preset_config(args.preset), device, resolve_dtype(args.dtype, device), args.seed)
+        name = f"preset {args.preset}"
+    else:
+        from .. import load
+
+        llava = load(args.model, device=args.device, dtype=args.dtype)
+        model, name = llava.model, str(llava.path)
+    n_img = model.cfg.image_features_per_image
+    keeps = args.keep or [n_img]
+    too_many = [k for k in keeps if k > n_img]
+    if too_many:
+        raise UserError(f"--keep {too_many[0]} is more than the {n_img} visual tokens of an image")
+    hf = hf_twin(model) if args.compare == "hf" else None
+    cases = []
+    with Progress("bench", len(keeps) * len(args.batch_size)) as bar:
+        for batch in args.batch_size:
+            for keep in sorted(set(keeps), reverse=True):
+                case = Case(batch, None if keep == n_img else keep, args.text_tokens, args.new_tokens)
+                reduce = None if case.keep is None else f"{args.reduce}:keep={keep}"
+                ours = time_ours(model, case, reduce, args.repeats, args.warmup)
+                row = {"batch": batch, "visual_tokens": keep, "reduce": reduce, "ours": _plain(ours)}
+                if hf is not None and case.keep is None:
+                    theirs = time_hf(hf, model, case, args.repeats, args.warmup)
+                    row["hf"] = _plain(theirs)
+                    row["ratios"] = {"ttft": theirs["ttft_s"] / ours["ttft_s"], "e2e": theirs["e2e_s"] / ours["e2e_s"],
+                                     "decode": ours["decode_tok_s"] / theirs["decode_tok_s"]}
+                    row["same_tokens"] = bool(torch.equal(ours["tokens"], theirs["tokens"]))
+                cases.append(row)
+                bar.update(1)
+    report = {"model": name, "dtype": str(model.dtype).replace("torch.", ""), "environment": environment(model.device),
+              "settings": {"text_tokens": args.text_tokens, "new_tokens": args.new_tokens, "repeats": args.repeats,
+                           "warmup": args.warmup, "reduce": args.reduce, "seed": args.seed},
+              "cases": cases}
+    files = write(Path(args.out).expanduser(), report)
+    print(table(cases))
+    print("wrote " + ", ".join(str(f) for f in files), file=sys.stderr)
+    return 0
+
+
+def _plain(timing: dict) -> dict:
+    return {k: v for k, v in timing.items() if k != "tokens"}
+

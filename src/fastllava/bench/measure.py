@@ -1,0 +1,154 @@
+"""Timing of one benchmark case (a batch size and a visual-token budget): fastllava and,
+optionally, transformers on the same weights and inputs. Medians over repeats after warm-up."""
+
+from __future__ import annotations
+
+import statistics
+import time
+from dataclasses import dataclass
+
+import torch
+
+from ..generation import SamplingParams, StepTimes, decode_steps
+from ..models.llava import LlavaModel
+
+TEXT_BEFORE_IMAGE = 5  # "<s> USER: ..." as in the reference figures: 5 text + image + the rest
+
+
+@dataclass
+class Case:
+    batch: int
+    keep: int | None  # visual tokens kept per image; None = all
+    text_tokens: int = 40
+    new_tokens: int = 32
+
+
+def bench_inputs(model: LlavaModel, case: Case, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Random prompt ids [B, T] (text, then the image tokens, then text), their mask [B, T] and
+    random pixel values [B, 3, H, W] in the model's dtype."""
+    cfg = model.cfg
+    gen = torch.Generator().manual_seed(seed)
+    n_img, b = cfg.image_features_per_image, case.batch
+    after = max(1, case.text_tokens - TEXT_BEFORE_IMAGE)
+    text = torch.randint(3, cfg.text.vocab_size, (b, TEXT_BEFORE_IMAGE + after), generator=gen)
+    text[text == cfg.image_token_index] = 3
+    image = torch.full((b, n_img), cfg.image_token_index)
+    ids = torch.cat([text[:, :TEXT_BEFORE_IMAGE], image, text[:, TEXT_BEFORE_IMAGE:]], dim=1)
+    side = cfg.vision.image_size
+    pixels = torch.randn(b, 3, side, side, generator=gen).to(model.dtype)
+    return ids, torch.ones_like(ids), pixels
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _reset_peak(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+
+
+def _peak(device: torch.device) -> int | None:
+    return torch.cuda.max_memory_allocated(device) if device.type == "cuda" else None
+
+
+@torch.inference_mode()
+def time_ours(model: LlavaModel, case: Case, reduce: str | None, repeats: int, warmup: int) -> dict:
+    """Medians of: vision tower, projector, prefill (embedding + language model + first sample),
+    time to first token, decode speed per sequence, end-to-end time; peak memory, KV bytes; and
+    the greedy tokens of the last run [B, N]."""
+    device = model.device
+    ids, mask, pixels = bench_inputs(model, case)
+    pixels = pixels.to(device)
+    params = SamplingParams(max_new_tokens=case.new_tokens).validate()
+    runs, tokens = [], None
+    for i in range(warmup + repeats):
+        _sync(device)
+        t0 = time.perf_counter()
+        states = model.vision_features(pixels)
+        _sync(device)
+        t1 = time.perf_counter()
+        model.multi_modal_projector(states)
+        _sync(device)
+        t2 = time.perf_counter()
+        _reset_peak(device)
+        times = StepTimes()
+        finished = torch.zeros(case.batch, dtype=torch.bool)
+        steps = [t for t in decode_steps(model, ids, mask, pixels, params, [], finished, times, **_reduce_kw(reduce))]
+        if i < warmup:
+            continue
+        tokens = torch.stack(steps, dim=1)
+        runs.append({
+            "vision_s": t1 - t0, "projector_s": t2 - t1, "prefill_s": times.first_token_s - times.vision_s,
+            "ttft_s": times.first_token_s, "e2e_s": times.end_s,
+            "decode_tok_s": (len(steps) - 1) / (times.end_s - times.first_token_s),
+            "peak_bytes": _peak(device), "kv_cache_bytes": times.kv_cache_bytes,
+        })
+    return {**_medians(runs), "tokens": tokens}
+
+
+def _reduce_kw(reduce: str | None) -> dict:
+    return {} if reduce is None else {"reduce": reduce}
+
+
+def _medians(runs: list[dict]) -> dict:
+    out = {}
+    for key in runs[0]:
+        values = [r[key] for r in runs if r[key] is not None]
+        out[key] = statistics.median(values) if values else None
+    return out
+
+
+def hf_twin(model: LlavaModel):
+    """transformers' LlavaForConditionalGeneration with `model`'s config and weights, on the same
+    device and dtype (transformers is needed for this, and only for this)."""
+    try:
+        from transformers import LlavaConfig as HFLlavaConfig
+        from transformers import LlavaForConditionalGeneration
+    except ImportError:
+        from ..errors import UserError
+
+        raise UserError("--compare hf needs transformers: pip install 'transformers>=4.52'") from None
+    from ..checkpoint import weights_by_key
+    from ..config import to_hf_dict
+
+    cfg = HFLlavaConfig(**to_hf_dict(model.cfg))
+    with torch.device(model.device):
+        hf = LlavaForConditionalGeneration._from_config(cfg, dtype=model.dtype, attn_implementation="sdpa")
+    lookup = weights_by_key(model)
+    with torch.no_grad():
+        for key, tensor in hf.state_dict().items():
+            ours = lookup(key)
+            if ours is not None:
+                tensor.copy_(ours)
+            elif "post_layernorm" in key:  # CLIP's last norm, which LLaVA never reads
+                tensor.fill_(1.0 if key.endswith("weight") else 0.0)
+    hf.generation_config.eos_token_id = None  # always N tokens, like ours, without suppressing EOS
+    return hf.eval()
+
+
+@torch.inference_mode()
+def time_hf(hf, model: LlavaModel, case: Case, repeats: int, warmup: int) -> dict:
+    """transformers' `generate` (greedy, dynamic cache) on the same inputs: time to first token
+    (a 1-token generate), end-to-end for N tokens, decode speed from their difference."""
+    device = model.device
+    ids, mask, pixels = (t.to(device) for t in bench_inputs(model, case))
+    runs, tokens = [], None
+    kw = dict(input_ids=ids, attention_mask=mask, pixel_values=pixels, do_sample=False)
+    for i in range(warmup + repeats):
+        _sync(device)
+        t0 = time.perf_counter()
+        hf.generate(**kw, max_new_tokens=1)
+        _sync(device)
+        t1 = time.perf_counter()
+        out = hf.generate(**kw, max_new_tokens=case.new_tokens)
+        _sync(device)
+        t2 = time.perf_counter()
+        if i < warmup:
+            continue
+        tokens = out[:, ids.shape[1]:].cpu()
+        e2e = t2 - t1
+        runs.append({"ttft_s": t1 - t0, "e2e_s": e2e,
+                     "decode_tok_s": (case.new_tokens - 1) / max(e2e - (t1 - t0), 1e-9)})
+    return {**_medians(runs), "tokens": tokens}

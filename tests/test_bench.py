@@ -1,0 +1,47 @@
+"""`fastllava bench`: runs on a tiny preset, writes well-formed output, refuses bad values."""
+
+import json
+
+import pytest
+
+from fastllava.cli import main
+
+
+def test_bench_tiny_preset_writes_json_table_and_plot(tmp_path, capsys):
+    out = tmp_path / "b"
+    code = main(["bench", "--preset", "tiny", "--device", "cpu", "--batch-size", "1,2", "--repeats", "1",
+                 "--warmup", "0", "--new-tokens", "4", "--compare", "hf", "--out", str(out)])
+    assert code == 0
+    report = json.loads((out / "bench.json").read_text())
+    assert report["model"] == "preset tiny"
+    assert {"device", "date", "torch", "fastllava", "command"} <= set(report["environment"])
+    assert [(c["batch"], c["visual_tokens"]) for c in report["cases"]] == [(1, 576), (2, 576)]
+    for case in report["cases"]:
+        ours = case["ours"]
+        assert ours["ttft_s"] > 0 and ours["prefill_s"] > 0 and ours["decode_tok_s"] > 0
+        assert ours["e2e_s"] >= ours["ttft_s"]
+        # tiny preset: 2 layers x 2 kv heads x 32 head dim x (5 + 576 + 35 + 4) slots x fp32, keys and values
+        assert ours["kv_cache_bytes"] == 2 * case["batch"] * 2 * 620 * 16 * 4 * 2
+        assert case["same_tokens"] is True  # transformers got the same weights and inputs
+        assert case["ratios"]["e2e"] > 0
+    assert (out / "bench.png").stat().st_size > 1000
+    table = capsys.readouterr().out
+    assert sum(line.startswith("| ") for line in table.splitlines()) == 3 and "HF TTFT ms" in table
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--preset", "nope"], "invalid choice"),
+    (["--preset", "tiny", "--keep", "0"], "positive integers"),
+    (["--preset", "tiny", "--batch-size", "two"], "positive integers"),
+    (["--preset", "tiny", "--keep", "1000"], "more than the 576 visual tokens"),
+    (["--preset", "tiny", "--model", "x"], "not both"),
+    (["--preset", "tiny", "--device", "cuda:7"], "cuda"),
+])
+def test_bench_bad_values_are_one_line_errors(args, message, capsys, tmp_path):
+    try:
+        code = main(["bench", *args, "--out", str(tmp_path / "o")])
+    except SystemExit as e:  # argparse rejects it before the command runs
+        code = e.code
+    err = capsys.readouterr().err.strip()
+    assert code == 2
+    assert message in err and len(err.splitlines()) == 1, err
