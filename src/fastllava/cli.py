@@ -1,4 +1,4 @@
-"""`fastllava run | data | eval | bench`: the command line. User errors print one line and exit with code 2."""
+"""`fastllava run | data | eval | bench | serve`: the command line. User errors print one line and exit with code 2."""
 
 from __future__ import annotations
 
@@ -6,10 +6,12 @@ import argparse
 import json
 import sys
 
-from .cli_args import add_model_args, positive_int
+from .cli_args import add_model_args, add_quant_args, load_options, positive_int
 from .errors import UserError
 from .bench.commands import add_bench_parser
 from .evaluation.commands import add_data_parser, add_eval_parser
+from .reduction.commands import add_reduction_parsers
+from .serve.command import add_serve_parser
 
 
 class _Parser(argparse.ArgumentParser):
@@ -25,6 +27,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     run = sub.add_parser("run", help="answer a prompt about an image, streaming the answer")
     add_model_args(run)
+    add_quant_args(run)
     run.add_argument("--image", help="image file (omit for a text-only prompt)")
     run.add_argument("--prompt", required=True, help="the question or instruction")
     run.add_argument("--max-new-tokens", type=positive_int, default=64)
@@ -34,11 +37,14 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--seed", type=int, help="seed for sampling")
     run.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
     run.add_argument("--json", action="store_true", help="print one JSON object instead of streaming")
+    run.add_argument("--reduce", help="visual token reduction, NAME[:key=value,...] (see `fastllava methods`)")
     run.set_defaults(func=cmd_run)
 
     add_data_parser(sub)
     add_eval_parser(sub)
+    add_reduction_parsers(sub)
     add_bench_parser(sub)
+    add_serve_parser(sub)
     return parser
 
 
@@ -46,10 +52,14 @@ def cmd_run(args: argparse.Namespace) -> int:
     from . import load
     from .images import load_image
 
+    if args.reduce:
+        from .reduction import parse_spec
+
+        parse_spec(args.reduce)  # fail on a bad spec before loading weights
     image = load_image(args.image) if args.image else None  # fail on a bad image before loading weights
-    model = load(args.model, device=args.device, dtype=args.dtype)
+    model = load(args.model, **load_options(args))
     kwargs = dict(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p,
-                  top_k=args.top_k, seed=args.seed, stop=args.stop)
+                  top_k=args.top_k, seed=args.seed, stop=args.stop, reduce=args.reduce)
     if args.json:
         result = model.generate(images=[image], prompts=[args.prompt], **kwargs)[0]
         print(json.dumps({"model": str(model.path), "prompt": args.prompt, "text": result.text,
