@@ -134,20 +134,26 @@ def _long_job(llava) -> tuple[int, int]:
 
 def test_client_disconnect_frees_its_slot(llava, base):
     seed, max_tokens = _long_job(llava)
-    before = raw_request(base, "GET", "/health")[1]["cancelled"]
-    body = {"model": "tiny", "messages": user_message("describe it .", data_url(png_bytes(random_image(seed)))),
-            "max_tokens": max_tokens, "temperature": 0, "stream": True}
-    conn = http.client.HTTPConnection(base.removeprefix("http://").split(":")[0], int(base.rsplit(":", 1)[1]))
-    conn.request("POST", "/v1/chat/completions", json.dumps(body), {"Authorization": f"Bearer {KEY}"})
-    r = conn.getresponse()
-    assert r.status == 200 and r.readline().startswith(b"data: ")  # the first chunk: the request is running
-    conn.sock.close()  # the client goes away mid-answer
-    conn.close()
-    while True:  # the row is freed (the scheduler counts it as cancelled) and nothing stays active
-        h = raw_request(base, "GET", "/health")[1]
-        if h["active"] == 0 and h["cancelled"] > before:
-            break
-    assert h["cancelled"] == before + 1
+    host, port = base.removeprefix("http://").split(":")
+    for stream in (True, False):
+        before = raw_request(base, "GET", "/health")[1]["cancelled"]
+        body = {"model": "tiny", "messages": user_message("describe it .", data_url(png_bytes(random_image(seed)))),
+                "max_tokens": max_tokens, "temperature": 0, "stream": stream}
+        conn = http.client.HTTPConnection(host, int(port))
+        conn.request("POST", "/v1/chat/completions", json.dumps(body), {"Authorization": f"Bearer {KEY}"})
+        if stream:
+            r = conn.getresponse()
+            assert r.status == 200 and r.readline().startswith(b"data: ")  # the first chunk: it is running
+        else:
+            while raw_request(base, "GET", "/health")[1]["active"] == 0:
+                pass  # until the request holds a row
+        conn.sock.close()  # the client goes away mid-answer
+        conn.close()
+        while True:  # the row is freed (the scheduler counts it as cancelled) and nothing stays active
+            h = raw_request(base, "GET", "/health")[1]
+            if h["active"] == 0 and h["cancelled"] > before:
+                break
+        assert h["cancelled"] == before + 1
 
 
 def test_full_queue_answers_429_and_server_recovers(llava):

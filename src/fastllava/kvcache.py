@@ -63,8 +63,8 @@ class StaticKVCache:
         self.v[layer, :, :, start:end] = v
         return self.k[layer, :, :, :end], self.v[layer, :, :, :end]
 
-    def insert_row(self, row: int, src: "StaticKVCache", reset: bool = False) -> None:
-        """Copy the one row of `src` (a batch-1 cache after its prefill) into `row`, each layer's
+    def insert_row(self, row: int, src: "StaticKVCache", src_row: int = 0, reset: bool = False) -> None:
+        """Copy row `src_row` of `src` (a cache after its prefill) into `row`, each layer's
         slots right-aligned to end at this cache's length; the length grows to src's if shorter
         (the slots gained are invalid for the other rows) and the row's older slots become
         invalid. Where src has compact stages (visual tokens dropped inside the language model),
@@ -83,9 +83,9 @@ class StaticKVCache:
         self.valid[:, row] = False
         for first in src.stages:
             ls, n = src.stage_layers(first), src.lengths[first]
-            self.k[ls.start:ls.stop, row, :, end - n:end] = src.k[ls.start:ls.stop, 0, :, :n]  # [l, Hkv, n, Dh]
-            self.v[ls.start:ls.stop, row, :, end - n:end] = src.v[ls.start:ls.stop, 0, :, :n]
-            self.valid[ls.start:ls.stop, row, end - n:end] = src.valid[ls.start:ls.stop, 0, :n]
+            self.k[ls.start:ls.stop, row, :, end - n:end] = src.k[ls.start:ls.stop, src_row, :, :n]  # [l, Hkv, n, Dh]
+            self.v[ls.start:ls.stop, row, :, end - n:end] = src.v[ls.start:ls.stop, src_row, :, :n]
+            self.valid[ls.start:ls.stop, row, end - n:end] = src.valid[ls.start:ls.stop, src_row, :n]
 
     @property
     def nbytes(self) -> int:

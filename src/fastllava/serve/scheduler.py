@@ -1,8 +1,8 @@
 """Continuous batching over one StaticKVCache of `max_batch_size` rows.
 
-A request is prefilled alone (batch 1, exactly as `Llava.generate` does it) and its cache row
-is copied into a free row of the shared cache, right-aligned at the shared length (see
-`StaticKVCache.insert_row`). Each decode step then runs every active row together, each at its
+Requests admitted together are prefilled as one left-padded batch (as `Llava.generate` does
+it) and their cache rows are copied into free rows of the shared cache, right-aligned at the
+shared length (see `StaticKVCache.insert_row`). Each decode step then runs every active row together, each at its
 own position; a row that finishes (EOS, stop string, max_tokens, client gone) frees its slot
 for the next waiting request. A request is admitted only while every active row still has room
 to finish; otherwise it waits until rows drain (the cache starts again at slot 0 when empty).
@@ -165,47 +165,62 @@ class Scheduler:
         return [r for r in self.rows if r is not None]
 
     def _admit(self) -> None:
-        while None in self.rows:
-            with self._cond:
-                while self.waiting and self.waiting[0].cancelled:
+        """Take waiting jobs (in order, with the same reduction) while rows are free and every
+        row, old and new, still has room to finish; prefill them together."""
+        group: list[Job] = []
+        with self._cond:
+            while self.waiting and len(group) < self.rows.count(None):
+                job = self.waiting[0]
+                if job.cancelled:
                     self.waiting.popleft()
-                if not self.waiting or not self._fits(self.waiting[0]):
-                    return
-                job = self.waiting.popleft()
-            self._guarded(self._start, self.rows.index(None), job)
+                    continue
+                if (group and job.reduce != group[0].reduce) or not self._fits(group + [job]):
+                    break
+                group.append(self.waiting.popleft())
+        if group:
+            self._guarded(self._start, group)
 
-    def _fits(self, job: Job) -> bool:
-        """Whether, with the job's prompt inserted now, every row still has slots to finish."""
+    def _fits(self, jobs: list[Job]) -> bool:
+        """Whether, with these prompts inserted now, every row still has the slots to finish."""
         active = self._active()
-        end = max(self.cache.length if active else 0, len(job.ids))
-        need = [r.job.params.max_new_tokens - r.count for r in active] + [job.params.max_new_tokens - 1]
+        end = max([self.cache.length if active else 0] + [len(j.ids) for j in jobs])
+        need = [r.job.params.max_new_tokens - r.count for r in active] + [j.params.max_new_tokens - 1 for j in jobs]
         return end + max(need) <= self.cache.max_len
 
-    def _start(self, index: int, job: Job) -> None:
-        """Prefill the job alone (as `Llava.generate` does a batch of one), sample its first
-        token, copy its cache row into `index`."""
-        p, device = job.params, self.model.device
-        valid = torch.ones(1, len(job.ids), dtype=torch.bool, device=device)  # [1, T]
-        pixels = job.pixel_values.to(device) if job.pixel_values is not None else None
+    def _start(self, jobs: list[Job]) -> None:
+        """Prefill the jobs as one left-padded batch (as `Llava.generate` does), sample each
+        one's first token with its own parameters, copy their cache rows into free rows."""
+        device, b, t = self.model.device, len(jobs), max(len(j.ids) for j in jobs)
+        ids = torch.full((b, t), self.llava.config.text.pad_token_id or 0, dtype=torch.long)  # [B', T]
+        valid = torch.zeros(b, t, dtype=torch.bool)
+        for i, job in enumerate(jobs):
+            ids[i, t - len(job.ids):], valid[i, t - len(job.ids):] = torch.tensor(job.ids), True
+        present = [j.pixel_values for j in jobs if j.pixel_values is not None]
+        pixels = torch.cat(present).to(device) if present else None  # [N, 3, H, W], row by row
+        valid = valid.to(device)
         try:
-            reduction = make_reduction(job.reduce, self.llava.config)
-            embeds, positions, valid = self.model.prepare(torch.tensor([job.ids], device=device), pixels, valid,
-                                                          positions_from_mask(valid), reduction)  # [1, T', D]
+            reduction = make_reduction(jobs[0].reduce, self.llava.config)
+            embeds, positions, valid = self.model.prepare(ids.to(device), pixels, valid, positions_from_mask(valid),
+                                                          reduction)  # [B', T', D]
         except UserError as e:
-            job.emit(("error", APIError(400, str(e), "messages", "invalid_prompt")))
+            for job in jobs:
+                job.emit(("error", APIError(400, str(e), "messages", "invalid_prompt")))
             return
-        small = self.model.new_cache(1, embeds.shape[1])
+        small = self.model.new_cache(b, embeds.shape[1])
         logits = self.model(embeds, positions, None if bool(valid.all()) else valid, small, True, reduction)[:, -1]
-        generator = None
-        if p.temperature > 0:
-            generator = torch.Generator(device=device)
-            generator.manual_seed(p.seed if p.seed is not None else int(torch.seed() % 2**63))
-        first = int(sample(logits, p, generator)[0])
-        self.cache.insert_row(index, small, reset=not self._active())
-        kept = [int(c[0]) for c in reduction.counts] if reduction is not None else None
-        row = self.rows[index] = _Row(index, job, generator, self.llava, self.eos, int(positions[0, -1]), kept)
-        if row.push(first):
-            self._finish(row)
+        reset = not self._active()
+        for i, job in enumerate(jobs):
+            p, generator = job.params, None
+            if p.temperature > 0:
+                generator = torch.Generator(device=device)
+                generator.manual_seed(p.seed if p.seed is not None else int(torch.seed() % 2**63))
+            first = int(sample(logits[i:i + 1], p, generator)[0])
+            index = self.rows.index(None)
+            self.cache.insert_row(index, small, i, reset=reset and i == 0)
+            kept = [int(c[i]) for c in reduction.counts] if reduction is not None else None
+            row = self.rows[index] = _Row(index, job, generator, self.llava, self.eos, int(positions[i, -1]), kept)
+            if row.push(first):
+                self._finish(row)
 
     def _step(self) -> None:
         """One decode step for all rows (inactive rows compute on a masked dummy token)."""
@@ -246,7 +261,7 @@ class Scheduler:
             fn(*args)
         except Exception:  # a bug or an out-of-memory: report it to the clients, keep the loop alive
             traceback.print_exc(file=sys.stderr)
-            jobs = [r.job for r in self._active()] + [a for a in args if isinstance(a, Job)]
+            jobs = [r.job for r in self._active()] + [j for a in args for j in a]  # args: the jobs being started
             self.rows = [None] * len(self.rows)
             for job in jobs:
                 job.emit(("error", APIError(500, "internal error while generating", None, "internal_error")))
