@@ -52,6 +52,8 @@ import pytest  # noqa: E402
 import fastllava  # noqa: E402
 from fastllava import UserError  # noqa: E402
 from fastllava.cli import main  # noqa: E402
+from fastllava.generation import positions_from_mask  # noqa: E402
+from fastllava.reduction.runtime import make_reduction  # noqa: E402
 from hf_reference import batch_inputs, save_checkpoint, tiny_llava  # noqa: E402
 
 
@@ -60,20 +62,27 @@ def ckpt(tmp_path_factory):
     return save_checkpoint(tiny_llava(seed=5), tmp_path_factory.mktemp("kvq"), "new")
 
 
-def _forced_decode_logits(llava, ids, mask, pixels, tokens):
-    """Prefill, then feed `tokens` [B, N] one by one: logits [B, 1 + N, V] of every step."""
+def _forced_decode_logits(llava, ids, mask, pixels, tokens, reduce=None):
+    """Prefill (with a token reduction if asked), then feed `tokens` [B, N] one by one, as
+    generation does: logits [B, 1 + N, V] of every step, and the cache."""
     m = llava.model
+    reduction = make_reduction(reduce, llava.config)
     valid = mask.bool()
-    embeds = m.embed(ids, m.image_features(pixels))
-    positions = (valid.long().cumsum(-1) - 1).clamp(min=0)
-    cache = m.new_cache(ids.shape[0], ids.shape[1] + tokens.shape[1])
     with torch.inference_mode():
-        out = [m(embeds, positions, valid, cache)[:, -1]]
+        embeds, positions, valid = m.prepare(ids, pixels, valid, positions_from_mask(valid), reduction)
+        cache = m.new_cache(ids.shape[0], ids.shape[1] + tokens.shape[1])
+        out = [m(embeds, positions, valid, cache, True, reduction)[:, -1]]
         pos = positions[:, -1:]
         for i in range(tokens.shape[1]):
             pos = pos + 1
             out.append(m(m.language_model.embed_tokens(tokens[:, i:i + 1]), pos, None, cache)[:, -1])
     return torch.stack(out, 1).float(), cache
+
+
+def _decode_error(ref, got):
+    """RMS error of the decode steps' logits relative to their spread."""
+    ref, got = ref[:, 1:], got[:, 1:]
+    return float((got - ref).norm() / (ref - ref.mean(-1, keepdim=True)).norm())
 
 
 # RMS logit error relative to the fp logits' spread, decode steps only, on the tiny random model
@@ -91,9 +100,7 @@ def test_decode_logits_close_to_fp(ckpt, spec):
     ref, fp_cache = _forced_decode_logits(fp, ids, mask, pixels, tokens)
     got, cache = _forced_decode_logits(fastllava.load(ckpt, device="cpu", kv_cache=spec), ids, mask, pixels, tokens)
     assert torch.allclose(got[:, 0], ref[:, 0], atol=1e-5)  # the prefill attends in full precision
-    err = (got - ref)[:, 1:]
-    rel = float(err.norm() / (ref[:, 1:] - ref[:, 1:].mean(-1, keepdim=True)).norm())
-    assert 0 < rel < DECODE_TOLERANCE[spec]
+    assert 0 < _decode_error(ref, got) < DECODE_TOLERANCE[spec]
     assert cache.nbytes < fp_cache.nbytes
 
 
@@ -125,3 +132,20 @@ def test_cli_run_with_quantization(ckpt, capsys):
     assert main(args + ["--kv-cache", "kivi:bits=5"]) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "bits must be 2 or 4" in err
+
+
+@pytest.mark.parametrize("reduce", ["fastv:keep=4,layer=1", "pdrop:keep=8", "visionzip:keep=8,contextual=2"])
+def test_composes_with_token_reduction(ckpt, reduce):
+    """Reduction inside the LLM leaves later layers with fewer slots (cache stages); each layer's
+    quantized sequence follows its own length, and decode stays as close to fp as without reduction."""
+    ids, mask, pixels = batch_inputs(16)
+    fp = fastllava.load(ckpt, device="cpu")
+    spec = "kivi:bits=4,group=4,residual=4"
+    tokens = fp.generate_ids(ids, pixels, mask, max_new_tokens=16, eos_token_id=None, reduce=reduce)
+    ref, fp_cache = _forced_decode_logits(fp, ids, mask, pixels, tokens, reduce)
+    got, cache = _forced_decode_logits(fastllava.load(ckpt, device="cpu", kv_cache=spec), ids, mask, pixels,
+                                       tokens, reduce)
+    assert cache.lengths == fp_cache.lengths
+    if not reduce.startswith("visionzip"):
+        assert cache.lengths[-1] < cache.lengths[0]  # a compact stage after the cut
+    assert 0 < _decode_error(ref, got) < 0.03
