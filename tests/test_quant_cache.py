@@ -149,3 +149,19 @@ def test_composes_with_token_reduction(ckpt, reduce):
     if not reduce.startswith("visionzip"):
         assert cache.lengths[-1] < cache.lengths[0]  # a compact stage after the cut
     assert 0 < _decode_error(ref, got) < 0.03
+
+
+def test_bench_takes_quantization(tmp_path, capsys):
+    def run(*extra):
+        out = tmp_path / "-".join(extra or ("fp",)).replace(":", "_")
+        assert main(["bench", "--preset", "tiny", "--device", "cpu", "--repeats", "1", "--warmup", "0",
+                     "--new-tokens", "3", "--out", str(out), *extra]) == 0
+        return json.loads((out / "bench.json").read_text())
+    fp = run()
+    q = run("--kv-cache", "kivi:bits=2", "--weights", "int4:group=32")
+    assert q["settings"]["kv_cache"] == "kivi:bits=2,group=32,residual=128"
+    assert q["settings"]["weights"] == "int4:group=32" and fp["settings"]["weights"] == "fp"
+    assert q["cases"][0]["ours"]["kv_cache_bytes"] < 0.5 * fp["cases"][0]["ours"]["kv_cache_bytes"]
+    capsys.readouterr()
+    assert main(["bench", "--preset", "tiny", "--weights", "int8", "--compare", "hf", "--out", str(tmp_path)]) == 2
+    assert "leave out --weights" in capsys.readouterr().err

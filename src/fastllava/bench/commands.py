@@ -6,7 +6,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from ..cli_args import add_model_args, positive_int
+from ..cli_args import add_model_args, add_quant_args, load_options, positive_int
 from ..errors import UserError
 from ..evaluation.progress import Progress
 from .presets import PRESETS
@@ -25,6 +25,7 @@ def _int_list(text: str) -> list[int]:
 def add_bench_parser(subparsers) -> argparse.ArgumentParser:
     p = subparsers.add_parser("bench", help="time to first token, decode speed and memory; optionally vs transformers")
     add_model_args(p)
+    add_quant_args(p)
     p.add_argument("--preset", choices=sorted(PRESETS),
                    help="random weights at a real model's shapes instead of --model (no download)")
     p.add_argument("--keep", type=_int_list, help="visual tokens kept per image, comma-separated "
@@ -46,6 +47,8 @@ def cmd_bench(args: argparse.Namespace) -> int:
     import torch
 
     from ..checkpoint import resolve_device, resolve_dtype
+    from ..quant import parse_kv_cache, parse_weights
+    from ..quant.weights import quantize_weights
     from .measure import Case, hf_twin, time_hf, time_ours
     from .presets import preset_config, random_model
     from .report import environment, table, write
@@ -54,14 +57,19 @@ def cmd_bench(args: argparse.Namespace) -> int:
         raise UserError(f"--warmup must be >= 0, got {args.warmup}")
     if args.preset and args.model:
         raise UserError("give --preset or --model, not both")
+    weights, kv_cache = parse_weights(args.weights), parse_kv_cache(args.kv_cache)  # fail before building
+    if args.compare and (weights or kv_cache):
+        raise UserError("--compare hf times transformers on the same weights: leave out --weights and --kv-cache")
     if args.preset:
         device = resolve_device(args.device)
         model = random_model(preset_config(args.preset), device, resolve_dtype(args.dtype, device), args.seed)
+        quantize_weights(model, weights)
+        model.kv_cache = kv_cache
         name = f"preset {args.preset}"
     else:
         from .. import load
 
-        llava = load(args.model, device=args.device, dtype=args.dtype)
+        llava = load(args.model, **load_options(args))
         model, name = llava.model, str(llava.path)
     n_img = model.cfg.image_features_per_image
     keeps = args.keep or [n_img]
@@ -87,7 +95,8 @@ def cmd_bench(args: argparse.Namespace) -> int:
                 bar.update(1)
     report = {"model": name, "dtype": str(model.dtype).replace("torch.", ""), "environment": environment(model.device),
               "settings": {"text_tokens": args.text_tokens, "new_tokens": args.new_tokens, "repeats": args.repeats,
-                           "warmup": args.warmup, "reduce": args.reduce, "seed": args.seed},
+                           "warmup": args.warmup, "reduce": args.reduce, "seed": args.seed,
+                           "weights": str(weights or "fp"), "kv_cache": str(kv_cache or "fp")},
               "cases": cases}
     files = write(Path(args.out).expanduser(), report)
     print(table(cases))
