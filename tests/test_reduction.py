@@ -145,3 +145,16 @@ def test_bad_specs_are_one_line_user_errors(model, spec, words):
     assert "\n" not in message
     for w in words:
         assert w in message
+
+
+@pytest.mark.parametrize("spec", ["fastervlm:keep=17", "visionzip:keep=17", "fastv:keep=17", "sparsevlm:keep=17"])
+def test_full_budget_with_class_token_feature_and_one_kv_head(tmp_path, spec):
+    hf = tiny_llava(kv_heads=1, strategy="full", feature_layer=[-3, -1], seed=7)
+    ours = fastllava.load(save_checkpoint(hf, tmp_path / "full", "new"), device="cpu", dtype="float32")
+    ids, mask, pixels = batch_inputs(P + 1)
+    positions = positions_from_mask(mask)
+    ref = ours.logits(ids, pixels, mask, positions)
+    got = ours.logits(ids, pixels, mask, positions, reduce=spec)
+    assert (got[mask.bool()] - ref[mask.bool()]).abs().max() <= 1e-5
+    fewer = ours.logits(ids, pixels, mask, positions, reduce=spec.replace("17", "6"))
+    assert fewer.shape[1] == ids.shape[1] - (P + 1 - 6)

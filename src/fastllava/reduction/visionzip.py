@@ -53,6 +53,8 @@ class VisionZip(Method):
         r = rest.shape[1]
         if n_ctx >= r:  # every remaining patch fits: nothing to merge
             return Selection(dominant | ~dominant)
+        if n_ctx == 0:
+            return Selection(dominant)
         step = max(r // n_ctx, 1)
         pick = torch.arange(0, r, step, device=rest.device)[:n_ctx]  # [C] evenly spaced targets
         keys = F.normalize(ctx.keys.float().gather(1, rest[..., None].expand(-1, -1, ctx.keys.shape[-1])), dim=-1)
