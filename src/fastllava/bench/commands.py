@@ -49,6 +49,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
     from ..checkpoint import resolve_device, resolve_dtype
     from ..quant import parse_kv_cache, parse_weights
     from ..quant.weights import quantize_weights
+    from ..reduction.runtime import make_reduction
     from .measure import Case, hf_twin, time_hf, time_ours
     from .presets import preset_config, random_model
     from .report import environment, table, write
@@ -76,13 +77,16 @@ def cmd_bench(args: argparse.Namespace) -> int:
     too_many = [k for k in keeps if k > n_img]
     if too_many:
         raise UserError(f"--keep {too_many[0]} is more than the {n_img} visual tokens of an image")
+    specs = {k: None if k == n_img else f"{args.reduce}:keep={k}" for k in keeps}
+    for spec in specs.values():
+        make_reduction(spec, model.cfg)  # a bad method or budget fails before any timing
     hf = hf_twin(model) if args.compare == "hf" else None
     cases = []
     with Progress("bench", len(keeps) * len(args.batch_size)) as bar:
         for batch in args.batch_size:
             for keep in sorted(set(keeps), reverse=True):
                 case = Case(batch, None if keep == n_img else keep, args.text_tokens, args.new_tokens)
-                reduce = None if case.keep is None else f"{args.reduce}:keep={keep}"
+                reduce = specs[keep]
                 ours = time_ours(model, case, reduce, args.repeats, args.warmup)
                 row = {"batch": batch, "visual_tokens": keep, "reduce": reduce, "ours": _plain(ours)}
                 if hf is not None and case.keep is None:

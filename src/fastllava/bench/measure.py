@@ -11,6 +11,7 @@ import torch
 
 from ..generation import SamplingParams, StepTimes, decode_steps
 from ..models.llava import LlavaModel
+from ..reduction.runtime import make_reduction
 
 TEXT_BEFORE_IMAGE = 5  # "<s> USER: ..." as in the reference figures: 5 text + image + the rest
 
@@ -75,7 +76,8 @@ def time_ours(model: LlavaModel, case: Case, reduce: str | None, repeats: int, w
         _reset_peak(device)
         times = StepTimes()
         finished = torch.zeros(case.batch, dtype=torch.bool)
-        steps = [t for t in decode_steps(model, ids, mask, pixels, params, [], finished, times, **_reduce_kw(reduce))]
+        reduction = make_reduction(reduce, model.cfg)
+        steps = list(decode_steps(model, ids, mask, pixels, params, [], finished, times, reduction))
         if i < warmup:
             continue
         tokens = torch.stack(steps, dim=1)
@@ -86,10 +88,6 @@ def time_ours(model: LlavaModel, case: Case, reduce: str | None, repeats: int, w
             "peak_bytes": _peak(device), "kv_cache_bytes": times.kv_cache_bytes,
         })
     return {**_medians(runs), "tokens": tokens}
-
-
-def _reduce_kw(reduce: str | None) -> dict:
-    return {} if reduce is None else {"reduce": reduce}
 
 
 def _medians(runs: list[dict]) -> dict:
