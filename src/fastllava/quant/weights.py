@@ -91,10 +91,6 @@ def _replace(module: nn.Module, spec: WeightSpec) -> None:
 
 
 def parameter_bytes(model: nn.Module) -> int:
-    """Bytes of every parameter and buffer, shared tensors counted once."""
-    seen, total = set(), 0
-    for t in list(model.parameters()) + list(model.buffers()):
-        if t.data_ptr() not in seen:
-            seen.add(t.data_ptr())
-            total += t.numel() * t.element_size()
-    return total
+    """Bytes of every parameter and buffer (a tied weight counted once)."""
+    tensors = {id(t): t for t in list(model.parameters()) + list(model.buffers())}
+    return sum(t.numel() * t.element_size() for t in tensors.values())
