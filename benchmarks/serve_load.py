@@ -44,6 +44,7 @@ def main(argv=None) -> int:
     p.add_argument("--requests", type=int, default=64, help="requests in all")
     p.add_argument("--max-tokens", type=int, default=32)
     p.add_argument("--temperature", type=float, default=0.0)
+    p.add_argument("--ignore-eos", action="store_true", help="every answer runs to --max-tokens (decode-heavy load)")
     p.add_argument("--images", default=str(ROOT / "examples"), help="folder of .png/.jpg images to cycle through")
     p.add_argument("--json", action="store_true", help="print one JSON object")
     args = p.parse_args(argv)
@@ -61,7 +62,7 @@ def main(argv=None) -> int:
         if server is not None:
             server.terminate()
             server.wait(30)
-    report.update(clients=args.clients, requests=args.requests, max_tokens=args.max_tokens,
+    report.update(clients=args.clients, requests=args.requests, max_tokens=args.max_tokens, ignore_eos=args.ignore_eos,
                   max_batch_size=None if args.url else args.max_batch_size)
     print(json.dumps(report) if args.json else "\n".join(f"{k:>22}: {v}" for k, v in report.items()))
     return 0 if report["errors"] == {} else 1
@@ -116,7 +117,7 @@ def run_load(url: str, args, image_urls: list[str]) -> dict:
 
     def one(i: int) -> None:
         body = {"model": model_id, "stream": True, "stream_options": {"include_usage": True},
-                "max_tokens": args.max_tokens, "temperature": args.temperature,
+                "max_tokens": args.max_tokens, "temperature": args.temperature, "ignore_eos": args.ignore_eos,
                 "messages": [{"role": "user", "content": [
                     {"type": "image_url", "image_url": {"url": image_urls[i % len(image_urls)]}},
                     {"type": "text", "text": PROMPTS[(i // len(image_urls)) % len(PROMPTS)]}]}]}

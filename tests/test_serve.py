@@ -82,6 +82,15 @@ def test_stop_strings_and_text_only(client, llava):
     assert r.choices[0].message.content == ref.text and r.usage.prompt_tokens_details.image_tokens == 0
 
 
+def test_ignore_eos_runs_to_max_tokens(client, llava):
+    img = random_image(4)
+    r = _ask(client, 4, "describe it .", max_tokens=40, temperature=0, extra_body={"ignore_eos": True})
+    ids, mask, pixels = llava.encode([img], ["describe it ."])
+    ref = llava.generate_ids(ids, pixels, mask, max_new_tokens=40, eos_token_id=None)[0].tolist()
+    assert r.usage.completion_tokens == 40 and r.choices[0].finish_reason == "length"
+    assert r.choices[0].message.content == llava.prompts.decode(ref)
+
+
 def test_64_concurrent_requests_equal_one_at_a_time(client, llava, base):
     jobs = []  # (seed, prompt, kwargs): varied lengths, stops and sampling so rows come and go mid-decode
     for i in range(64):

@@ -97,7 +97,7 @@ def create_app(llava: Llava, settings: Settings) -> FastAPI:
             except RuntimeError:  # the event loop is closed
                 pass
 
-        job = Job(ids, pixel_values, params, req.stream, emit, reduce)
+        job = Job(ids, pixel_values, params, req.stream, emit, reduce, req.ignore_eos)
         try:
             scheduler.submit(job)
         except Busy as e:

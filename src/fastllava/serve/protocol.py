@@ -17,7 +17,7 @@ OFF_VALUES = {"n": (1,), "frequency_penalty": (0,), "presence_penalty": (0,), "l
               "top_logprobs": (0,), "logit_bias": ({},), "tools": ([],), "tool_choice": ("none", "auto"),
               "functions": ([],), "modalities": (["text"],)}
 HANDLED = {"model", "messages", "max_tokens", "max_completion_tokens", "temperature", "top_p", "top_k",
-           "seed", "stop", "stream", "reduce", "response_format"}
+           "seed", "stop", "stream", "reduce", "response_format", "ignore_eos"}
 MAX_STOPS, MAX_STOP_CHARS = 4, 256
 
 
@@ -41,6 +41,7 @@ class ChatRequest:
     stream: bool = False
     include_usage: bool = False
     reduce: str | None = None
+    ignore_eos: bool = False  # generate max_tokens whatever comes (for load tests)
 
 
 def parse_json(body: bytes) -> dict:
@@ -87,7 +88,8 @@ def parse_chat(d: dict, max_images: int) -> ChatRequest:
         raise invalid(f"seed must be in [0, 2**63), got {seed}", "seed")
     return ChatRequest(model=_get(d, "model", str), prompt=prompt, images=images, max_tokens=max_tokens,
                        temperature=temperature, top_p=top_p, top_k=top_k, seed=seed, stop=_stops(d),
-                       stream=stream, include_usage=bool(include_usage), reduce=_get(d, "reduce", str))
+                       stream=stream, include_usage=bool(include_usage), reduce=_get(d, "reduce", str),
+                       ignore_eos=bool(_get(d, "ignore_eos", bool)))
 
 
 def _messages(messages, max_images: int) -> tuple[str, list[ImageRef]]:

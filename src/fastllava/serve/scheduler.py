@@ -35,6 +35,7 @@ class Job:
     stream: bool  # emit text deltas as they are produced
     emit: Callable[[tuple], None]  # ("delta", str) | ("done", Finish) | ("error", APIError)
     reduce: str | None = None  # a token-reduction spec, applied at prefill
+    ignore_eos: bool = False  # run to max_new_tokens (load tests)
     cancelled: bool = False
 
 
@@ -218,7 +219,8 @@ class Scheduler:
             index = self.rows.index(None)
             self.cache.insert_row(index, small, i, reset=reset and i == 0)
             kept = [int(c[i]) for c in reduction.counts] if reduction is not None else None
-            row = self.rows[index] = _Row(index, job, generator, self.llava, self.eos, int(positions[i, -1]), kept)
+            eos = set() if job.ignore_eos else self.eos
+            row = self.rows[index] = _Row(index, job, generator, self.llava, eos, int(positions[i, -1]), kept)
             if row.push(first):
                 self._finish(row)
 
