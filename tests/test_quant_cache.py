@@ -1,9 +1,21 @@
 """The quantized KV cache: the memory it allocates and the StaticKVCache interface it keeps."""
 
+import json
+from pathlib import Path
+
+import pytest
 import torch
 
+import fastllava
+from fastllava import UserError
+from fastllava.cli import main
+from fastllava.evaluation.tokenizer import build_word_tokenizer
+from fastllava.generation import positions_from_mask
 from fastllava.kvcache import StaticKVCache
 from fastllava.quant.kvcache import new_kv_cache
+from fastllava.reduction.runtime import make_reduction
+from hf_reference import IMAGE_TOKEN, VOCAB, batch_inputs, save_checkpoint, tiny_llava
+from test_engine import WORDS
 from test_quant_kv import _keys, _ones
 
 
@@ -44,18 +56,6 @@ def test_quantized_cache_interface_matches_static():
 
 
 # ---- the quantized cache inside the model ----
-
-import json  # noqa: E402
-from pathlib import Path  # noqa: E402
-
-import pytest  # noqa: E402
-
-import fastllava  # noqa: E402
-from fastllava import UserError  # noqa: E402
-from fastllava.cli import main  # noqa: E402
-from fastllava.generation import positions_from_mask  # noqa: E402
-from fastllava.reduction.runtime import make_reduction  # noqa: E402
-from hf_reference import batch_inputs, save_checkpoint, tiny_llava  # noqa: E402
 
 
 @pytest.fixture(scope="module")
@@ -119,10 +119,6 @@ def test_bad_kv_cache_fails_before_loading(tmp_path):
 
 
 def test_cli_run_with_quantization(ckpt, capsys):
-    from test_engine import WORDS  # noqa: F401  (tokenizer words of the engine tests)
-    from fastllava.evaluation.tokenizer import build_word_tokenizer
-    from hf_reference import IMAGE_TOKEN, VOCAB
-
     build_word_tokenizer(WORDS, image_token_id=IMAGE_TOKEN, vocab_size=VOCAB).save(str(ckpt / "tokenizer.json"))
     args = ["run", "--model", str(ckpt), "--prompt", "describe it .", "--max-new-tokens", "40", "--json"]
     assert main(args + ["--kv-cache", "kivi:bits=2,group=4,residual=4", "--weights", "int8"]) == 0
