@@ -232,7 +232,8 @@ def test_cli_serve_defaults_and_errors(tmp_path):
     assert (args.host, args.port, args.api_key, args.allow_http_images, args.allow_file_images) == \
         ("127.0.0.1", 8000, None, False, None)
     for bad, says in ((["--allow-file-images", str(tmp_path / "none")], "is not a folder"),
-                      (["--reduce", "nosuch"], "--reduce"), (["--port", "0"], "--port")):
+                      (["--reduce", "nosuch"], "--reduce"), (["--port", "0"], "--port"),
+                      (["--kv-cache", "kivi"], "--kv-cache")):
         r = subprocess.run([sys.executable, "-m", "fastllava.cli", "serve", *bad], capture_output=True, text=True,
                            timeout=300)
         assert r.returncode == 2 and says in r.stderr and len(r.stderr.strip().splitlines()) == 1, r.stderr

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from ..cli_args import add_model_args, positive_int
+from ..cli_args import add_model_args, add_quant_args, load_options, positive_int
 from ..errors import UserError
 from .settings import Limits, Settings
 
@@ -13,6 +13,7 @@ from .settings import Limits, Settings
 def add_serve_parser(sub) -> None:
     p = sub.add_parser("serve", help="OpenAI-compatible HTTP server (POST /v1/chat/completions)")
     add_model_args(p)
+    add_quant_args(p)
     p.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1, this machine only)")
     p.add_argument("--port", type=int, default=8000)
     p.add_argument("--api-key", help="require 'Authorization: Bearer KEY' (default: no key)")
@@ -48,6 +49,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     import uvicorn
 
     from .. import load
+    from ..quant.spec import parse_kv_cache
     from ..reduction.runtime import make_reduction
     from .app import create_app
 
@@ -55,7 +57,11 @@ def cmd_serve(args: argparse.Namespace) -> int:
         raise UserError(f"--port must be in 1..65535, got {args.port}")
     if args.allow_file_images and not Path(args.allow_file_images).expanduser().is_dir():
         raise UserError(f"--allow-file-images: {args.allow_file_images} is not a folder")
-    llava = load(args.model, device=args.device, dtype=args.dtype)
+    kv = parse_kv_cache(args.kv_cache)
+    if kv is not None:
+        raise UserError(f"--kv-cache {kv}: a quantized cache cannot take requests into a running batch yet; "
+                        "serve keeps the full-precision cache")
+    llava = load(args.model, **load_options(args))
     try:
         make_reduction(args.reduce, llava.config)
     except UserError as e:
