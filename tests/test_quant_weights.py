@@ -1,6 +1,8 @@
 """Weight-only int8 / int4 quantization: per-layer error bounds, packed memory, and a tiny
 model whose logits stay close to full precision."""
 
+from pathlib import Path
+
 import pytest
 import torch
 from torch import nn
@@ -31,17 +33,21 @@ def test_int8_per_channel_symmetric_bound():
     assert torch.allclose(q(x), x @ q.dequantize().T + lin.bias, atol=1e-4)  # fused CPU kernel = definition
 
 
-@pytest.mark.parametrize("group", [32, 128])
-def test_int4_groupwise_asymmetric_bound(group):
-    lin = _linear()
+@pytest.mark.parametrize("group,n,kernel", [(32, 96, True), (128, 96, True), (32, 100, False), (16, 96, False)])
+def test_int4_groupwise_asymmetric_bound(group, n, kernel):
+    """Both layouts: PyTorch's CPU int4 kernel (groups 32..256, N a multiple of 16) and plain
+    nibbles dequantized per call."""
+    lin = _linear(n=n)
     q = QuantLinear(lin, parse_weights(f"int4:group={group}"))
-    assert q.qweight.dtype == torch.uint8 and q.qweight.shape == (96, 128)  # two weights a byte
-    assert q.scale.shape == q.minimum.shape == (96, 256 // group)
-    w = lin.weight.detach().view(96, -1, group)
+    assert q.cpu_kernel == kernel
+    assert q.qweight.dtype == torch.uint8 and q.qweight.shape == (n, 128)  # two weights a byte
+    params = q.scale_zero.numel() if kernel else q.scale.numel() + q.minimum.numel()
+    assert params == 2 * n * 256 // group
+    w = lin.weight.detach().view(n, -1, group)
     step = (w.amax(-1, keepdim=True) - w.amin(-1, keepdim=True)) / 15
-    assert bool(((q.dequantize().view_as(w) - w).abs() <= step / 2 + 1e-6).all())
-    x = torch.randn(3, 256)
-    assert torch.allclose(q(x), x @ q.dequantize().T + lin.bias, atol=1e-5)
+    assert bool(((q.dequantize().view_as(w) - w).abs() <= step / 2 + 1e-5).all())
+    x = torch.randn(2, 3, 256)
+    assert torch.allclose(q(x), x @ q.dequantize().T + lin.bias, atol=1e-4)
 
 
 def test_int4_group_must_divide_the_inputs():
@@ -91,3 +97,18 @@ def test_tiny_model_logits_close_to_fp_and_memory_shrinks(ckpt, spec):
 def test_bad_weights_fail_before_loading(tmp_path):
     with pytest.raises(UserError, match="unknown weights"):
         fastllava.load(tmp_path / "missing", weights="int2")
+
+
+def test_embedded_model_weights_close_to_fp():
+    """The embedded model (widths multiples of 128: int4 runs through PyTorch's CPU kernel):
+    RMS logit error relative to the fp logits' spread over a prompt with an image. Measured on the
+    v0 model: int8 0.003, int4 0.026 (re-measure after retraining)."""
+    image = Path(__file__).parent.parent / "examples" / "shapes_2.png"
+    fp = fastllava.load(device="cpu")
+    ids, mask, pixels = fp.encode([image], ["What color is the circle nearest to the blue square? Answer with one word."])
+    ref = fp.logits(ids, pixels, mask)[0]
+    for spec, tolerance in (("int8", 0.01), ("int4", 0.06)):
+        q = fastllava.load(device="cpu", weights=spec)
+        assert all(m.cpu_kernel for m in q.model.modules() if isinstance(m, QuantLinear) and m.bits == 4)
+        got = q.logits(ids, pixels, mask)[0]
+        assert 0 < float((got - ref).norm() / (ref - ref.mean(-1, keepdim=True)).norm()) < tolerance

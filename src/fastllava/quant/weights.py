@@ -19,9 +19,17 @@ from .quantizers import minmax_decode, minmax_encode, minmax_params
 from .spec import WeightSpec, parse_weights
 
 
+def _cpu_int4_kernel(w: torch.Tensor, group: int) -> bool:
+    """Whether PyTorch's CPU int4 matmul takes this weight [N, K] and group."""
+    return (w.device.type == "cpu" and group in (32, 64, 128, 256) and w.shape[0] % 16 == 0
+            and hasattr(torch.ops.aten, "_weight_int4pack_mm_for_cpu"))
+
+
 class QuantLinear(nn.Module):
-    """y = x W^T + b with W [N, K] stored as int8 [N, K] + scale [N], or as int4 nibbles
-    [N, K/2] + scale and min [N, K/group]. `splits` (from FusedLinear) keeps forward_split."""
+    """y = x W^T + b with W [N, K] stored as int8 [N, K] + scale [N], or as int4, two codes a
+    byte [N, K/2], + scale and min [N, K/group]. On the CPU, where its kernel takes the shape, int4
+    is stored in the layout of `_weight_int4pack_mm_for_cpu` instead (same bytes; scale and
+    zero = min + 8 * scale as [K/group, N, 2]). `splits` (from FusedLinear) keeps forward_split."""
 
     def __init__(self, linear: nn.Linear, spec: WeightSpec):
         super().__init__()
@@ -42,25 +50,42 @@ class QuantLinear(nn.Module):
             wg = w.float().view(self.out_features, -1, self.group)  # [N, K/G, G]
             scale, mn = minmax_params(wg, -1, 4)  # [N, K/G, 1]
             codes = minmax_encode(wg, scale, mn, 4).view(self.out_features, self.in_features)
-            self.register_buffer("qweight", pack_bits(codes, 4))  # [N, K/2]
-            self.register_buffer("scale", scale[..., 0].to(dtype))
-            self.register_buffer("minimum", mn[..., 0].to(dtype))
+            self.cpu_kernel = _cpu_int4_kernel(w, self.group)
+            if self.cpu_kernel:
+                packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(codes.to(torch.int32), 1)  # [N, K/2]
+                self.register_buffer("qweight", packed)
+                zero = mn + 8 * scale  # the kernel computes (q - 8) * scale + zero
+                self.register_buffer("scale_zero", torch.stack([scale[..., 0].T, zero[..., 0].T], -1).to(dtype))
+            else:
+                self.register_buffer("qweight", pack_bits(codes, 4))  # [N, K/2]
+                self.register_buffer("scale", scale[..., 0].to(dtype))
+                self.register_buffer("minimum", mn[..., 0].to(dtype))
         self.bias = None if linear.bias is None else nn.Parameter(linear.bias.detach().clone(), requires_grad=False)
 
     def dequantize(self) -> torch.Tensor:
         """The weight [N, K] as the layer computes with it, in the scales' dtype."""
         if self.bits == 8:
             return (self.qweight.float() * self.scale.float()[:, None]).to(self.scale.dtype)
+        if self.cpu_kernel:  # W^T = I W^T, through the kernel itself
+            return self._int4_cpu(torch.eye(self.in_features, dtype=self.scale_zero.dtype)).T.contiguous()
         codes = unpack_bits(self.qweight, 4, self.in_features).view(self.out_features, -1, self.group)
         w = minmax_decode(codes, self.scale[..., None], self.minimum[..., None])
         return w.view(self.out_features, self.in_features).to(self.scale.dtype)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        flat = x.reshape(-1, self.in_features)  # [M, K]
         if self.bits == 8 and x.device.type == "cpu" and x.dtype == self.scale.dtype:
-            y = torch._weight_int8pack_mm(x.reshape(-1, self.in_features), self.qweight, self.scale)
-            y = y.view(*x.shape[:-1], self.out_features)
-            return y if self.bias is None else y + self.bias
-        return F.linear(x, self.dequantize().to(x.dtype), self.bias)
+            y = torch._weight_int8pack_mm(flat, self.qweight, self.scale)
+        elif self.bits == 4 and self.cpu_kernel:
+            y = self._int4_cpu(flat.to(self.scale_zero.dtype)).to(x.dtype)
+        else:
+            y = F.linear(flat, self.dequantize().to(x.dtype))
+        y = y.view(*x.shape[:-1], self.out_features)
+        return y if self.bias is None else y + self.bias
+
+    def _int4_cpu(self, x: torch.Tensor) -> torch.Tensor:
+        """x [M, K] -> x W^T [M, N] with PyTorch's CPU int4 kernel."""
+        return torch.ops.aten._weight_int4pack_mm_for_cpu(x, self.qweight, self.group, self.scale_zero)
 
     def forward_split(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
         return self(x).split(self.splits, dim=-1)
