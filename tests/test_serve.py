@@ -75,6 +75,8 @@ def test_stop_strings_and_text_only(client, llava):
     r = _ask(client, 3, "describe it .", max_tokens=20, temperature=0, stop=[words[2]])
     ref = llava.generate(images=[random_image(3)], prompts=["describe it ."], max_new_tokens=20, stop=[words[2]])[0]
     assert (r.choices[0].message.content, r.choices[0].finish_reason) == (ref.text, "stop")
+    tiny = _ask(client, 3, "describe it .", max_tokens=20, temperature=1e-300, seed=1)  # as greedy, not NaN
+    assert tiny.choices[0].message.content == full.text
     r = client.chat.completions.create(model="tiny", temperature=0, max_tokens=10,
                                        messages=[{"role": "system", "content": "red"},
                                                  {"role": "user", "content": "what is it ?"}])

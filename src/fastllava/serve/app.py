@@ -24,8 +24,12 @@ from .responses import DONE, Completion, model_card, sse
 from .scheduler import Busy, Job, Scheduler
 from .settings import Settings
 
+MIN_TEMPERATURE = 1e-4  # lower temperatures are greedy (dividing logits by less overflows)
+
 
 def create_app(llava: Llava, settings: Settings) -> FastAPI:
+    if llava.prompts is None:
+        raise UserError("this checkpoint has no tokenizer.json, so it cannot serve chat requests")
     ctx = min(settings.max_len, llava.config.text.max_position_embeddings)
     scheduler = Scheduler(llava, settings.max_batch_size, settings.max_queue, ctx)
     created = int(time.time())
@@ -86,6 +90,7 @@ def create_app(llava: Llava, settings: Settings) -> FastAPI:
         check_model(req.model, settings.model_id)
         reduce = req.reduce or settings.reduce
         check_reduce(reduce, llava.config)
+        _busy(scheduler.check_room)  # before decoding images: a flood is refused cheaply
         ids, pixel_values, params = await run_in_threadpool(_prepare, llava, settings, ctx, req)
         n_images = len(req.images)
         info = Completion(settings.model_id, len(ids), n_images * llava.config.image_features_per_image)
@@ -98,16 +103,20 @@ def create_app(llava: Llava, settings: Settings) -> FastAPI:
                 pass
 
         job = Job(ids, pixel_values, params, req.stream, emit, reduce, req.ignore_eos)
-        try:
-            scheduler.submit(job)
-        except Busy as e:
-            raise APIError(e.status, str(e), None, "server_busy" if e.status == 429 else "shutting_down") from None
+        _busy(scheduler.submit, job)
         if req.stream:
             return StreamingResponse(_stream(events, job, scheduler, info, req.include_usage),
                                      media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
         return JSONResponse(info.message(await _result(events, job, scheduler, request)))
 
     return app
+
+
+def _busy(fn, *args) -> None:
+    try:
+        fn(*args)
+    except Busy as e:
+        raise APIError(e.status, str(e), None, "server_busy" if e.status == 429 else "shutting_down") from None
 
 
 def _prepare(llava: Llava, settings: Settings, ctx: int, req: ChatRequest):
@@ -129,7 +138,8 @@ def _prepare(llava: Llava, settings: Settings, ctx: int, req: ChatRequest):
     if t + max_tokens > ctx:
         raise invalid(f"the prompt ({t} tokens) plus max_tokens ({max_tokens}) is over the context of {ctx} tokens",
                       "max_tokens", "context_length_exceeded")
-    params = SamplingParams(max_tokens, req.temperature, req.top_p, req.top_k, req.seed, req.stop).validate()
+    temperature = req.temperature if req.temperature >= MIN_TEMPERATURE else 0.0  # below: greedy, not inf/NaN
+    params = SamplingParams(max_tokens, temperature, req.top_p, req.top_k, req.seed, req.stop).validate()
     pixel_values = llava.processor(images) if images else None  # [N, 3, H, W]
     return ids, pixel_values, params
 

@@ -122,13 +122,17 @@ class Scheduler:
             self._cond.notify()
         self._thread.join()
 
+    def check_room(self) -> None:
+        """Raise Busy (429 when the queue is full, 503 when shutting down) if a job would be refused."""
+        if self._stopping:
+            raise Busy(503, "the server is shutting down")
+        if len(self.waiting) >= self.max_queue:
+            raise Busy(429, f"the server is busy ({len(self.waiting)} requests waiting); retry later")
+
     def submit(self, job: Job) -> None:
-        """Queue a job, or raise Busy (429 when the queue is full, 503 when shutting down)."""
+        """Queue a job, or raise Busy (see check_room)."""
         with self._cond:
-            if self._stopping:
-                raise Busy(503, "the server is shutting down")
-            if len(self.waiting) >= self.max_queue:
-                raise Busy(429, f"the server is busy ({len(self.waiting)} requests waiting); retry later")
+            self.check_room()
             self.waiting.append(job)
             self._cond.notify()
 
