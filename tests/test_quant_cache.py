@@ -3,6 +3,7 @@
 import json
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -60,7 +61,9 @@ def test_quantized_cache_interface_matches_static():
 
 @pytest.fixture(scope="module")
 def ckpt(tmp_path_factory):
-    return save_checkpoint(tiny_llava(seed=5), tmp_path_factory.mktemp("kvq"), "new")
+    path = save_checkpoint(tiny_llava(seed=5), tmp_path_factory.mktemp("kvq"), "new")
+    build_word_tokenizer(WORDS, image_token_id=IMAGE_TOKEN, vocab_size=VOCAB).save(str(path / "tokenizer.json"))
+    return path
 
 
 def _forced_decode_logits(llava, ids, mask, pixels, tokens, reduce=None):
@@ -70,8 +73,10 @@ def _forced_decode_logits(llava, ids, mask, pixels, tokens, reduce=None):
     reduction = make_reduction(reduce, llava.config)
     valid = mask.bool()
     with torch.inference_mode():
+        visual = (ids == m.cfg.image_token_index) & valid
         embeds, positions, valid = m.prepare(ids, pixels, valid, positions_from_mask(valid), reduction)
         cache = m.new_cache(ids.shape[0], ids.shape[1] + tokens.shape[1])
+        cache.prompt(embeds, reduction.visual if reduction is not None else visual, valid)
         out = [m(embeds, positions, valid, cache, True, reduction)[:, -1]]
         pos = positions[:, -1:]
         for i in range(tokens.shape[1]):
@@ -119,7 +124,6 @@ def test_bad_kv_cache_fails_before_loading(tmp_path):
 
 
 def test_cli_run_with_quantization(ckpt, capsys):
-    build_word_tokenizer(WORDS, image_token_id=IMAGE_TOKEN, vocab_size=VOCAB).save(str(ckpt / "tokenizer.json"))
     args = ["run", "--model", str(ckpt), "--prompt", "describe it .", "--max-new-tokens", "40", "--json"]
     assert main(args + ["--kv-cache", "kivi:bits=2,group=4,residual=4", "--weights", "int8"]) == 0
     quant = json.loads(capsys.readouterr().out)
@@ -177,3 +181,51 @@ def test_embedded_model_kivi4_decode_close_to_fp():
     got, cache = _forced_decode_logits(fastllava.load(device="cpu", kv_cache="kivi:bits=4"), ids, mask, pixels, tokens)
     assert 0 < _decode_error(ref, got) < 0.06
     assert cache.nbytes < 0.45 * fp_cache.nbytes
+
+
+def test_vidkv_salient_values_keep_two_bits():
+    """Salient slots read their 2-bit values instead of ternary ones once quantized; the rest is
+    unchanged, and the side store is counted in nbytes."""
+    b, h, t, d = 2, 2, 64, 16
+    v = _keys(b=b, h=h, n=t, d=d)
+    embeds = torch.randn(b, t, 8)
+    visual = torch.zeros(b, t, dtype=torch.bool)
+    visual[:, 4:40] = True
+    valid = _ones(b, t)
+    plain, salient = (new_kv_cache(f"vidkv:group=8,residual=8,salient={r}", 1, b, h, 80, d, torch.float32, "cpu")
+                      for r in (0, 0.25))
+    for cache in (plain, salient):
+        cache.prompt(embeds, visual, valid)
+        cache.reserve(0, valid)
+        cache.write(0, 0, v, v)
+        cache.reserve(0, _ones(b, 1))
+    _, got_plain = plain.write(0, t, v[:, :, :1], v[:, :, :1])
+    _, got = salient.write(0, t, v[:, :, :1], v[:, :, :1])
+    slots = salient.salient[0].slots  # [B, 9]: round(0.25 * 36)
+    assert slots.shape == (2, 9) and bool(((slots >= 4) & (slots < 40)).all())
+    mask = torch.zeros(b, t + 1, dtype=torch.bool)
+    mask.scatter_(1, slots, True)
+    err = lambda x: (x[:, :, :t] - v).abs().mean(-1)  # noqa: E731  [B, H, T]
+    m = mask[:, None, :t].expand(b, h, t)
+    assert float(err(got)[m].mean()) < 0.5 * float(err(got_plain)[m].mean())  # 2 bits beat ternary
+    assert torch.equal(got[~mask[:, None, :].expand(b, h, t + 1)], got_plain[~mask[:, None, :].expand(b, h, t + 1)])
+    assert salient.nbytes > plain.nbytes
+
+
+def test_vidkv_salient_in_generation(ckpt):
+    """generate tells the cache its prompt: salient values are allocated (and counted) and bring
+    decode closer to fp than ternary values alone."""
+    ids, mask, pixels = batch_inputs(16)
+    fp = fastllava.load(ckpt, device="cpu")
+    tokens = fp.generate_ids(ids, pixels, mask, max_new_tokens=16, eos_token_id=None)
+    ref, _ = _forced_decode_logits(fp, ids, mask, pixels, tokens)
+    errors, sizes = [], []
+    for salient in (0, 1):
+        q = fastllava.load(ckpt, device="cpu", kv_cache=f"vidkv:group=4,residual=4,salient={salient}")
+        got, _ = _forced_decode_logits(q, ids, mask, pixels, tokens)
+        errors.append(_decode_error(ref, got))
+        image = np.random.default_rng(0).integers(0, 255, (32, 32, 3), dtype=np.uint8)
+        sizes.append(q.generate(images=[image], prompts=["describe it ."], max_new_tokens=2)[0].stats["kv_cache_bytes"])
+        # after an in-LLM cut only the first stage's layers use salient values
+        assert q.generate_ids(ids, pixels, mask, max_new_tokens=4, reduce="fastv:keep=8,layer=1").shape[0] == 2
+    assert errors[1] < errors[0] and sizes[1] > sizes[0]

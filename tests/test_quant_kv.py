@@ -116,13 +116,20 @@ def test_vidkv_values_ternary_bound():
     assert set(torch.unique((y.view_as(xg) / alpha).round(decimals=4)).tolist()) <= {-1.0, 0.0, 1.0}
 
 
-def test_salient_tokens_pick_text_related_visual_tokens():
-    text = torch.zeros(1, 3, 8)
-    text[0, :, 0] = 1.0
-    visual = torch.zeros(1, 10, 8)
-    visual[0, [2, 7], 0] = 5.0
-    valid = torch.tensor([[True, True, False]])
-    assert vidkv.salient_tokens(visual, text, valid, 0.2).tolist() == [[2, 7]]
+def test_salient_slots_pick_text_related_visual_tokens():
+    embeds = torch.zeros(2, 8, 4)
+    embeds[:, :, 1] = 0.1
+    embeds[:, 6:, 0] = 1.0  # text tokens point along channel 0
+    embeds[0, [1, 4], 0] = 5.0  # two visual tokens of row 0 agree with them
+    embeds[1, 3, 0] = 5.0
+    embeds[1, 5, 0] = -5.0
+    visual = torch.zeros(2, 8, dtype=torch.bool)
+    visual[:, 1:6] = True
+    valid = torch.ones(2, 8, dtype=torch.bool)
+    valid[1, :3] = False  # row 1: left padding, visual tokens 3..5 only
+    visual &= valid
+    slots = vidkv.salient_slots(embeds, visual, valid, 0.4)
+    assert slots.tolist() == [[1, 4], [3, -1]]  # round(0.4 * 5) = 2, round(0.4 * 3) = 1
 
 
 def _seq(flush, residual=64, group=16, max_len=256):
@@ -171,7 +178,7 @@ def test_decode_steps_match_one_shot(flush):
 
 
 @pytest.mark.parametrize("spec", ["int4", "kivi:bits=3", "kivi:group=0", "kivi:residual=20", "kivi:bits",
-                                  "vidkv:high=1.5", "vidkv:salient=0.2", "kivi:foo=1", 7])
+                                  "vidkv:high=1.5", "vidkv:salient=2", "kivi:foo=1", 7])
 def test_bad_kv_specs_are_one_line_user_errors(spec):
     with pytest.raises(UserError) as e:
         parse_kv_cache(spec)
@@ -182,4 +189,4 @@ def test_kv_spec_defaults():
     assert parse_kv_cache("fp") is None and parse_kv_cache(None) is None
     assert str(parse_kv_cache("kivi")) == "kivi:bits=4,group=32,residual=128"
     assert str(parse_kv_cache(" KIVI:bits=2, residual=64 ")) == "kivi:bits=2,group=32,residual=64"
-    assert str(parse_kv_cache("vidkv")) == "vidkv:group=32,residual=128,high=0.5"
+    assert str(parse_kv_cache("vidkv")) == "vidkv:group=32,residual=128,high=0.5,salient=0"

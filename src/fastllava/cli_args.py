@@ -28,7 +28,7 @@ def add_quant_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--weights", help="weight-only quantization: fp (default), int8[:vision=1], "
                                      "int4[:group=128,vision=1]")
     p.add_argument("--kv-cache", help="KV-cache layout: fp (default), kivi[:bits=4,group=32,residual=128], "
-                                      "vidkv[:group=32,residual=128,high=0.5]")
+                                      "vidkv[:group=32,residual=128,high=0.5,salient=0]")
 
 
 def load_options(args: argparse.Namespace) -> dict:

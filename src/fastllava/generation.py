@@ -107,6 +107,8 @@ def decode_steps(model: LlavaModel, input_ids: torch.Tensor, attention_mask: tor
     _sync(device)
     times.vision_s = time.perf_counter() - times.start
     cache = model.new_cache(b, t + params.max_new_tokens)
+    visual = reduction.visual if reduction is not None else (input_ids.to(device) == model.cfg.image_token_index) & mask
+    cache.prompt(embeds, visual, mask)
     times.kv_cache_bytes = cache.nbytes
     generator = None
     if params.temperature > 0:

@@ -56,6 +56,10 @@ class StaticKVCache:
             self.lengths[i] = end
         return start, end
 
+    def prompt(self, embeds: torch.Tensor, visual: torch.Tensor, valid: torch.Tensor) -> None:
+        """Told before the prefill what it holds: embeds [B, T, D], visual [B, T] its visual tokens,
+        valid [B, T] its real ones. Nothing to do here; quantized layouts may use it."""
+
     def write(self, layer: int, start: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Store k, v [B, Hkv, T, Dh] at slots start.. and return all keys/values so far."""
         end = start + k.shape[2]

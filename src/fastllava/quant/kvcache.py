@@ -39,9 +39,22 @@ class QuantizedKVCache(StaticKVCache):
                  dtype: torch.dtype, device: torch.device | str):
         # head_dim 0: the base class keeps only its bookkeeping; its dense buffers stay empty.
         super().__init__(num_layers, batch, kv_heads, max_len, 0, dtype, device)
-        self.spec = spec
+        self.spec, self.dtype = spec, dtype
         self.layers = [_sequences(spec, batch, kv_heads, max_len, head_dim, dtype, device)
                        for _ in range(num_layers)]
+        self.salient: list[vidkv.SalientValues] = []  # per layer, set by `prompt`
+
+    def prompt(self, embeds: torch.Tensor, visual: torch.Tensor, valid: torch.Tensor) -> None:
+        """Before the prefill: embeds [B, T, D] the language model's inputs, visual [B, T] its
+        visual tokens, valid [B, T] its real ones. VidKV with salient > 0 picks the tokens whose
+        values also keep 2 bits."""
+        if self.spec.method != "vidkv" or not self.spec.salient:
+            return
+        slots = vidkv.salient_slots(embeds, visual, valid, self.spec.salient)  # [B, k]
+        if slots.shape[1]:
+            _, h, _, d = self.layers[0][1].res.shape
+            self.salient = [vidkv.SalientValues(slots, self.spec.group, h, d, self.dtype)
+                            for _ in self.layers]
 
     def write(self, layer: int, start: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Append k, v [B, Hkv, T, Dh] at slots start.. and return all keys/values so far."""
@@ -50,14 +63,22 @@ class QuantizedKVCache(StaticKVCache):
         if start != held:
             raise RuntimeError(f"quantized KV cache layer {layer} holds {held} slots; cannot write at {start}")
         valid = self.valid[layer, :, :start + k.shape[2]]  # [B, S]
-        return keys.append(k, valid), values.append(v, valid)
+        n_quantized = values.n_quantized  # what the returned values read from the store
+        k_all, v_all = keys.append(k, valid), values.append(v, valid)
+        # salient slots index the prompt as prefilled: layers after an in-LLM cut hold another layout
+        salient = self.salient[layer] if self.salient and layer < self.stage_layers(0).stop else None
+        if salient is not None and start == 0:
+            salient.keep(v)
+        if salient is not None and n_quantized:
+            v_all = salient.apply(v_all, n_quantized)
+        return k_all, v_all
 
     def insert_row(self, row: int, src: StaticKVCache, reset: bool = False) -> None:
         raise UserError(f"kv_cache {self.spec} cannot take rows into a running batch; use kv_cache='fp'")
 
     @property
     def nbytes(self) -> int:
-        return sum(k.nbytes + v.nbytes for k, v in self.layers)
+        return sum(k.nbytes + v.nbytes for k, v in self.layers) + sum(s.store.nbytes for s in self.salient)
 
 
 def new_kv_cache(spec: str | KVSpec | None, num_layers: int, batch: int, kv_heads: int, max_len: int,

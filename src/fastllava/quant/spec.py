@@ -8,7 +8,7 @@ from dataclasses import dataclass
 from ..errors import UserError
 
 KV_HELP = ("fp, kivi[:bits=2|4,group=N,residual=N] (default bits=4,group=32,residual=128) or "
-           "vidkv[:group=N,residual=N,high=F] (default group=32,residual=128,high=0.5)")
+           "vidkv[:group=N,residual=N,high=F,salient=F] (default group=32,residual=128,high=0.5,salient=0)")
 WEIGHTS_HELP = ("fp, int8[:vision=0|1] or int4[:group=N,vision=0|1] (default group=128; vision=1 also "
                 "quantizes the vision tower and projector)")
 
@@ -20,11 +20,12 @@ class KVSpec:
     group: int = 32
     residual: int = 128
     high: float = 0.5  # vidkv: fraction of key channels at 2 bits
+    salient: float = 0.0  # vidkv: fraction of a prompt's visual tokens whose values also keep 2 bits
 
     def __str__(self) -> str:
         if self.method == "kivi":
             return f"kivi:bits={self.bits},group={self.group},residual={self.residual}"
-        return f"vidkv:group={self.group},residual={self.residual},high={self.high:g}"
+        return f"vidkv:group={self.group},residual={self.residual},high={self.high:g},salient={self.salient:g}"
 
 
 @dataclass(frozen=True)
@@ -76,7 +77,8 @@ def parse_kv_cache(spec: str | KVSpec | None) -> KVSpec | None:
     if method == "kivi":
         kv = KVSpec("kivi", **_options(rest, {"bits": int, "group": int, "residual": int}, "kv_cache", KV_HELP))
     elif method == "vidkv":
-        kv = KVSpec("vidkv", **_options(rest, {"group": int, "residual": int, "high": float}, "kv_cache", KV_HELP))
+        allowed = {"group": int, "residual": int, "high": float, "salient": float}
+        kv = KVSpec("vidkv", **_options(rest, allowed, "kv_cache", KV_HELP))
     else:
         raise UserError(f"unknown kv_cache {spec!r}; choose {KV_HELP}")
     problem = None
@@ -88,6 +90,8 @@ def parse_kv_cache(spec: str | KVSpec | None) -> KVSpec | None:
         problem = f"residual must be a non-negative multiple of group ({kv.group}), got {kv.residual}"
     elif not 0 < kv.high < 1:
         problem = f"high must be in (0, 1), got {kv.high:g}"
+    elif not 0 <= kv.salient <= 1:
+        problem = f"salient must be in [0, 1], got {kv.salient:g}"
     if problem:
         raise UserError(f"bad kv_cache {spec!r}: {problem}; allowed: {KV_HELP}")
     return kv

@@ -11,9 +11,9 @@ Models", arXiv:2503.16257 (2025).
   the inverse FFT.
 - Values at 1.58 bits, per channel (the paper's finding: per-channel beats KIVI's per-token for
   visual tokens): ternary {-1, 0, +1} times the channel group's mean magnitude (absmean).
-- Optional salient-token preservation: the visual tokens most related to the text (mean dot
-  product with the text tokens' embeddings) keep 2-bit values. `salient_tokens` scores them; the
-  cache does not apply it yet (it needs the prompt's embeddings at prefill).
+- Optional salient-token preservation (`salient=` fraction): the visual tokens most related to
+  the text (mean dot product of the LLM's input embeddings with the row's text tokens, as in the
+  authors' code) also keep 2-bit values, read instead of their ternary ones.
 - Recent tokens stay in full precision as in KIVI (residual window, default 128).
 
 Where the authors' public code (github.com/KD-TAO/VidKV) and the paper disagree we follow the
@@ -31,10 +31,11 @@ from __future__ import annotations
 
 import torch
 
+from . import kivi
 from .packing import pack_bits, pack_trits, packed_len, packed_trits_len, unpack_bits, unpack_trits
 from .quantizers import (absmean, minmax_decode, minmax_encode, minmax_params, sign_decode, sign_encode,
                          ternary_decode, ternary_encode)
-from .store import Part
+from .store import PackedStore, Part
 
 
 def rfft_real(x: torch.Tensor) -> torch.Tensor:
@@ -140,11 +141,50 @@ class ValueCodec:
         return ternary_decode(codes, parts["alpha"][:, :, :, None]).view(b, h, n, d)
 
 
-def salient_tokens(visual: torch.Tensor, text: torch.Tensor, text_valid: torch.Tensor, ratio: float) -> torch.Tensor:
-    """VidKV's salient visual tokens: visual [B, N, D] and text [B, M, D] embeddings; the
-    round(ratio * N) visual tokens with the highest mean dot product with the row's real text
-    tokens (text_valid [B, M]). Returns their indices [B, k], ascending."""
-    sim = visual.float() @ text.float().transpose(1, 2)  # [B, N, M]
-    sim = sim.masked_fill(~text_valid[:, None, :], 0.0).sum(-1) / text_valid.sum(-1, keepdim=True).clamp(min=1)
-    k = round(ratio * visual.shape[1])
-    return sim.topk(k, dim=-1).indices.sort(dim=-1).values
+def salient_slots(embeds: torch.Tensor, visual: torch.Tensor, valid: torch.Tensor, ratio: float) -> torch.Tensor:
+    """VidKV's salient visual tokens of a prompt: embeds [B, T, D] (the language model's inputs),
+    visual [B, T] marks visual tokens, valid [B, T] real ones. A visual token's score is its mean
+    dot product with the row's text tokens; each row keeps round(ratio * its visual tokens) of the
+    best. Returns slots [B, k], ascending, -1 where a row has fewer than the longest."""
+    text = (valid & ~visual).float()  # [B, T]
+    text_mean = (embeds.float() * text[..., None]).sum(1) / text.sum(1, keepdim=True).clamp(min=1)  # [B, D]
+    score = (embeds.float() @ text_mean[:, :, None])[..., 0].masked_fill(~visual, float("-inf"))  # [B, T]
+    counts = (visual.sum(1).float() * ratio).round().long()  # [B]
+    k = int(counts.max()) if counts.numel() else 0
+    top = score.topk(k, dim=1).indices  # [B, k]
+    top = top.masked_fill(torch.arange(k, device=top.device)[None] >= counts[:, None], embeds.shape[1])
+    top = top.sort(dim=1).values
+    return top.masked_fill(top == embeds.shape[1], -1)
+
+
+class SalientValues:
+    """The values of a prompt's salient tokens, also kept at 2 bits (min-max per channel over
+    groups of `group` salient tokens, as the authors' code does) and read in place of their
+    ternary codes once those are in the quantized store."""
+
+    def __init__(self, slots: torch.Tensor, group: int, heads: int, dim: int, dtype: torch.dtype):
+        self.slots = slots  # [B, k], -1: none
+        b, k = slots.shape
+        self.codec = kivi.KeyCodec(2, group)
+        self.store = PackedStore(self.codec, b, heads, k, dim, dtype, slots.device)
+        self.n = -(-k // group) * group  # k rounded up to whole groups
+
+    def keep(self, v: torch.Tensor) -> None:
+        """v [B, H, T, D]: the prompt's values, all slots from 0."""
+        b, h, _, d = v.shape
+        idx = torch.nn.functional.pad(self.slots, (0, self.n - self.slots.shape[1]), value=-1)  # [B, n]
+        chosen = v.gather(2, idx.clamp(min=0)[:, None, :, None].expand(b, h, self.n, d))  # [B, H, n, D]
+        self.store.write(0, self.codec.encode(chosen, idx >= 0))
+
+    def apply(self, v: torch.Tensor, n_quantized: int) -> torch.Tensor:
+        """v [B, H, S, D] as read from the cache, its first n_quantized slots dequantized: the
+        salient ones among those replaced by their 2-bit values."""
+        b, h, s, d = v.shape
+        k = self.slots.shape[1]
+        use = (self.slots >= 0) & (self.slots < n_quantized)  # [B, k]
+        where = torch.full((b, s + 1), -1, dtype=torch.long, device=v.device)  # slot -> salient index
+        where.scatter_(1, torch.where(use, self.slots, s), torch.arange(k, device=v.device).expand(b, k))
+        where = where[:, :s]
+        kept = self.store.read(self.n)[:, :, :k].to(v.dtype)  # [B, H, k, D]
+        picked = kept.gather(2, where.clamp(min=0)[:, None, :, None].expand(b, h, s, d))
+        return torch.where((where >= 0)[:, None, :, None], picked, v)
