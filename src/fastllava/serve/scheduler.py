@@ -109,10 +109,6 @@ class Scheduler:
         self._stopping = False
         self._thread = threading.Thread(target=self._loop, name="fastllava-scheduler", daemon=True)
 
-    @property
-    def max_len(self) -> int:
-        return self.cache.max_len
-
     def start(self) -> None:
         self._thread.start()
 
