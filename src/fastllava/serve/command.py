@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import sys
 from pathlib import Path
 
 from ..cli_args import add_model_args, add_quant_args, load_options, positive_int
@@ -67,5 +68,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
     except UserError as e:
         raise UserError(f"--reduce: {e}") from None
     settings = settings_from_args(args, llava.path)
+    if args.host not in ("127.0.0.1", "localhost", "::1") and args.api_key is None:
+        print(f"fastllava: warning: serving on {args.host} without --api-key: anyone who can reach it can use it",
+              file=sys.stderr)
     uvicorn.run(create_app(llava, settings), host=args.host, port=args.port, log_level="info")
     return 0
