@@ -134,6 +134,19 @@ def test_per_request_reduction_batched_equals_generate(client, llava):
         assert (kept is None) == (spec is None) and (kept is None or kept == ref.stats["visual_tokens"]), spec
 
 
+def test_a_full_cache_drains_and_answers_stay_equal(llava):
+    """With a cache of 96 slots, rows must drain before more requests fit (the cache restarts)."""
+    jobs = [(400 + i, PROMPTS[i % 4], 8 + (i * 5) % 40) for i in range(24)]
+    refs = [llava.generate(images=[random_image(s)], prompts=[p], max_new_tokens=n)[0] for s, p, n in jobs]
+    with running_server(llava, Settings(model_id="tiny", max_batch_size=4, max_len=96)) as base:
+        c = OpenAI(base_url=base + "/v1", api_key="unused", max_retries=0)
+        with ThreadPoolExecutor(24) as pool:
+            results = list(pool.map(lambda job: _ask(c, job[0], job[1], max_tokens=job[2], temperature=0), jobs))
+        health = raw_request(base, "GET", "/health")[1]
+    assert [r.choices[0].message.content for r in results] == [ref.text for ref in refs]
+    assert health["cache_restarts"] > 1 and health["finished"] == 24
+
+
 def _long_job(llava) -> tuple[int, int]:
     """(seed, max_tokens) of a greedy request that runs to its max_tokens (no EOS)."""
     for seed in range(200, 260):
@@ -235,7 +248,7 @@ def test_cli_serve_defaults_and_errors(tmp_path):
         ("127.0.0.1", 8000, None, False, None)
     for bad, says in ((["--allow-file-images", str(tmp_path / "none")], "is not a folder"),
                       (["--reduce", "nosuch"], "--reduce"), (["--port", "0"], "--port"),
-                      (["--kv-cache", "kivi"], "--kv-cache")):
+                      (["--kv-cache", "kivi:bits=3"], "kv_cache")):
         r = subprocess.run([sys.executable, "-m", "fastllava.cli", "serve", *bad], capture_output=True, text=True,
                            timeout=300)
         assert r.returncode == 2 and says in r.stderr and len(r.stderr.strip().splitlines()) == 1, r.stderr

@@ -105,6 +105,7 @@ class Scheduler:
         self.max_queue = max_queue
         self.eos = set(llava.config.text.eos_token_id)
         self.finished = self.cancelled = 0  # requests answered / dropped because the client left
+        self.restarts = 0  # times the cache was empty and started again at slot 0
         self._cond = threading.Condition()
         self._stopping = False
         self._thread = threading.Thread(target=self._loop, name="fastllava-scheduler", daemon=True)
@@ -140,7 +141,7 @@ class Scheduler:
 
     def counts(self) -> dict:
         return {"active": len(self._active()), "waiting": len(self.waiting), "max_batch_size": len(self.rows),
-                "finished": self.finished, "cancelled": self.cancelled}
+                "finished": self.finished, "cancelled": self.cancelled, "cache_restarts": self.restarts}
 
     # ---- the model thread ----
 
@@ -210,6 +211,7 @@ class Scheduler:
         small = self.model.new_cache(b, embeds.shape[1])
         logits = self.model(embeds, positions, None if bool(valid.all()) else valid, small, True, reduction)[:, -1]
         reset = not self._active()
+        self.restarts += reset
         for i, job in enumerate(jobs):
             p, generator = job.params, None
             if p.temperature > 0:
