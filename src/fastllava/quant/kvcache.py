@@ -73,8 +73,21 @@ class QuantizedKVCache(StaticKVCache):
             v_all = salient.apply(v_all, n_quantized)
         return k_all, v_all
 
-    def insert_row(self, row: int, src: StaticKVCache, reset: bool = False) -> None:
-        raise UserError(f"kv_cache {self.spec} cannot take rows into a running batch; use kv_cache='fp'")
+    def insert_row(self, row: int, src: StaticKVCache, src_row: int = 0, reset: bool = False) -> None:
+        """StaticKVCache.insert_row for quantized layouts: src (the same layout) row `src_row` is
+        read back to full precision and encoded again into `row`, right-aligned at the shared
+        length (exact where groups stay aligned: min-max codes reproduce themselves). Salient
+        values (VidKV) belong to one prompt and are not carried into a shared batch."""
+        if not isinstance(src, QuantizedKVCache) or src.spec != self.spec:
+            raise RuntimeError(f"insert_row needs a source cache of the same layout ({self.spec})")
+        super().insert_row(row, src, src_row, reset)  # slots, stages, valid masks, lengths
+        self.salient = []
+        for layer, (mine, theirs) in enumerate(zip(self.layers, src.layers)):
+            for seq, source in zip(mine, theirs):
+                if reset:
+                    seq.clear()
+                seq.grow(self.lengths[layer], self.valid[layer])
+                seq.put_row(row, source.read_row(src_row).to(seq.res.dtype), self.valid[layer, row])
 
     @property
     def nbytes(self) -> int:

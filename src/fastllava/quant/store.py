@@ -49,10 +49,12 @@ class PackedStore:
             for name, p in self.layout.items()
         }
 
-    def write(self, start: int, parts: dict[str, torch.Tensor]) -> None:
+    def write(self, start: int, parts: dict[str, torch.Tensor], row: int | None = None) -> None:
+        """Store encoded parts at token `start`, for all rows or (parts of batch 1) for one."""
+        rows = slice(None) if row is None else slice(row, row + 1)
         for name, value in parts.items():
             per = self.layout[name].tokens_per_entry
-            self.buffers[name][:, :, start // per:start // per + value.shape[2]] = value
+            self.buffers[name][rows, :, start // per:start // per + value.shape[2]] = value
 
     def read(self, n: int) -> torch.Tensor:
         """The first n tokens, dequantized: float32 [B, H, n, D]."""
@@ -112,6 +114,32 @@ class QuantizedSequence:
         self.res[:, :, :keep.shape[2]] = keep
         self.n_quantized, self.n_residual = target, keep.shape[2]
         return torch.cat([older, recent], dim=2)
+
+    def clear(self) -> None:
+        self.n_quantized = self.n_residual = 0
+
+    def grow(self, total: int, valid: torch.Tensor) -> None:
+        """Extend to `total` tokens with zeros (valid [B, >= total] marks them as padding)."""
+        held = self.n_quantized + self.n_residual
+        if total > held:
+            b, h, _, d = self.res.shape
+            self.append(self.res.new_zeros(b, h, total - held, d), valid[:, :total])
+
+    def read_row(self, row: int) -> torch.Tensor:
+        """All tokens of one row [H, n, D], the quantized ones dequantized (float32)."""
+        older = self.store.read(self.n_quantized)[row]
+        return torch.cat([older, self.res[row, :, :self.n_residual].float()], dim=1)
+
+    def put_row(self, row: int, x: torch.Tensor, valid: torch.Tensor) -> None:
+        """Replace one row by x [H, n, D] right-aligned at the end of the tokens held (valid
+        [>= held] is the row's mask): its quantized part is encoded again, its residual copied."""
+        nq, held = self.n_quantized, self.n_quantized + self.n_residual
+        h, n, d = x.shape
+        full = x.new_zeros(1, h, held, d)  # [1, H, held, D]
+        full[0, :, held - n:] = x
+        if nq:
+            self.store.write(0, self.codec.encode(full[:, :, :nq], valid[None, :nq]), row)
+        self.res[row, :, :held - nq] = full[0, :, nq:]
 
     @property
     def nbytes(self) -> int:

@@ -58,10 +58,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         raise UserError(f"--port must be in 1..65535, got {args.port}")
     if args.allow_file_images and not Path(args.allow_file_images).expanduser().is_dir():
         raise UserError(f"--allow-file-images: {args.allow_file_images} is not a folder")
-    kv = parse_kv_cache(args.kv_cache)
-    if kv is not None:
-        raise UserError(f"--kv-cache {kv}: a quantized cache cannot take requests into a running batch yet; "
-                        "serve keeps the full-precision cache")
+    parse_kv_cache(args.kv_cache)  # a bad spec fails before loading weights
     llava = load(args.model, **load_options(args))
     try:
         make_reduction(args.reduce, llava.config)
