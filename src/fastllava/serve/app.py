@@ -25,6 +25,7 @@ from .scheduler import Busy, Job, Scheduler
 from .settings import Settings
 
 MIN_TEMPERATURE = 1e-4  # lower temperatures are greedy (dividing logits by less overflows)
+PREPARE_AT_ONCE = 4  # requests whose images are decoded at the same time (bounds their memory)
 
 
 def create_app(llava: Llava, settings: Settings) -> FastAPI:
@@ -33,6 +34,7 @@ def create_app(llava: Llava, settings: Settings) -> FastAPI:
     ctx = min(settings.max_len, llava.config.text.max_position_embeddings)
     scheduler = Scheduler(llava, settings.max_batch_size, settings.max_queue, ctx)
     created = int(time.time())
+    preparing = asyncio.Semaphore(PREPARE_AT_ONCE)
 
     @asynccontextmanager
     async def lifespan(app):
@@ -91,7 +93,8 @@ def create_app(llava: Llava, settings: Settings) -> FastAPI:
         reduce = req.reduce or settings.reduce
         check_reduce(reduce, llava.config)
         _busy(scheduler.check_room)  # before decoding images: a flood is refused cheaply
-        ids, pixel_values, params = await run_in_threadpool(_prepare, llava, settings, ctx, req)
+        async with preparing:
+            ids, pixel_values, params = await run_in_threadpool(_prepare, llava, settings, ctx, req)
         n_images = len(req.images)
         info = Completion(settings.model_id, len(ids), n_images * llava.config.image_features_per_image)
         loop, events = asyncio.get_running_loop(), asyncio.Queue()
