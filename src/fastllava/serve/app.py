@@ -71,7 +71,8 @@ def create_app(llava: Llava, settings: Settings) -> FastAPI:
 
     @app.get("/health")
     async def health():
-        return {"status": "ok", "model": settings.model_id, **scheduler.counts()}
+        body = {"status": "ok" if scheduler.alive else "down", "model": settings.model_id, **scheduler.counts()}
+        return JSONResponse(body, status_code=200 if scheduler.alive else 503)
 
     @app.get("/v1/models")
     async def models(request: Request):

@@ -139,6 +139,10 @@ class Scheduler:
         with self._cond:
             self._cond.notify()
 
+    @property
+    def alive(self) -> bool:
+        return self._thread.is_alive()
+
     def counts(self) -> dict:
         return {"active": len(self._active()), "waiting": len(self.waiting), "max_batch_size": len(self.rows),
                 "finished": self.finished, "cancelled": self.cancelled, "cache_restarts": self.restarts}
