@@ -16,15 +16,16 @@ Models", arXiv:2503.16257 (2025).
   authors' code) also keep 2-bit values, read instead of their ternary ones.
 - Recent tokens stay in full precision as in KIVI (residual window, default 128).
 
-Where the authors' public code (github.com/KD-TAO/VidKV) and the paper disagree we follow the
-paper: (1) the code dequantizes 1.58-bit values to the bare codes {-1, 0, 1}, dropping the scale
+Where the authors' public code (github.com/KD-TAO/VidKV) disagrees with the paper's quantizers
+and its bit budget (1.5-bit keys, 1.58-bit values) we follow the paper: (1) the code dequantizes 1.58-bit values to the bare codes {-1, 0, 1}, dropping the scale
 it computed; we reconstruct alpha * code. (2) The code stores 1-bit codes as {0, 1} and
 dequantizes them to {0, alpha}; we reconstruct sign quantization, {-alpha, +alpha}. (3) The code
 quantizes real and imaginary parts of a complex FFT, i.e. 2 numbers per normal channel, so its
 "1-bit" channels cost 2 bits; we use the real FFT, whose D real degrees of freedom cost exactly
 1 bit per channel as the paper counts. (4) The code stores ternary codes in 2 bits; we pack five
-per byte (1.6 bits). Our own choice, not the paper's: channels are ranked per sequence, head and
-token group (the code ranks them once over the whole batch and all heads).
+per byte (1.6 bits). Our own choices, where neither fixes one: channels are ranked per sequence,
+head and token group (the code ranks them once over the whole batch and all heads); padding is
+left out of every range and scale; the FFT is orthonormal (the sign code does not depend on it).
 """
 
 from __future__ import annotations
