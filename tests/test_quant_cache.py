@@ -311,3 +311,14 @@ def test_server_with_a_quantized_cache(tmp_path):
         assert r.usage.completion_tokens <= 3 + 5 * i and r.choices[0].finish_reason in ("stop", "length")
     ref = llava.generate(images=[random_image(0)], prompts=["describe it ."], max_new_tokens=3)[0]
     assert lone.choices[0].message.content.split()[:1] == ref.text.split()[:1]
+
+
+def test_eval_records_the_quantization(tmp_path):
+    from fastllava.evaluation.dataset import generate_dataset
+    from fastllava.evaluation.runner import evaluate
+
+    generate_dataset(3, 1, tmp_path / "d", image_size=96)
+    model = fastllava.load(device="cpu", weights="int8", kv_cache="vidkv:salient=0.1")
+    settings = evaluate(model, tmp_path / "d", batch_size=3, progress=False)["settings"]
+    assert settings["weights"] == "int8" and settings["kv_cache"] == "vidkv:group=32,residual=128,high=0.5,salient=0.1"
+    assert evaluate(fastllava.load(device="cpu"), tmp_path / "d", progress=False)["settings"]["kv_cache"] == "fp"

@@ -32,6 +32,7 @@ class LlavaModel(nn.Module):
         if cfg.tie_word_embeddings:
             self.lm_head.weight = self.language_model.embed_tokens.weight
         self.kv_cache = None  # the KV-cache layout (fastllava.quant.KVSpec); None: full precision
+        self.weights = None  # the weight quantization applied (fastllava.quant.WeightSpec); None: none
 
     @property
     def device(self) -> torch.device:

@@ -104,6 +104,7 @@ def quantize_weights(model: nn.Module, spec: str | WeightSpec | None) -> nn.Modu
     roots = ["language_model"] + (["vision_tower", "multi_modal_projector"] if spec.vision else [])
     for root in roots:
         _replace(model.get_submodule(root), spec)
+    model.weights = spec
     return model
 
 
