@@ -147,6 +147,19 @@ def test_a_full_cache_drains_and_answers_stay_equal(llava):
     assert health["cache_restarts"] > 1 and health["finished"] == 24
 
 
+def test_lone_requests_with_a_kivi_cache_equal_generate(tmp_path):
+    """One request at a time (its row inserted at slot 0, KIVI groups aligned, so re-encoding is
+    exact) answers as model.generate with the same quantized cache, past the residual window."""
+    q = fastllava.load(tiny_checkpoint(tmp_path / "m"), device="cpu", kv_cache="kivi:bits=2,group=4,residual=4")
+    jobs = [(500 + i, PROMPTS[i % 4], spec) for i, spec in enumerate([None, "fastv:keep=6,layer=1", None])]
+    refs = [q.generate(images=[random_image(s)], prompts=[p], max_new_tokens=30, reduce=spec)[0] for s, p, spec in jobs]
+    with running_server(q, Settings(model_id="tiny", max_batch_size=2)) as base:
+        c = OpenAI(base_url=base + "/v1", api_key="unused", max_retries=0)
+        results = [_ask(c, s, p, max_tokens=30, temperature=0, extra_body={"reduce": spec} if spec else None)
+                   for s, p, spec in jobs]
+    assert [r.choices[0].message.content for r in results] == [ref.text for ref in refs]
+
+
 def _long_job(llava) -> tuple[int, int]:
     """(seed, max_tokens) of a greedy request that runs to its max_tokens (no EOS)."""
     for seed in range(200, 260):

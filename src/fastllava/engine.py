@@ -132,13 +132,13 @@ class Llava:
                 ids[row].append(tok)
                 if not watch_text:
                     continue
-                text, stopped = self._visible_text(ids[row], params.stop)
+                text, stopped = self.visible_text(ids[row], params.stop)
                 if stopped:
                     reasons[row], finished[row] = "stop", True
                 if stream and not text.endswith("\ufffd") and text.startswith(streamed[row]):
                     yield text[len(streamed[row]):]
                     streamed[row] = text
-        finals = [self._visible_text(row_ids, params.stop)[0] for row_ids in ids]
+        finals = [self.visible_text(row_ids, params.stop)[0] for row_ids in ids]
         if stream and finals[0].startswith(streamed[0]) and finals[0] != streamed[0]:
             yield finals[0][len(streamed[0]):]  # what was held back (an incomplete character at the end)
         n_images = sum(im is not None for im in images)
@@ -195,7 +195,7 @@ class Llava:
             stats["reduce"] = reduction.method.spec()
         return stats
 
-    def _visible_text(self, ids: list[int], stops: list[str]) -> tuple[str, bool]:
+    def visible_text(self, ids: list[int], stops: list[str]) -> tuple[str, bool]:
         """Decoded text cut before the first stop string, and whether one was found."""
         text = self.prompts.decode(ids)
         hits = [text.find(s) for s in stops if s and s in text]

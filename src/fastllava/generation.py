@@ -13,6 +13,7 @@ from typing import Iterator
 import torch
 
 from .errors import UserError
+from .kvcache import StaticKVCache
 from .models.llava import LlavaModel
 from .reduction.runtime import Reduction
 
@@ -87,6 +88,40 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
+def new_generator(params: SamplingParams, device: torch.device) -> torch.Generator | None:
+    """The seeded generator a sampled generation draws from (None when greedy)."""
+    if params.temperature == 0:
+        return None
+    generator = torch.Generator(device=device)
+    generator.manual_seed(params.seed if params.seed is not None else int(torch.seed() % 2**63))
+    return generator
+
+
+def prefill(model: LlavaModel, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+            pixel_values: torch.Tensor | None, new_tokens: int, reduction: Reduction | None = None,
+            times: StepTimes | None = None) -> tuple[torch.Tensor, torch.Tensor, StaticKVCache]:
+    """Run a left-padded prompt batch input_ids [B, T] into a new KV cache with room for
+    `new_tokens` more: vision, projector, splice and reduction (`model.prepare`), the cache told
+    its prompt, one forward. Returns the logits at each row's last token [B, V], the positions
+    [B, T'] (T' after any reduction before the language model) and the cache. `times`, if
+    given, gets vision_s (since times.start) and kv_cache_bytes."""
+    device = model.device
+    b, t = input_ids.shape
+    input_ids, mask = input_ids.to(device), attention_mask.to(device).bool()
+    pixels = pixel_values.to(device) if pixel_values is not None else None
+    embeds, positions, mask = model.prepare(input_ids, pixels, mask, positions_from_mask(mask), reduction)  # [B, T', D]
+    if times is not None:
+        _sync(device)
+        times.vision_s = time.perf_counter() - times.start
+    cache = model.new_cache(b, t + new_tokens)
+    visual = reduction.visual if reduction is not None else (input_ids == model.cfg.image_token_index) & mask
+    cache.prompt(embeds, visual, mask)
+    if times is not None:
+        times.kv_cache_bytes = cache.nbytes
+    logits = model(embeds, positions, None if bool(mask.all()) else mask, cache, True, reduction)[:, -1]
+    return logits, positions, cache
+
+
 @torch.inference_mode()
 def decode_steps(model: LlavaModel, input_ids: torch.Tensor, attention_mask: torch.Tensor,
                  pixel_values: torch.Tensor | None, params: SamplingParams, eos_ids: list[int],
@@ -98,24 +133,11 @@ def decode_steps(model: LlavaModel, input_ids: torch.Tensor, attention_mask: tor
     the caller may mark rows it stopped itself (stop strings); generation ends when all are done.
     `reduction` applies a visual token reduction method at prefill (its trace is filled in).
     """
-    device = model.device
-    b, t = input_ids.shape
     times.start = time.perf_counter()
-    mask = attention_mask.to(device).bool()
-    pixels = pixel_values.to(device) if pixel_values is not None else None
-    embeds, positions, mask = model.prepare(input_ids.to(device), pixels, mask, positions_from_mask(mask), reduction)
-    _sync(device)
-    times.vision_s = time.perf_counter() - times.start
-    cache = model.new_cache(b, t + params.max_new_tokens)
-    visual = reduction.visual if reduction is not None else (input_ids.to(device) == model.cfg.image_token_index) & mask
-    cache.prompt(embeds, visual, mask)
-    times.kv_cache_bytes = cache.nbytes
-    generator = None
-    if params.temperature > 0:
-        generator = torch.Generator(device=device)
-        generator.manual_seed(params.seed if params.seed is not None else int(torch.seed() % 2**63))
+    logits, positions, cache = prefill(model, input_ids, attention_mask, pixel_values, params.max_new_tokens,
+                                       reduction, times)
+    generator = new_generator(params, model.device)
     eos = torch.tensor(eos_ids or [-1], device="cpu")
-    logits = model(embeds, positions, None if bool(mask.all()) else mask, cache, True, reduction)[:, -1]
     pos = positions[:, -1:]  # [B, 1]
     for step in range(params.max_new_tokens):
         token = sample(logits, params, generator)  # [B]
@@ -129,5 +151,5 @@ def decode_steps(model: LlavaModel, input_ids: torch.Tensor, attention_mask: tor
         pos = pos + 1
         x = model.language_model.embed_tokens(token[:, None])  # [B, 1, D]
         logits = model(x, pos, None, cache)[:, -1]
-    _sync(device)
+    _sync(model.device)
     times.end_s = time.perf_counter() - times.start

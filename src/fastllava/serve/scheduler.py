@@ -22,7 +22,7 @@ import torch
 
 from ..engine import Llava
 from ..errors import UserError
-from ..generation import SamplingParams, positions_from_mask, sample
+from ..generation import SamplingParams, new_generator, prefill, sample
 from ..reduction.runtime import make_reduction
 from .errors import APIError
 
@@ -76,7 +76,7 @@ class _Row:
             return True
         self.ids.append(tok)
         if self.job.stream or p.stop:
-            text, stopped = self.llava._visible_text(self.ids, p.stop)
+            text, stopped = self.llava.visible_text(self.ids, p.stop)
             if self.job.stream and not text.endswith("\ufffd") and text.startswith(self.streamed):
                 self._delta(text)
             if stopped:
@@ -85,7 +85,7 @@ class _Row:
         return self.count >= p.max_new_tokens
 
     def finish(self) -> Finish:
-        text = self.llava._visible_text(self.ids, self.job.params.stop)[0]
+        text = self.llava.visible_text(self.ids, self.job.params.stop)[0]
         if self.job.stream and text.startswith(self.streamed):
             self._delta(text)  # what was held back (an incomplete character at the end)
         return Finish(text, self.reason, self.count, self.visual_tokens)
@@ -196,31 +196,24 @@ class Scheduler:
     def _start(self, jobs: list[Job]) -> None:
         """Prefill the jobs as one left-padded batch (as `Llava.generate` does), sample each
         one's first token with its own parameters, copy their cache rows into free rows."""
-        device, b, t = self.model.device, len(jobs), max(len(j.ids) for j in jobs)
+        b, t = len(jobs), max(len(j.ids) for j in jobs)
         ids = torch.full((b, t), self.llava.config.text.pad_token_id or 0, dtype=torch.long)  # [B', T]
         valid = torch.zeros(b, t, dtype=torch.bool)
         for i, job in enumerate(jobs):
             ids[i, t - len(job.ids):], valid[i, t - len(job.ids):] = torch.tensor(job.ids), True
         present = [j.pixel_values for j in jobs if j.pixel_values is not None]
-        pixels = torch.cat(present).to(device) if present else None  # [N, 3, H, W], row by row
-        valid = valid.to(device)
+        pixels = torch.cat(present) if present else None  # [N, 3, H, W], row by row
         try:
             reduction = make_reduction(jobs[0].reduce, self.llava.config)
-            embeds, positions, valid = self.model.prepare(ids.to(device), pixels, valid, positions_from_mask(valid),
-                                                          reduction)  # [B', T', D]
+            logits, positions, small = prefill(self.model, ids, valid, pixels, 0, reduction)  # [B', V], [B', T']
         except UserError as e:
             for job in jobs:
                 job.emit(("error", APIError(400, str(e), "messages", "invalid_prompt")))
             return
-        small = self.model.new_cache(b, embeds.shape[1])
-        logits = self.model(embeds, positions, None if bool(valid.all()) else valid, small, True, reduction)[:, -1]
         reset = not self._active()
         self.restarts += reset
         for i, job in enumerate(jobs):
-            p, generator = job.params, None
-            if p.temperature > 0:
-                generator = torch.Generator(device=device)
-                generator.manual_seed(p.seed if p.seed is not None else int(torch.seed() % 2**63))
+            p, generator = job.params, new_generator(job.params, self.model.device)
             first = int(sample(logits[i:i + 1], p, generator)[0])
             index = self.rows.index(None)
             self.cache.insert_row(index, small, i, reset=reset and i == 0)
