@@ -11,6 +11,7 @@ from PIL import Image
 
 import fastllava
 from fastllava.evaluation.tokenizer import build_word_tokenizer
+from fastllava.generation import MIN_TEMPERATURE
 from hf_reference import IMAGE_TOKEN, VOCAB, save_checkpoint, tiny_llava
 
 WORDS = ["user", "assistant", ":", "?", ".", "what", "color", "is", "the", "circle", "square", "red", "blue",
@@ -102,6 +103,14 @@ def test_sampling_seeded_and_validated(model):
             model.generate(images=[img], prompts=["x"], **{"max_new_tokens": 4, **bad})
     with pytest.raises(fastllava.UserError, match="one image"):
         model.generate(images=[img, img], prompts=["x"])
+
+
+def test_tiny_temperatures_are_greedy(model):
+    """Below MIN_TEMPERATURE sampling is greedy: dividing logits by 1e-300 would give inf and NaN."""
+    kw = dict(images=[_image(5)], prompts=["describe it ."], max_new_tokens=12)
+    greedy = model.generate(**kw)[0].token_ids
+    for t in (1e-300, MIN_TEMPERATURE / 2):
+        assert model.generate(temperature=t, seed=3, **kw)[0].token_ids == greedy
 
 
 def test_chat_template_is_used_when_shipped(ckpt, tmp_path):

@@ -17,11 +17,13 @@ from .kvcache import StaticKVCache
 from .models.llava import LlavaModel
 from .reduction.runtime import Reduction
 
+MIN_TEMPERATURE = 1e-4  # lower temperatures are greedy (dividing logits by less can overflow to inf/NaN)
+
 
 @dataclass
 class SamplingParams:
     max_new_tokens: int = 64
-    temperature: float = 0.0  # 0 = greedy
+    temperature: float = 0.0  # below MIN_TEMPERATURE (0 included) = greedy
     top_p: float = 1.0
     top_k: int = 0  # 0 = off
     seed: int | None = None
@@ -40,10 +42,14 @@ class SamplingParams:
             self.stop = [self.stop]
         return self
 
+    @property
+    def greedy(self) -> bool:
+        return self.temperature < MIN_TEMPERATURE
+
 
 def sample(logits: torch.Tensor, p: SamplingParams, generator: torch.Generator | None) -> torch.Tensor:
-    """logits [B, V] -> token ids [B]: greedy at temperature 0, else temperature, top-k, top-p."""
-    if p.temperature == 0:
+    """logits [B, V] -> token ids [B]: greedy below MIN_TEMPERATURE, else temperature, top-k, top-p."""
+    if p.greedy:
         return logits.argmax(-1)
     logits = logits.float() / p.temperature
     if p.top_k:
@@ -90,7 +96,7 @@ def _sync(device: torch.device) -> None:
 
 def new_generator(params: SamplingParams, device: torch.device) -> torch.Generator | None:
     """The seeded generator a sampled generation draws from (None when greedy)."""
-    if params.temperature == 0:
+    if params.greedy:
         return None
     generator = torch.Generator(device=device)
     generator.manual_seed(params.seed if params.seed is not None else int(torch.seed() % 2**63))

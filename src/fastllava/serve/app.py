@@ -24,7 +24,6 @@ from .responses import DONE, Completion, model_card, sse
 from .scheduler import Busy, Job, Scheduler
 from .settings import Settings
 
-MIN_TEMPERATURE = 1e-4  # lower temperatures are greedy (dividing logits by less overflows)
 PREPARE_AT_ONCE = 4  # requests whose images are decoded at the same time (bounds their memory)
 
 
@@ -142,8 +141,7 @@ def _prepare(llava: Llava, settings: Settings, ctx: int, req: ChatRequest):
     if t + max_tokens > ctx:
         raise invalid(f"the prompt ({t} tokens) plus max_tokens ({max_tokens}) is over the context of {ctx} tokens",
                       "max_tokens", "context_length_exceeded")
-    temperature = req.temperature if req.temperature >= MIN_TEMPERATURE else 0.0  # below: greedy, not inf/NaN
-    params = SamplingParams(max_tokens, temperature, req.top_p, req.top_k, req.seed, req.stop).validate()
+    params = SamplingParams(max_tokens, req.temperature, req.top_p, req.top_k, req.seed, req.stop).validate()
     pixel_values = llava.processor(images) if images else None  # [N, 3, H, W]
     return ids, pixel_values, params
 

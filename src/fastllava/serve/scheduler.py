@@ -242,7 +242,7 @@ class Scheduler:
     def _sample(self, logits: torch.Tensor, rows: list[_Row]) -> list[int]:
         """Each row's next token from its own logits row [1, V]: greedy rows in one argmax,
         sampled rows with their own seeded generator (as a batch-1 generate would)."""
-        greedy = [r.index for r in rows if r.job.params.temperature == 0]
+        greedy = [r.index for r in rows if r.job.params.greedy]
         picked = {}
         if greedy:
             idx = torch.tensor(greedy, device=logits.device)
