@@ -3,12 +3,14 @@
 import torch
 
 import fastllava
+from fastllava.evaluation.scenes import COLORS, SHAPES, SIZES, Scene, SceneObject
 from fastllava.evaluation.tokenizer import build_word_tokenizer, default_words
 from fastllava.images import ImageProcessor
 from fastllava.models.llava import LlavaModel
 from fastllava.prompts import PromptEncoder
 from fastllava.training import (IMAGE_TOKEN_ID, VOCAB_SIZE, Batches, TrainSpec, build_config, loss_on,
                                 packed_logits, segment_mask, train)
+from fastllava.training_aux import patch_labels
 
 TINY = dict(image_size=32, patch_size=8, vision_hidden=32, vision_layers=2, text_hidden=64, text_layers=2)
 
@@ -37,9 +39,10 @@ def test_segment_mask_sees_prefix_and_own_segment_only():
 @torch.no_grad()
 def test_packed_segments_equal_single_question_prompts():
     model, data = _tiny_model_and_data(questions=4)
-    ids, positions, segments, targets, pixels, families = data.batch(2)
+    batch = data.batch(2)
+    ids, segments, pixels = batch.ids, batch.segments, batch.pixels
     assert int(segments.max()) >= 2, "rows should hold several questions"
-    packed = packed_logits(model, ids, positions, segments, pixels)  # [B, T, V]
+    packed, _ = packed_logits(model, batch)  # [B, T, V]
     for row in range(2):
         for j in range(1, int(segments[row].max()) + 1):
             cols = (segments[row] == j).nonzero()[:, 0]
@@ -47,17 +50,31 @@ def test_packed_segments_equal_single_question_prompts():
             ref = model(model.embed(single, model.image_features(pixels[row:row + 1])),
                         torch.arange(single.shape[1])[None], None)
             assert (packed[row, cols] - ref[0, -len(cols):]).abs().max().item() < 1e-5
-    assert len(families) == int((targets != -100).sum())
-    loss, per = loss_on(model, ids, positions, segments, targets, pixels)
-    assert per.shape == (len(families),) and torch.isclose(loss, per.mean())
+    assert len(batch.families) == int((batch.targets != -100).sum())
+    loss, per, aux = loss_on(model, None, batch)
+    assert per.shape == (len(batch.families),) and torch.isclose(loss, per.mean()) and aux == 0
 
 
 def test_tiny_training_run_writes_a_loadable_model(tmp_path):
-    spec = TrainSpec(**TINY, align_steps=1, steps=2, batch_size=2, questions=2, save_every=0)
+    spec = TrainSpec(**TINY, vision_steps=1, align_steps=1, steps=2, batch_size=2, questions=2, save_every=0)
     lines = []
     out = train(tmp_path / "m", spec, log=lines.append)
     model = fastllava.load(out, device="cpu")
     r = model.generate(images=[torch.zeros(32, 32, 3).numpy()], prompts=["What color is the star?"],
                        max_new_tokens=3)[0]
     assert r.stats["image_tokens"] == 16
-    assert any("instruct step 2/2" in line for line in lines)
+    assert [line.split()[0] for line in lines] == ["vision", "align", "instruct"]
+    assert "instruct step 2/2" in lines[-1]
+
+
+def test_patch_labels_follow_the_scene():
+    scene = Scene((SceneObject("square", "blue", "large", 0.25, 0.25, SIZES["large"]),
+                   SceneObject("circle", "red", "small", 0.75, 0.75, SIZES["small"])), "plain", 220, 0)
+    labels = patch_labels(scene, grid=24, image_size=96).view(24, 24, 4)
+    shape, color, size, centre = labels.unbind(-1)
+    assert shape[6, 6] == SHAPES.index("square") + 1 and color[6, 6] == list(COLORS).index("blue") + 1
+    assert shape[18, 18] == SHAPES.index("circle") + 1 and size[18, 18] == list(SIZES).index("small") + 1
+    assert shape[0, 23] == 0 and color[12, 0] == 0  # background
+    assert centre.sum() == 2 and centre[6, 6] == 1 and centre[18, 18] == 1
+    # the square covers more patches than the small circle
+    assert (shape == SHAPES.index("square") + 1).sum() > (shape == SHAPES.index("circle") + 1).sum() > 4

@@ -29,9 +29,11 @@ from .evaluation.tokenizer import build_word_tokenizer, default_words, write_pre
 from .images import ImageProcessor
 from .models.llava import LlavaModel
 from .prompts import PromptEncoder
+from .training_aux import PatchHead, patch_labels
 
 TRAIN_SEED_BASE = 10_000_000  # training streams use seeds >= this; evaluation sets use small seeds
 IMAGE_TOKEN_ID = 3
+EOS_ID = 2
 VOCAB_SIZE = 128
 CAPTION_PROMPT = "Describe the image."
 
@@ -47,10 +49,12 @@ class TrainSpec:
     text_layers: int = 4
     text_heads: int = 4
     text_kv_heads: int = 2
+    vision_steps: int = 0  # vision tower alone on dense patch labels, before the other stages
     align_steps: int = 200
     steps: int = 3000
     batch_size: int = 32
     lr: float = 2e-3
+    aux_weight: float = 0.5  # weight of the patch-label loss during instruction tuning
     questions: int = 8  # question/answer segments sharing one image per training row
     minutes: float = 0.0  # wall-clock budget per stage; the schedule follows whichever ends first (0 = off)
     save_every: int = 200  # steps between intermediate checkpoints (0 = only at the end)
@@ -84,8 +88,8 @@ class Batches:
     """
 
     def __init__(self, encoder: PromptEncoder, processor: ImageProcessor, image_size: int, seed: int,
-                 questions: int = 1):
-        self.encoder, self.processor, self.image_size = encoder, processor, image_size
+                 questions: int = 1, grid: int = 24):
+        self.encoder, self.processor, self.image_size, self.grid = encoder, processor, image_size, grid
         self.questions = questions
         self.rng = np.random.Generator(np.random.PCG64(TRAIN_SEED_BASE + seed))
         self.popular = all_pairs()  # frequency order is learned from data; any order trains all pairs
@@ -105,8 +109,8 @@ class Batches:
             q = ASK[family](scene, self.rng)
         return None if q is None else (prompt(q.question), q.answer, family)
 
-    def example(self, captions: bool) -> tuple[list[int], list[tuple[list[int], list[int], str]], object]:
-        """(prefix ids, [(segment ids, segment targets, family)], image)."""
+    def example(self, captions: bool):
+        """(prefix ids, [(segment ids, segment targets, family)], image, patch labels [P, 4])."""
         scene = random_scene(self.rng)
         if captions:
             qas = [(CAPTION_PROMPT, caption(scene), "caption")]
@@ -122,22 +126,22 @@ class Batches:
             ids = self.encoder.prompt_ids(question)
             cut = len(ids) - ids[::-1].index(IMAGE_TOKEN_ID)  # the prefix ends after the last image token
             prefix = ids[:cut]
-            answer_ids = self.encoder.tokenizer.encode(answer, add_special_tokens=False).ids + [2]
+            answer_ids = self.encoder.tokenizer.encode(answer, add_special_tokens=False).ids + [EOS_ID]
             seg = ids[cut:] + answer_ids
             targets = [-100] * (len(seg) - len(answer_ids) - 1) + answer_ids + [-100]  # next-token targets
             segments.append((seg, targets, family))
-        return prefix, segments, render(scene, self.image_size)
+        return prefix, segments, render(scene, self.image_size), patch_labels(scene, self.grid, self.image_size)
 
-    def batch(self, size: int, captions: bool = False):
+    def batch(self, size: int, captions: bool = False) -> "Packed":
         rows = [self.example(captions) for _ in range(size)]
-        lengths = [len(p) + sum(len(s) for s, _, _ in segs) for p, segs, _ in rows]
+        lengths = [len(p) + sum(len(s) for s, _, _ in segs) for p, segs, _, _ in rows]
         longest = max(lengths)
         ids = torch.zeros(size, longest, dtype=torch.long)
         positions = torch.zeros(size, longest, dtype=torch.long)
         segments = torch.full((size, longest), -1, dtype=torch.long)
         targets = torch.full((size, longest), -100, dtype=torch.long)
-        families = []  # (row, column, family) of every answer target, for per-family losses
-        for i, (prefix, segs, _) in enumerate(rows):
+        families = []  # the family of every target in row-major order; None for EOS targets
+        for i, (prefix, segs, _, _) in enumerate(rows):
             n = len(prefix)
             ids[i, :n], positions[i, :n], segments[i, :n] = torch.tensor(prefix), torch.arange(n), 0
             at = n
@@ -145,9 +149,28 @@ class Batches:
                 span = slice(at, at + len(seg))
                 ids[i, span], targets[i, span] = torch.tensor(seg), torch.tensor(tgt)
                 positions[i, span], segments[i, span] = torch.arange(n, n + len(seg)), j
-                families += [(i, at + k, family) for k, t in enumerate(tgt) if t != -100]
+                families += [None if t == EOS_ID else family for t in tgt if t != -100]
                 at += len(seg)
-        return ids, positions, segments, targets, self.processor([r[2] for r in rows]), families
+        pixels = self.processor([r[2] for r in rows])
+        return Packed(ids, positions, segments, targets, pixels, torch.stack([r[3] for r in rows]), families)
+
+
+@dataclass
+class Packed:
+    """One packed batch (see Batches): tensors [B, T] and pixels [B, 3, H, W], per-patch labels
+    [B, P, 4] for the auxiliary head, and the family of each target (None for EOS)."""
+
+    ids: torch.Tensor
+    positions: torch.Tensor
+    segments: torch.Tensor
+    targets: torch.Tensor
+    pixels: torch.Tensor
+    patch_labels: torch.Tensor
+    families: list
+
+    def to(self, device) -> "Packed":
+        moved = {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in vars(self).items()}
+        return Packed(**moved)
 
 
 def segment_mask(segments: torch.Tensor) -> torch.Tensor:
@@ -161,30 +184,36 @@ def segment_mask(segments: torch.Tensor) -> torch.Tensor:
     return allowed[:, None]
 
 
-def packed_logits(model: LlavaModel, ids: torch.Tensor, positions: torch.Tensor, segments: torch.Tensor,
-                  pixels: torch.Tensor) -> torch.Tensor:
-    """Logits [B, T, V] of a packed batch (see Batches)."""
+def packed_logits(model: LlavaModel, batch: Packed) -> tuple[torch.Tensor, torch.Tensor]:
+    """Logits [B, T, V] of a packed batch, and the vision features LLaVA reads [B, P, Dv]."""
     lm = model.language_model
-    x = model.embed(ids, model.image_features(pixels))  # [B, T, D]
-    cos, sin = lm.rotary(positions, x.dtype)
-    mask = segment_mask(segments)
+    states = model.vision_features(batch.pixels)  # [B, P, Dv]
+    x = model.embed(batch.ids, model.multi_modal_projector(states))  # [B, T, D]
+    cos, sin = lm.rotary(batch.positions, x.dtype)
+    mask = segment_mask(batch.segments)
     for i, layer in enumerate(lm.layers):
         x = layer(x, cos, sin, mask, None, i, 0)
-    return model.lm_head(lm.norm(x))
+    return model.lm_head(lm.norm(x)), states
 
 
-def loss_on(model: LlavaModel, ids, positions, segments, targets, pixels) -> tuple[torch.Tensor, torch.Tensor]:
-    """Mean cross-entropy over the answer targets, and the per-target losses [N] (in target order)."""
-    logits = packed_logits(model, ids, positions, segments, pixels)
-    picked = targets != -100  # [B, T]
-    per = F.cross_entropy(logits[picked].float(), targets[picked], reduction="none")  # [N]
-    return per.mean(), per.detach()
+def loss_on(model: LlavaModel, head: PatchHead | None, batch: Packed, aux_weight: float = 0.0):
+    """(loss, per-target answer losses [N] in target order, auxiliary patch loss): the mean
+    answer cross-entropy plus `aux_weight` times the patch-label loss of `head`."""
+    logits, states = packed_logits(model, batch)
+    picked = batch.targets != -100  # [B, T]
+    per = F.cross_entropy(logits[picked].float(), batch.targets[picked], reduction="none")  # [N]
+    aux = head.loss(states, batch.patch_labels) if head is not None else torch.zeros((), device=per.device)
+    return per.mean() + aux_weight * aux, per.detach(), aux.detach()
 
 
 def train(out_dir: str | Path, spec: TrainSpec, device: str = "cpu", log=print,
           init: str | Path | None = None) -> Path:
     """Train and save to out_dir (also every `spec.save_every` steps, so a long run can be
-    evaluated or resumed while it goes); `init` continues from a checkpoint this function wrote."""
+    evaluated or resumed while it goes); `init` continues from a checkpoint this function wrote.
+
+    Stages: `vision_steps` of the vision tower alone on the dense patch labels (training_aux),
+    `align_steps` of the projector on captions, `steps` of everything on questions (with the
+    patch labels as an auxiliary loss weighted by `aux_weight`)."""
     torch.manual_seed(spec.seed)
     cfg = build_config(spec)
     if init is not None:
@@ -195,17 +224,20 @@ def train(out_dir: str | Path, spec: TrainSpec, device: str = "cpu", log=print,
     else:
         model = LlavaModel(cfg).to(device)
         _init(model)
+    head = PatchHead(cfg.vision.hidden_size * len(cfg.vision_feature_layers)).to(device)
     tokenizer = build_word_tokenizer(default_words(), IMAGE_TOKEN_ID, VOCAB_SIZE)
     encoder = PromptEncoder(tokenizer, IMAGE_TOKEN_ID, cfg.image_features_per_image)
     processor = ImageProcessor(shortest_edge=spec.image_size, crop_hw=(spec.image_size, spec.image_size))
-    data = Batches(encoder, processor, spec.image_size, spec.seed, spec.questions)
-    stages = [("align", spec.align_steps, list(model.multi_modal_projector.parameters()), True),
-              ("instruct", spec.steps, list(model.parameters()), False)]
+    data = Batches(encoder, processor, spec.image_size, spec.seed, spec.questions, cfg.vision.grid)
+    vision = [*model.vision_tower.parameters(), *head.parameters()]
+    stages = [("vision", spec.vision_steps, vision, False),
+              ("align", spec.align_steps, list(model.multi_modal_projector.parameters()), True),
+              ("instruct", spec.steps, [*model.parameters(), *head.parameters()], False)]
     for name, steps, params, captions in stages:
         if steps == 0:
             continue
         opt = torch.optim.AdamW(params, lr=spec.lr, betas=(0.9, 0.98), weight_decay=0.01)
-        bar, start, running = Progress(name, steps), time.time(), None
+        bar, start, running, aux_ema = Progress(name, steps), time.time(), None, None
         family_loss: dict[str, float] = {}
         for step in range(steps):
             done = max(step / steps, (time.time() - start) / (60 * spec.minutes) if spec.minutes else 0.0)
@@ -214,21 +246,28 @@ def train(out_dir: str | Path, spec: TrainSpec, device: str = "cpu", log=print,
                 break
             for group in opt.param_groups:
                 group["lr"] = spec.lr * _lr_factor(done, step)
-            ids, positions, segments, targets, pixels, families = data.batch(spec.batch_size, captions)
-            loss, per = loss_on(model, ids.to(device), positions.to(device), segments.to(device),
-                                targets.to(device), pixels.to(device))
+            batch = data.batch(spec.batch_size, captions).to(device)
+            if name == "vision":
+                aux = head.loss(model.vision_features(batch.pixels), batch.patch_labels)
+                loss, per = aux, None
+            else:
+                loss, per, aux = loss_on(model, head if name == "instruct" else None, batch,
+                                         spec.aux_weight if name == "instruct" else 0.0)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             torch.nn.utils.clip_grad_norm_(params, 1.0)
             opt.step()
             running = loss.item() if running is None else 0.98 * running + 0.02 * loss.item()
-            _update_family_losses(family_loss, families, per.cpu())
-            if not captions:
+            aux_ema = aux.item() if aux_ema is None else 0.98 * aux_ema + 0.02 * aux.item()
+            if per is not None:
+                _update_family_losses(family_loss, batch.families, per.cpu())
+            if name == "instruct":
                 data.reweight(family_loss)
             bar.update(1)
             if (step + 1) % 50 == 0 or step + 1 == steps:
                 fams = " ".join(f"{f}={v:.3f}" for f, v in sorted(family_loss.items()))
-                log(f"{name} step {step + 1}/{steps} loss {running:.4f} [{fams}] ({time.time() - start:.0f} s)")
+                log(f"{name} step {step + 1}/{steps} loss {running:.4f} patch {aux_ema:.4f} [{fams}] "
+                    f"({time.time() - start:.0f} s)")
             if spec.save_every and (step + 1) % spec.save_every == 0 and step + 1 < steps:
                 _save(model, tokenizer, out_dir, spec.image_size)
         bar.close()
@@ -241,11 +280,12 @@ def _lr_factor(done: float, step: int, warmup_steps: int = 50) -> float:
     return min(1.0, (step + 1) / warmup_steps) * (0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * min(done, 1.0))))
 
 
-def _update_family_losses(ema: dict[str, float], families: list[tuple[int, int, str]], per: torch.Tensor) -> None:
-    """Exponential moving average of the mean answer-token loss of each question family."""
+def _update_family_losses(ema: dict[str, float], families: list[str | None], per: torch.Tensor) -> None:
+    """Exponential moving average of the mean answer-token loss (EOS left out) of each family."""
     sums: dict[str, list[float]] = {}
-    for (_, _, family), value in zip(families, per.tolist()):
-        sums.setdefault(family, []).append(value)
+    for family, value in zip(families, per.tolist()):
+        if family is not None:
+            sums.setdefault(family, []).append(value)
     for family, values in sums.items():
         mean = sum(values) / len(values)
         ema[family] = mean if family not in ema else 0.9 * ema[family] + 0.1 * mean
