@@ -10,7 +10,7 @@ from torch import nn
 import fastllava
 from fastllava import UserError
 from fastllava.quant.spec import parse_weights
-from fastllava.quant.weights import QuantLinear, parameter_bytes
+from fastllava.quant.weights import QuantLinear, parameter_bytes, unpack_cpu_int4
 from hf_reference import batch_inputs, save_checkpoint, tiny_llava
 
 
@@ -29,8 +29,9 @@ def test_int8_per_channel_symmetric_bound():
     w = lin.weight.detach()
     step = w.abs().amax(-1, keepdim=True) / 127  # per output channel: the loud row spoils only itself
     assert bool(((q.dequantize() - w).abs() <= step / 2 + 1e-7).all())
-    x = torch.randn(4, 7, 256)
-    assert torch.allclose(q(x), x @ q.dequantize().T + lin.bias, atol=1e-4)  # fused CPU kernel = definition
+    for rows in (1, 28):  # a decode step through the fused CPU kernel, a prefill through a dense matmul
+        x = torch.randn(rows, 1, 256)
+        assert torch.allclose(q(x), x @ q.dequantize().T + lin.bias, atol=1e-4)
 
 
 @pytest.mark.parametrize("group,n,kernel", [(32, 96, True), (128, 96, True), (32, 100, False), (16, 96, False)])
@@ -46,8 +47,17 @@ def test_int4_groupwise_asymmetric_bound(group, n, kernel):
     w = lin.weight.detach().view(n, -1, group)
     step = (w.amax(-1, keepdim=True) - w.amin(-1, keepdim=True)) / 15
     assert bool(((q.dequantize().view_as(w) - w).abs() <= step / 2 + 1e-5).all())
-    x = torch.randn(2, 3, 256)
-    assert torch.allclose(q(x), x @ q.dequantize().T + lin.bias, atol=1e-4)
+    for rows in (1, 4, 6):  # decode steps through the fused kernel, a prefill through a dense matmul
+        x = torch.randn(rows, 1, 256)
+        assert torch.allclose(q(x), x @ q.dequantize().T + lin.bias, atol=1e-4)
+
+
+@pytest.mark.parametrize("n", [64, 112, 16, 4096 + 48])
+def test_cpu_int4_layout_round_trip(n):
+    """unpack_cpu_int4 inverts PyTorch's converter (a guard for its undocumented layout)."""
+    codes = torch.randint(0, 16, (n, 64), dtype=torch.int32)
+    packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(codes, 1)
+    assert torch.equal(unpack_cpu_int4(packed, n, 64).to(torch.int32), codes)
 
 
 def test_int4_group_must_divide_the_inputs():

@@ -19,6 +19,26 @@ from .quantizers import minmax_decode, minmax_encode, minmax_params
 from .spec import WeightSpec, parse_weights
 
 
+# Rows of a weight at most this many (decode steps) go through PyTorch's fused CPU kernels; a
+# prefill's many rows are faster through one dequantize and a dense matmul.
+FUSED_MAX_ROWS = 4
+
+
+def unpack_cpu_int4(packed: torch.Tensor, n: int, k: int) -> torch.Tensor:
+    """Codes [N, K] (uint8) from the layout of `_convert_weight_to_int4pack_for_cpu`: blocks of 64
+    output rows, each k-major with row j in the low and row j + 32 in the high nibble of byte j;
+    a last, shorter block pairs rows 2j (low) and 2j + 1 (high). Tested against the converter."""
+    flat = packed.reshape(-1)
+    full = n // 64
+    head = flat[:full * 32 * k].view(full, k, 32)  # [blocks, K, 32]
+    rows = torch.cat([head & 15, head >> 4], dim=2).permute(0, 2, 1).reshape(full * 64, k)  # [64 * blocks, K]
+    tail = n - full * 64
+    if tail:
+        t = flat[full * 32 * k:].view(k, tail // 2)  # [K, tail/2]
+        rows = torch.cat([rows, torch.stack([t & 15, t >> 4], dim=2).reshape(k, tail).T])
+    return rows
+
+
 def _cpu_int4_kernel(w: torch.Tensor, group: int) -> bool:
     """Whether PyTorch's CPU int4 matmul takes this weight [N, K] and group."""
     return (w.device.type == "cpu" and group in (32, 64, 128, 256) and w.shape[0] % 16 == 0
@@ -66,17 +86,22 @@ class QuantLinear(nn.Module):
         """The weight [N, K] as the layer computes with it, in the scales' dtype."""
         if self.bits == 8:
             return (self.qweight.float() * self.scale.float()[:, None]).to(self.scale.dtype)
-        if self.cpu_kernel:  # W^T = I W^T, through the kernel itself
-            return self._int4_cpu(torch.eye(self.in_features, dtype=self.scale_zero.dtype)).T.contiguous()
+        if self.cpu_kernel:
+            codes = unpack_cpu_int4(self.qweight, self.out_features, self.in_features)
+            codes = codes.view(self.out_features, -1, self.group).float() - 8  # [N, K/G, G]
+            sz = self.scale_zero.float().transpose(0, 1)  # [N, K/G, 2]
+            w = codes * sz[..., :1] + sz[..., 1:]
+            return w.view(self.out_features, self.in_features).to(self.scale_zero.dtype)
         codes = unpack_bits(self.qweight, 4, self.in_features).view(self.out_features, -1, self.group)
         w = minmax_decode(codes, self.scale[..., None], self.minimum[..., None])
         return w.view(self.out_features, self.in_features).to(self.scale.dtype)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         flat = x.reshape(-1, self.in_features)  # [M, K]
-        if self.bits == 8 and x.device.type == "cpu" and x.dtype == self.scale.dtype:
+        fused = flat.shape[0] <= FUSED_MAX_ROWS and x.device.type == "cpu"
+        if self.bits == 8 and fused and x.dtype == self.scale.dtype:
             y = torch._weight_int8pack_mm(flat, self.qweight, self.scale)
-        elif self.bits == 4 and self.cpu_kernel:
+        elif self.bits == 4 and fused and self.cpu_kernel:
             y = self._int4_cpu(flat.to(self.scale_zero.dtype)).to(x.dtype)
         else:
             y = F.linear(flat, self.dequantize().to(x.dtype))
