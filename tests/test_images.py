@@ -9,7 +9,7 @@ import torch
 from PIL import Image
 
 from fastllava.errors import UserError
-from fastllava.images import ImageProcessor, expand_to_square, load_image
+from fastllava.images import MAX_ASPECT, ImageProcessor, expand_to_square, load_image
 
 
 def _photo_like(w: int, h: int, seed: int) -> Image.Image:
@@ -110,3 +110,25 @@ def test_decompression_bomb_refused_before_decoding(tmp_path):
         load_image(path)
     with pytest.raises(UserError, match="over the limit"):
         load_image(_photo_like(64, 64, 0), max_pixels=1000)
+
+
+def test_extreme_aspect_ratios_refused_before_decoding():
+    """Sides more than MAX_ASPECT-fold apart: the shortest-edge resize would blow the long one up
+    (1 x 16 M pixels -> 336 x 5.4 G)."""
+    load_image(Image.new("RGB", (MAX_ASPECT, 1)))  # at the limit: accepted
+    thin = io.BytesIO()
+    Image.new("L", (1, MAX_ASPECT + 1)).save(thin, format="PNG")
+    for image in (Image.new("RGB", (MAX_ASPECT + 1, 1)), thin.getvalue(), np.zeros((16_000_000, 1), np.uint8)):
+        with pytest.raises(UserError, match=f"differ at most {MAX_ASPECT}-fold") as e:
+            ImageProcessor()([image])
+        assert "\n" not in str(e.value)
+
+
+def test_preprocessing_never_makes_an_image_over_the_pixel_limit():
+    wide = Image.new("RGB", (9000, 900))  # 8.1 M pixels, 10:1
+    with pytest.raises(UserError, match="padded to a square would be 9000x9000") as e:
+        ImageProcessor(pad_to_square=True)([wide])  # 81 M pixels
+    assert "\n" not in str(e.value)
+    with pytest.raises(UserError, match="resized would be 80000x8000"):
+        ImageProcessor(shortest_edge=8000)([Image.new("RGB", (1000, 100))])
+    assert ImageProcessor()([wide]).shape == (1, 3, 336, 336)

@@ -157,3 +157,15 @@ def test_good_request_after_the_corpus(base):
     assert status == 200 and obj["choices"][0]["finish_reason"] in ("stop", "length"), obj
     status, obj = raw_request(base, "GET", "/health")
     assert status == 200 and obj["active"] == 0
+
+
+def test_an_image_preprocessing_would_blow_up_is_a_422(tmp_path):
+    """With pad_to_square, a 9000x900 image (within the server's limits) would become an 81 M
+    pixel canvas: refused as invalid_image, not a 500."""
+    from PIL import Image
+
+    llava = fastllava.load(tiny_checkpoint(tmp_path / "m"), device="cpu", pad_to_square=True)
+    with running_server(llava, Settings(model_id="tiny")) as url:
+        status, obj = raw_request(url, "POST", "/v1/chat/completions",
+                                  _image_chat(data_url(png_bytes(Image.new("RGB", (9000, 900))))))
+    assert status == 422 and obj["error"]["code"] == "invalid_image" and "9000x9000" in obj["error"]["message"], obj

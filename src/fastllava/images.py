@@ -24,12 +24,14 @@ ImageInput = Union[Image.Image, np.ndarray, str, Path, bytes]
 
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
-DEFAULT_MAX_PIXELS = 64_000_000  # refuse larger images (decompression bombs)
+DEFAULT_MAX_PIXELS = 64_000_000  # refuse larger images (decompression bombs), and larger images made by preprocessing
+MAX_ASPECT = 100  # longer side / shorter side: beyond, the shortest-edge resize blows the longer side up
 
 
 def load_image(image: ImageInput, max_pixels: int = DEFAULT_MAX_PIXELS) -> Image.Image:
     """A PIL image in RGB from a PIL image, an HWC/HW numpy array (uint8, or float in [0, 1]),
-    a path, or encoded bytes. Bad input raises UserError with one line saying why."""
+    a path, or encoded bytes. Bad input raises UserError with one line saying why, as do images
+    over `max_pixels` or whose sides differ more than MAX_ASPECT-fold (read before decoding)."""
     if isinstance(image, Image.Image):
         _check_pixels(image.size, max_pixels, "image")
         return image.convert("RGB")
@@ -56,6 +58,8 @@ def _check_pixels(size: tuple[int, int], max_pixels: int, what: str) -> None:
         raise UserError(f"{what} has no pixels ({w}x{h})")
     if w * h > max_pixels:
         raise UserError(f"{what} is {w}x{h} = {w * h} pixels, over the limit of {max_pixels}")
+    if max(w, h) > MAX_ASPECT * min(w, h):
+        raise UserError(f"{what} is {w}x{h}; its sides may differ at most {MAX_ASPECT}-fold")
 
 
 def _decode(stream, what: str, max_pixels: int) -> Image.Image:
@@ -140,12 +144,19 @@ class ImageProcessor:
         return torch.stack([self.one(load_image(im)) for im in images])
 
     def one(self, img: Image.Image) -> torch.Tensor:
+        """One RGB image -> [3, H, W]; refuses (UserError) to make an image over DEFAULT_MAX_PIXELS."""
+        source = img.size
         if self.pad_to_square:
+            _check_made(source, (max(source),) * 2, "padded to a square")
             img = expand_to_square(img, tuple(int(m * 255) for m in (self.mean or CLIP_MEAN)))
+        size = None  # (width, height) to resize to
         if self.size_hw is not None:
-            img = img.resize((self.size_hw[1], self.size_hw[0]), resample=self.resample)
+            size = (self.size_hw[1], self.size_hw[0])
         elif self.shortest_edge is not None:
-            img = img.resize(_shortest_edge_size(img.size, self.shortest_edge), resample=self.resample)
+            size = _shortest_edge_size(img.size, self.shortest_edge)
+        if size is not None:
+            _check_made(source, size, "resized")
+            img = img.resize(size, resample=self.resample)
         arr = np.asarray(img)  # [H, W, 3] uint8
         if self.crop_hw is not None:
             arr = center_crop(arr, self.crop_hw)
@@ -156,6 +167,13 @@ class ImageProcessor:
         if self.mean is not None:
             out = (out - np.asarray(self.mean, np.float32)) / np.asarray(self.std, np.float32)
         return torch.from_numpy(np.ascontiguousarray(out.transpose(2, 0, 1)))  # [3, H, W]
+
+
+def _check_made(source: tuple[int, int], size: tuple[int, int], how: str) -> None:
+    w, h = size
+    if w * h > DEFAULT_MAX_PIXELS:
+        raise UserError(f"a {source[0]}x{source[1]} image {how} would be {w}x{h} = {w * h} pixels, "
+                        f"over the limit of {DEFAULT_MAX_PIXELS}")
 
 
 def _shortest_edge_size(size: tuple[int, int], edge: int) -> tuple[int, int]:

@@ -142,7 +142,10 @@ def _prepare(llava: Llava, settings: Settings, ctx: int, req: ChatRequest):
         raise invalid(f"the prompt ({t} tokens) plus max_tokens ({max_tokens}) is over the context of {ctx} tokens",
                       "max_tokens", "context_length_exceeded")
     params = SamplingParams(max_tokens, req.temperature, req.top_p, req.top_k, req.seed, req.stop).validate()
-    pixel_values = llava.processor(images) if images else None  # [N, 3, H, W]
+    try:
+        pixel_values = llava.processor(images) if images else None  # [N, 3, H, W]
+    except UserError as e:  # preprocessing would make an image over its limit
+        raise APIError(422, str(e), "messages", "invalid_image") from None
     return ids, pixel_values, params
 
 

@@ -19,7 +19,6 @@ from .errors import APIError, invalid, too_large
 from .protocol import ImageRef
 from .settings import Settings
 
-MAX_ASPECT = 100  # longer side / shorter side: beyond, resizing the short side would blow up memory
 FETCH_TIMEOUT_S = 10
 
 
@@ -88,7 +87,8 @@ def _check_size(n: int, limit: int, param: str) -> None:
 
 
 def decode_image(data: bytes, param: str, max_pixels: int) -> Image.Image:
-    """Refuse too many pixels (413) from the header alone, then decode (422 when it cannot be)."""
+    """Refuse too many pixels (413) from the header alone, then decode (422 when it cannot be, or
+    load_image refuses it: sides more than images.MAX_ASPECT-fold apart)."""
     try:
         with Image.open(io.BytesIO(data)) as probe:
             w, h = probe.size
@@ -98,8 +98,6 @@ def decode_image(data: bytes, param: str, max_pixels: int) -> Image.Image:
         raise APIError(422, "the image data is not an image PIL can read", param, "invalid_image") from None
     if w * h > max_pixels:
         raise too_large(f"the image is {w}x{h} pixels, over the limit of {max_pixels}", param, "image_too_large")
-    if min(w, h) < 1 or max(w, h) > MAX_ASPECT * min(w, h):
-        raise APIError(422, f"the image is {w}x{h}; its sides may differ at most {MAX_ASPECT}-fold", param, "invalid_image")
     try:
         return load_image(data, max_pixels)
     except UserError as e:
