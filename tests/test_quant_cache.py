@@ -322,3 +322,19 @@ def test_eval_records_the_quantization(tmp_path):
     settings = evaluate(model, tmp_path / "d", batch_size=3, progress=False)["settings"]
     assert settings["weights"] == "int8" and settings["kv_cache"] == "vidkv:group=32,residual=128,high=0.5,salient=0.1"
     assert evaluate(fastllava.load(device="cpu"), tmp_path / "d", progress=False)["settings"]["kv_cache"] == "fp"
+
+
+def test_cache_sized_after_reduction_before_the_llm(ckpt):
+    """A reduction before the language model shortens the prompt: the cache is allocated for what
+    remains (16 visual tokens -> 4: 12 slots fewer), full precision or quantized."""
+    image = np.random.default_rng(1).integers(0, 255, (32, 32, 3), dtype=np.uint8)
+    for kv_cache in (None, "kivi:bits=4,group=4,residual=4"):
+        model = fastllava.load(ckpt, device="cpu", kv_cache=kv_cache)
+        full, cut = (model.generate(images=[image], prompts=["describe it ."], max_new_tokens=2, reduce=r)[0]
+                     for r in (None, "visionzip:keep=4,contextual=1"))
+        assert cut.stats["kv_cache_bytes"] < full.stats["kv_cache_bytes"]
+    fp = fastllava.load(ckpt, device="cpu")
+    full, cut = (fp.generate(images=[image], prompts=["describe it ."], max_new_tokens=2, reduce=r)[0]
+                 for r in (None, "visionzip:keep=4,contextual=1"))
+    per_slot = 2 * 3 * 4 * 16 * 4  # keys and values, 3 layers, 4 heads of 16, float32
+    assert full.stats["kv_cache_bytes"] - cut.stats["kv_cache_bytes"] == 12 * per_slot

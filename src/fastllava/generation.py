@@ -112,14 +112,14 @@ def prefill(model: LlavaModel, input_ids: torch.Tensor, attention_mask: torch.Te
     [B, T'] (T' after any reduction before the language model) and the cache. `times`, if
     given, gets vision_s (since times.start) and kv_cache_bytes."""
     device = model.device
-    b, t = input_ids.shape
+    b = input_ids.shape[0]
     input_ids, mask = input_ids.to(device), attention_mask.to(device).bool()
     pixels = pixel_values.to(device) if pixel_values is not None else None
     embeds, positions, mask = model.prepare(input_ids, pixels, mask, positions_from_mask(mask), reduction)  # [B, T', D]
     if times is not None:
         _sync(device)
         times.vision_s = time.perf_counter() - times.start
-    cache = model.new_cache(b, t + new_tokens)
+    cache = model.new_cache(b, embeds.shape[1] + new_tokens)  # a reduction before the LLM shortens it
     visual = reduction.visual if reduction is not None else (input_ids == model.cfg.image_token_index) & mask
     cache.prompt(embeds, visual, mask)
     if times is not None:
