@@ -13,9 +13,16 @@ IMAGE_TOKEN = 100
 VOCAB = 128
 
 
+# LLaVA-NeXT canvases for the tiny 32-pixel tower: transformers' defaults scaled from 336 to 32
+PINPOINTS = [[32, 64], [64, 32], [64, 64], [96, 32], [32, 96]]
+
+
 def tiny_llava(text: str = "llama", kv_heads: int = 4, feature_layer=-2, strategy: str = "default",
-               tie: bool = False, seed: int = 0, **text_overrides):
-    from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig, LlavaForConditionalGeneration, MistralConfig
+               tie: bool = False, seed: int = 0, pinpoints=None, **text_overrides):
+    """A tiny random LlavaForConditionalGeneration, or with `pinpoints` (image_grid_pinpoints)
+    a LlavaNextForConditionalGeneration."""
+    from transformers import (CLIPVisionConfig, LlamaConfig, LlavaConfig, LlavaForConditionalGeneration,
+                              LlavaNextConfig, LlavaNextForConditionalGeneration, MistralConfig)
 
     torch.manual_seed(seed)
     vision = CLIPVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=3, num_attention_heads=4,
@@ -25,10 +32,13 @@ def tiny_llava(text: str = "llama", kv_heads: int = 4, feature_layer=-2, strateg
                   tie_word_embeddings=tie, pad_token_id=0)
     common.update(text_overrides)
     text_cfg = LlamaConfig(**common) if text == "llama" else MistralConfig(**common)
-    cfg = LlavaConfig(vision_config=vision, text_config=text_cfg, image_token_index=IMAGE_TOKEN,
-                      vision_feature_layer=feature_layer, vision_feature_select_strategy=strategy,
-                      image_seq_length=16 if strategy == "default" else 17, tie_word_embeddings=tie)
-    model = LlavaForConditionalGeneration(cfg).eval()
+    kw = dict(vision_config=vision, text_config=text_cfg, image_token_index=IMAGE_TOKEN,
+              vision_feature_layer=feature_layer, vision_feature_select_strategy=strategy,
+              image_seq_length=16 if strategy == "default" else 17, tie_word_embeddings=tie)
+    if pinpoints is None:
+        model = LlavaForConditionalGeneration(LlavaConfig(**kw)).eval()
+    else:
+        model = LlavaNextForConditionalGeneration(LlavaNextConfig(**kw, image_grid_pinpoints=pinpoints)).eval()
     with torch.no_grad():  # random init leaves some tensors at exact constants; perturb all of them
         for p in model.parameters():
             p.add_(torch.randn_like(p) * 0.02)
@@ -64,6 +74,7 @@ LAYOUTS = {
         ("lm_head.", "language_model.lm_head."),
         ("model.vision_tower.", "vision_tower.vision_model."),
         ("model.multi_modal_projector.", "multi_modal_projector."),
+        ("model.image_newline", "image_newline"),  # LLaVA-NeXT
     ],
 }
 

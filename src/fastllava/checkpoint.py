@@ -24,6 +24,7 @@ from safetensors.torch import save_file
 from .config import LlavaConfig, to_hf_dict
 from .errors import UserError
 from .models.llava import LlavaModel
+from .models.llava_next import build_model
 
 # checkpoint prefix -> our module prefix
 _PREFIXES = [
@@ -37,6 +38,8 @@ _PREFIXES = [
     ("vision_tower.", "vision_tower."),
     ("model.multi_modal_projector.", "multi_modal_projector."),
     ("multi_modal_projector.", "multi_modal_projector."),
+    ("model.image_newline", "image_newline"),  # LLaVA-NeXT
+    ("image_newline", "image_newline"),
 ]
 
 # Tensors that checkpoints carry but LLaVA never reads.
@@ -166,7 +169,7 @@ def load_model(path: str | Path, device: str | torch.device = "cpu",
     device = torch.device(device)
     dtype = resolve_dtype(dtype, device)
     with torch.device("meta"):
-        model = LlavaModel(cfg)
+        model = build_model(cfg)
     model = model.to(dtype).to_empty(device=device)
     if cfg.tie_word_embeddings:
         model.lm_head.weight = model.language_model.embed_tokens.weight
@@ -211,12 +214,14 @@ _SAVE_PREFIXES = [
     ("vision_tower.layers.", "vision_tower.vision_model.encoder.layers."),
     ("vision_tower.", "vision_tower.vision_model."),
     ("multi_modal_projector.", "multi_modal_projector."),
+    ("image_newline", "image_newline"),
 ]
 
 
 def save_model(model: LlavaModel, path: str | Path) -> Path:
     """Write `model` as a Hugging Face LLaVA checkpoint (config.json + model.safetensors, the
-    original key layout) that transformers' LlavaForConditionalGeneration loads as it is."""
+    original key layout) that transformers' LlavaForConditionalGeneration (LlavaNext... for a
+    LLaVA-NeXT model) loads as it is."""
     if len(model.vision_tower.layers) != model.cfg.vision.num_hidden_layers:
         raise UserError("save_model needs a vision tower with all its layers (use vision_feature_layer -1)")
     path = Path(path)

@@ -10,6 +10,7 @@ import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from . import anyres
 from .errors import UserError
 
 # transformers' LlavaConfig fills a missing vision_config with these CLIP ViT-L/14-336 values.
@@ -21,6 +22,9 @@ _LLAVA_VISION_DEFAULTS = {
     "num_hidden_layers": 24,
     "num_attention_heads": 16,
 }
+
+# transformers' LlavaNextConfig default (height, width) canvases for AnyRes tiling.
+_NEXT_PINPOINTS = [[336, 672], [672, 336], [672, 672], [1008, 336], [336, 1008]]
 
 # Per text model type: the defaults of transformers' LlamaConfig / MistralConfig.
 _TEXT_DEFAULTS = {
@@ -163,18 +167,32 @@ class LlavaConfig:
     vision_feature_layers: list[int] = field(default_factory=lambda: [-2])
     tie_word_embeddings: bool = False
     torch_dtype: str | None = None
+    image_grid_pinpoints: list[tuple[int, int]] | None = None  # LLaVA-NeXT (AnyRes) canvases; None for LLaVA-1.5
+
+    @property
+    def is_next(self) -> bool:
+        """A LLaVA-NeXT model: images are tiled (AnyRes), their token count depends on their size."""
+        return self.image_grid_pinpoints is not None
 
     @property
     def image_features_per_image(self) -> int:
-        """Visual tokens one image gives the language model (576 for LLaVA-1.5)."""
+        """Visual tokens one image gives the language model (576 for LLaVA-1.5); for LLaVA-NeXT,
+        those of one tile (see image_tokens)."""
         extra = 1 if self.vision_feature_select_strategy == "full" else 0
         return self.vision.num_patches + extra
+
+    def image_tokens(self, height: int, width: int) -> int:
+        """Visual tokens an image of height x width pixels (before preprocessing) gives."""
+        if not self.is_next:
+            return self.image_features_per_image
+        return anyres.image_tokens((height, width), self.image_grid_pinpoints, self.vision.image_size,
+                                   self.vision.grid)
 
     @classmethod
     def from_dict(cls, d: dict) -> "LlavaConfig":
         model_type = d.get("model_type", "llava")
-        if model_type != "llava":
-            raise UserError(f"unsupported model_type {model_type!r} in config.json; expected 'llava'")
+        if model_type not in ("llava", "llava_next"):
+            raise UserError(f"unsupported model_type {model_type!r} in config.json; expected 'llava' or 'llava_next'")
         vision = VisionConfig.from_dict(d.get("vision_config") or {})
         text = TextConfig.from_dict(d.get("text_config") or {})
         layer = d.get("vision_feature_layer", -2)
@@ -190,6 +208,11 @@ class LlavaConfig:
             (d.get("text_config") or {}).get("tie_word_embeddings", False)
         )
         text.tie_word_embeddings = tie
+        pinpoints = None
+        if model_type == "llava_next":
+            pinpoints = _read_pinpoints(d.get("image_grid_pinpoints") or _NEXT_PINPOINTS, vision.image_size)
+            if strategy != "default":
+                raise UserError("LLaVA-NeXT needs vision_feature_select_strategy 'default' (tiles without the class token)")
         return cls(
             vision=vision,
             text=text,
@@ -200,6 +223,7 @@ class LlavaConfig:
             vision_feature_layers=layers,
             tie_word_embeddings=tie,
             torch_dtype=d.get("torch_dtype") or d.get("dtype"),
+            image_grid_pinpoints=pinpoints,
         )
 
     @classmethod
@@ -219,6 +243,20 @@ class LlavaConfig:
             raise UserError(f"{path}: bad model configuration: {e}") from None
 
 
+def _read_pinpoints(value, tile: int) -> list[tuple[int, int]]:
+    """image_grid_pinpoints as (height, width) pairs, each a multiple of the tile size."""
+    if not isinstance(value, list) or not value:
+        raise UserError(f"image_grid_pinpoints must be a non-empty list of [height, width] pairs, got {value!r}")
+    out = []
+    for p in value:
+        if not (isinstance(p, (list, tuple)) and len(p) == 2 and all(isinstance(v, int) and v > 0 for v in p)):
+            raise UserError(f"image_grid_pinpoints entry {p!r} is not a [height, width] pair of positive integers")
+        if p[0] % tile or p[1] % tile:
+            raise UserError(f"image_grid_pinpoints entry {list(p)} is not a multiple of the {tile}-pixel tile")
+        out.append((p[0], p[1]))
+    return out
+
+
 def _pick(cls, d: dict, exclude: set[str] = frozenset()) -> dict:
     names = {f for f in cls.__dataclass_fields__ if f not in exclude}
     return {k: v for k, v in d.items() if k in names}
@@ -228,9 +266,11 @@ def to_hf_dict(cfg: LlavaConfig) -> dict:
     """A transformers-style LLaVA config.json for `cfg` (vision tower with all its layers)."""
     v, t = cfg.vision, cfg.text
     layers = cfg.vision_feature_layers
+    next_keys = {"image_grid_pinpoints": [list(p) for p in cfg.image_grid_pinpoints]} if cfg.is_next else {}
     return {
-        "architectures": ["LlavaForConditionalGeneration"],
-        "model_type": "llava",
+        "architectures": ["LlavaNextForConditionalGeneration" if cfg.is_next else "LlavaForConditionalGeneration"],
+        "model_type": "llava_next" if cfg.is_next else "llava",
+        **next_keys,
         "image_token_index": cfg.image_token_index,
         "image_seq_length": cfg.image_features_per_image,
         "projector_hidden_act": cfg.projector_hidden_act,

@@ -12,7 +12,7 @@ import torch
 from .checkpoint import load_model, resolve_device
 from .errors import UserError
 from .generation import SamplingParams, StepTimes, check_left_padded, decode_steps
-from .images import ImageInput, ImageProcessor
+from .images import AnyresProcessor, ImageInput, ImageProcessor
 from .models.llava import LlavaModel
 from .prompts import PromptEncoder
 from .reduction.accounting import prefill_stats
@@ -30,7 +30,7 @@ class Result:
 
 
 class Llava:
-    def __init__(self, model: LlavaModel, processor: ImageProcessor, prompts: PromptEncoder | None,
+    def __init__(self, model: LlavaModel, processor: ImageProcessor | AnyresProcessor, prompts: PromptEncoder | None,
                  path: Path | None = None):
         self.model = model
         self.processor = processor
@@ -50,11 +50,14 @@ class Llava:
     @torch.inference_mode()
     def logits(self, input_ids: torch.Tensor, pixel_values: torch.Tensor | None,
                attention_mask: torch.Tensor | None = None,
-               position_ids: torch.Tensor | None = None, reduce=None) -> torch.Tensor:
+               position_ids: torch.Tensor | None = None, reduce=None,
+               image_sizes: torch.Tensor | None = None) -> torch.Tensor:
         """Logits [B, T, V] as `LlavaForConditionalGeneration.forward` returns them: input_ids
         [B, T] already hold one image token per visual feature; positions default to 0..T-1
         like transformers' forward (pass position_ids to count real tokens only). With `reduce`
-        (a spec, Method or Reduction) T is the sequence left after the reduction's last cut."""
+        (a spec, Method or Reduction) T is the sequence left after the reduction's last cut.
+        LLaVA-NeXT takes pixel_values [N, P, C, H, W] and image_sizes [N, 2] as
+        `LlavaNextForConditionalGeneration.forward` does."""
         device = self.device
         input_ids = input_ids.to(device)
         if position_ids is None:
@@ -62,17 +65,19 @@ class Llava:
         valid = torch.ones_like(input_ids, dtype=torch.bool) if attention_mask is None else attention_mask.to(device).bool()
         reduction = make_reduction(reduce, self.config)
         pixels = pixel_values.to(device) if pixel_values is not None else None
-        embeds, positions, valid = self.model.prepare(input_ids, pixels, valid, position_ids.to(device), reduction)
+        embeds, positions, valid = self.model.prepare(input_ids, pixels, valid, position_ids.to(device), reduction,
+                                                      image_sizes)
         mask = None if attention_mask is None and reduction is None else valid
         return self.model(embeds, positions, mask, reduction=reduction).float()
 
     def generate_ids(self, input_ids: torch.Tensor, pixel_values: torch.Tensor | None,
                      attention_mask: torch.Tensor | None = None, max_new_tokens: int = 64,
-                     eos_token_id: int | list[int] | None = -1, reduce=None, **sampling) -> torch.Tensor:
+                     eos_token_id: int | list[int] | None = -1, reduce=None, image_sizes: torch.Tensor | None = None,
+                     **sampling) -> torch.Tensor:
         """New token ids [B, N] (greedy unless sampling is asked for). Rows that end early are
         padded with the pad id after their EOS, as transformers does. eos_token_id=-1 uses the
         config's; None never stops early. `reduce`: a visual token reduction spec, Method or
-        Reduction (whose trace is then filled in)."""
+        Reduction (whose trace is then filled in). `image_sizes`: as for logits (LLaVA-NeXT)."""
         if attention_mask is None:
             attention_mask = torch.ones_like(input_ids)
         check_left_padded(attention_mask)
@@ -84,7 +89,7 @@ class Llava:
         steps = []
         reduction = make_reduction(reduce, self.config)
         for token in decode_steps(self.model, input_ids, attention_mask, pixel_values, params, eos,
-                                  finished, StepTimes(), reduction):
+                                  finished, StepTimes(), reduction, image_sizes):
             steps.append(torch.where(done_before, torch.full_like(token, pad), token))
             done_before = finished.clone()
         return torch.stack(steps, dim=1)
@@ -111,7 +116,8 @@ class Llava:
             raise UserError("give at least one prompt")
         if len(images) != len(prompts):
             raise UserError(f"{len(images)} images for {len(prompts)} prompts; give one image (or None) per prompt")
-        input_ids, mask, pixel_values = self.encode(images, prompts)
+        inputs = self.inputs(images, prompts)
+        input_ids, mask, pixel_values = inputs["input_ids"], inputs["attention_mask"], inputs["pixel_values"]
         eos = self._eos_ids(-1)
         b = len(prompts)
         finished = torch.zeros(b, dtype=torch.bool)
@@ -120,7 +126,8 @@ class Llava:
         times = StepTimes()
         watch_text = stream or bool(params.stop)  # otherwise decode once, at the end
         reduction = make_reduction(reduce, self.config)
-        for token in decode_steps(self.model, input_ids, mask, pixel_values, params, eos, finished, times, reduction):
+        for token in decode_steps(self.model, input_ids, mask, pixel_values, params, eos, finished, times, reduction,
+                                  inputs["image_sizes"]):
             for row in range(b):
                 if reasons[row] == "stop":
                     continue
@@ -145,7 +152,7 @@ class Llava:
         results = []
         for row in range(b):
             gen = counts[row]
-            image_tokens = self.config.image_features_per_image if images[row] is not None else 0
+            image_tokens = int((input_ids[row] == self.config.image_token_index).sum())
             stats = {
                 "prompt_tokens": int(mask[row].sum()) - image_tokens,
                 "image_tokens": image_tokens,
@@ -164,14 +171,33 @@ class Llava:
         yield results
 
     def encode(self, images, prompts: list[str]):
-        """Prompt ids left-padded into [B, T], their mask, and pixel_values [N, 3, H, W] (or None)."""
+        """Prompt ids left-padded into [B, T], their mask, and pixel_values [N, 3, H, W] (or None);
+        LLaVA-1.5 only (LLaVA-NeXT inputs carry image sizes too: use `inputs`)."""
+        inputs = self.inputs(images, prompts)
+        if inputs["image_sizes"] is not None:
+            raise UserError("LLaVA-NeXT inputs need their image sizes: use Llava.inputs() instead of encode()")
+        return inputs["input_ids"], inputs["attention_mask"], inputs["pixel_values"]
+
+    def inputs(self, images, prompts: list[str]) -> dict:
+        """The model inputs for images (one or None per prompt) and prompts, as transformers'
+        processors name them: input_ids [B, T] left-padded, attention_mask [B, T], pixel_values
+        ([N, 3, H, W]; LLaVA-NeXT: [N, P, 3, H, W] tiles) or None, image_sizes ([N, 2] (height,
+        width), LLaVA-NeXT only) or None. `model.logits(**inputs)` takes them as they are."""
         if self.prompts is None:
             raise UserError("this checkpoint has no tokenizer.json, so it cannot take text prompts")
+        present = [im for im in images if im is not None]
+        pixel_values, image_sizes, counts = None, None, iter([])
+        if present and self.config.is_next:
+            pixel_values, image_sizes = self.processor(present)
+            counts = iter([self.config.image_tokens(h, w) for h, w in image_sizes.tolist()])
+        elif present:
+            pixel_values = self.processor(present)
         rows = []
         for image, prompt in zip(images, prompts):
             if not isinstance(prompt, str):
                 raise UserError(f"prompts must be strings, got {type(prompt).__name__}")
-            rows.append(self.prompts.prompt_ids(prompt, 0 if image is None else 1))
+            tokens = None if image is None or image_sizes is None else [next(counts)]
+            rows.append(self.prompts.prompt_ids(prompt, 0 if image is None else 1, tokens))
         longest = max(len(r) for r in rows)
         pad = self.config.text.pad_token_id or 0
         input_ids = torch.full((len(rows), longest), pad, dtype=torch.long)
@@ -179,9 +205,8 @@ class Llava:
         for i, r in enumerate(rows):
             input_ids[i, longest - len(r):] = torch.tensor(r)
             mask[i, longest - len(r):] = 1
-        present = [im for im in images if im is not None]
-        pixel_values = self.processor(present) if present else None
-        return input_ids, mask, pixel_values
+        return {"input_ids": input_ids, "attention_mask": mask, "pixel_values": pixel_values,
+                "image_sizes": image_sizes}
 
     def _prefill_stats(self, reduction, row: int, stats_text: int, image_tokens: int) -> dict:
         """Visual tokens entering the LLM and after each cut, their layer-weighted mean, prefill FLOPs."""
@@ -245,9 +270,15 @@ def load(path: str | Path | None = None, device: str | torch.device | None = Non
     device = resolve_device(device)
     model = quantize_weights(load_model(path, device, dtype), weight_spec)
     model.kv_cache = kv_spec
-    processor = ImageProcessor.from_dir(path, model.cfg.vision.image_size)
-    if pad_to_square is not None:
-        processor.pad_to_square = pad_to_square
+    cfg = model.cfg
+    if cfg.is_next and pad_to_square:
+        raise UserError("pad_to_square does not apply to LLaVA-NeXT checkpoints (their images are tiled)")
+    if cfg.is_next:
+        processor = AnyresProcessor.from_dir(path, cfg.image_grid_pinpoints, cfg.vision.image_size)
+    else:
+        processor = ImageProcessor.from_dir(path, cfg.vision.image_size)
+        if pad_to_square is not None:
+            processor.pad_to_square = pad_to_square
     prompts = None
     if (path / "tokenizer.json").exists():
         prompts = PromptEncoder.from_dir(path, model.cfg.image_token_index, model.cfg.image_features_per_image)

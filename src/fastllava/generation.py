@@ -105,17 +105,20 @@ def new_generator(params: SamplingParams, device: torch.device) -> torch.Generat
 
 def prefill(model: LlavaModel, input_ids: torch.Tensor, attention_mask: torch.Tensor,
             pixel_values: torch.Tensor | None, new_tokens: int, reduction: Reduction | None = None,
-            times: StepTimes | None = None) -> tuple[torch.Tensor, torch.Tensor, StaticKVCache]:
+            times: StepTimes | None = None,
+            image_sizes: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor, StaticKVCache]:
     """Run a left-padded prompt batch input_ids [B, T] into a new KV cache with room for
     `new_tokens` more: vision, projector, splice and reduction (`model.prepare`), the cache told
     its prompt, one forward. Returns the logits at each row's last token [B, V], the positions
     [B, T'] (T' after any reduction before the language model) and the cache. `times`, if
-    given, gets vision_s (since times.start) and kv_cache_bytes."""
+    given, gets vision_s (since times.start) and kv_cache_bytes. `image_sizes` [N, 2]: the
+    (height, width) of LLaVA-NeXT images, whose pixel_values are tiles."""
     device = model.device
     b = input_ids.shape[0]
     input_ids, mask = input_ids.to(device), attention_mask.to(device).bool()
     pixels = pixel_values.to(device) if pixel_values is not None else None
-    embeds, positions, mask = model.prepare(input_ids, pixels, mask, positions_from_mask(mask), reduction)  # [B, T', D]
+    embeds, positions, mask = model.prepare(input_ids, pixels, mask, positions_from_mask(mask), reduction,
+                                            image_sizes)  # [B, T', D]
     if times is not None:
         _sync(device)
         times.vision_s = time.perf_counter() - times.start
@@ -131,17 +134,18 @@ def prefill(model: LlavaModel, input_ids: torch.Tensor, attention_mask: torch.Te
 @torch.inference_mode()
 def decode_steps(model: LlavaModel, input_ids: torch.Tensor, attention_mask: torch.Tensor,
                  pixel_values: torch.Tensor | None, params: SamplingParams, eos_ids: list[int],
-                 finished: torch.Tensor, times: StepTimes,
-                 reduction: Reduction | None = None) -> Iterator[torch.Tensor]:
+                 finished: torch.Tensor, times: StepTimes, reduction: Reduction | None = None,
+                 image_sizes: torch.Tensor | None = None) -> Iterator[torch.Tensor]:
     """Yield the sampled tokens [B] (on the CPU) after each step.
 
     `finished` [B] (bool, CPU) is shared with the caller: rows that hit EOS are marked here, and
     the caller may mark rows it stopped itself (stop strings); generation ends when all are done.
-    `reduction` applies a visual token reduction method at prefill (its trace is filled in).
+    `reduction` applies a visual token reduction method at prefill (its trace is filled in);
+    `image_sizes` goes with LLaVA-NeXT pixel_values (see prefill).
     """
     times.start = time.perf_counter()
     logits, positions, cache = prefill(model, input_ids, attention_mask, pixel_values, params.max_new_tokens,
-                                       reduction, times)
+                                       reduction, times, image_sizes)
     generator = new_generator(params, model.device)
     eos = torch.tensor(eos_ids or [-1], device="cpu")
     pos = positions[:, -1:]  # [B, 1]

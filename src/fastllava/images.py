@@ -18,6 +18,7 @@ import numpy as np
 import torch
 from PIL import Image, UnidentifiedImageError
 
+from . import anyres
 from .errors import UserError
 
 ImageInput = Union[Image.Image, np.ndarray, str, Path, bytes]
@@ -167,6 +168,51 @@ class ImageProcessor:
         if self.mean is not None:
             out = (out - np.asarray(self.mean, np.float32)) / np.asarray(self.std, np.float32)
         return torch.from_numpy(np.ascontiguousarray(out.transpose(2, 0, 1)))  # [3, H, W]
+
+
+@dataclass
+class AnyresProcessor:
+    """LLaVA-NeXT preprocessing with transformers' LlavaNextImageProcessor semantics: the image
+    is resized to fit its best canvas among `pinpoints` (aspect ratio kept), pasted centred on
+    it over black, and cut into tile x tile pieces row by row; a base thumbnail (the whole image
+    resized to `base_hw`) goes first. Each piece then goes through `pieces` (CLIP resize, crop,
+    rescale, normalize)."""
+
+    pieces: ImageProcessor
+    pinpoints: list[tuple[int, int]]
+    tile: int
+    base_hw: tuple[int, int]
+
+    @classmethod
+    def from_dir(cls, path: Path, pinpoints: list[tuple[int, int]], tile: int) -> "AnyresProcessor":
+        """From preprocessor_config.json, with the model's pinpoints and tile size (its `do_pad`
+        means padding the batch's tile counts, which always happens, not padding to a square)."""
+        pieces = ImageProcessor.from_dir(path, tile)
+        pieces.pad_to_square = False
+        base = pieces.size_hw or (pieces.shortest_edge or tile,) * 2
+        return cls(pieces, pinpoints, tile, base)
+
+    def __call__(self, images: list[ImageInput]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Images -> (pixel_values [N, P, 3, tile, tile] float32, the tiles of each image followed by
+        zeros up to the most tiles P; image_sizes [N, 2] (height, width) int64)."""
+        loaded = [load_image(im) for im in images]
+        tiles = [self.one(img) for img in loaded]
+        most = max(t.shape[0] for t in tiles)
+        pixel_values = torch.stack([torch.cat([t, t.new_zeros(most - t.shape[0], *t.shape[1:])]) for t in tiles])
+        return pixel_values, torch.tensor([[img.height, img.width] for img in loaded], dtype=torch.long)
+
+    def one(self, img: Image.Image) -> torch.Tensor:
+        """One RGB image -> [1 + rows*cols, 3, tile, tile]: the base thumbnail, then the tiles."""
+        size = (img.height, img.width)
+        canvas = anyres.best_resolution(size, self.pinpoints)
+        inner = anyres.fit_size(size, canvas)
+        top, left = anyres.pad_offsets(inner, canvas)
+        padded = Image.new("RGB", (canvas[1], canvas[0]), (0, 0, 0))
+        padded.paste(img.resize((inner[1], inner[0]), resample=self.pieces.resample), (left, top))
+        t = self.tile
+        pieces = [img.resize((self.base_hw[1], self.base_hw[0]), resample=self.pieces.resample)]
+        pieces += [padded.crop((x, y, x + t, y + t)) for y in range(0, canvas[0], t) for x in range(0, canvas[1], t)]
+        return torch.stack([self.pieces.one(p) for p in pieces])
 
 
 def _check_made(source: tuple[int, int], size: tuple[int, int], how: str) -> None:

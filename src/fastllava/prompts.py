@@ -55,23 +55,27 @@ class PromptEncoder:
         images = "\n".join([self.image_token] * num_images)
         return LLAVA15_TEMPLATE.format(image=images, prompt=prompt) if num_images else f"USER: {prompt} ASSISTANT:"
 
-    def encode(self, text: str) -> list[int]:
-        """Token ids of a formatted text, each image token repeated once per visual feature."""
+    def encode(self, text: str, image_tokens: list[int] | None = None) -> list[int]:
+        """Token ids of a formatted text, the i-th image token repeated image_tokens[i] times (its
+        image's visual features; default features_per_image for every image token found)."""
         bos = self.special.get("bos_token")
         add_special = not (bos and text.startswith(bos))
         ids = self.tokenizer.encode(text, add_special_tokens=add_special).ids
+        found = ids.count(self.image_token_index)
+        counts = iter([self.features_per_image] * found if image_tokens is None else image_tokens)
+        if image_tokens is not None and found != len(image_tokens):
+            raise UserError(f"the formatted prompt holds {found} image tokens for {len(image_tokens)} image(s); "
+                            f"is {self.image_token!r} (id {self.image_token_index}) in the tokenizer?")
         out: list[int] = []
         for i in ids:
-            out.extend([i] * self.features_per_image if i == self.image_token_index else [i])
+            out.extend([i] * next(counts) if i == self.image_token_index else [i])
         return out
 
-    def prompt_ids(self, prompt: str, num_images: int = 1) -> list[int]:
-        ids = self.encode(self.format(prompt, num_images))
-        found = sum(1 for i in ids if i == self.image_token_index) // max(self.features_per_image, 1)
-        if found != num_images:
-            raise UserError(f"the formatted prompt holds {found} image tokens for {num_images} image(s); "
-                            f"is {self.image_token!r} (id {self.image_token_index}) in the tokenizer?")
-        return ids
+    def prompt_ids(self, prompt: str, num_images: int = 1, image_tokens: list[int] | None = None) -> list[int]:
+        """Ids of one user turn with `num_images` images; `image_tokens`: each image's visual
+        features when they differ by image (LLaVA-NeXT), else features_per_image each."""
+        counts = [self.features_per_image] * num_images if image_tokens is None else list(image_tokens)
+        return self.encode(self.format(prompt, len(counts)), counts)
 
     def decode(self, ids: list[int]) -> str:
         return self.tokenizer.decode(ids, skip_special_tokens=True)

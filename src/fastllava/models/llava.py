@@ -62,13 +62,13 @@ class LlavaModel(nn.Module):
         return self.multi_modal_projector(self.vision_features(pixel_values))
 
     def embed(self, input_ids: torch.Tensor, image_features: torch.Tensor | None) -> torch.Tensor:
-        """Token embeddings [B, T, D] with image features written at the image-token positions,
-        images taken in order of appearance (row by row)."""
+        """Token embeddings [B, T, D] with image features ([N, P, D], or [F, D] one image after
+        another) written at the image-token positions, images taken in order of appearance (row by row)."""
         is_image = input_ids == self.cfg.image_token_index  # [B, T]
         ids = input_ids.masked_fill(is_image, 0)
         x = self.language_model.embed_tokens(ids)
         n_slots = int(is_image.sum())
-        n_feats = 0 if image_features is None else image_features.shape[0] * image_features.shape[1]
+        n_feats = 0 if image_features is None else image_features.numel() // image_features.shape[-1]
         if n_slots != n_feats:
             raise UserError(
                 f"the prompt holds {n_slots} image tokens but the images give {n_feats} features"
@@ -78,9 +78,10 @@ class LlavaModel(nn.Module):
         return x
 
     def prepare(self, input_ids: torch.Tensor, pixel_values: torch.Tensor | None, valid: torch.Tensor,
-                positions: torch.Tensor, reduction: Reduction | None = None):
+                positions: torch.Tensor, reduction: Reduction | None = None, image_sizes: torch.Tensor | None = None):
         """Encode the images, splice them into the prompt input_ids [B, T] (real tokens `valid`
-        [B, T]) and, with a reduction, call its hook before the language model.
+        [B, T]) and, with a reduction, call its hook before the language model. `image_sizes`
+        is for LLaVA-NeXT (as in transformers' LlavaForConditionalGeneration, unused here).
         -> (embeds [B, T', D], positions [B, T'], valid [B, T'])."""
         method = reduction.method if reduction is not None else None
         want_cls = method is not None and method.where == "vision" and method.needs_cls

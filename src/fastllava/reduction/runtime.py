@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import torch
 
+from ..errors import UserError
 from .base import LayerContext, Method, Selection, VisionContext
 from .registry import parse_spec
 
@@ -147,6 +148,8 @@ def _to_rows(sel: Selection, cand_valid: torch.Tensor, per_image: int) -> Select
 def make_reduction(spec, cfg) -> Reduction | None:
     """A Reduction for one generation from a spec string, a Method or a Reduction (used as is, e.g.
     to replay selections), checked against the model's LlavaConfig `cfg`; None stays None."""
+    if spec is not None and cfg.is_next:
+        raise UserError("visual token reduction does not support LLaVA-NeXT checkpoints yet")
     if spec is None or isinstance(spec, Reduction):
         return spec
     layers = cfg.text.num_hidden_layers

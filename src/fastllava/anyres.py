@@ -1,0 +1,69 @@
+"""LLaVA-NeXT "AnyRes" geometry: which tile grid an image gets, how it is resized into that
+grid, and which part of the tiles' feature grid holds the image rather than padding.
+
+Sizes are (height, width) in pixels throughout; `pinpoints` are the checkpoint's
+`image_grid_pinpoints`, the canvas sizes an image may be tiled at. The arithmetic (float
+rounding included) follows transformers' LlavaNextImageProcessor and LlavaNextModel, so that
+token counts and unpadding agree with it exactly.
+"""
+
+from __future__ import annotations
+
+import math
+
+Size = tuple[int, int]  # (height, width)
+
+
+def best_resolution(size: Size, pinpoints: list[Size]) -> Size:
+    """The canvas that keeps most of the image's pixels once it is scaled to fit, and among
+    those the one that wastes the fewest."""
+    h, w = size
+    best, most_kept, least_wasted = pinpoints[0], -1, math.inf
+    for ch, cw in pinpoints:
+        scale = min(cw / w, ch / h)
+        kept = min(int(w * scale) * int(h * scale), w * h)
+        wasted = ch * cw - kept
+        if kept > most_kept or (kept == most_kept and wasted < least_wasted):
+            best, most_kept, least_wasted = (ch, cw), kept, wasted
+    return best
+
+
+def fit_size(size: Size, canvas: Size) -> Size:
+    """The size the image is resized to inside `canvas`: aspect ratio kept, one side filling it."""
+    h, w = size
+    ch, cw = canvas
+    if cw / w < ch / h:
+        return min(math.ceil(h * cw / w), ch), cw
+    return ch, min(math.ceil(w * ch / h), cw)
+
+
+def pad_offsets(inner: Size, canvas: Size) -> tuple[int, int]:
+    """(top, left) at which `inner` is pasted centred on `canvas` (the remainder goes after)."""
+    return (canvas[0] - inner[0]) // 2, (canvas[1] - inner[1]) // 2
+
+
+def tile_grid(size: Size, pinpoints: list[Size], tile: int) -> Size:
+    """(rows, cols) of tiles the image is cut into."""
+    ch, cw = best_resolution(size, pinpoints)
+    return ch // tile, cw // tile
+
+
+def unpadded_box(size: Size, grid: Size) -> tuple[slice, slice]:
+    """Rows and columns of a feature grid of shape `grid` (the tiles' patch grids side by side)
+    that show the image of `size`, the padding around it cut off."""
+    h, w = size
+    gh, gw = grid
+    if w / h > gw / gh:  # wider than the grid: padding above and below
+        pad = (gh - int(round(h * (gw / w), 7))) // 2
+        return slice(pad, gh - pad), slice(0, gw)
+    pad = (gw - int(round(w * (gh / h), 7))) // 2
+    return slice(0, gh), slice(pad, gw - pad)
+
+
+def image_tokens(size: Size, pinpoints: list[Size], tile: int, patches: int) -> int:
+    """Visual tokens one image of `size` gives the language model: the base image's
+    patches x patches features, then the unpadded tile features with one newline per row."""
+    rows, cols = tile_grid(size, pinpoints, tile)
+    ys, xs = unpadded_box(size, (rows * patches, cols * patches))
+    height, width = ys.stop - ys.start, xs.stop - xs.start
+    return patches * patches + height * (width + 1)
