@@ -126,6 +126,40 @@ def test_processing_matches_llava_next_image_processor(tmp_path, tile):
     assert (pixels - expected["pixel_values"]).abs().max().item() <= 1e-5
 
 
+def test_geometry_matches_transformers():
+    """Canvas choice, resize inside it and unpadding, for many sizes at LLaVA-NeXT-7B's pinpoints."""
+    from transformers.image_processing_utils import get_patch_output_size, select_best_resolution
+    from transformers.image_utils import ChannelDimension
+    from transformers.models.llava_next.modeling_llava_next import unpad_image
+
+    pinpoints = [(336, 672), (672, 336), (672, 672), (1008, 336), (336, 1008)]
+    sizes = np.random.default_rng(0).integers(1, 2500, (300, 2)).tolist() + [[336, 1344], [1344, 336], [1, 100]]
+    for h, w in sizes:
+        best = select_best_resolution((h, w), pinpoints)
+        assert anyres.best_resolution((h, w), pinpoints) == tuple(best)
+        assert anyres.fit_size((h, w), best) == get_patch_output_size(
+            np.broadcast_to(np.uint8(0), (1, h, w)), best, ChannelDimension.FIRST)
+        grid = (best[0] // 336 * 24, best[1] // 336 * 24)
+        feats = torch.arange(grid[0] * grid[1]).view(1, *grid)
+        ys, xs = anyres.unpadded_box((h, w), grid)
+        assert torch.equal(feats[:, ys, xs], unpad_image(feats, (h, w)))
+
+
+def test_save_model_loads_in_transformers(tmp_path):
+    from transformers import LlavaNextForConditionalGeneration
+
+    from fastllava.checkpoint import save_model
+
+    hf = tiny_llava(pinpoints=PINPOINTS, seed=8, feature_layer=-1)
+    ours = fastllava.load(save_checkpoint(hf, tmp_path / "a", "new"), device="cpu")
+    back = LlavaNextForConditionalGeneration.from_pretrained(save_model(ours.model, tmp_path / "b")).eval()
+    ids, mask, pixels, sizes = _batch(ours.config, SIZES[:2])
+    with torch.no_grad():
+        ref = back(input_ids=ids, pixel_values=pixels, image_sizes=sizes, attention_mask=mask).logits
+    got = ours.logits(ids, pixels, attention_mask=mask, image_sizes=sizes)
+    assert (got - ref)[mask.bool()].abs().max().item() <= 1e-4
+
+
 WORDS = ["user", "assistant", ":", "?", ".", "what", "is", "in", "the", "picture", "describe", "it"]
 WORDS += [f"w{i}" for i in range(VOCAB - 4 - len(WORDS))]
 
