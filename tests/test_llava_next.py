@@ -211,3 +211,14 @@ def test_next_refusals(next_model, tmp_path):
         (bad / "model.safetensors").write_bytes((ours.path / "model.safetensors").read_bytes())
         with pytest.raises(fastllava.UserError, match=message):
             fastllava.load(bad, device="cpu")
+
+
+def test_bench_next_preset_matches_transformers(tmp_path):
+    from fastllava.cli import main
+
+    out = tmp_path / "b"
+    assert main(["bench", "--preset", "tiny-next", "--device", "cpu", "--repeats", "1", "--warmup", "0",
+                 "--new-tokens", "3", "--text-tokens", "8", "--compare", "hf", "--out", str(out)]) == 0
+    case = json.loads((out / "bench.json").read_text())["cases"][0]
+    assert case["visual_tokens"] == 576 + 48 * 49  # a 672 x 672 image: base + 2 x 2 tiles, 48 rows + newlines
+    assert case["same_tokens"] is True

@@ -50,7 +50,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
     from ..quant import parse_kv_cache, parse_weights
     from ..quant.weights import quantize_weights
     from ..reduction.runtime import make_reduction
-    from .measure import Case, hf_twin, time_hf, time_ours
+    from .measure import Case, hf_twin, image_tokens, time_hf, time_ours
     from .presets import preset_config, random_model
     from .report import environment, table, write
 
@@ -72,7 +72,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
 
         llava = load(args.model, **load_options(args))
         model, name = llava.model, str(llava.path)
-    n_img = model.cfg.image_features_per_image
+    n_img = image_tokens(model)
     keeps = args.keep or [n_img]
     too_many = [k for k in keeps if k > n_img]
     if too_many:

@@ -9,11 +9,13 @@ from dataclasses import dataclass
 
 import torch
 
+from .. import anyres
 from ..generation import SamplingParams, StepTimes, decode_steps
 from ..models.llava import LlavaModel
 from ..reduction.runtime import make_reduction
 
 TEXT_BEFORE_IMAGE = 5  # "<s> USER: ..." as in the reference figures: 5 text + image + the rest
+IMAGE_HW = (672, 672)  # LLaVA-NeXT: the image's (height, width), tiled 2 x 2 at llava-next-7b's pinpoints
 
 
 @dataclass
@@ -24,20 +26,29 @@ class Case:
     new_tokens: int = 32
 
 
-def bench_inputs(model: LlavaModel, case: Case, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Random prompt ids [B, T] (text, then the image tokens, then text), their mask [B, T] and
-    random pixel values [B, 3, H, W] in the model's dtype."""
+def image_tokens(model: LlavaModel) -> int:
+    """Visual tokens of one benchmark image (LLaVA-NeXT: an image of IMAGE_HW)."""
+    return model.cfg.image_tokens(*IMAGE_HW)
+
+
+def bench_inputs(model: LlavaModel, case: Case, seed: int = 0):
+    """Random prompt ids [B, T] (text, then the image tokens, then text), their mask [B, T],
+    random pixel values [B, 3, H, W] in the model's dtype ([B, P, 3, H, W] tiles for LLaVA-NeXT)
+    and the image sizes [B, 2] (None but for LLaVA-NeXT)."""
     cfg = model.cfg
     gen = torch.Generator().manual_seed(seed)
-    n_img, b = cfg.image_features_per_image, case.batch
+    n_img, b = image_tokens(model), case.batch
     after = max(1, case.text_tokens - TEXT_BEFORE_IMAGE)
     text = torch.randint(3, cfg.text.vocab_size, (b, TEXT_BEFORE_IMAGE + after), generator=gen)
     text[text == cfg.image_token_index] = 3
     image = torch.full((b, n_img), cfg.image_token_index)
     ids = torch.cat([text[:, :TEXT_BEFORE_IMAGE], image, text[:, TEXT_BEFORE_IMAGE:]], dim=1)
-    side = cfg.vision.image_size
-    pixels = torch.randn(b, 3, side, side, generator=gen).to(model.dtype)
-    return ids, torch.ones_like(ids), pixels
+    side, sizes, tiles = cfg.vision.image_size, None, ()
+    if cfg.is_next:
+        rows, cols = anyres.tile_grid(IMAGE_HW, cfg.image_grid_pinpoints, side)
+        sizes, tiles = torch.tensor([IMAGE_HW] * b), (rows * cols + 1,)
+    pixels = torch.randn(b, *tiles, 3, side, side, generator=gen).to(model.dtype)
+    return ids, torch.ones_like(ids), pixels, sizes
 
 
 def _sync(device: torch.device) -> None:
@@ -60,14 +71,14 @@ def time_ours(model: LlavaModel, case: Case, reduce: str | None, repeats: int, w
     time to first token, decode speed per sequence, end-to-end time; peak memory, KV bytes; and
     the greedy tokens of the last run [B, N]."""
     device = model.device
-    ids, mask, pixels = bench_inputs(model, case)
+    ids, mask, pixels, sizes = bench_inputs(model, case)
     pixels = pixels.to(device)
     params = SamplingParams(max_new_tokens=case.new_tokens).validate()
     runs, tokens = [], None
     for i in range(warmup + repeats):
         _sync(device)
         t0 = time.perf_counter()
-        states = model.vision_features(pixels)
+        states = model.vision_features(pixels.flatten(0, -4))  # every tile of every image
         _sync(device)
         t1 = time.perf_counter()
         model.multi_modal_projector(states)
@@ -77,7 +88,7 @@ def time_ours(model: LlavaModel, case: Case, reduce: str | None, repeats: int, w
         times = StepTimes()
         finished = torch.zeros(case.batch, dtype=torch.bool)
         reduction = make_reduction(reduce, model.cfg)
-        steps = list(decode_steps(model, ids, mask, pixels, params, [], finished, times, reduction))
+        steps = list(decode_steps(model, ids, mask, pixels, params, [], finished, times, reduction, sizes))
         if i < warmup:
             continue
         tokens = torch.stack(steps, dim=1)
@@ -99,11 +110,10 @@ def _medians(runs: list[dict]) -> dict:
 
 
 def hf_twin(model: LlavaModel):
-    """transformers' LlavaForConditionalGeneration with `model`'s config and weights, on the same
-    device and dtype (transformers is needed for this, and only for this)."""
+    """transformers' LlavaForConditionalGeneration (LlavaNext... for LLaVA-NeXT) with `model`'s
+    config and weights, on the same device and dtype (transformers is needed for this, and only for this)."""
     try:
-        from transformers import LlavaConfig as HFLlavaConfig
-        from transformers import LlavaForConditionalGeneration
+        import transformers
     except ImportError:
         from ..errors import UserError
 
@@ -111,9 +121,11 @@ def hf_twin(model: LlavaModel):
     from ..checkpoint import weights_by_key
     from ..config import to_hf_dict
 
-    cfg = HFLlavaConfig(**to_hf_dict(model.cfg))
+    kind = "LlavaNext" if model.cfg.is_next else "Llava"
+    cfg = getattr(transformers, f"{kind}Config")(**to_hf_dict(model.cfg))
     with torch.device(model.device):
-        hf = LlavaForConditionalGeneration._from_config(cfg, dtype=model.dtype, attn_implementation="sdpa")
+        hf = getattr(transformers, f"{kind}ForConditionalGeneration")._from_config(
+            cfg, dtype=model.dtype, attn_implementation="sdpa")
     lookup = weights_by_key(model)
     with torch.no_grad():
         for key, tensor in hf.state_dict().items():
@@ -131,9 +143,11 @@ def time_hf(hf, model: LlavaModel, case: Case, repeats: int, warmup: int) -> dic
     """transformers' `generate` (greedy, dynamic cache) on the same inputs: time to first token
     (a 1-token generate), end-to-end for N tokens, decode speed from their difference."""
     device = model.device
-    ids, mask, pixels = (t.to(device) for t in bench_inputs(model, case))
+    ids, mask, pixels, sizes = (t if t is None else t.to(device) for t in bench_inputs(model, case))
     runs, tokens = [], None
     kw = dict(input_ids=ids, attention_mask=mask, pixel_values=pixels, do_sample=False)
+    if sizes is not None:
+        kw["image_sizes"] = sizes
     for i in range(warmup + repeats):
         _sync(device)
         t0 = time.perf_counter()

@@ -7,6 +7,7 @@ import torch
 from ..config import LlavaConfig
 from ..errors import UserError
 from ..models.llava import LlavaModel
+from ..models.llava_next import build_model
 
 _CLIP_L_336 = {"hidden_size": 1024, "intermediate_size": 4096, "num_hidden_layers": 24, "num_attention_heads": 16,
                "image_size": 336, "patch_size": 14, "hidden_act": "quick_gelu", "layer_norm_eps": 1e-5}
@@ -24,6 +25,10 @@ PRESETS: dict[str, dict] = {
                      "image_token_index": 32000, "vision_feature_layer": -2},
     "llava-1.5-13b": {"vision_config": _CLIP_L_336, "text_config": _llama(5120, 13824, 40, 40),
                       "image_token_index": 32000, "vision_feature_layer": -2},
+    # llava-hf/llava-v1.6-vicuna-7b-hf: AnyRes with transformers' default pinpoints
+    "llava-next-7b": {"model_type": "llava_next", "vision_config": _CLIP_L_336,
+                      "text_config": _llama(4096, 11008, 32, 32), "image_token_index": 32000,
+                      "vision_feature_layer": -2},
     "tiny": {"vision_config": {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2,
                                "num_attention_heads": 2, "image_size": 96, "patch_size": 4},
              "text_config": {"model_type": "llama", "vocab_size": 256, "hidden_size": 64, "intermediate_size": 128,
@@ -31,6 +36,8 @@ PRESETS: dict[str, dict] = {
                              "pad_token_id": 0},
              "image_token_index": 255, "vision_feature_layer": -1},
 }
+PRESETS["tiny-next"] = {**PRESETS["tiny"], "model_type": "llava_next",
+                        "image_grid_pinpoints": [[96, 192], [192, 96], [192, 192], [288, 96], [96, 288]]}
 
 
 def preset_config(name: str) -> LlavaConfig:
@@ -44,7 +51,7 @@ def random_model(cfg: LlavaConfig, device: torch.device, dtype: torch.dtype, see
     """A model of `cfg`'s shapes allocated once on `device` in `dtype`, with random weights:
     N(0, 0.02) matrices and embeddings, unit norm scales, zero biases."""
     with torch.device("meta"):
-        model = LlavaModel(cfg)
+        model = build_model(cfg)
     model = model.to(dtype).to_empty(device=device)
     if cfg.tie_word_embeddings:
         model.lm_head.weight = model.language_model.embed_tokens.weight
