@@ -222,3 +222,16 @@ def test_bench_next_preset_matches_transformers(tmp_path):
     case = json.loads((out / "bench.json").read_text())["cases"][0]
     assert case["visual_tokens"] == 576 + 48 * 49  # a 672 x 672 image: base + 2 x 2 tiles, 48 rows + newlines
     assert case["same_tokens"] is True
+
+
+def test_quantized_weights_and_kv_cache_run_on_next(next_model):
+    _, fp = next_model
+    images, prompts = [_photo(40, 160, 0), _photo(50, 50, 1)], ["describe it .", "what is it ?"]
+    inputs = fp.inputs(images, prompts)
+    real = inputs["attention_mask"].bool()
+    int8 = fastllava.load(fp.path, device="cpu", weights="int8", kv_cache="kivi:bits=4,group=16,residual=16")
+    assert (int8.logits(**inputs) - fp.logits(**inputs))[real].abs().max().item() < 0.05
+    out = int8.generate(images=images, prompts=prompts, max_new_tokens=6)
+    assert [r.stats["image_tokens"] for r in out] == (inputs["input_ids"] == IMAGE_TOKEN).sum(1).tolist()
+    assert out[0].stats["kv_cache_bytes"] < fp.generate(images=images, prompts=prompts, max_new_tokens=6)[0].stats[
+        "kv_cache_bytes"]
