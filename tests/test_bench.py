@@ -45,3 +45,19 @@ def test_bench_bad_values_are_one_line_errors(args, message, capsys, tmp_path):
     err = capsys.readouterr().err.strip()
     assert code == 2
     assert message in err and len(err.splitlines()) == 1, err
+
+
+@pytest.mark.parametrize("image_token", [3, 100, 255])
+def test_bench_inputs_hold_exactly_one_image_per_row(image_token):
+    import torch
+
+    from fastllava.bench.measure import Case, bench_inputs
+    from fastllava.bench.presets import PRESETS, random_model
+    from fastllava.config import LlavaConfig
+
+    cfg = LlavaConfig.from_dict({"model_type": "llava", **PRESETS["tiny"], "image_token_index": image_token})
+    model = random_model(cfg, torch.device("cpu"), torch.float32)
+    ids, mask, pixels, _ = bench_inputs(model, Case(batch=16, keep=None, text_tokens=40))
+    assert ids.shape == (16, 576 + 40) and bool(mask.all()) and pixels.shape == (16, 3, 96, 96)
+    assert ((ids == image_token).sum(dim=1) == 576).all()
+    assert int(ids.min()) >= 3 and int(ids.max()) < cfg.text.vocab_size

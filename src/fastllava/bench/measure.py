@@ -39,8 +39,8 @@ def bench_inputs(model: LlavaModel, case: Case, seed: int = 0):
     gen = torch.Generator().manual_seed(seed)
     n_img, b = image_tokens(model), case.batch
     after = max(1, case.text_tokens - TEXT_BEFORE_IMAGE)
-    text = torch.randint(3, cfg.text.vocab_size, (b, TEXT_BEFORE_IMAGE + after), generator=gen)
-    text[text == cfg.image_token_index] = 3
+    text = torch.randint(3, cfg.text.vocab_size - 1, (b, TEXT_BEFORE_IMAGE + after), generator=gen)
+    text += (text >= cfg.image_token_index).long()  # skip the image token's id
     image = torch.full((b, n_img), cfg.image_token_index)
     ids = torch.cat([text[:, :TEXT_BEFORE_IMAGE], image, text[:, TEXT_BEFORE_IMAGE:]], dim=1)
     side, sizes, tiles = cfg.vision.image_size, None, ()
