@@ -89,7 +89,8 @@ class StepTimes:
     kv_cache_bytes: int = 0  # bytes the KV cache of this generation holds
 
 
-def _sync(device: torch.device) -> None:
+def sync(device: torch.device) -> None:
+    """Wait for the device's queued work (a no-op on the CPU), so wall-clock marks are true."""
     if device.type == "cuda":
         torch.cuda.synchronize(device)
 
@@ -120,7 +121,7 @@ def prefill(model: LlavaModel, input_ids: torch.Tensor, attention_mask: torch.Te
     embeds, positions, mask = model.prepare(input_ids, pixels, mask, positions_from_mask(mask), reduction,
                                             image_sizes)  # [B, T', D]
     if times is not None:
-        _sync(device)
+        sync(device)
         times.vision_s = time.perf_counter() - times.start
     cache = model.new_cache(b, embeds.shape[1] + new_tokens)  # a reduction before the LLM shortens it
     visual = reduction.visual if reduction is not None else (input_ids == model.cfg.image_token_index) & mask
@@ -161,5 +162,5 @@ def decode_steps(model: LlavaModel, input_ids: torch.Tensor, attention_mask: tor
         pos = pos + 1
         x = model.language_model.embed_tokens(token[:, None])  # [B, 1, D]
         logits = model(x, pos, None, cache)[:, -1]
-    _sync(model.device)
+    sync(model.device)
     times.end_s = time.perf_counter() - times.start

@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from PIL import Image, ImageDraw
 from torch import nn
 
-from .evaluation.scenes import COLORS, SHAPES, SIZES, Scene, shape_points
+from .evaluation.scenes import COLORS, SHAPES, SIZES, Scene, draw_object
 
 # label group -> number of classes (0 = background / no)
 GROUPS = {"shape": len(SHAPES) + 1, "color": len(COLORS) + 1, "size": len(SIZES) + 1, "center": 2}
@@ -27,11 +27,7 @@ def object_map(scene: Scene, size: int) -> np.ndarray:
     img = Image.new("L", (size, size), 0)
     draw = ImageDraw.Draw(img)
     for i, obj in enumerate(scene.objects):
-        cx, cy, r = obj.x * size, obj.y * size, obj.radius * size
-        if obj.shape == "circle":
-            draw.ellipse([cx - r, cy - r, cx + r, cy + r], fill=i + 1)
-        else:
-            draw.polygon(shape_points(obj.shape, cx, cy, r), fill=i + 1)
+        draw_object(draw, obj, size, fill=i + 1)
     return np.asarray(img)
 
 

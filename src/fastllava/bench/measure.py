@@ -10,7 +10,7 @@ from dataclasses import dataclass
 import torch
 
 from .. import anyres
-from ..generation import SamplingParams, StepTimes, decode_steps
+from ..generation import SamplingParams, StepTimes, decode_steps, sync
 from ..models.llava import LlavaModel
 from ..reduction.runtime import make_reduction
 
@@ -51,11 +51,6 @@ def bench_inputs(model: LlavaModel, case: Case, seed: int = 0):
     return ids, torch.ones_like(ids), pixels, sizes
 
 
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
 def _reset_peak(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
@@ -76,13 +71,13 @@ def time_ours(model: LlavaModel, case: Case, reduce: str | None, repeats: int, w
     params = SamplingParams(max_new_tokens=case.new_tokens).validate()
     runs, tokens = [], None
     for i in range(warmup + repeats):
-        _sync(device)
+        sync(device)
         t0 = time.perf_counter()
         states = model.vision_features(pixels.flatten(0, -4))  # every tile of every image
-        _sync(device)
+        sync(device)
         t1 = time.perf_counter()
         model.multi_modal_projector(states)
-        _sync(device)
+        sync(device)
         t2 = time.perf_counter()
         _reset_peak(device)
         times = StepTimes()
@@ -149,13 +144,13 @@ def time_hf(hf, model: LlavaModel, case: Case, repeats: int, warmup: int) -> dic
     if sizes is not None:
         kw["image_sizes"] = sizes
     for i in range(warmup + repeats):
-        _sync(device)
+        sync(device)
         t0 = time.perf_counter()
         hf.generate(**kw, max_new_tokens=1)
-        _sync(device)
+        sync(device)
         t1 = time.perf_counter()
         out = hf.generate(**kw, max_new_tokens=case.new_tokens)
-        _sync(device)
+        sync(device)
         t2 = time.perf_counter()
         if i < warmup:
             continue

@@ -107,7 +107,7 @@ def render(scene: Scene, size: int = 336) -> Image.Image:
     img = Image.fromarray(_background(scene, size))
     draw = ImageDraw.Draw(img)
     for obj in scene.objects:
-        _draw(draw, obj, size)
+        draw_object(draw, obj, size)
     return img
 
 
@@ -152,9 +152,10 @@ def shape_points(shape: str, cx: float, cy: float, r: float) -> list[tuple[float
     raise ValueError(f"unknown shape {shape!r}")
 
 
-def _draw(draw: ImageDraw.ImageDraw, obj: SceneObject, size: int) -> None:
+def draw_object(draw: ImageDraw.ImageDraw, obj: SceneObject, size: int, fill=None) -> None:
+    """Draw `obj` on a size x size canvas in its colour, or in `fill` (e.g. a label value)."""
     cx, cy, r = obj.x * size, obj.y * size, obj.radius * size
-    fill = COLORS[obj.color]
+    fill = COLORS[obj.color] if fill is None else fill
     if obj.shape == "circle":
         draw.ellipse([cx - r, cy - r, cx + r, cy + r], fill=fill)
     else:
