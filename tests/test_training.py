@@ -10,7 +10,7 @@ from fastllava.models.llava import LlavaModel
 from fastllava.prompts import PromptEncoder
 from fastllava.training import (IMAGE_TOKEN_ID, VOCAB_SIZE, Batches, TrainSpec, build_config, loss_on,
                                 packed_logits, segment_mask, train)
-from fastllava.training_aux import patch_labels
+from fastllava.training_aux import guide_loss, named_objects, patch_labels
 
 TINY = dict(image_size=32, patch_size=8, vision_hidden=32, vision_layers=2, text_hidden=64, text_layers=2)
 
@@ -25,7 +25,7 @@ def _tiny_model_and_data(questions: int):
     tokenizer = build_word_tokenizer(default_words(), IMAGE_TOKEN_ID, VOCAB_SIZE)
     encoder = PromptEncoder(tokenizer, IMAGE_TOKEN_ID, model.cfg.image_features_per_image)
     processor = ImageProcessor(shortest_edge=spec.image_size, crop_hw=(spec.image_size, spec.image_size))
-    return model, Batches(encoder, processor, spec.image_size, seed=5, questions=questions)
+    return model, Batches(encoder, processor, spec.image_size, seed=5, questions=questions, grid=model.cfg.vision.grid)
 
 
 def test_segment_mask_sees_prefix_and_own_segment_only():
@@ -42,7 +42,7 @@ def test_packed_segments_equal_single_question_prompts():
     batch = data.batch(2)
     ids, segments, pixels = batch.ids, batch.segments, batch.pixels
     assert int(segments.max()) >= 2, "rows should hold several questions"
-    packed, _ = packed_logits(model, batch)  # [B, T, V]
+    packed, _, _ = packed_logits(model, batch)  # [B, T, V]
     for row in range(2):
         for j in range(1, int(segments[row].max()) + 1):
             cols = (segments[row] == j).nonzero()[:, 0]
@@ -51,8 +51,8 @@ def test_packed_segments_equal_single_question_prompts():
                         torch.arange(single.shape[1])[None], None)
             assert (packed[row, cols] - ref[0, -len(cols):]).abs().max().item() < 1e-5
     assert len(batch.families) == int((batch.targets != -100).sum())
-    loss, per, aux = loss_on(model, None, batch)
-    assert per.shape == (len(batch.families),) and torch.isclose(loss, per.mean()) and aux == 0
+    loss, per, aux, guide = loss_on(model, None, batch)
+    assert per.shape == (len(batch.families),) and torch.isclose(loss, per.mean()) and aux == 0 and guide == 0
 
 
 def test_tiny_training_run_writes_a_loadable_model(tmp_path):
@@ -78,3 +78,44 @@ def test_patch_labels_follow_the_scene():
     assert centre.sum() == 2 and centre[6, 6] == 1 and centre[18, 18] == 1
     # the square covers more patches than the small circle
     assert (shape == SHAPES.index("square") + 1).sum() > (shape == SHAPES.index("circle") + 1).sum() > 4
+
+
+def test_named_objects_point_at_what_the_question_names():
+    objs = (SceneObject("square", "blue", "large", 0.2, 0.2, SIZES["large"]),
+            SceneObject("circle", "red", "small", 0.8, 0.8, SIZES["small"]),
+            SceneObject("circle", "blue", "small", 0.3, 0.5, SIZES["small"]),
+            SceneObject("star", "green", "small", 0.75, 0.2, SIZES["small"]))
+    scene = Scene(objs, "plain", 220, 0)
+    assert named_objects(scene, "What shape is the red object?") == {1}
+    assert named_objects(scene, "How many circles are there?") == {1, 2}
+    assert named_objects(scene, "How many blue objects are there?") == {0, 2}
+    assert named_objects(scene, "Is the red circle left of the blue square?") == {0, 1}
+    assert named_objects(scene, "Is there a green square?") == {0, 3}  # absent pair: either attribute
+    assert named_objects(scene, "Is there a purple cross?") == set()
+    # the object nearest to the blue square (0.2, 0.2) is the blue circle (0.3, 0.5)
+    assert named_objects(scene, "What color is the object nearest to the blue square?") == {0, 2}
+
+
+def test_guide_loss_is_low_only_when_attention_sits_on_the_named_patches():
+    relevant = torch.zeros(2, 8, dtype=torch.bool)
+    relevant[:, 2:4] = True
+    on = torch.zeros(2, 8)
+    on[:, 2] = 0.6
+    on[:, 3] = 0.4
+    spread = torch.full((2, 8), 1 / 8)
+    assert guide_loss(on, relevant).item() < 1e-3
+    assert abs(guide_loss(spread, relevant).item() - torch.log(torch.tensor(4.0)).item()) < 1e-4
+
+
+def test_guided_batches_mark_answer_positions_and_named_patches():
+    model, data = _tiny_model_and_data(questions=4)
+    batch = data.batch(3)
+    assert len(batch.guide_at) == len(batch.guide_mask) > 0
+    p = model.cfg.vision.num_patches
+    assert batch.guide_mask.shape[1] == p and bool(batch.guide_mask.any(-1).all())
+    assert (batch.ids[:, batch.image_start:batch.image_start + p] == IMAGE_TOKEN_ID).all()
+    rows, at = batch.guide_at.unbind(-1)
+    assert (batch.targets[rows, at] != -100).all()  # each guided position predicts an answer token
+    assert (batch.targets[rows, at - 1] == -100).all()  # ... the first one of its answer
+    loss, _, _, guide = loss_on(model, None, batch, guide_weight=1.0, guide_layer=1)
+    assert guide > 0 and torch.isfinite(loss)

@@ -29,7 +29,7 @@ from .evaluation.tokenizer import build_word_tokenizer, default_words, write_pre
 from .images import ImageProcessor
 from .models.llava import LlavaModel
 from .prompts import PromptEncoder
-from .training_aux import PatchHead, patch_labels
+from .training_aux import PatchHead, guide_loss, named_objects, patch_labels, patch_objects
 
 TRAIN_SEED_BASE = 10_000_000  # training streams use seeds >= this; evaluation sets use small seeds
 IMAGE_TOKEN_ID = 3
@@ -55,6 +55,8 @@ class TrainSpec:
     batch_size: int = 32
     lr: float = 2e-3
     aux_weight: float = 0.5  # weight of the patch-label loss during instruction tuning
+    guide_weight: float = 0.5  # weight of the attention-guidance loss (training_aux.guide_loss)
+    guide_layer: int = 1  # the language-model layer whose head 0 is guided onto the named objects
     questions: int = 8  # question/answer segments sharing one image per training row
     minutes: float = 0.0  # wall-clock budget per stage; the schedule follows whichever ends first (0 = off)
     save_every: int = 200  # steps between intermediate checkpoints (0 = only at the end)
@@ -82,9 +84,9 @@ class Batches:
     each segment attends to the prefix and to itself only and its positions continue from the
     prefix, so each one sees exactly what a single-question prompt sees at inference, while the
     image is encoded once for all of them. Caption rows (alignment) hold one segment.
-    A batch is (input_ids [B, T], positions [B, T], segments [B, T], targets [B, T], pixels);
-    `segments` is 0 on the prefix, i on segment i and -1 on padding; `targets` holds the next
-    token of the same segment where it is an answer token or EOS, else -100.
+    A batch is a `Packed`: input_ids [B, T], positions [B, T], segments [B, T], targets [B, T],
+    pixels...; `segments` is 0 on the prefix, i on segment i and -1 on padding; `targets` holds the
+    next token of the same segment where it is an answer token or EOS, else -100.
     """
 
     def __init__(self, encoder: PromptEncoder, processor: ImageProcessor, image_size: int, seed: int,
@@ -110,7 +112,8 @@ class Batches:
         return None if q is None else (prompt(q.question), q.answer, family)
 
     def example(self, captions: bool):
-        """(prefix ids, [(segment ids, segment targets, family)], image, patch labels [P, 4])."""
+        """(prefix ids, [(segment ids, segment targets, family, patches named [P] bool)], image,
+        patch labels [P, 4])."""
         scene = random_scene(self.rng)
         if captions:
             qas = [(CAPTION_PROMPT, caption(scene), "caption")]
@@ -122,6 +125,7 @@ class Batches:
                 if qa is not None and all(qa[0] != q for q, _, _ in qas):
                     qas.append(qa)
         prefix, segments = None, []
+        objects = patch_objects(scene, self.grid, self.image_size)  # [P], 0 = background
         for question, answer, family in qas:
             ids = self.encoder.prompt_ids(question)
             cut = len(ids) - ids[::-1].index(IMAGE_TOKEN_ID)  # the prefix ends after the last image token
@@ -129,36 +133,48 @@ class Batches:
             answer_ids = self.encoder.tokenizer.encode(answer, add_special_tokens=False).ids + [EOS_ID]
             seg = ids[cut:] + answer_ids
             targets = [-100] * (len(seg) - len(answer_ids) - 1) + answer_ids + [-100]  # next-token targets
-            segments.append((seg, targets, family))
+            named = np.isin(objects, [i + 1 for i in named_objects(scene, question)])  # [P]
+            segments.append((seg, targets, family, torch.from_numpy(named)))
         return prefix, segments, render(scene, self.image_size), patch_labels(scene, self.grid, self.image_size)
 
     def batch(self, size: int, captions: bool = False) -> "Packed":
         rows = [self.example(captions) for _ in range(size)]
-        lengths = [len(p) + sum(len(s) for s, _, _ in segs) for p, segs, _, _ in rows]
+        lengths = [len(p) + sum(len(s[0]) for s in segs) for p, segs, _, _ in rows]
         longest = max(lengths)
         ids = torch.zeros(size, longest, dtype=torch.long)
         positions = torch.zeros(size, longest, dtype=torch.long)
         segments = torch.full((size, longest), -1, dtype=torch.long)
         targets = torch.full((size, longest), -100, dtype=torch.long)
         families = []  # the family of every target in row-major order; None for EOS targets
+        guide_at, guide_mask = [], []  # (row, answer position) and patches named, per guided segment
         for i, (prefix, segs, _, _) in enumerate(rows):
             n = len(prefix)
             ids[i, :n], positions[i, :n], segments[i, :n] = torch.tensor(prefix), torch.arange(n), 0
             at = n
-            for j, (seg, tgt, family) in enumerate(segs, start=1):
+            for j, (seg, tgt, family, named) in enumerate(segs, start=1):
                 span = slice(at, at + len(seg))
+                if not captions and named.any():
+                    first = next(k for k, t in enumerate(tgt) if t != -100)  # predicts the first answer token
+                    guide_at.append((i, at + first))
+                    guide_mask.append(named)
                 ids[i, span], targets[i, span] = torch.tensor(seg), torch.tensor(tgt)
                 positions[i, span], segments[i, span] = torch.arange(n, n + len(seg)), j
                 families += [None if t == EOS_ID else family for t in tgt if t != -100]
                 at += len(seg)
         pixels = self.processor([r[2] for r in rows])
-        return Packed(ids, positions, segments, targets, pixels, torch.stack([r[3] for r in rows]), families)
+        p = self.grid * self.grid
+        return Packed(ids, positions, segments, targets, pixels, torch.stack([r[3] for r in rows]), families,
+                      torch.tensor(guide_at, dtype=torch.long).view(-1, 2),
+                      torch.stack(guide_mask) if guide_mask else torch.zeros(0, p, dtype=torch.bool),
+                      len(rows[0][0]) - p)
 
 
 @dataclass
 class Packed:
     """One packed batch (see Batches): tensors [B, T] and pixels [B, 3, H, W], per-patch labels
-    [B, P, 4] for the auxiliary head, and the family of each target (None for EOS)."""
+    [B, P, 4] for the auxiliary head, the family of each target (None for EOS), and for attention
+    guidance the (row, position) of N answer-predicting positions [N, 2], the patches their
+    questions name [N, P], and where the P image tokens start in every row."""
 
     ids: torch.Tensor
     positions: torch.Tensor
@@ -167,6 +183,9 @@ class Packed:
     pixels: torch.Tensor
     patch_labels: torch.Tensor
     families: list
+    guide_at: torch.Tensor
+    guide_mask: torch.Tensor
+    image_start: int
 
     def to(self, device) -> "Packed":
         moved = {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in vars(self).items()}
@@ -184,26 +203,40 @@ def segment_mask(segments: torch.Tensor) -> torch.Tensor:
     return allowed[:, None]
 
 
-def packed_logits(model: LlavaModel, batch: Packed) -> tuple[torch.Tensor, torch.Tensor]:
-    """Logits [B, T, V] of a packed batch, and the vision features LLaVA reads [B, P, Dv]."""
+def packed_logits(model: LlavaModel, batch: Packed, probs_layer: int | None = None):
+    """(logits [B, T, V] of a packed batch, the vision features LLaVA reads [B, P, Dv], and the
+    attention probabilities [B, H, T, T] of layer `probs_layer`, or None)."""
     lm = model.language_model
     states = model.vision_features(batch.pixels)  # [B, P, Dv]
     x = model.embed(batch.ids, model.multi_modal_projector(states))  # [B, T, D]
     cos, sin = lm.rotary(batch.positions, x.dtype)
     mask = segment_mask(batch.segments)
+    probs = None
     for i, layer in enumerate(lm.layers):
-        x = layer(x, cos, sin, mask, None, i, 0)
-    return model.lm_head(lm.norm(x)), states
+        if i == probs_layer:
+            x, probs, _ = layer.forward_with_attention(x, cos, sin, mask, None, i, 0, True)
+        else:
+            x = layer(x, cos, sin, mask, None, i, 0)
+    return model.lm_head(lm.norm(x)), states, probs
 
 
-def loss_on(model: LlavaModel, head: PatchHead | None, batch: Packed, aux_weight: float = 0.0):
-    """(loss, per-target answer losses [N] in target order, auxiliary patch loss): the mean
-    answer cross-entropy plus `aux_weight` times the patch-label loss of `head`."""
-    logits, states = packed_logits(model, batch)
+def loss_on(model: LlavaModel, head: PatchHead | None, batch: Packed, aux_weight: float = 0.0,
+            guide_weight: float = 0.0, guide_layer: int = 1):
+    """(loss, per-target answer losses [N] in target order, auxiliary patch loss, guidance loss):
+    the mean answer cross-entropy plus `aux_weight` times the patch-label loss of `head` plus
+    `guide_weight` times the attention-guidance loss of head 0 of layer `guide_layer`."""
+    guided = guide_weight > 0 and len(batch.guide_at) > 0
+    logits, states, probs = packed_logits(model, batch, guide_layer if guided else None)
     picked = batch.targets != -100  # [B, T]
     per = F.cross_entropy(logits[picked].float(), batch.targets[picked], reduction="none")  # [N]
-    aux = head.loss(states, batch.patch_labels) if head is not None else torch.zeros((), device=per.device)
-    return per.mean() + aux_weight * aux, per.detach(), aux.detach()
+    zero = torch.zeros((), device=per.device)
+    aux = head.loss(states, batch.patch_labels) if head is not None else zero
+    guide = zero
+    if guided:
+        rows, at = batch.guide_at.unbind(-1)
+        image = slice(batch.image_start, batch.image_start + batch.guide_mask.shape[1])
+        guide = guide_loss(probs[rows, 0, at, image], batch.guide_mask)  # probs [N, P]
+    return per.mean() + aux_weight * aux + guide_weight * guide, per.detach(), aux.detach(), guide.detach()
 
 
 def train(out_dir: str | Path, spec: TrainSpec, device: str = "cpu", log=print,
@@ -237,7 +270,7 @@ def train(out_dir: str | Path, spec: TrainSpec, device: str = "cpu", log=print,
         if steps == 0:
             continue
         opt = torch.optim.AdamW(params, lr=spec.lr, betas=(0.9, 0.98), weight_decay=0.01)
-        bar, start, running, aux_ema = Progress(name, steps), time.time(), None, None
+        bar, start, running, aux_ema, guide_ema = Progress(name, steps), time.time(), None, None, None
         family_loss: dict[str, float] = {}
         for step in range(steps):
             done = max(step / steps, (time.time() - start) / (60 * spec.minutes) if spec.minutes else 0.0)
@@ -249,16 +282,19 @@ def train(out_dir: str | Path, spec: TrainSpec, device: str = "cpu", log=print,
             batch = data.batch(spec.batch_size, captions).to(device)
             if name == "vision":
                 aux = head.loss(model.vision_features(batch.pixels), batch.patch_labels)
-                loss, per = aux, None
+                loss, per, guide = aux, None, torch.zeros(())
             else:
-                loss, per, aux = loss_on(model, head if name == "instruct" else None, batch,
-                                         spec.aux_weight if name == "instruct" else 0.0)
+                instruct = name == "instruct"
+                loss, per, aux, guide = loss_on(model, head if instruct else None, batch,
+                                                spec.aux_weight if instruct else 0.0,
+                                                spec.guide_weight if instruct else 0.0, spec.guide_layer)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             torch.nn.utils.clip_grad_norm_(params, 1.0)
             opt.step()
             running = loss.item() if running is None else 0.98 * running + 0.02 * loss.item()
             aux_ema = aux.item() if aux_ema is None else 0.98 * aux_ema + 0.02 * aux.item()
+            guide_ema = guide.item() if guide_ema is None else 0.98 * guide_ema + 0.02 * guide.item()
             if per is not None:
                 _update_family_losses(family_loss, batch.families, per.cpu())
             if name == "instruct":
@@ -266,7 +302,7 @@ def train(out_dir: str | Path, spec: TrainSpec, device: str = "cpu", log=print,
             bar.update(1)
             if (step + 1) % 50 == 0 or step + 1 == steps:
                 fams = " ".join(f"{f}={v:.3f}" for f, v in sorted(family_loss.items()))
-                log(f"{name} step {step + 1}/{steps} loss {running:.4f} patch {aux_ema:.4f} [{fams}] "
+                log(f"{name} step {step + 1}/{steps} loss {running:.4f} patch {aux_ema:.4f} guide {guide_ema:.3f} [{fams}] "
                     f"({time.time() - start:.0f} s)")
             if spec.save_every and (step + 1) % spec.save_every == 0 and step + 1 < steps:
                 _save(model, tokenizer, out_dir, spec.image_size)
