@@ -194,7 +194,7 @@ def test_generate_end_to_end_with_our_processing(next_model):
 def test_next_refusals(next_model, tmp_path):
     _, ours = next_model
     with pytest.raises(fastllava.UserError, match="LLaVA-NeXT"):
-        ours.generate(images=[_photo(40, 160, 0)], prompts=["describe it ."], reduce="visionzip:keep=8")
+        ours.generate(images=[_photo(40, 160, 0)], prompts=["describe it ."], reduce="pool:keep=8")
     ids, mask, pixels, sizes = _batch(ours.config, SIZES[:1])
     with pytest.raises(fastllava.UserError, match="image_sizes"):
         ours.logits(ids, pixels, attention_mask=mask)

@@ -32,8 +32,8 @@ WORDS = ["user", "assistant", ":", "?", ".", "what", "color", "is", "the", "circ
 WORDS += [f"w{i}" for i in range(VOCAB - 4 - len(WORDS))]
 
 
-def test_every_method_is_covered():
-    assert sorted(FULL) == sorted(SMALL) == sorted(METHODS)
+def test_every_method_is_covered():  # the LLaVA-NeXT-only methods: test_reduction_next.py
+    assert sorted(FULL) == sorted(SMALL) == sorted(n for n, m in METHODS.items() if m.images != "tiled")
 
 
 @pytest.fixture(scope="module")

@@ -12,7 +12,7 @@ from ..kvcache import StaticKVCache
 from .language import LanguageModel
 from ..quant.kvcache import new_kv_cache
 from .projector import Projector
-from ..reduction.base import VisionContext
+from ..reduction.base import Method, VisionContext
 from ..reduction.runtime import Reduction
 from .vision import ClsInfo, VisionTower, absolute_layer
 
@@ -22,6 +22,7 @@ class LlavaModel(nn.Module):
         super().__init__()
         self.cfg = cfg
         depth = max(absolute_layer(i, cfg.vision.num_hidden_layers) for i in cfg.vision_feature_layers)
+        self.feature_block = depth  # the vision block producing the deepest selected layer
         self.vision_tower = VisionTower(cfg.vision, depth)
         in_dim = cfg.vision.hidden_size * len(cfg.vision_feature_layers)
         self.multi_modal_projector = Projector(
@@ -42,24 +43,38 @@ class LlavaModel(nn.Module):
     def dtype(self) -> torch.dtype:
         return self.lm_head.weight.dtype
 
-    def vision_features(self, pixel_values: torch.Tensor, cls_info: bool = False):
+    def vision_features(self, pixel_values: torch.Tensor, cls_blocks: tuple[int, ...] = ()):
         """pixel_values [N, C, H, W] -> selected vision features [N, P, Dv * len(layers)]; with
-        cls_info also the ClsInfo (class-token attention, keys) of the deepest selected layer,
+        cls_blocks also the ClsInfo (class-token attention, keys) of each of those vision blocks,
         restricted to the selected tokens."""
-        states = self.vision_tower(pixel_values, self.cfg.vision_feature_layers, cls_info)
-        info = None
-        if cls_info:
-            states, info = states
+        states = self.vision_tower(pixel_values, self.cfg.vision_feature_layers, cls_blocks)
+        infos = []
+        if cls_blocks:
+            states, infos = states
         if self.cfg.vision_feature_select_strategy == "default":
             states = [s[:, 1:] for s in states]  # drop the class token
-            if info is not None:
-                info = ClsInfo(info.attention[:, 1:], info.keys[:, 1:])
+            infos = [ClsInfo(i.attention[:, 1:], i.keys[:, 1:]) if i is not None else None for i in infos]
         feats = torch.cat(states, dim=-1)
-        return (feats, info) if cls_info else feats
+        return (feats, infos) if cls_blocks else feats
 
     def image_features(self, pixel_values: torch.Tensor) -> torch.Tensor:
         """pixel_values [N, C, H, W] -> projected image features [N, P, D]."""
         return self.multi_modal_projector(self.vision_features(pixel_values))
+
+    def encode_images(self, pixel_values: torch.Tensor, image_sizes: torch.Tensor | None = None,
+                      method: Method | None = None) -> dict:
+        """pixel_values [N, C, H, W] -> VisionContext's fields about the images: `vision` [N, P, Dv]
+        and `features` [N, P, D]; for a method before the LLM that needs them, `cls_attention`,
+        `keys` and `early_attention` [N, P] (None otherwise). `image_sizes` is for LLaVA-NeXT."""
+        blocks = ()
+        if method is not None and method.where == "vision" and method.needs_cls:
+            early = method.early_layer()
+            blocks = (self.feature_block,) + ((early,) if early is not None else ())
+        vision, infos = self.vision_features(pixel_values, blocks) if blocks else (self.vision_features(pixel_values), [])
+        sel, early = (infos + [None, None])[:2]
+        return dict(vision=vision, features=self.multi_modal_projector(vision),
+                    cls_attention=sel.attention if sel else None, keys=sel.keys if sel else None,
+                    early_attention=early.attention if early else None)
 
     def embed(self, input_ids: torch.Tensor, image_features: torch.Tensor | None) -> torch.Tensor:
         """Token embeddings [B, T, D] with image features ([N, P, D], or [F, D] one image after
@@ -81,29 +96,22 @@ class LlavaModel(nn.Module):
                 positions: torch.Tensor, reduction: Reduction | None = None, image_sizes: torch.Tensor | None = None):
         """Encode the images, splice them into the prompt input_ids [B, T] (real tokens `valid`
         [B, T]) and, with a reduction, call its hook before the language model. `image_sizes`
-        is for LLaVA-NeXT (as in transformers' LlavaForConditionalGeneration, unused here).
+        [N, 2] is for LLaVA-NeXT (as in transformers' LlavaForConditionalGeneration, unused here).
         -> (embeds [B, T', D], positions [B, T'], valid [B, T'])."""
         method = reduction.method if reduction is not None else None
-        want_cls = method is not None and method.where == "vision" and method.needs_cls
-        vision, info, feats = None, None, None
-        if pixel_values is not None:
-            vision = self.vision_features(pixel_values, want_cls)
-            if want_cls:
-                vision, info = vision
-            feats = self.multi_modal_projector(vision)
+        images = None if pixel_values is None else self.encode_images(pixel_values, image_sizes, method)
+        real = None if images is None else images.get("valid")  # [N, P] on LLaVA-NeXT (rows padded), else None
+        feats = None if images is None else images["features"] if real is None else images["features"][real]
         x = self.embed(input_ids, feats)
         if reduction is None:
             return x, positions, valid
         is_image = (input_ids == self.cfg.image_token_index) & valid  # [B, T]
-        reduction.start(is_image)
-        if method.where != "vision" or feats is None:
+        reduction.start(is_image, None if real is None else real.sum(1))
+        if method.where != "vision" or images is None:
             return x, positions, valid
-        rows = is_image.nonzero()[:, 0].view(feats.shape[0], -1)[:, 0]  # [N] the row of each image
-        ctx = VisionContext(
-            vision=vision, features=feats, cls_attention=info.attention if info else None,
-            keys=info.keys if info else None, text=x[rows], text_valid=(valid & ~is_image)[rows],
-            grid=self.cfg.vision.grid, budget=method.keep, project=self.multi_modal_projector,
-        )
+        rows = reduction.rows  # [N] the row of each image
+        ctx = VisionContext(**images, text=x[rows], text_valid=(valid & ~is_image)[rows], grid=self.cfg.vision.grid,
+                            budget=method.keep, project=self.multi_modal_projector)
         return reduction.vision(ctx, x, is_image, valid, positions)
 
     def forward(self, embeds: torch.Tensor, positions: torch.Tensor, key_valid: torch.Tensor | None,

@@ -1,12 +1,15 @@
 """LLaVA-NeXT: LLaVA with AnyRes images. Each image arrives as a base thumbnail plus a grid of
 tiles (see fastllava.anyres); every tile is encoded and projected on its own, the tiles'
 feature grids are joined into one, cropped to the image's aspect ratio, and a learned
-`image_newline` ends each of its rows. The base thumbnail's features come first."""
+`image_newline` ends each of its rows. The base thumbnail's features come first. For token
+reduction, `encode_images` also says which partition (base image or tile) each token comes from
+and where in the image it lies, so that methods can select per tile (see reduction.base)."""
 
 from __future__ import annotations
 
 import torch
 from torch import nn
+from torch.nn.utils.rnn import pad_sequence
 
 from .. import anyres
 from ..config import LlavaConfig
@@ -23,6 +26,34 @@ class LlavaNextModel(LlavaModel):
         """pixel_values [N, P, C, H, W] (tiles per image, zero-padded to the most tiles, as
         LlavaNextImageProcessor makes them) or [sum of tiles, C, H, W], image_sizes [N, 2]
         (height, width before preprocessing) -> the images' features one after another [F, D]."""
+        images = self.encode_images(pixel_values, image_sizes)
+        return images["features"][images["valid"]]
+
+    def encode_images(self, pixel_values: torch.Tensor, image_sizes: torch.Tensor | None = None, method=None) -> dict:
+        """As LlavaModel.encode_images, one row per image in the order the language model receives its
+        tokens (base features, then the unpadded tile grid row by row, each row ended by
+        image_newline), rows padded to the longest image; adds `valid`, `part` and `where` [N, F]."""
+        tiles, sizes, grids = self._tiles(pixel_values, image_sizes)
+        per_tile = super().encode_images(tiles, None, method)  # [sum of tiles, g*g, ...] each
+        layouts = [self._layout(s, grid) for s, grid in zip(sizes, grids)]  # (src [F], where [F, 2]) per image
+        counts = [rows * cols + 1 for rows, cols in grids]
+        out = {}
+        for key, x in per_tile.items():
+            if x is None:
+                out[key] = None
+                continue
+            fill = self.image_newline.to(x.dtype) if key == "features" else x.new_zeros(x.shape[2:])
+            flat = [torch.cat([t.flatten(0, 1), fill[None]]) for t in x.split(counts)]  # src -1 reads `fill`
+            out[key] = pad_sequence([f[src.to(f.device)] for f, (src, _) in zip(flat, layouts)], batch_first=True)
+        g2, device = self.cfg.vision.grid ** 2, tiles.device
+        out["valid"] = pad_sequence([torch.ones(len(src), dtype=torch.bool) for src, _ in layouts], batch_first=True).to(device)
+        out["part"] = pad_sequence([torch.where(src >= 0, src // g2, -1) for src, _ in layouts], batch_first=True,
+                                   padding_value=-1).to(device)
+        out["where"] = pad_sequence([w for _, w in layouts], batch_first=True).to(device)
+        return out
+
+    def _tiles(self, pixel_values: torch.Tensor, image_sizes: torch.Tensor | None):
+        """-> (every tile of every image [sum of tiles, C, H, W], the image sizes, their tile grids)."""
         if image_sizes is None:
             raise UserError("LLaVA-NeXT pixel_values need the image_sizes (height, width) of their images")
         cfg = self.cfg
@@ -38,26 +69,29 @@ class LlavaNextModel(LlavaModel):
             pixel_values = torch.cat([tiles[:n] for tiles, n in zip(pixel_values, counts)])
         elif pixel_values.shape[0] != sum(counts):
             raise UserError(f"pixel_values hold {pixel_values.shape[0]} tiles, image_sizes need {sum(counts)}")
-        feats = self.multi_modal_projector(self.vision_features(pixel_values))  # [sum P, g*g, D]
-        out = [self._pack(f, s, grid) for f, s, grid in zip(feats.split(counts), sizes, grids)]
-        return torch.cat(out)
+        return pixel_values, sizes, grids
 
-    def _pack(self, feats: torch.Tensor, size: tuple[int, int], grid: tuple[int, int]) -> torch.Tensor:
-        """One image's tile features feats [1 + rows*cols, g*g, D] -> [F, D]: the base features,
-        then the unpadded tile grid row by row, each row ended by image_newline."""
-        (rows, cols), g, d = grid, self.cfg.vision.grid, feats.shape[-1]
-        tiles = feats[1:].view(rows, cols, g, g, d).permute(0, 2, 1, 3, 4).reshape(rows * g, cols * g, d)
+    def _layout(self, size: tuple[int, int], grid: tuple[int, int]) -> tuple[torch.Tensor, torch.Tensor]:
+        """One image's visual tokens in the language model's order -> (src [F]: the index of each
+        among the image's tile patches [(1 + rows*cols) * g*g], -1 for an image_newline; where
+        [F, 2]: (y, x) in [0, 1], the centre of its patch in the image, 0 for a newline)."""
+        (rows, cols), g = grid, self.cfg.vision.grid
+        idx = torch.arange((1 + rows * cols) * g * g)
+        tiles = idx[g * g:].view(rows, cols, g, g).permute(0, 2, 1, 3).reshape(rows * g, cols * g)
         ys, xs = anyres.unpadded_box(size, (rows * g, cols * g))
-        tiles = tiles[ys, xs]  # [h, w, D]
-        newline = self.image_newline.to(tiles.dtype).expand(tiles.shape[0], 1, d)  # [h, 1, D]
-        return torch.cat([feats[0], torch.cat([tiles, newline], dim=1).reshape(-1, d)])
+        tiles = tiles[ys, xs]  # [h, w]
+        h, w = tiles.shape
+        src = torch.cat([idx[:g * g], torch.cat([tiles, tiles.new_full((h, 1), -1)], dim=1).reshape(-1)])
+        where = torch.cat([_centres(g, g, g), _centres(h, w, w + 1)]).masked_fill((src < 0)[:, None], 0)
+        return src, where
 
-    def prepare(self, input_ids: torch.Tensor, pixel_values: torch.Tensor | None, valid: torch.Tensor,
-                positions: torch.Tensor, reduction=None, image_sizes: torch.Tensor | None = None):
-        """As LlavaModel.prepare, for AnyRes images (no token reduction yet: make_reduction refuses)."""
-        assert reduction is None, "token reduction does not support LLaVA-NeXT yet"
-        feats = None if pixel_values is None else self.image_features(pixel_values, image_sizes)
-        return self.embed(input_ids, feats), positions, valid
+
+def _centres(rows: int, cols: int, width: int) -> torch.Tensor:
+    """[rows * width, 2]: (y, x) centres of the cells of a rows x cols grid over [0, 1]², row by row,
+    each row `width` long (cells past `cols` lie outside)."""
+    y = (torch.arange(rows) + 0.5) / rows
+    x = (torch.arange(width) + 0.5) / cols
+    return torch.stack(torch.meshgrid(y, x, indexing="ij"), dim=-1).reshape(-1, 2)
 
 
 def build_model(cfg: LlavaConfig) -> LlavaModel:

@@ -118,21 +118,21 @@ class VisionTower(nn.Module):
     def _absolute(self, layer: int) -> int:
         return absolute_layer(layer, self.cfg.num_hidden_layers)
 
-    def forward(self, pixel_values: torch.Tensor, layers: list[int], cls_info: bool = False):
+    def forward(self, pixel_values: torch.Tensor, layers: list[int], cls_blocks: tuple[int, ...] = ()):
         """pixel_values [N, C, H, W] -> one [N, 1+P, D] tensor per requested layer index; with
-        cls_info also the ClsInfo of the block producing the deepest one (None if that is the
-        embedding output)."""
+        cls_blocks (block numbers 1..depth) also the ClsInfo of each of those blocks (None for 0,
+        the embedding output)."""
         wanted = [self._absolute(i) for i in layers]
         deepest = max(wanted)
         x = self.pre_layrnorm(self.embeddings(pixel_values))
         states = {0: x}  # only the hidden states feature selection reads
-        info = None
+        infos = {}
         for i, block in enumerate(self.layers[:deepest], start=1):
-            if cls_info and i == deepest:
-                x, info = block(x, True)
+            if i in cls_blocks:
+                x, infos[i] = block(x, True)
             else:
                 x = block(x)
             if i in wanted:
                 states[i] = x
         selected = [states[i] for i in wanted]
-        return (selected, info) if cls_info else selected
+        return (selected, [infos.get(b) for b in cls_blocks]) if cls_blocks else selected

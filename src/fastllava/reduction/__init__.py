@@ -2,11 +2,13 @@
 that applies them at the model's hook points."""
 
 # registration order is the listing order
-from . import random, pool, fastervlm, visionzip, fastv, pdrop, sparsevlm, dart  # noqa: F401,I001
+from . import random, pool, fastervlm, visionzip, hired, globalcom2, fastv, pdrop, sparsevlm, dart  # noqa: F401,I001
 from .base import LayerContext, Method, Selection, VisionContext
 from .dart import DART
 from .fastervlm import FasterVLM
 from .fastv import FastV
+from .globalcom2 import GlobalCom2
+from .hired import HiRED
 from .pdrop import PDrop
 from .pool import Pool
 from .random import Random
@@ -15,6 +17,6 @@ from .runtime import Reduction
 from .sparsevlm import SparseVLM
 from .visionzip import VisionZip
 
-__all__ = ["METHODS", "DART", "FastV", "FasterVLM", "LayerContext", "Method", "PDrop", "Pool", "Random",
+__all__ = ["METHODS", "DART", "FastV", "FasterVLM", "GlobalCom2", "HiRED", "LayerContext", "Method", "PDrop", "Pool", "Random",
            "Reduction", "Selection", "SparseVLM", "VisionContext", "VisionZip", "describe", "parse_list",
            "parse_spec"]

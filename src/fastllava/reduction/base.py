@@ -5,6 +5,14 @@ A method is a small typed dataclass. Methods that act *before* the language mode
 "llm"`) get a LayerContext after each of their cut layers. Both answer with a Selection: a mask
 of the candidate visual tokens to keep and, for methods that merge, the merged states that the
 kept tokens carry from then on.
+
+LLaVA-NeXT images are a base thumbnail plus tiles: a VisionContext then holds one row per image
+padded to the longest (`valid`), and `part` says which partition (base image or tile) each token
+comes from. Methods before the LLM select per partition through `VisionContext.top`: the budget is
+shared among the base image and the tiles (in proportion to their token counts unless the method
+weighs them), each partition keeps its best tokens, and the `image_newline` tokens come last (kept
+only when the budget exceeds the image's patch tokens). Methods inside the LLM treat every visual
+token of a row alike, newlines included.
 """
 
 from __future__ import annotations
@@ -37,6 +45,38 @@ class VisionContext:
     grid: int  # patches per side (P = grid**2, plus 1 with the "full" strategy's class token)
     budget: int  # tokens to keep per image
     project: Callable[[torch.Tensor], torch.Tensor]  # [N, k, Dv] -> [N, k, D]
+    # LLaVA-NeXT only (None for LLaVA-1.5: one partition, every token real):
+    valid: torch.Tensor | None = None  # [N, P] real tokens (images differ in length; rows are padded)
+    part: torch.Tensor | None = None  # [N, P] long: 0 the base image (its grid**2 tokens first), 1.. the
+    #   tiles row by row, -1 an image_newline or padding
+    where: torch.Tensor | None = None  # [N, P, 2] (y, x) in [0, 1]: centre of each token's patch in the image
+    early_attention: torch.Tensor | None = None  # [N, P] class-token attention in Method.early_layer()
+
+    @property
+    def counts(self) -> torch.Tensor:
+        """[N] visual tokens of each image."""
+        n, p = self.features.shape[:2]
+        return self.valid.sum(1) if self.valid is not None else torch.full((n,), p, device=self.features.device)
+
+    @property
+    def patches(self) -> torch.Tensor:
+        """[N, P] tokens that come from the vision tower (not newlines, not padding)."""
+        if self.part is None:
+            return torch.ones(self.features.shape[:2], dtype=torch.bool, device=self.features.device)
+        return self.valid & (self.part >= 0)
+
+    def per_part(self, x: torch.Tensor) -> torch.Tensor:
+        """x [N, P] -> [N, S] its sums over each partition's patches (S: the most partitions of an image)."""
+        x = torch.where(self.patches, x, 0).double()
+        return x.new_zeros(x.shape[0], int(self.part.max()) + 1).scatter_add_(1, self.part.clamp(min=0), x)
+
+    def top(self, scores: torch.Tensor, budget: int, weights: torch.Tensor | None = None) -> torch.Tensor:
+        """Keep mask [N, P] of `budget` tokens per image by scores [N, P]; on tiled images shared
+        among the partitions in proportion to weights [N, S] (default: their token counts)."""
+        if self.part is None:
+            return top_mask(scores, torch.ones_like(scores, dtype=torch.bool), budget)
+        weights = self.per_part(torch.ones_like(scores)) if weights is None else weights
+        return share(scores, self.part, self.valid, budget, weights)
 
 
 @dataclass
@@ -57,8 +97,7 @@ class LayerContext:
 
     def gather(self, x: torch.Tensor) -> torch.Tensor:
         """x [B, T, ...] -> the candidates' rows [B, N, ...]."""
-        idx = self.cand.view(*self.cand.shape, *([1] * (x.dim() - 2))).expand(-1, -1, *x.shape[2:])
-        return x.gather(1, idx)
+        return take(x, self.cand)
 
     def last_attention(self) -> torch.Tensor:
         """[B, T]: the attention the last prompt token pays each token, averaged over heads (with
@@ -81,6 +120,7 @@ class Method:
     where: ClassVar[str] = "vision"  # "vision" (before the LLM) or "llm" (inside it)
     needs_cls: ClassVar[bool] = False  # VisionContext.cls_attention / keys
     needs_attention: ClassVar[bool] = False  # LayerContext.probs
+    images: ClassVar[str] = "any"  # "any", "single" (LLaVA-1.5 only) or "tiled" (LLaVA-NeXT only)
 
     keep: int = 64
 
@@ -95,6 +135,11 @@ class Method:
     def cuts(self) -> list[int]:
         """Indices of the LLM layers after which the method cuts (llm methods)."""
         return []
+
+    def early_layer(self) -> int | None:
+        """A vision block (1-based) whose class-token attention the method needs besides that of the
+        selected layer (VisionContext.early_attention), or None."""
+        return None
 
     def bind(self, num_layers: int) -> "Method":
         """The method with defaults that depend on the model's depth filled in."""
@@ -122,7 +167,7 @@ def _fmt(value) -> str:
 def top_mask(scores: torch.Tensor, valid: torch.Tensor, budget: torch.Tensor | int) -> torch.Tensor:
     """The `budget` highest scores of each row among the valid entries (ties: lower index first).
     scores, valid [B, N]; budget int or [B] -> keep mask [B, N]."""
-    scores = scores.float().masked_fill(~valid, float("-inf"))
+    scores = scores.to(torch.promote_types(scores.dtype, torch.float32)).masked_fill(~valid, float("-inf"))
     order = scores.argsort(dim=-1, descending=True, stable=True)  # [B, N]
     rank = torch.empty_like(order).scatter_(-1, order, torch.arange(order.shape[-1], device=order.device).expand_as(order))
     budget = torch.as_tensor(budget, device=scores.device).reshape(-1, 1)
@@ -138,3 +183,42 @@ def mean_into(states: torch.Tensor, assign: torch.Tensor, slots: int) -> torch.T
     sums = states.new_zeros(n, slots, d).scatter_add_(1, idx, states * ok[..., None])
     counts = states.new_zeros(n, slots).scatter_add_(1, assign.clamp(min=0), ok.to(states.dtype))
     return sums / counts.clamp(min=1)[..., None]
+
+
+def take(x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+    """x [B, T, ...] gathered along T by index [B, T'] -> [B, T', ...]."""
+    return x.gather(1, index.view(*index.shape, *([1] * (x.dim() - 2))).expand(-1, -1, *x.shape[2:]))
+
+
+def candidates(mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """mask [B, T] -> (index [B, N] of each row's True entries in order (0 where padded), valid [B, N])."""
+    counts = mask.sum(1)
+    width = max(int(counts.max()), 1)
+    rows, cols = mask.nonzero(as_tuple=True)
+    rank = (mask.long().cumsum(1) - 1)[rows, cols]
+    index = torch.zeros(mask.shape[0], width, dtype=torch.long, device=mask.device)
+    index[rows, rank] = cols
+    return index, torch.arange(width, device=mask.device)[None] < counts[:, None]
+
+
+def share(scores: torch.Tensor, part: torch.Tensor, valid: torch.Tensor, budget: int,
+          weights: torch.Tensor) -> torch.Tensor:
+    """Keep `budget` tokens per row, shared among partitions by the Sainte-Lague divisor method:
+    the t-th best token (t = 0, 1, ...) of partition p gets priority (t + 0.5) / weights[p] and the
+    lowest priorities are kept, so partition p keeps about budget * w_p / sum(w) of its best tokens
+    (never more than it has; what it cannot take goes to the others). Tokens outside every partition
+    (part -1) come after all others, in order. Ties: lower index first.
+    scores, part, valid [N, P]; weights [N, S] > 0 (S partitions) -> keep [N, P]."""
+    n, p = scores.shape
+    inside = valid & (part >= 0)
+    pid = part.clamp(min=0)
+    pos = torch.arange(p, device=scores.device).expand(n, -1)
+    order = scores.float().masked_fill(~inside, float("-inf")).argsort(dim=-1, descending=True, stable=True)
+    order = order.gather(1, part.gather(1, order).argsort(dim=-1, stable=True))  # by partition, best first
+    grouped = part.gather(1, order)
+    first = torch.ones_like(inside)
+    first[:, 1:] = grouped[:, 1:] != grouped[:, :-1]
+    rank = torch.empty_like(order).scatter_(1, order, pos - torch.where(first, pos, 0).cummax(1).values)  # [N, P]
+    priority = (rank + 0.5).double() / weights.double().clamp(min=1e-30).gather(1, pid)
+    last = priority.masked_fill(~inside, 0).amax(1, keepdim=True) + 1 + pos  # after every partition token
+    return top_mask(-torch.where(inside, priority, last), valid, budget)

@@ -25,6 +25,8 @@ def cmd_methods(args: argparse.Namespace) -> int:
     from .registry import describe
 
     print("spec: NAME[:key=value,...]; keep = visual tokens kept per image; lists join with '-'")
+    print("LLaVA-NeXT: methods before the LLM work per tile (keep is shared among the base image and the tiles,\n"
+          "image_newline tokens go last); methods inside the LLM rank all visual tokens of a prompt together")
     print(describe())
     return 0
 

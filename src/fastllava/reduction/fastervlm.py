@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from .base import Method, Selection, VisionContext, top_mask
+from .base import Method, Selection, VisionContext
 from .registry import register
 
 
@@ -12,7 +12,9 @@ from .registry import register
 @dataclass
 class FasterVLM(Method):
     """Keep the `keep` patches with the highest [CLS] attention (averaged over heads) in the
-    vision tower's selected layer, before the projector; the rest are dropped.
+    vision tower's selected layer, before the projector; the rest are dropped. On LLaVA-NeXT per
+    tile: the budget is shared among the base image and the tiles in proportion to their tokens,
+    each keeps the patches its own [CLS] attends to most (see reduction.base).
 
     Zhang et al., "[CLS] Attention is All You Need for Training-Free Visual Token Pruning: Make
     VLM Inference Faster" (FasterVLM), arXiv:2412.01818, 2024.
@@ -25,5 +27,4 @@ class FasterVLM(Method):
     keep: int = 64
 
     def select(self, ctx: VisionContext) -> Selection:
-        scores = ctx.cls_attention  # [N, P]
-        return Selection(top_mask(scores, scores.new_ones(scores.shape, dtype=bool), ctx.budget))
+        return Selection(ctx.top(ctx.cls_attention, ctx.budget))

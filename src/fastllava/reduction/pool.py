@@ -23,7 +23,8 @@ def pool_shape(keep: int) -> tuple[int, int]:
 class Pool(Method):
     """Average-pool the patch grid (g x g) to rows x cols = `keep` cells (the most nearly square
     factorisation of keep), on the vision features before the projector; each pooled token takes
-    the position of its cell's top-left patch.
+    the position of its cell's top-left patch. LLaVA-1.5 only: the tiles of a LLaVA-NeXT image,
+    cropped to its aspect ratio, make no square grid (a one-line error there).
 
     The spatial-pooling baseline of Wen et al., "Token Pruning in Multimodal Large Language Models:
     Are We Solving the Right Problem?" (arXiv:2502.11501, 2025).
@@ -31,6 +32,7 @@ class Pool(Method):
 
     name = "pool"
     paper = "pooling baseline; Wen et al. 2025, Token Pruning in MLLMs: Are We Solving the Right Problem? (arXiv:2502.11501)"
+    images = "single"  # LLaVA-NeXT's unpadded tiles are no square grid to pool
 
     keep: int = 64
 

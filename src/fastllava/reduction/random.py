@@ -17,7 +17,9 @@ class Random(Method):
 
     The random-selection baseline of Wen et al., "Token Pruning in Multimodal Large Language
     Models: Are We Solving the Right Problem?" (arXiv:2502.11501, 2025). The draw depends only
-    on `seed`, so every image (alone or in a batch) keeps the same patch positions.
+    on `seed` and the image's token count, so every image keeps the same patch positions alone or
+    in a batch. On LLaVA-NeXT per tile: the budget is shared among the base image and the tiles in
+    proportion to their tokens (see reduction.base).
     """
 
     name = "random"
@@ -27,8 +29,8 @@ class Random(Method):
     seed: int = 0
 
     def select(self, ctx: VisionContext) -> Selection:
-        n, p = ctx.features.shape[:2]
-        order = torch.randperm(p, generator=torch.Generator().manual_seed(self.seed))[: ctx.budget]
-        keep = torch.zeros(p, dtype=torch.bool)
-        keep[order] = True
-        return Selection(keep.to(ctx.features.device).expand(n, -1))
+        scores = torch.zeros(ctx.features.shape[:2])  # [N, P]: minus each token's place in the draw
+        for row, count in enumerate(ctx.counts.tolist()):
+            order = torch.randperm(count, generator=torch.Generator().manual_seed(self.seed))
+            scores[row, order] = -torch.arange(count, dtype=scores.dtype)
+        return Selection(ctx.top(scores.to(ctx.features.device), ctx.budget))

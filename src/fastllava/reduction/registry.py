@@ -90,5 +90,6 @@ def describe() -> str:
         args = ", ".join(f"{n}={('-'.join(map(str, d)) or 'auto') if isinstance(d, list) else d}"
                          for n, _, d in params(cls))
         where = "before the LLM" if cls.where == "vision" else "inside the LLM"
-        lines.append(f"{name:<10} {where:<15} {args}\n{'':<10} {cls.paper}")
+        only = {"single": "LLaVA-1.5 only; ", "tiled": "LLaVA-NeXT only; "}.get(cls.images, "")
+        lines.append(f"{name:<10} {where:<15} {args}\n{'':<10} {only}{cls.paper}")
     return "\n".join(lines)

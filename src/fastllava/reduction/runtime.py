@@ -10,7 +10,8 @@ from __future__ import annotations
 import torch
 
 from ..errors import UserError
-from .base import LayerContext, Method, Selection, VisionContext
+from ..models.vision import absolute_layer
+from .base import LayerContext, Method, Selection, VisionContext, candidates, take
 from .registry import parse_spec
 
 
@@ -25,22 +26,6 @@ def compact(keep: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     index[rows, dest] = cols
     valid[rows, dest] = True
     return index, valid
-
-
-def candidates(visual: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """visual [B, T] -> (index [B, N] of each row's visual tokens in order, valid [B, N])."""
-    counts = visual.sum(1)
-    width = max(int(counts.max()), 1)
-    rows, cols = visual.nonzero(as_tuple=True)
-    rank = (visual.long().cumsum(1) - 1)[rows, cols]
-    index = torch.zeros(visual.shape[0], width, dtype=torch.long, device=visual.device)
-    index[rows, rank] = cols
-    return index, torch.arange(width, device=visual.device)[None] < counts[:, None]
-
-
-def _take(x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
-    """x [B, T, ...] gathered along T by index [B, T']."""
-    return x.gather(1, index.view(*index.shape, *([1] * (x.dim() - 2))).expand(-1, -1, *x.shape[2:]))
 
 
 class Reduction:
@@ -62,12 +47,23 @@ class Reduction:
         self.needs_attention = method.needs_attention
         self.counts: list[torch.Tensor] = []
 
-    def start(self, visual: torch.Tensor) -> None:
-        """Begin with the unreduced prompt's visual tokens visual [B, T]."""
+    def start(self, visual: torch.Tensor, image_counts: torch.Tensor | None = None) -> None:
+        """Begin with the unreduced prompt's visual tokens visual [B, T], made of images with
+        image_counts [N] tokens each, in order row by row (default: tokens_per_image each)."""
         self.visual = visual  # [B, T] visual tokens of the current sequence
         self.patch = (visual.long().cumsum(1) - 1).masked_fill(~visual, -1)  # [B, T] index among the row's originals
-        self.images = visual.sum(1) // self.tokens_per_image  # [B]
-        n = visual.sum(1)
+        n = visual.sum(1)  # [B]
+        if image_counts is None:
+            image_counts = torch.full((int(n.sum()) // self.tokens_per_image,), self.tokens_per_image)
+        counts = image_counts.to(visual.device)
+        first = counts.cumsum(0) - counts  # [N] first token of each image among all rows' visual tokens
+        row_first = n.cumsum(0) - n  # [B]
+        self.rows = torch.searchsorted(row_first, first, right=True) - 1  # [N] the row of each image
+        self.starts = first - row_first[self.rows]  # [N] first token of each image among its row's
+        self.images = torch.bincount(self.rows, minlength=visual.shape[0])  # [B]
+        if counts.numel() and int(counts.min()) < max(self.method.budgets()):
+            raise UserError(f"{self.method.spec()}: budget {max(self.method.budgets())} is more than the "
+                            f"{int(counts.min())} visual tokens of an image in this batch")
         width = torch.arange(max(int(n.max()), 1), device=visual.device)[None]
         self.owner = width.expand(visual.shape[0], -1).masked_fill(width >= n[:, None], -1)  # [B, V]
         if self.method.where == "llm":
@@ -84,7 +80,7 @@ class Reduction:
         (x, positions, valid) holding only the kept (or merged) visual tokens."""
         sel = self._choose(ctx)
         cand, cand_valid = candidates(is_image)
-        return self._apply(_to_rows(sel, cand_valid, self.tokens_per_image), cand, cand_valid, x, valid, positions)
+        return self._apply(_to_rows(sel, cand_valid, ctx.valid, self.starts), cand, cand_valid, x, valid, positions)
 
     def __call__(self, layer: int, x: torch.Tensor, probs: torch.Tensor | None, keys: torch.Tensor,
                  valid: torch.Tensor, positions: torch.Tensor):
@@ -107,10 +103,10 @@ class Reduction:
             x[rows, cand[rows, cols]] = sel.values[rows, cols].to(x.dtype)
         self._own(sel, cand, cand_valid, chosen)
         index, valid = compact(keep)
-        self.visual = _take(self.visual, index) & valid
-        self.patch = _take(self.patch, index).masked_fill(~self.visual, -1)
+        self.visual = take(self.visual, index) & valid
+        self.patch = take(self.patch, index).masked_fill(~self.visual, -1)
         self.counts.append(self.visual.sum(1))
-        return _take(x, index), _take(positions, index).masked_fill(~valid, 0), valid
+        return take(x, index), take(positions, index).masked_fill(~valid, 0), valid
 
     def _own(self, sel: Selection, cand: torch.Tensor, cand_valid: torch.Tensor, chosen: torch.Tensor) -> None:
         """Re-map `owner` after a selection over the candidates cand [B, N]."""
@@ -126,33 +122,48 @@ class Reduction:
         self.owner = torch.where(self.owner >= 0, lut[:, 1:].gather(1, self.owner.clamp(min=0)), self.owner)
 
 
-def _to_rows(sel: Selection, cand_valid: torch.Tensor, per_image: int) -> Selection:
-    """A selection over images [N, P] -> over each row's visual tokens [B, V] (images of a row
-    are consecutive, rows in order, as the image features were spliced)."""
+def _to_rows(sel: Selection, cand_valid: torch.Tensor, image_valid: torch.Tensor | None, starts: torch.Tensor) -> Selection:
+    """A selection over images [N, P] (real tokens image_valid [N, P], None: all) -> over each row's
+    visual tokens [B, V]; images of a row are consecutive, the image's first token at starts [N]."""
     b, v = cand_valid.shape
+    real = image_valid if image_valid is not None else torch.ones_like(sel.keep)
     keep = torch.zeros(b, v, dtype=torch.bool, device=cand_valid.device)
-    keep[cand_valid] = sel.keep.reshape(-1)
+    keep[cand_valid] = sel.keep[real]
     values = None
     if sel.values is not None:
         values = sel.values.new_zeros(b, v, sel.values.shape[-1])
-        values[cand_valid] = sel.values.reshape(-1, sel.values.shape[-1])
+        values[cand_valid] = sel.values[real]
     groups = None
     if sel.groups is not None:
-        offset = torch.arange(v, device=keep.device)[None].expand(b, -1) // per_image * per_image  # [B, V]
+        offset = starts[:, None].expand_as(real)[real]  # the image's start, per real token
+        flat = sel.groups[real]
         groups = torch.full((b, v), -1, dtype=torch.long, device=keep.device)
-        flat = sel.groups.reshape(-1)
-        groups[cand_valid] = torch.where(flat >= 0, flat + offset[cand_valid], flat)
+        groups[cand_valid] = torch.where(flat >= 0, flat + offset, flat)
     return Selection(keep, values, groups)
 
 
 def make_reduction(spec, cfg) -> Reduction | None:
     """A Reduction for one generation from a spec string, a Method or a Reduction (used as is, e.g.
-    to replay selections), checked against the model's LlavaConfig `cfg`; None stays None."""
-    if spec is not None and cfg.is_next:
-        raise UserError("visual token reduction does not support LLaVA-NeXT checkpoints yet")
+    to replay selections), checked against the model's LlavaConfig `cfg`; None stays None. On
+    LLaVA-NeXT the budget is checked against the most tokens an image can give here, and against
+    each image's own count when the images are known (Reduction.start)."""
     if spec is None or isinstance(spec, Reduction):
         return spec
     layers = cfg.text.num_hidden_layers
     method = parse_spec(spec).bind(layers)
-    method.check(cfg.image_features_per_image, layers, cfg.vision.grid)
+    if method.images == "single" and cfg.is_next:
+        raise UserError(f"{method.name} needs the single square patch grid of LLaVA-1.5; LLaVA-NeXT images are "
+                        f"tiled (try fastervlm, hired or globalcom2)")
+    if method.images == "tiled" and not cfg.is_next:
+        raise UserError(f"{method.name} shares the budget among the tiles of LLaVA-NeXT images; this LLaVA-1.5 "
+                        f"model has none (fastervlm makes the same choice within one image)")
+    early, depth = method.early_layer(), max(absolute_layer(i, cfg.vision.num_hidden_layers)
+                                             for i in cfg.vision_feature_layers)
+    if early is not None and not 1 <= early <= depth:
+        raise UserError(f"{method.spec()}: vision layer {early} is outside 1..{depth} (the blocks up to the "
+                        f"selected features)")
+    tokens = cfg.image_features_per_image
+    if cfg.is_next:
+        tokens = max(cfg.image_tokens(h, w) for h, w in cfg.image_grid_pinpoints)
+    method.check(tokens, layers, cfg.vision.grid)
     return Reduction(method, cfg.image_features_per_image)

@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 
 from ..errors import UserError
-from .base import Method, Selection, VisionContext, mean_into, top_mask
+from .base import Method, Selection, VisionContext, candidates, mean_into, take
 from .registry import register
 
 
@@ -21,6 +21,10 @@ class VisionZip(Method):
     evenly spaced in order, assign every other remaining patch to the target whose key (that
     layer's keys, heads concatenated) is most cosine-similar, and replace each target by the mean
     of its group. `contextual=-1` uses the paper's split (10 of 64, 20 of 128, 30 of 192: keep*10//64).
+    On LLaVA-NeXT the dominant tokens are chosen per tile (the budget shared among the base image
+    and the tiles in proportion to their tokens, see reduction.base) and the contextual tokens
+    merge the remaining patches of the whole image (keys of one layer compare across tiles);
+    an image with at most `contextual` patches left keeps its best `keep` tokens unmerged.
 
     Yang et al., "VisionZip: Longer is Better but Not Necessary in Vision Language Models",
     arXiv:2412.04467, 2024.
@@ -47,27 +51,32 @@ class VisionZip(Method):
     def select(self, ctx: VisionContext) -> Selection:
         n, p, _ = ctx.vision.shape
         n_dom, n_ctx = self.split()
-        everything = ctx.cls_attention.new_ones(n, p, dtype=torch.bool)
-        dominant = top_mask(ctx.cls_attention, everything, n_dom)  # [N, P]
-        rest = (~dominant).nonzero()[:, 1].view(n, p - n_dom)  # [N, R] remaining patches, in order
-        r = rest.shape[1]
-        if n_ctx >= r:  # every remaining patch fits: nothing to merge
-            return Selection(dominant | ~dominant)
+        dominant = ctx.top(ctx.cls_attention, n_dom)  # [N, P]
         if n_ctx == 0:
             return Selection(dominant)
-        step = max(r // n_ctx, 1)
-        pick = torch.arange(0, r, step, device=rest.device)[:n_ctx]  # [C] evenly spaced targets
-        keys = F.normalize(ctx.keys.float().gather(1, rest[..., None].expand(-1, -1, ctx.keys.shape[-1])), dim=-1)
-        sim = keys @ keys[:, pick].transpose(1, 2)  # [N, R, C]
+        rest, rest_valid = candidates(ctx.patches & ~dominant)  # [N, R] each image's other patches, in order
+        merge = rest_valid.sum(1) > n_ctx  # [N] images with patches to merge; the others keep their best `keep`
+        plain = ctx.top(ctx.cls_attention, self.keep)
+        if not bool(merge.any()):
+            return Selection(plain)
+        step = (rest_valid.sum(1) // n_ctx).clamp(min=1)  # [N]
+        pick = torch.arange(n_ctx, device=rest.device)[None] * step[:, None]  # [N, C] evenly spaced targets
+        keys = F.normalize(take(ctx.keys.float(), rest), dim=-1)  # [N, R, Dv]
+        sim = keys @ take(keys, pick).transpose(1, 2)  # [N, R, C]
         assign = sim.argmax(-1)  # [N, R]
-        assign[:, pick] = torch.arange(n_ctx, device=rest.device)  # a target stays in its own group
-        vision = ctx.vision.gather(1, rest[..., None].expand(-1, -1, ctx.vision.shape[-1]))  # [N, R, Dv]
-        merged = mean_into(vision.float(), assign, n_ctx).to(ctx.vision.dtype)  # [N, C, Dv]
-        targets = rest[:, pick]  # [N, C]
+        assign.scatter_(1, pick, torch.arange(n_ctx, device=rest.device).expand(n, -1))  # a target stays in its group
+        assign = assign.masked_fill(~rest_valid | ~merge[:, None], -1)
+        merged = mean_into(take(ctx.vision, rest).float(), assign, n_ctx).to(ctx.vision.dtype)  # [N, C, Dv]
+        targets = rest.gather(1, pick)  # [N, C]
         keep = dominant.clone()
         keep.scatter_(1, targets, True)
         values = ctx.features.clone()
         values.scatter_(1, targets[..., None].expand(-1, -1, values.shape[-1]), ctx.project(merged).to(values.dtype))
-        groups = torch.arange(p, device=rest.device)[None].expand(n, -1).clone()
-        groups.scatter_(1, rest, targets.gather(1, assign))
-        return Selection(keep, values, groups)
+        own = torch.arange(p, device=rest.device)[None].expand(n, -1)
+        groups = own.masked_fill(~dominant, -1)
+        i, j = rest_valid.nonzero(as_tuple=True)
+        groups[i, rest[i, j]] = targets.gather(1, assign.clamp(min=0))[i, j]
+        m = merge[:, None]
+        return Selection(torch.where(m, keep, plain), torch.where(m[..., None], values, ctx.features),
+                         torch.where(m, groups, own.masked_fill(~plain, -1)))
+

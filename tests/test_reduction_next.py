@@ -1,0 +1,168 @@
+"""Visual token reduction on a tiny random LLaVA-NeXT model (a 4 x 4 patch grid per tile, 1 to 4
+tiles per image): budgets hold exactly per image in a batch of aspect ratios, full budgets are
+exact, batches equal single prompts, bad budgets are one-line errors; the per-tile sharing,
+HiRED's and GlobalCom²'s allocations on crafted attention."""
+
+import json
+
+import pytest
+import torch
+
+import fastllava
+from fastllava.evaluation.tokenizer import build_word_tokenizer
+from fastllava.generation import positions_from_mask
+from fastllava.reduction import METHODS, GlobalCom2, HiRED, parse_spec
+from fastllava.reduction.base import VisionContext, share
+from fastllava.reduction.runtime import make_reduction
+from hf_reference import IMAGE_TOKEN, PINPOINTS, VOCAB, save_checkpoint, tiny_llava
+from test_llava_next import PROCESSOR, WORDS, _batch, _photo
+
+SIZES = [(40, 160), (160, 40), (50, 50), (300, 20)]  # 1:4, 4:1, square, 15:1 -> 68, 76, 88, 28 visual tokens
+PROMPTS = ["describe it .", "what is in the picture ?", "what is it ?", "describe the picture ."]
+TILED = ["random", "fastervlm", "visionzip", "hired", "globalcom2"]  # before the LLM, per tile
+EXTRA = {"visionzip": ",contextual=3", "pdrop": ",ratio=1", "dart": ",pivots=3", "fastv": ",layer=1"}
+NEXT_METHODS = [n for n, m in METHODS.items() if m.images != "single"]
+
+
+def spec(name: str, keep: int) -> str:
+    return f"{name}:keep={keep}{EXTRA.get(name, '')}"
+
+
+@pytest.fixture(scope="module")
+def model(tmp_path_factory):
+    path = save_checkpoint(tiny_llava(pinpoints=PINPOINTS, seed=11, kv_heads=2), tmp_path_factory.mktemp("rn"), "new")
+    build_word_tokenizer(WORDS, image_token_id=IMAGE_TOKEN, vocab_size=VOCAB).save(str(path / "tokenizer.json"))
+    (path / "preprocessor_config.json").write_text(json.dumps(PROCESSOR))
+    return fastllava.load(path, device="cpu", dtype="float32")
+
+
+def test_sizes_give_different_token_counts(model):
+    assert [model.config.image_tokens(h, w) for h, w in SIZES] == [68, 76, 88, 28]
+
+
+@pytest.mark.parametrize("name", NEXT_METHODS)
+def test_full_budget_reproduces_unreduced_logits(model, name):
+    for size in SIZES[:3]:  # two prompts around the same image size: keep = all its visual tokens
+        ids, mask, pixels, sizes = _batch(model.config, [size, size])
+        positions = positions_from_mask(mask)
+        ref = model.logits(ids, pixels, mask, positions, image_sizes=sizes)
+        got = model.logits(ids, pixels, mask, positions, image_sizes=sizes,
+                           reduce=spec(name, model.config.image_tokens(*size)))
+        real = mask.bool()
+        assert got.shape == ref.shape
+        assert (got[real] - ref[real]).abs().max() <= 1e-5, (name, size)
+
+
+@pytest.mark.parametrize("name", NEXT_METHODS)
+def test_budget_holds_for_every_image_of_a_batch(model, name):
+    images = [_photo(h, w, i) for i, (h, w) in enumerate(SIZES)] + [None]
+    out = model.generate(images=images, prompts=PROMPTS + ["what ?"], max_new_tokens=2, reduce=spec(name, 9))
+    method = make_reduction(spec(name, 9), model.config).method
+    for img, r in zip(images, out):
+        entering = [model.config.image_tokens(img.height, img.width)] if img and method.where == "llm" else []
+        want = entering + method.budgets() if img else [0] * (1 + len(method.cuts()))
+        assert r.stats["visual_tokens"] == want, name
+
+
+@pytest.mark.parametrize("name", TILED)
+def test_batch_equals_each_image_alone(model, name):
+    images = [_photo(h, w, 20 + i) for i, (h, w) in enumerate(SIZES)]
+    batched = model.generate(images=images, prompts=PROMPTS, max_new_tokens=5, reduce=spec(name, 20))
+    for img, prompt, got in zip(images, PROMPTS, batched):
+        alone = model.generate(images=[img], prompts=[prompt], max_new_tokens=5, reduce=spec(name, 20))[0]
+        assert got.token_ids == alone.token_ids, name
+
+
+def _parts(model, image) -> tuple[torch.Tensor, object]:
+    """Partition of each visual token of one image ([F]: 0 base, 1.. tiles, -1 newline) and its inputs."""
+    inputs = model.inputs([image], ["what is it ?"])
+    return model.model.encode_images(inputs["pixel_values"], inputs["image_sizes"])["part"][0], inputs
+
+
+@pytest.mark.parametrize("reduce", ["random:keep=40", "fastervlm:keep=40", "visionzip:keep=40,contextual=0"])
+def test_plain_methods_share_the_budget_by_tokens_per_tile(model, reduce):
+    image = _photo(64, 64, 3)  # 2 x 2 tiles: the base 16 patches, four tiles of 16, 8 newlines
+    part, inputs = _parts(model, image)
+    red = make_reduction(reduce, model.config)
+    model.logits(**inputs, reduce=red)
+    kept = red.owner[0] >= 0
+    assert kept.sum() == 40
+    per_part = torch.bincount(part[kept & (part >= 0)], minlength=5)
+    assert per_part.tolist() == [8] * 5 and not kept[part < 0].any()  # 80 patches: half of each, no newline
+
+
+def test_newlines_are_kept_only_beyond_the_patches(model):
+    part, inputs = _parts(model, _photo(64, 64, 3))
+    for keep, newlines in ((80, 0), (84, 4), (88, 8)):
+        red = make_reduction(f"fastervlm:keep={keep}", model.config)
+        model.logits(**inputs, reduce=red)
+        kept = red.owner[0] >= 0
+        assert int(kept[part >= 0].sum()) == keep - newlines and int(kept[part < 0].sum()) == newlines
+
+
+def test_share_is_proportional_and_capped():
+    part = torch.arange(3).repeat_interleave(10)[None]  # three partitions of 10
+    scores, valid = torch.rand(1, 30), torch.ones(1, 30, dtype=torch.bool)
+    keep = share(scores, part, valid, 12, torch.tensor([[1.0, 2.0, 3.0]]))
+    assert torch.bincount(part[keep], minlength=3).tolist() == [2, 4, 6]
+    for p in range(3):  # each partition keeps its best
+        inside = scores[0, part[0] == p]
+        assert inside[keep[0, part[0] == p]].min() >= inside[~keep[0, part[0] == p]].max()
+    small = torch.cat([torch.zeros(2), torch.ones(10), torch.full((10,), 2)]).long()[None]
+    keep = share(torch.rand(1, 22), small, torch.ones(1, 22, dtype=torch.bool), 12, torch.tensor([[10.0, 1.0, 1.0]]))
+    assert torch.bincount(small[keep], minlength=3).tolist() == [2, 5, 5]  # capped at 2, the rest shared
+
+
+def _context(model, image, method) -> VisionContext:
+    inputs = model.inputs([image], ["what ?"])
+    fields = model.model.encode_images(inputs["pixel_values"], inputs["image_sizes"], method)
+    return VisionContext(**fields, text=None, text_valid=None, grid=model.config.vision.grid, budget=method.keep,
+                         project=model.model.multi_modal_projector)
+
+
+def test_hired_shares_by_early_attention_and_picks_by_final(model):
+    method = HiRED(keep=24)
+    ctx = _context(model, _photo(64, 64, 5), method)
+    part = ctx.part[0]
+    content = torch.tensor([1.0, 1.0, 1.0, 1.0, 4.0])  # the last tile has 4x the content of the others
+    ctx.early_attention = torch.where(part >= 0, content[part.clamp(min=0)] / 16, 0.0)[None]
+    keep = method.select(ctx).keep[0]
+    assert torch.bincount(part[keep], minlength=5).tolist() == [3, 3, 3, 3, 12]
+    final = ctx.cls_attention[0, part == 4]
+    assert final[keep[part == 4]].min() >= final[~keep[part == 4]].max()
+
+
+def test_globalcom2_tiles_follow_the_thumbnail(model):
+    method = GlobalCom2(keep=20, tau=0.05)
+    ctx = _context(model, _photo(32, 64, 6), method)  # 1 x 2 tiles: left and right halves
+    part = ctx.part[0]
+    thumb = torch.tensor([[0.1, 0.1, 0.0, 0.0]] * 4).reshape(-1) / 0.8 * 0.9  # thumbnail looks at the left
+    ctx.cls_attention = ctx.cls_attention.clone()
+    ctx.cls_attention[0, :16] = thumb
+    counts = torch.bincount(part[method.select(ctx).keep[0]], minlength=3).tolist()
+    assert sum(counts) == 20 and counts[0] == round(20 * 16 / 48) and counts[1] > counts[2]
+    flat = GlobalCom2(keep=20, alpha=0.0, tau=1e6)  # equal tile ratios when the thumbnail does not care
+    assert torch.bincount(part[flat.select(ctx).keep[0]], minlength=3).tolist() == [7, 7, 6]
+
+
+@pytest.mark.parametrize("reduce, words", [
+    ("hired:keep=0", ["budget 0", "1..88"]),
+    ("globalcom2:keep=89", ["budget 89", "1..88"]),
+    ("fastervlm:keep=30", ["budget 30", "28 visual tokens"]),  # fits the largest image, not the 15:1 one
+    ("hired:keep=20,layer=3", ["vision layer 3", "1..2"]),
+    ("globalcom2:keep=20,alpha=2", ["alpha"]),
+    ("pool:keep=16", ["pool", "LLaVA-NeXT"]),
+])
+def test_bad_specs_are_one_line_user_errors(model, reduce, words):
+    with pytest.raises(fastllava.UserError) as err:
+        model.generate(images=[_photo(h, w, 0) for h, w in SIZES], prompts=PROMPTS, max_new_tokens=1, reduce=reduce)
+    assert "\n" not in str(err.value) and all(w in str(err.value) for w in words), str(err.value)
+
+
+@pytest.mark.parametrize("name", ["hired", "globalcom2"])
+def test_tile_methods_refuse_llava_15(tmp_path, name):
+    path = save_checkpoint(tiny_llava(seed=3), tmp_path / "l15", "new")
+    with pytest.raises(fastllava.UserError, match="LLaVA-NeXT") as err:
+        make_reduction(parse_spec(f"{name}:keep=8"), fastllava.config.LlavaConfig.from_dict(
+            json.loads((path / "config.json").read_text())))
+    assert "\n" not in str(err.value)
