@@ -16,11 +16,14 @@ def positive_int(text: str) -> int:
 
 
 def add_model_args(p: argparse.ArgumentParser) -> None:
-    """--model, --device, --dtype."""
+    """--model, --device, --dtype, --decode."""
     p.add_argument("--model", help="checkpoint directory (HF LLaVA format); default: the embedded model")
     p.add_argument("--device", help="cpu, cuda, cuda:1, ... (default: cuda when available)")
     p.add_argument("--dtype", choices=["float32", "float16", "bfloat16"],
                    help="default: float32 on the CPU, bfloat16 on a GPU")
+    p.add_argument("--decode", choices=["eager", "static", "compiled"], default="eager",
+                   help="decode steps: eager (default), static (fixed shapes) or compiled (torch.compile; "
+                        "CUDA graphs on a GPU); see fastllava.fastpath")
 
 
 def add_quant_args(p: argparse.ArgumentParser) -> None:
@@ -33,4 +36,5 @@ def add_quant_args(p: argparse.ArgumentParser) -> None:
 
 def load_options(args: argparse.Namespace) -> dict:
     """fastllava.load's keyword arguments from add_model_args' and add_quant_args' options."""
-    return dict(device=args.device, dtype=args.dtype, weights=args.weights, kv_cache=args.kv_cache)
+    return dict(device=args.device, dtype=args.dtype, weights=args.weights, kv_cache=args.kv_cache,
+                decode=args.decode)

@@ -11,6 +11,7 @@ import torch
 
 from .checkpoint import load_model, resolve_device
 from .errors import UserError
+from .fastpath import check_decode_mode
 from .generation import SamplingParams, StepTimes, check_left_padded, decode_steps
 from .images import AnyresProcessor, ImageInput, ImageProcessor
 from .models.llava import LlavaModel
@@ -255,13 +256,15 @@ def _rate(n: int, seconds: float) -> float:
 
 def load(path: str | Path | None = None, device: str | torch.device | None = None,
          dtype: str | torch.dtype | None = None, pad_to_square: bool | None = None,
-         weights: str | None = None, kv_cache: str | None = None) -> Llava:
+         weights: str | None = None, kv_cache: str | None = None, decode: str | None = None) -> Llava:
     """Load a LLaVA checkpoint directory (HF format, safetensors). `device` defaults to CUDA when
     available; `dtype` to float32 on the CPU and bfloat16 elsewhere. Without a path, the embedded
     default model is loaded. `weights`: "fp" (default), "int8" or "int4[:group=N]" weight-only
     quantization; `kv_cache`: "fp" (default), "kivi[:bits=4,group=32,residual=128]" or "vidkv"
-    (see fastllava.quant)."""
+    (see fastllava.quant); `decode`: "eager" (default), "static" or "compiled" decode steps (see
+    fastllava.fastpath)."""
     weight_spec, kv_spec = parse_weights(weights), parse_kv_cache(kv_cache)  # bad specs fail before loading
+    decode = check_decode_mode(decode)
     if path is None:
         from .assets import default_model_dir
 
@@ -270,6 +273,7 @@ def load(path: str | Path | None = None, device: str | torch.device | None = Non
     device = resolve_device(device)
     model = quantize_weights(load_model(path, device, dtype), weight_spec)
     model.kv_cache = kv_spec
+    model.decode_mode = decode
     cfg = model.cfg
     if cfg.is_next and pad_to_square:
         raise UserError("pad_to_square does not apply to LLaVA-NeXT checkpoints (their images are tiled)")

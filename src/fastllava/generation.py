@@ -13,6 +13,7 @@ from typing import Iterator
 import torch
 
 from .errors import UserError
+from .fastpath import cache_size, decode_step
 from .kvcache import StaticKVCache
 from .models.llava import LlavaModel
 from .reduction.runtime import Reduction
@@ -123,7 +124,7 @@ def prefill(model: LlavaModel, input_ids: torch.Tensor, attention_mask: torch.Te
     if times is not None:
         sync(device)
         times.vision_s = time.perf_counter() - times.start
-    cache = model.new_cache(b, embeds.shape[1] + new_tokens)  # a reduction before the LLM shortens it
+    cache = model.new_cache(b, cache_size(model, embeds.shape[1] + new_tokens))  # a reduction before the LLM shortens it
     visual = reduction.visual if reduction is not None else (input_ids == model.cfg.image_token_index) & mask
     cache.prompt(embeds, visual, mask)
     if times is not None:
@@ -147,6 +148,7 @@ def decode_steps(model: LlavaModel, input_ids: torch.Tensor, attention_mask: tor
     times.start = time.perf_counter()
     logits, positions, cache = prefill(model, input_ids, attention_mask, pixel_values, params.max_new_tokens,
                                        reduction, times, image_sizes)
+    next_logits = decode_step(model, cache)
     generator = new_generator(params, model.device)
     eos = torch.tensor(eos_ids or [-1], device="cpu")
     pos = positions[:, -1:]  # [B, 1]
@@ -160,7 +162,6 @@ def decode_steps(model: LlavaModel, input_ids: torch.Tensor, attention_mask: tor
         if bool(finished.all()) or step == params.max_new_tokens - 1:
             break
         pos = pos + 1
-        x = model.language_model.embed_tokens(token[:, None])  # [B, 1, D]
-        logits = model(x, pos, None, cache)[:, -1]
+        logits = next_logits(token, pos)  # [B, V]
     sync(model.device)
     times.end_s = time.perf_counter() - times.start

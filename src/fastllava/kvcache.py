@@ -60,8 +60,15 @@ class StaticKVCache:
         """Told before the prefill what it holds: embeds [B, T, D], visual [B, T] its visual tokens,
         valid [B, T] its real ones. Nothing to do here; quantized layouts may use it."""
 
-    def write(self, layer: int, start: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Store k, v [B, Hkv, T, Dh] at slots start.. and return all keys/values so far."""
+    def write(self, layer: int, start: int | torch.Tensor, k: torch.Tensor,
+              v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Store k, v [B, Hkv, T, Dh] at slots start.. and return all keys/values so far. A
+        tensor `start` [T] (the slot indices; fastpath's fixed-shape step) writes there and
+        returns the whole buffers [B, Hkv, S, Dh], whose unwritten slots `valid` masks."""
+        if isinstance(start, torch.Tensor):
+            self.k[layer].index_copy_(2, start, k)
+            self.v[layer].index_copy_(2, start, v)
+            return self.k[layer], self.v[layer]
         end = start + k.shape[2]
         self.k[layer, :, :, start:end] = k
         self.v[layer, :, :, start:end] = v

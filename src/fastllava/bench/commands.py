@@ -66,6 +66,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
         model = random_model(preset_config(args.preset), device, resolve_dtype(args.dtype, device), args.seed)
         quantize_weights(model, weights)
         model.kv_cache = kv_cache
+        model.decode_mode = args.decode
         name = f"preset {args.preset}"
     else:
         from .. import load
@@ -100,7 +101,8 @@ def cmd_bench(args: argparse.Namespace) -> int:
     report = {"model": name, "dtype": str(model.dtype).replace("torch.", ""), "environment": environment(model.device),
               "settings": {"text_tokens": args.text_tokens, "new_tokens": args.new_tokens, "repeats": args.repeats,
                            "warmup": args.warmup, "reduce": args.reduce, "seed": args.seed,
-                           "weights": str(weights or "fp"), "kv_cache": str(kv_cache or "fp")},
+                           "weights": str(weights or "fp"), "kv_cache": str(kv_cache or "fp"),
+                           "decode": model.decode_mode},
               "cases": cases}
     files = write(Path(args.out).expanduser(), report)
     print(table(cases))

@@ -33,6 +33,8 @@ class LlavaModel(nn.Module):
         if cfg.tie_word_embeddings:
             self.lm_head.weight = self.language_model.embed_tokens.weight
         self.kv_cache = None  # the KV-cache layout (fastllava.quant.KVSpec); None: full precision
+        self.decode_mode = "eager"  # how decode steps run: eager, static or compiled (fastllava.fastpath)
+        self._compiled_step = None  # fastpath's compiled step, made on first use
         self.weights = None  # the weight quantization applied (fastllava.quant.WeightSpec); None: none
 
     @property

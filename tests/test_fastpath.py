@@ -1,0 +1,75 @@
+"""The fixed-shape decode step (fastllava.fastpath) gives the eager step's tokens: plain, with
+padding, with reduction inside the language model (several cache stages), compiled."""
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+import fastllava
+from fastllava.errors import UserError
+from fastllava.evaluation.tokenizer import build_word_tokenizer
+from fastllava.fastpath import CACHE_BUCKET, cache_size
+from hf_reference import IMAGE_TOKEN, VOCAB, save_checkpoint, tiny_llava
+
+WORDS = ["user", "assistant", ":", "?", ".", "what", "color", "is", "the", "circle", "square", "red", "blue"]
+WORDS += [f"w{i}" for i in range(VOCAB - 4 - len(WORDS))]
+PROMPTS = ["what color is the circle ?", "what is the red square ?", "blue"]
+
+
+@pytest.fixture(scope="module")
+def ckpt(tmp_path_factory):
+    path = save_checkpoint(tiny_llava(seed=21), tmp_path_factory.mktemp("fast"), "new")
+    build_word_tokenizer(WORDS, image_token_id=IMAGE_TOKEN, vocab_size=VOCAB).save(str(path / "tokenizer.json"))
+    (path / "preprocessor_config.json").write_text(json.dumps(
+        {"size": {"shortest_edge": 32}, "crop_size": {"height": 32, "width": 32}}))
+    return path
+
+
+def _images():
+    rng = np.random.default_rng(4)
+    return [Image.fromarray(rng.integers(0, 255, (32 + 8 * i, 40, 3), dtype=np.uint8)) for i in range(2)] + [None]
+
+
+def _tokens(model, mode: str, reduce=None, n: int = 12) -> list[list[int]]:
+    model.model.decode_mode = mode
+    ids, mask, pixels = model.encode(_images(), PROMPTS)  # left-padded batch, one row without image
+    return model.generate_ids(ids, pixels, mask, max_new_tokens=n, eos_token_id=None, reduce=reduce).tolist()
+
+
+@pytest.mark.parametrize("reduce", [None, "fastv:keep=5,layer=1", "pdrop:keep=8,layers=1-2"])
+def test_static_decode_gives_the_eager_tokens(ckpt, reduce):
+    model = fastllava.load(ckpt, device="cpu")
+    eager = _tokens(model, "eager", reduce)
+    assert len(set(map(tuple, eager))) > 1  # the rows differ, so a mixed-up row would show
+    assert _tokens(model, "static", reduce) == eager
+
+
+def test_static_decode_logits_match_eager(ckpt):
+    model = fastllava.load(ckpt, device="cpu")
+    ids, mask, pixels = model.encode(_images(), PROMPTS)
+    out = {}
+    for mode in ("eager", "static"):
+        model.model.decode_mode = mode
+        out[mode] = model.generate_ids(ids, pixels, mask, max_new_tokens=6, eos_token_id=None,
+                                       temperature=1.0, seed=7)  # sampled: any logit error shifts the draws
+    assert torch.equal(out["eager"], out["static"])
+
+
+def test_quantized_cache_decodes_eagerly_in_any_mode(ckpt):
+    model = fastllava.load(ckpt, device="cpu", kv_cache="kivi:bits=4,group=8,residual=8")
+    assert _tokens(model, "static") == _tokens(model, "eager")
+
+
+def test_compiled_decode_gives_the_eager_tokens(ckpt):
+    model = fastllava.load(ckpt, device="cpu", decode="compiled")
+    assert cache_size(model.model, CACHE_BUCKET + 1) == 2 * CACHE_BUCKET
+    compiled = _tokens(model, "compiled", n=6)
+    assert compiled == _tokens(model, "eager", n=6)
+
+
+def test_unknown_decode_mode_is_a_clear_error(ckpt):
+    with pytest.raises(UserError, match="unknown decode mode 'fast'; choose one of: eager, static, compiled"):
+        fastllava.load(ckpt, device="cpu", decode="fast")
