@@ -10,7 +10,7 @@ from fastllava.models.llava import LlavaModel
 from fastllava.prompts import PromptEncoder
 from fastllava.training import (IMAGE_TOKEN_ID, VOCAB_SIZE, Batches, TrainSpec, build_config, loss_on,
                                 packed_logits, segment_mask, train)
-from fastllava.training_aux import guide_loss, named_objects, patch_labels
+from fastllava.training_aux import ObjectProbe, guide_loss, named_objects, object_attributes, patch_labels
 
 TINY = dict(image_size=32, patch_size=8, vision_hidden=32, vision_layers=2, text_hidden=64, text_layers=2)
 
@@ -42,7 +42,7 @@ def test_packed_segments_equal_single_question_prompts():
     batch = data.batch(2)
     ids, segments, pixels = batch.ids, batch.segments, batch.pixels
     assert int(segments.max()) >= 2, "rows should hold several questions"
-    packed, _, _ = packed_logits(model, batch)  # [B, T, V]
+    packed, _, _, _ = packed_logits(model, batch)  # [B, T, V]
     for row in range(2):
         for j in range(1, int(segments[row].max()) + 1):
             cols = (segments[row] == j).nonzero()[:, 0]
@@ -119,3 +119,15 @@ def test_guided_batches_mark_answer_positions_and_named_patches():
     assert (batch.targets[rows, at - 1] == -100).all()  # ... the first one of its answer
     loss, _, _, guide = loss_on(model, None, batch, guide_weight=1.0, guide_layer=1)
     assert guide > 0 and torch.isfinite(loss)
+    one = batch.guide_attrs[:, 0] >= 0  # questions naming exactly one object
+    assert one.any() and (batch.guide_mask[one].sum(-1) > 0).all()
+    probe = ObjectProbe(model.cfg.text.hidden_size)
+    _, _, _, probed = loss_on(model, None, batch, guide_weight=1.0, guide_layer=1, probe=probe)
+    assert probed > guide  # the probe's loss adds to the attention loss
+
+
+def test_object_attributes_only_for_a_single_named_object():
+    scene = Scene((SceneObject("star", "green", "small", 0.2, 0.2, SIZES["small"]),
+                   SceneObject("circle", "red", "small", 0.8, 0.8, SIZES["small"])), "plain", 220, 0)
+    assert object_attributes(scene, {1}) == (SHAPES.index("circle"), list(COLORS).index("red"))
+    assert object_attributes(scene, {0, 1}) == (-100, -100) == object_attributes(scene, set())

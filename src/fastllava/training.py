@@ -29,7 +29,8 @@ from .evaluation.tokenizer import build_word_tokenizer, default_words, write_pre
 from .images import ImageProcessor
 from .models.llava import LlavaModel
 from .prompts import PromptEncoder
-from .training_aux import PatchHead, guide_loss, named_objects, patch_labels, patch_objects
+from .training_aux import (ObjectProbe, PatchHead, guide_loss, named_objects, object_attributes, patch_labels,
+                           patch_objects)
 
 TRAIN_SEED_BASE = 10_000_000  # training streams use seeds >= this; evaluation sets use small seeds
 IMAGE_TOKEN_ID = 3
@@ -55,7 +56,7 @@ class TrainSpec:
     batch_size: int = 32
     lr: float = 2e-3
     aux_weight: float = 0.5  # weight of the patch-label loss during instruction tuning
-    guide_weight: float = 0.5  # weight of the attention-guidance loss (training_aux.guide_loss)
+    guide_weight: float = 0.5  # weight of the attention-guidance and object-probe losses (training_aux)
     guide_layer: int = 1  # the language-model layer whose head 0 is guided onto the named objects
     questions: int = 8  # question/answer segments sharing one image per training row
     minutes: float = 0.0  # wall-clock budget per stage; the schedule follows whichever ends first (0 = off)
@@ -112,8 +113,8 @@ class Batches:
         return None if q is None else (prompt(q.question), q.answer, family)
 
     def example(self, captions: bool):
-        """(prefix ids, [(segment ids, segment targets, family, patches named [P] bool)], image,
-        patch labels [P, 4])."""
+        """(prefix ids, [(segment ids, segment targets, family, patches named [P] bool, (shape,
+        colour) of the one named object or -100s)], image, patch labels [P, 4])."""
         scene = random_scene(self.rng)
         if captions:
             qas = [(CAPTION_PROMPT, caption(scene), "caption")]
@@ -133,8 +134,9 @@ class Batches:
             answer_ids = self.encoder.tokenizer.encode(answer, add_special_tokens=False).ids + [EOS_ID]
             seg = ids[cut:] + answer_ids
             targets = [-100] * (len(seg) - len(answer_ids) - 1) + answer_ids + [-100]  # next-token targets
-            named = np.isin(objects, [i + 1 for i in named_objects(scene, question)])  # [P]
-            segments.append((seg, targets, family, torch.from_numpy(named)))
+            chosen = named_objects(scene, question)
+            named = torch.from_numpy(np.isin(objects, [i + 1 for i in chosen]))  # [P]
+            segments.append((seg, targets, family, named, object_attributes(scene, chosen)))
         return prefix, segments, render(scene, self.image_size), patch_labels(scene, self.grid, self.image_size)
 
     def batch(self, size: int, captions: bool = False) -> "Packed":
@@ -146,17 +148,18 @@ class Batches:
         segments = torch.full((size, longest), -1, dtype=torch.long)
         targets = torch.full((size, longest), -100, dtype=torch.long)
         families = []  # the family of every target in row-major order; None for EOS targets
-        guide_at, guide_mask = [], []  # (row, answer position) and patches named, per guided segment
+        guide_at, guide_mask, guide_attrs = [], [], []  # per guided segment: (row, answer position), patches, object
         for i, (prefix, segs, _, _) in enumerate(rows):
             n = len(prefix)
             ids[i, :n], positions[i, :n], segments[i, :n] = torch.tensor(prefix), torch.arange(n), 0
             at = n
-            for j, (seg, tgt, family, named) in enumerate(segs, start=1):
+            for j, (seg, tgt, family, named, attrs) in enumerate(segs, start=1):
                 span = slice(at, at + len(seg))
                 if not captions and named.any():
                     first = next(k for k, t in enumerate(tgt) if t != -100)  # predicts the first answer token
                     guide_at.append((i, at + first))
                     guide_mask.append(named)
+                    guide_attrs.append(attrs)
                 ids[i, span], targets[i, span] = torch.tensor(seg), torch.tensor(tgt)
                 positions[i, span], segments[i, span] = torch.arange(n, n + len(seg)), j
                 families += [None if t == EOS_ID else family for t in tgt if t != -100]
@@ -166,6 +169,7 @@ class Batches:
         return Packed(ids, positions, segments, targets, pixels, torch.stack([r[3] for r in rows]), families,
                       torch.tensor(guide_at, dtype=torch.long).view(-1, 2),
                       torch.stack(guide_mask) if guide_mask else torch.zeros(0, p, dtype=torch.bool),
+                      torch.tensor(guide_attrs, dtype=torch.long).view(-1, 2),
                       len(rows[0][0]) - p)
 
 
@@ -174,7 +178,8 @@ class Packed:
     """One packed batch (see Batches): tensors [B, T] and pixels [B, 3, H, W], per-patch labels
     [B, P, 4] for the auxiliary head, the family of each target (None for EOS), and for attention
     guidance the (row, position) of N answer-predicting positions [N, 2], the patches their
-    questions name [N, P], and where the P image tokens start in every row."""
+    questions name [N, P], the (shape, colour) of the one object named [N, 2] (-100: not one), and
+    where the P image tokens start in every row."""
 
     ids: torch.Tensor
     positions: torch.Tensor
@@ -185,6 +190,7 @@ class Packed:
     families: list
     guide_at: torch.Tensor
     guide_mask: torch.Tensor
+    guide_attrs: torch.Tensor
     image_start: int
 
     def to(self, device) -> "Packed":
@@ -205,28 +211,31 @@ def segment_mask(segments: torch.Tensor) -> torch.Tensor:
 
 def packed_logits(model: LlavaModel, batch: Packed, probs_layer: int | None = None):
     """(logits [B, T, V] of a packed batch, the vision features LLaVA reads [B, P, Dv], and the
-    attention probabilities [B, H, T, T] of layer `probs_layer`, or None)."""
+    attention probabilities [B, H, T, T] of layer `probs_layer` and the hidden states [B, T, D]
+    after it, or None, None)."""
     lm = model.language_model
     states = model.vision_features(batch.pixels)  # [B, P, Dv]
     x = model.embed(batch.ids, model.multi_modal_projector(states))  # [B, T, D]
     cos, sin = lm.rotary(batch.positions, x.dtype)
     mask = segment_mask(batch.segments)
-    probs = None
+    probs = hidden = None
     for i, layer in enumerate(lm.layers):
         if i == probs_layer:
             x, probs, _ = layer.forward_with_attention(x, cos, sin, mask, None, i, 0, True)
+            hidden = x
         else:
             x = layer(x, cos, sin, mask, None, i, 0)
-    return model.lm_head(lm.norm(x)), states, probs
+    return model.lm_head(lm.norm(x)), states, probs, hidden
 
 
 def loss_on(model: LlavaModel, head: PatchHead | None, batch: Packed, aux_weight: float = 0.0,
-            guide_weight: float = 0.0, guide_layer: int = 1):
+            guide_weight: float = 0.0, guide_layer: int = 1, probe: ObjectProbe | None = None):
     """(loss, per-target answer losses [N] in target order, auxiliary patch loss, guidance loss):
     the mean answer cross-entropy plus `aux_weight` times the patch-label loss of `head` plus
-    `guide_weight` times the attention-guidance loss of head 0 of layer `guide_layer`."""
+    `guide_weight` times the attention-guidance loss of head 0 of layer `guide_layer` (plus, with
+    a `probe`, its loss on the hidden states after that layer at the guided positions)."""
     guided = guide_weight > 0 and len(batch.guide_at) > 0
-    logits, states, probs = packed_logits(model, batch, guide_layer if guided else None)
+    logits, states, probs, hidden = packed_logits(model, batch, guide_layer if guided else None)
     picked = batch.targets != -100  # [B, T]
     per = F.cross_entropy(logits[picked].float(), batch.targets[picked], reduction="none")  # [N]
     zero = torch.zeros((), device=per.device)
@@ -236,6 +245,8 @@ def loss_on(model: LlavaModel, head: PatchHead | None, batch: Packed, aux_weight
         rows, at = batch.guide_at.unbind(-1)
         image = slice(batch.image_start, batch.image_start + batch.guide_mask.shape[1])
         guide = guide_loss(probs[rows, 0, at, image], batch.guide_mask)  # probs [N, P]
+        if probe is not None:
+            guide = guide + probe.loss(hidden[rows, at], batch.guide_attrs)  # hidden [N, D]
     return per.mean() + aux_weight * aux + guide_weight * guide, per.detach(), aux.detach(), guide.detach()
 
 
@@ -258,6 +269,7 @@ def train(out_dir: str | Path, spec: TrainSpec, device: str = "cpu", log=print,
         model = LlavaModel(cfg).to(device)
         _init(model)
     head = PatchHead(cfg.vision.hidden_size * len(cfg.vision_feature_layers)).to(device)
+    probe = ObjectProbe(cfg.text.hidden_size).to(device)
     tokenizer = build_word_tokenizer(default_words(), IMAGE_TOKEN_ID, VOCAB_SIZE)
     encoder = PromptEncoder(tokenizer, IMAGE_TOKEN_ID, cfg.image_features_per_image)
     processor = ImageProcessor(shortest_edge=spec.image_size, crop_hw=(spec.image_size, spec.image_size))
@@ -265,7 +277,7 @@ def train(out_dir: str | Path, spec: TrainSpec, device: str = "cpu", log=print,
     vision = [*model.vision_tower.parameters(), *head.parameters()]
     stages = [("vision", spec.vision_steps, vision, False),
               ("align", spec.align_steps, list(model.multi_modal_projector.parameters()), True),
-              ("instruct", spec.steps, [*model.parameters(), *head.parameters()], False)]
+              ("instruct", spec.steps, [*model.parameters(), *head.parameters(), *probe.parameters()], False)]
     for name, steps, params, captions in stages:
         if steps == 0:
             continue
@@ -287,7 +299,7 @@ def train(out_dir: str | Path, spec: TrainSpec, device: str = "cpu", log=print,
                 instruct = name == "instruct"
                 loss, per, aux, guide = loss_on(model, head if instruct else None, batch,
                                                 spec.aux_weight if instruct else 0.0,
-                                                spec.guide_weight if instruct else 0.0, spec.guide_layer)
+                                                spec.guide_weight if instruct else 0.0, spec.guide_layer, probe)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             torch.nn.utils.clip_grad_norm_(params, 1.0)

@@ -10,7 +10,9 @@ LLaVA reads predicts them; the head is used in training only and never saved.
 The language model must also learn where to look: a question about "the red object" is answered
 from the few patches of that object among 576. `named_objects` reads off the scene which objects a
 question points at, and `guide_loss` pulls one attention head of one layer, at the position that
-predicts the answer, onto their patches (a training-only loss; inference is unchanged).
+predicts the answer, onto their patches, and `ObjectProbe` asks that the shape and colour of the
+one object a question names be readable (linearly) at that position right after that layer —
+the look-then-read circuit the answer needs (training-only losses; inference is unchanged).
 """
 
 from __future__ import annotations
@@ -109,3 +111,28 @@ def guide_loss(probs: torch.Tensor, relevant: torch.Tensor) -> torch.Tensor:
     -> mean over N of -log(attention mass on the relevant patches)."""
     mass = (probs.float() * relevant).sum(-1)  # [N]
     return -torch.log(mass + 1e-6).mean()
+
+
+def object_attributes(scene: Scene, named: set[int]) -> tuple[int, int]:
+    """(shape index, colour index) of the one named object, or (-100, -100) unless exactly one."""
+    if len(named) != 1:
+        return -100, -100
+    obj = scene.objects[next(iter(named))]
+    return list(SHAPES).index(obj.shape), list(COLORS).index(obj.color)
+
+
+class ObjectProbe(nn.Module):
+    """A linear probe from hidden states [N, D] to the shape and colour of the named object."""
+
+    def __init__(self, dim: int):
+        super().__init__()
+        self.proj = nn.Linear(dim, len(SHAPES) + len(COLORS))
+
+    def loss(self, hidden: torch.Tensor, attrs: torch.Tensor) -> torch.Tensor:
+        """hidden [N, D], attrs [N, 2] (shape, colour; -100 = no single object) -> summed
+        cross-entropy over the rows that have one object (0 if none has)."""
+        keep = attrs[:, 0] >= 0  # [N]
+        if not bool(keep.any()):
+            return hidden.sum() * 0.0
+        shape, color = self.proj(hidden[keep]).float().split([len(SHAPES), len(COLORS)], dim=-1)
+        return F.cross_entropy(shape, attrs[keep, 0]) + F.cross_entropy(color, attrs[keep, 1])
