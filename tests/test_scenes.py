@@ -1,5 +1,6 @@
 """The shapes generator: determinism, layouts, and answers re-derived independently from scenes."""
 
+import hashlib
 import json
 import math
 import re
@@ -12,7 +13,8 @@ from PIL import Image
 
 from fastllava.errors import UserError
 from fastllava.evaluation import FAMILIES, STRATEGIES, VOCABULARY, Scene, caption, generate_dataset, prompt, render
-from fastllava.evaluation.scenes import COLORS, PLURALS, SHAPES
+from fastllava.cli import main
+from fastllava.evaluation.scenes import COLORS, HIRES_SIZES, MAX_COUNT, PLURALS, SHAPES, VARIANTS
 
 N, SIZE, PER_IMAGE = 360, 96, 3
 
@@ -227,3 +229,90 @@ def test_bad_arguments_are_user_errors(tmp_path):
     assert {r["family"] for r in _rows(tmp_path / "z")} == {"count"}
     with pytest.raises(UserError, match="already holds a dataset"):
         generate_dataset(6, 0, tmp_path / "z", image_size=32, progress=False)
+
+
+# ---- the default variant is what it was before the hires variant existed ----
+
+def _digest(path) -> dict[str, str]:
+    """sha256 of the JSON files and of all images' pixels."""
+    out = {n: hashlib.sha256((path / n).read_bytes()).hexdigest() for n in ("questions.jsonl", "scenes.jsonl", "meta.json")}
+    h = hashlib.sha256()
+    for image in sorted((path / "images").iterdir()):
+        h.update(image.name.encode() + np.asarray(Image.open(image).convert("RGB")).tobytes())
+    return {**out, "pixels": h.hexdigest()}
+
+
+def test_default_variant_is_unchanged(tmp_path):
+    """Digests of `generate_dataset(30, 7, image_size=64)` made with the code before `--variant`."""
+    generate_dataset(30, 7, tmp_path, image_size=64, progress=False)
+    assert _digest(tmp_path) == {
+        "questions.jsonl": "98ad26f86cc137bd3277a81a0719c0d14ada3e459e8f47b2cee0ec06157d7bf4",
+        "scenes.jsonl": "56ea0666110fd64d85ce05cd207279a94eeaa64c4340f4b5fae0bdea3b31c36c",
+        "meta.json": "fa18884970e176adccd61807516e06bbe8b546c860616b02720476ea9fa92110",
+        "pixels": "81561806345464532a9e0b4d9040fe3629b71507e4739d4238a4fb1c792210d7",
+    }
+
+
+# ---- the hires variant ----
+
+HIRES_N, TILE = 120, 336
+CANVAS_PIXELS = {(672, 672), (1008, 336), (336, 1008), (672, 336), (336, 672)}  # (width, height)
+
+
+@pytest.fixture(scope="module")
+def hires(tmp_path_factory):
+    root = tmp_path_factory.mktemp("hires")
+    for name in ("a", "b"):
+        generate_dataset(HIRES_N, 4, root / name, image_size=TILE, progress=False, variant="hires")
+    return root / "a", root / "b"
+
+
+def test_hires_is_deterministic_per_seed(hires):
+    assert _digest(hires[0]) == _digest(hires[1])
+    assert json.loads((hires[0] / "meta.json").read_text())["variant"] == "hires"
+
+
+def test_hires_answers_are_right_by_construction(hires):
+    scenes = _scenes(hires[0])
+    rows = _rows(hires[0])
+    assert len(rows) == HIRES_N and {r["family"] for r in rows} == set(FAMILIES)
+    for r in rows:
+        assert _derive(scenes[r["image"]], r["question"]) == r["answer"], r
+    assert max(int(r["answer"]) for r in rows if r["family"] == "count") <= MAX_COUNT
+
+
+def test_hires_canvases_and_objects(hires):
+    scenes = _scenes(hires[0])
+    sizes = set()
+    for image, s in scenes.items():
+        h, w = s.canvas
+        assert Image.open(hires[0] / image).size == (w * TILE, h * TILE)
+        sizes.add((w * TILE, h * TILE))
+        assert 4 <= len(s.objects) <= 10
+        for o in s.objects:
+            assert o.radius == HIRES_SIZES[o.size]
+            assert o.radius <= o.x <= w - o.radius and o.radius <= o.y <= h - o.radius
+            # on a tile the object spans more than one 14-pixel patch, on the 336-pixel thumbnail
+            # (the canvas squeezed along its long side) less than 1.5
+            diameter = 2 * o.radius * TILE
+            assert diameter > 14 and diameter * TILE / (max(h, w) * TILE) < 21
+        for p, q in combinations(s.objects, 2):
+            assert math.hypot(p.x - q.x, p.y - q.y) > p.radius + q.radius
+    assert sizes == CANVAS_PIXELS
+
+
+def test_hires_pixels_at_centres_have_the_declared_colour(hires):
+    for image, scene in _scenes(hires[0]).items():
+        px = _pixels(hires[0], image)
+        for o in scene.objects:
+            assert tuple(px[int(o.y * TILE), int(o.x * TILE)]) == COLORS[o.color], (image, o)
+
+
+def test_variant_must_be_known(tmp_path, capsys):
+    assert set(VARIANTS) == {"default", "hires"}
+    with pytest.raises(UserError, match="unknown variant 'huge'; choose from default, hires"):
+        generate_dataset(3, 0, tmp_path / "x", variant="huge", progress=False)
+    assert main(["data", "shapes", "--n", "3", "--variant", "huge", "--out", str(tmp_path / "y")]) == 2
+    err = capsys.readouterr().err
+    assert "unknown variant 'huge'" in err and len(err.strip().splitlines()) == 1
+    assert not (tmp_path / "y").exists()

@@ -22,14 +22,17 @@ def _families(text: str) -> list[str]:
 
 
 def add_data_parser(subparsers) -> argparse.ArgumentParser:
-    """`data shapes --n N --seed S --out DIR [--image-size PX] [--families a,b] [--overwrite]`."""
+    """`data shapes --n N --seed S --out DIR [--variant V] [--image-size PX] [--families a,b] [--overwrite]`."""
     data = subparsers.add_parser("data", help="generate synthetic datasets")
     kinds = data.add_subparsers(dest="dataset", required=True)
     shapes = kinds.add_parser("shapes", help="coloured shapes with one-word questions (color, count, ...)")
     shapes.add_argument("--n", type=positive_int, required=True, help="number of questions")
     shapes.add_argument("--seed", type=int, default=0)
     shapes.add_argument("--out", required=True, help="output directory")
-    shapes.add_argument("--image-size", type=positive_int, default=336, help="image side in pixels (default 336)")
+    shapes.add_argument("--variant", default="default", help="default (1-6 objects on one square tile) or hires "
+                        "(4-10 small objects on canvases of 2-4 tiles, for LLaVA-NeXT)")
+    shapes.add_argument("--image-size", type=positive_int, default=336,
+                        help="side of a tile in pixels (default 336): the default variant's image side")
     shapes.add_argument("--families", type=_families, help=f"comma-separated subset of {','.join(FAMILIES)}")
     shapes.add_argument("--questions-per-image", type=positive_int, default=3)
     shapes.add_argument("--overwrite", action="store_true", help="replace a dataset already in --out")
@@ -59,8 +62,11 @@ def cmd_data_shapes(args: argparse.Namespace) -> int:
     from .dataset import generate_dataset
 
     meta = generate_dataset(args.n, args.seed, args.out, image_size=args.image_size, families=args.families,
-                            questions_per_image=args.questions_per_image, overwrite=args.overwrite)
-    print(f"wrote {meta['n']} questions about {meta['images']} images ({meta['image_size']} px) to {args.out}")
+                            questions_per_image=args.questions_per_image, overwrite=args.overwrite,
+                            variant=args.variant)
+    kind = f"{meta['variant']} images of {meta['image_size']}-px tiles" if "variant" in meta else \
+        f"images ({meta['image_size']} px)"
+    print(f"wrote {meta['n']} questions about {meta['images']} {kind} to {args.out}")
     return 0
 
 

@@ -4,7 +4,11 @@ Layout of a dataset directory:
     images/000123.png     one rendered scene each
     questions.jsonl       {"id", "image", "question", "answer", "family"[, "strategy"]} per line
     scenes.jsonl          {"image", "caption", "scene"} per image (for captioning / alignment)
-    meta.json             {"name", "version", "seed", "n", "image_size", ...}
+    meta.json             {"name", "version", "seed", "n", "image_size", ...[, "variant"]}
+
+`image_size` is the side of one tile in pixels: the default variant's images are one tile, the
+"hires" variant's canvases 2-4 tiles (see scenes.VARIANTS); meta.json names the variant unless
+it is the default (so that default datasets are byte-identical to those made before hires).
 """
 
 from __future__ import annotations
@@ -20,7 +24,7 @@ import numpy as np
 from ..errors import UserError
 from .progress import Progress
 from .questions import ANSWER_SUFFIX, ASK, FAMILIES, STRATEGIES, Question, all_pairs, ask_exist
-from .scenes import Scene, caption, random_scene, render
+from .scenes import VARIANTS, Scene, caption, random_scene, render
 
 DATASET_NAME = "shapes"
 DATASET_VERSION = 1
@@ -29,10 +33,10 @@ REQUIRED_FIELDS = ("id", "image", "question", "answer", "family")
 
 def generate_dataset(n: int, seed: int, out_dir: str | Path, image_size: int = 336,
                      families: list[str] | None = None, questions_per_image: int = 3,
-                     progress: bool = True, overwrite: bool = False) -> dict:
-    """Write `n` questions about freshly rendered scenes to `out_dir`; returns meta.json's content.
-    The same arguments give byte-identical files."""
-    families = _check_args(n, image_size, families, questions_per_image)
+                     progress: bool = True, overwrite: bool = False, variant: str = "default") -> dict:
+    """Write `n` questions about freshly rendered scenes of `variant` ("default" or "hires") to
+    `out_dir`; returns meta.json's content. The same arguments give byte-identical files."""
+    families = _check_args(n, image_size, families, questions_per_image, variant)
     out = Path(out_dir).expanduser()
     if (out / "questions.jsonl").exists() and not overwrite:
         raise UserError(f"{out} already holds a dataset; choose another output directory or pass --overwrite")
@@ -40,7 +44,7 @@ def generate_dataset(n: int, seed: int, out_dir: str | Path, image_size: int = 3
 
     rng = np.random.Generator(np.random.PCG64(seed))
     per_image = min(questions_per_image, len(families))
-    scenes = [random_scene(rng) for _ in range(math.ceil(n / per_image))]
+    scenes = [random_scene(rng, variant) for _ in range(math.ceil(n / per_image))]
     popular = _popular(scenes)  # frequencies over the planned scenes
 
     asked = Counter({f: 0 for f in families})
@@ -50,7 +54,7 @@ def generate_dataset(n: int, seed: int, out_dir: str | Path, image_size: int = 3
     index = 0
     while len(questions) < n:
         if index == len(scenes):  # a few scenes could not take every family
-            scenes.append(random_scene(rng))
+            scenes.append(random_scene(rng, variant))
         scene = scenes[index]
         picked: list[Question] = []
         for family in sorted(families, key=lambda f: (asked[f], FAMILIES.index(f))):
@@ -84,11 +88,15 @@ def generate_dataset(n: int, seed: int, out_dir: str | Path, image_size: int = 3
     meta = {"name": DATASET_NAME, "version": DATASET_VERSION, "seed": seed, "n": n, "image_size": image_size,
             "images": len(scene_lines), "families": list(families), "questions_per_image": per_image,
             "answer_suffix": ANSWER_SUFFIX}
+    if variant != "default":
+        meta["variant"] = variant
     (out / "meta.json").write_text(json.dumps(meta, indent=2) + "\n")
     return meta
 
 
-def _check_args(n, image_size, families, questions_per_image) -> tuple[str, ...]:
+def _check_args(n, image_size, families, questions_per_image, variant) -> tuple[str, ...]:
+    if variant not in VARIANTS:
+        raise UserError(f"unknown variant {variant!r}; choose from {', '.join(VARIANTS)}")
     if not isinstance(n, int) or n < 1:
         raise UserError(f"the number of questions must be a positive integer, got {n!r}")
     if not isinstance(image_size, int) or image_size < 32:

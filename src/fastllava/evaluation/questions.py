@@ -13,7 +13,7 @@ from math import hypot
 
 import numpy as np
 
-from .scenes import BACKGROUND_WORDS, COLORS, PLURALS, SHAPES, SIZES, Scene, SceneObject
+from .scenes import BACKGROUND_WORDS, COLORS, MAX_COUNT, PLURALS, SHAPES, SIZES, Scene, SceneObject
 
 FAMILIES = ("color", "shape", "count", "exist", "position", "relation")
 STRATEGIES = ("random", "popular", "adversarial")  # how "exist" negatives are drawn (POPE)
@@ -45,7 +45,7 @@ VOCABULARY: tuple[str, ...] = tuple(sorted(
     _words("what color is the shape object nearest to how many are there objects a which side of on",
            "left right above below yes no with background at top bottom center", ANSWER_SUFFIX)
     | set(SHAPES) | set(PLURALS.values()) | set(COLORS) | set(SIZES) | set(BACKGROUND_WORDS.values())
-    | {str(i) for i in range(7)}
+    | {str(i) for i in range(MAX_COUNT + 1)}
 ))
 
 

@@ -93,6 +93,12 @@ def _row(sample: Sample, prediction: str) -> dict:
     return row
 
 
+def _dataset_settings(meta: dict) -> dict:
+    """What results record of meta.json; the variant is "default" when a dataset names none."""
+    out = {k: meta[k] for k in ("name", "version", "seed", "n", "image_size") if k in meta}
+    return {**out, "variant": meta.get("variant", "default")} if meta else out
+
+
 def _summary(model, data: Dataset, rows: list[dict], errors: list[str], batch_size: int,
              limit: int | None, kwargs: dict) -> dict:
     from .. import __version__
@@ -103,7 +109,7 @@ def _summary(model, data: Dataset, rows: list[dict], errors: list[str], batch_si
     flags = [row["correct"] for row in rows]
     settings = {
         "data": str(data.root),
-        "dataset": {k: data.meta[k] for k in ("name", "version", "seed", "n", "image_size") if k in data.meta},
+        "dataset": _dataset_settings(data.meta),
         "batch_size": batch_size,
         "limit": limit,
         "max_new_tokens": kwargs["max_new_tokens"],

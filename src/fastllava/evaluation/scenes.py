@@ -1,11 +1,16 @@
-"""Synthetic scenes: 1-6 coloured shapes on a plain or faintly textured background.
+"""Synthetic scenes: coloured shapes on a plain or faintly textured background.
 
-A `Scene` is pure data: coordinates and radii are fractions of the image side (0 = left/top),
-so one scene renders at any size. Everything random comes from a seeded numpy Generator.
+A `Scene` is pure data: lengths are in units of the rendered `size` (one "tile"), so one scene
+renders at any resolution. The default variant draws 1-6 objects on a square canvas of one tile
+(coordinates are then fractions of the side); the "hires" variant draws 4-10 smaller objects on
+canvases of 2-4 tiles (672x672, 1008x336, 336x1008, 672x336, 336x672 pixels at 336), so that
+LLaVA-NeXT's AnyRes picks different tile grids and a 336-pixel thumbnail blurs the objects.
+Everything random comes from a seeded numpy Generator.
 """
 
 from __future__ import annotations
 
+from collections import Counter
 from dataclasses import asdict, dataclass
 from math import cos, hypot, pi, sin
 
@@ -23,6 +28,8 @@ COLORS = {  # saturated and far apart in RGB, all far from the light-grey backgr
     "orange": (250, 130, 10),
 }
 SIZES = {"small": 0.075, "large": 0.13}  # bounding-circle radius; diameters ~15% and ~26% of the side
+HIRES_SIZES = {"small": 0.035, "large": 0.055}  # radii ~12 and ~18 pixels on 336-pixel tiles
+MAX_COUNT = 6  # the largest number a count question may answer (the number words of the vocabulary)
 BACKGROUNDS = ("plain", "noise", "stripes", "checker")
 BACKGROUND_WORDS = {"plain": "plain", "noise": "noisy", "stripes": "striped", "checker": "checkered"}
 
@@ -30,8 +37,22 @@ BACKGROUND_WORDS = {"plain": "plain", "noise": "noisy", "stripes": "striped", "c
 SHAPE_WEIGHTS = (0.26, 0.22, 0.2, 0.17, 0.15)
 COLOR_WEIGHTS = (0.22, 0.19, 0.17, 0.15, 0.14, 0.13)
 
-MIN_GAP = 0.02  # free space between bounding circles, fraction of the side
-EDGE = 0.02  # free space between a bounding circle and the image border
+MIN_GAP = 0.02  # free space between bounding circles, in tiles (fractions of a default image's side)
+EDGE = 0.02  # free space between a bounding circle and the image border, in tiles
+
+
+@dataclass(frozen=True)
+class Variant:
+    """How the scenes of a benchmark variant are drawn; lengths in tiles."""
+    canvases: tuple[tuple[int, int], ...]  # (height, width) canvases, one drawn per scene
+    sizes: dict[str, float]  # radius of each size word
+    objects: tuple[int, int]  # fewest and most objects
+
+
+VARIANTS = {
+    "default": Variant(((1, 1),), SIZES, (1, 6)),
+    "hires": Variant(((2, 2), (1, 3), (3, 1), (1, 2), (2, 1)), HIRES_SIZES, (4, 10)),
+}
 
 
 @dataclass(frozen=True)
@@ -39,9 +60,9 @@ class SceneObject:
     shape: str
     color: str
     size: str  # "small" | "large"
-    x: float  # centre, fraction of the width, 0 = left
-    y: float  # centre, fraction of the height, 0 = top
-    radius: float  # bounding circle, fraction of the side
+    x: float  # centre, tiles from the left (on the default 1 x 1 canvas a fraction of the width)
+    y: float  # centre, tiles from the top
+    radius: float  # bounding circle, tiles
 
     @property
     def name(self) -> str:
@@ -55,41 +76,55 @@ class Scene:
     background: str  # one of BACKGROUNDS
     background_level: int  # base grey of the background, 0-255
     texture_seed: int  # seeds the background texture (noise, stripe angle)
+    canvas: tuple[int, int] = (1, 1)  # (height, width) in tiles
 
     def to_dict(self) -> dict:
         d = asdict(self)
         d["objects"] = [asdict(o) for o in self.objects]
+        if self.canvas == (1, 1):  # default scenes are written as before the hires variant
+            del d["canvas"]
         return d
 
     @classmethod
     def from_dict(cls, d: dict) -> "Scene":
         return cls(tuple(SceneObject(**o) for o in d["objects"]), d["background"], int(d["background_level"]),
-                   int(d["texture_seed"]))
+                   int(d["texture_seed"]), tuple(d.get("canvas", (1, 1))))
 
 
-def random_scene(rng: np.random.Generator, min_objects: int = 1, max_objects: int = 6) -> Scene:
-    """A scene with non-overlapping objects; retries whole layouts until one fits."""
+def random_scene(rng: np.random.Generator, variant: str = "default") -> Scene:
+    """A scene of the variant with non-overlapping objects; retries whole layouts until one fits.
+    A variant with one canvas draws none (default scenes are the same as before hires existed)."""
+    v = VARIANTS[variant]
+    canvas = v.canvases[int(rng.integers(len(v.canvases)))] if len(v.canvases) > 1 else v.canvases[0]
     while True:
-        count = int(rng.integers(min_objects, max_objects + 1))
+        count = int(rng.integers(v.objects[0], v.objects[1] + 1))
         objects: list[SceneObject] = []
         for _ in range(count):
-            obj = _place(rng, objects)
+            obj = _place(rng, objects, v.sizes, canvas)
             if obj is None:
                 break
             objects.append(obj)
-        if len(objects) == count:
+        if len(objects) == count and _countable(objects):
             break
     background = BACKGROUNDS[int(rng.integers(len(BACKGROUNDS)))]
-    return Scene(tuple(objects), background, int(rng.integers(195, 236)), int(rng.integers(2**31)))
+    return Scene(tuple(objects), background, int(rng.integers(195, 236)), int(rng.integers(2**31)), canvas)
 
 
-def _place(rng: np.random.Generator, placed: list[SceneObject], tries: int = 100) -> SceneObject | None:
+def _countable(objects: list[SceneObject]) -> bool:
+    """No shape and no colour more than MAX_COUNT times (always so with up to 6 objects)."""
+    counts = Counter(o.shape for o in objects) + Counter(o.color for o in objects)
+    return max(counts.values()) <= MAX_COUNT
+
+
+def _place(rng: np.random.Generator, placed: list[SceneObject], sizes: dict[str, float], canvas: tuple[int, int],
+           tries: int = 100) -> SceneObject | None:
     shape = SHAPES[int(rng.choice(len(SHAPES), p=SHAPE_WEIGHTS))]
     color = list(COLORS)[int(rng.choice(len(COLORS), p=COLOR_WEIGHTS))]
     size = "large" if rng.random() < 0.5 else "small"
-    r = SIZES[size]
+    r = sizes[size]
+    far = np.array(canvas[::-1]) - r - EDGE  # [2] largest x, y
     for _ in range(tries):
-        x, y = (round(float(v), 4) for v in rng.uniform(r + EDGE, 1 - r - EDGE, size=2))
+        x, y = (round(float(v), 4) for v in rng.uniform(r + EDGE, far, size=2))
         if all(hypot(x - o.x, y - o.y) > r + o.radius + MIN_GAP for o in placed):
             return SceneObject(shape, color, size, x, y, r)
     return None
@@ -103,7 +138,7 @@ def overlaps(a: SceneObject, b: SceneObject) -> bool:
 # ---- rendering ----
 
 def render(scene: Scene, size: int = 336) -> Image.Image:
-    """The scene as an RGB image of size x size pixels."""
+    """The scene as an RGB image of size pixels per tile (size x size for a default scene)."""
     img = Image.fromarray(_background(scene, size))
     draw = ImageDraw.Draw(img)
     for obj in scene.objects:
@@ -114,11 +149,12 @@ def render(scene: Scene, size: int = 336) -> Image.Image:
 def _background(scene: Scene, size: int) -> np.ndarray:
     rng = np.random.Generator(np.random.PCG64(scene.texture_seed))
     level = float(scene.background_level)
-    yy, xx = np.mgrid[0:size, 0:size].astype(np.float32) / size  # [H, W] in [0, 1)
+    h, w = scene.canvas[0] * size, scene.canvas[1] * size
+    yy, xx = np.mgrid[0:h, 0:w].astype(np.float32) / size  # [H, W] in tiles
     if scene.background == "plain":
-        grey = np.full((size, size), level, np.float32)
+        grey = np.full((h, w), level, np.float32)
     elif scene.background == "noise":
-        grey = level + rng.uniform(-12, 12, size=(size, size)).astype(np.float32)
+        grey = level + rng.uniform(-12, 12, size=(h, w)).astype(np.float32)
     elif scene.background == "stripes":
         angle = float(rng.uniform(0, pi))
         period = float(rng.uniform(0.06, 0.12))
@@ -153,7 +189,7 @@ def shape_points(shape: str, cx: float, cy: float, r: float) -> list[tuple[float
 
 
 def draw_object(draw: ImageDraw.ImageDraw, obj: SceneObject, size: int, fill=None) -> None:
-    """Draw `obj` on a size x size canvas in its colour, or in `fill` (e.g. a label value)."""
+    """Draw `obj` on a canvas of size pixels per tile in its colour, or in `fill` (e.g. a label value)."""
     cx, cy, r = obj.x * size, obj.y * size, obj.radius * size
     fill = COLORS[obj.color] if fill is None else fill
     if obj.shape == "circle":
@@ -164,18 +200,22 @@ def draw_object(draw: ImageDraw.ImageDraw, obj: SceneObject, size: int, fill=Non
 
 # ---- captions ----
 
-def location(obj: SceneObject) -> str:
+def _cell(obj: SceneObject, canvas: tuple[int, int]) -> tuple[int, int]:
+    """(row, column) of the object on a 3 x 3 grid over the canvas."""
+    return min(int(obj.y * 3 / canvas[0]), 2), min(int(obj.x * 3 / canvas[1]), 2)
+
+
+def location(obj: SceneObject, canvas: tuple[int, int] = (1, 1)) -> str:
     """Where the object sits on a 3 x 3 grid: "top left", "top", ..., "center", ..."""
-    col = ("left", "", "right")[min(int(obj.x * 3), 2)]
-    row = ("top", "", "bottom")[min(int(obj.y * 3), 2)]
-    return " ".join(w for w in (row, col) if w) or "center"
+    r, c = _cell(obj, canvas)
+    return " ".join(w for w in (("top", "", "bottom")[r], ("left", "", "right")[c]) if w) or "center"
 
 
 def caption(scene: Scene) -> str:
     """A one-line description, objects in reading order:
     "a noisy background with 2 objects: a large red circle at the top left, a small blue star at the center"."""
-    ordered = sorted(scene.objects, key=lambda o: (min(int(o.y * 3), 2), o.x))
-    parts = [f"a {o.size} {o.color} {o.shape} at the {location(o)}" for o in ordered]
+    ordered = sorted(scene.objects, key=lambda o: (_cell(o, scene.canvas)[0], o.x))
+    parts = [f"a {o.size} {o.color} {o.shape} at the {location(o, scene.canvas)}" for o in ordered]
     n = len(scene.objects)
     return (f"a {BACKGROUND_WORDS[scene.background]} background with {n} object{'s' if n != 1 else ''}: "
             + ", ".join(parts))
