@@ -127,7 +127,8 @@ def test_evaluate_writes_results_and_samples(model, checkpoint, dataset, tmp_pat
     results = evaluate(model, data, batch_size=5, out_dir=out, progress=False)
     assert "skipped 4 bad sample(s)" in capsys.readouterr().err
     assert json.loads((out / "results.json").read_text()) == results
-    assert set(results) == {"model", "overall", "families", "settings", "errors"}
+    assert set(results) == {"model", "overall", "families", "visual_tokens", "settings", "errors"}
+    assert results["visual_tokens"] == {"unreduced": 16, "min": 16, "max": 16, "equivalent": 16}
     assert results["model"] == str(checkpoint)
     assert results["overall"]["n"] == N and len(results["errors"]) == 4
     assert results["errors"][0] == "questions.jsonl:7: malformed JSON"

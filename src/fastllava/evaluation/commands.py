@@ -108,5 +108,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
           + (f" ({len(results['errors'])} skipped)" if results["errors"] else ""))
     for name, r in results["families"].items():
         print(f"  {name:<10} {r['accuracy']:.4f}  (n={r['n']})")
+    v = results["visual_tokens"]
+    print(f"visual tokens per question: {v['unreduced']:g} unreduced ({v['min']}-{v['max']}), "
+          f"{v['equivalent']:g} layer-weighted in the LLM")
     print(f"results: {out / 'results.json'}", file=sys.stderr)
     return 0

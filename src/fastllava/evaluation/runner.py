@@ -1,5 +1,5 @@
-"""Run a model over a question set and score it: results.json (accuracy overall and per family)
-and samples.jsonl (one line per scored question)."""
+"""Run a model over a question set and score it: results.json (accuracy overall and per family,
+visual tokens per question) and samples.jsonl (one line per scored question)."""
 
 from __future__ import annotations
 
@@ -8,7 +8,10 @@ import sys
 from collections import defaultdict
 from pathlib import Path
 
+from PIL import Image
+
 from ..errors import UserError
+from ..reduction.runtime import check_fits, make_reduction
 from .dataset import Dataset, Sample, load_dataset
 from .progress import Progress
 from .questions import ANSWER_SUFFIX, prompt
@@ -33,14 +36,15 @@ def evaluate(model, data_dir: str | Path | Dataset, batch_size: int = 8, limit: 
     if not samples:
         raise UserError(f"no usable questions in {data.root}" + (f"; first problem: {errors[0]}" if errors else ""))
     kwargs = {"max_new_tokens": DEFAULT_MAX_NEW_TOKENS, "temperature": 0.0, **(generate_kwargs or {})}
+    check_budgets(model, samples, [kwargs.get("reduce")])
 
     rows = []
     bar = progress if isinstance(progress, Progress) else Progress("eval", len(samples), enabled=progress)
     for start in range(0, len(samples), batch_size):
         batch = samples[start:start + batch_size]
-        for sample, text in zip(batch, _answers(model, batch, kwargs, errors), strict=True):
-            if text is not None:
-                rows.append(_row(sample, text))
+        for sample, result in zip(batch, _answers(model, batch, kwargs, errors), strict=True):
+            if result is not None:
+                rows.append(_row(sample, result))
         bar.update(len(batch))
     if bar is not progress:
         bar.close()
@@ -61,13 +65,35 @@ def evaluate(model, data_dir: str | Path | Dataset, batch_size: int = 8, limit: 
     return results
 
 
-def _answers(model, batch: list[Sample], kwargs: dict, errors: list[str]) -> list[str | None]:
-    """Predicted texts for a batch; if an image cannot be read, retry one by one so that only
-    the bad sample is lost (recorded in `errors`)."""
+def check_budgets(model, samples: list[Sample], specs: list) -> None:
+    """UserError before any generation when a reduction's budget (spec or Method; None: no
+    reduction) is more than the visual tokens of a sample's image. On LLaVA-NeXT the count depends
+    on the image's size; an image that cannot be read is left to the run, which skips it."""
+    methods = [make_reduction(s, model.config).method for s in specs if s is not None]
+    if not methods or not model.config.is_next:
+        return  # LLaVA-1.5: every image gives the same count, checked by make_reduction
+    first: dict = {}  # image -> its first question
+    for s in samples:
+        first.setdefault(s.image, s)
+    fewest = None
+    for s in first.values():
+        try:
+            with Image.open(s.image) as im:
+                tokens = model.config.image_tokens(im.height, im.width)
+        except (OSError, Image.DecompressionBombError):
+            continue
+        if fewest is None or tokens < fewest[0]:
+            fewest = (tokens, s)
+    if fewest is not None:
+        for m in methods:
+            check_fits(m, fewest[0], f"{fewest[1].image.name} (questions.jsonl:{fewest[1].line})")
+
+
+def _answers(model, batch: list[Sample], kwargs: dict, errors: list[str]) -> list:
+    """Results (engine.Result) for a batch; if an image cannot be read, retry one by one so that
+    only the bad sample is lost (None, recorded in `errors`)."""
     def ask(items):
-        results = model.generate(images=[s.image for s in items], prompts=[prompt(s.question) for s in items],
-                                 **kwargs)
-        return [r.text for r in results]
+        return model.generate(images=[s.image for s in items], prompts=[prompt(s.question) for s in items], **kwargs)
 
     try:
         return ask(batch)
@@ -75,22 +101,33 @@ def _answers(model, batch: list[Sample], kwargs: dict, errors: list[str]) -> lis
         if len(batch) == 1:
             errors.append(f"questions.jsonl:{batch[0].line}: {e}")
             return [None]
-    texts: list[str | None] = []
+    results = []
     for s in batch:
         try:
-            texts.append(ask([s])[0])
+            results.append(ask([s])[0])
         except UserError as e:
             errors.append(f"questions.jsonl:{s.line}: {e}")
-            texts.append(None)
-    return texts
+            results.append(None)
+    return results
 
 
-def _row(sample: Sample, prediction: str) -> dict:
+def _row(sample: Sample, result) -> dict:
+    """One samples.jsonl line; `image_tokens`: the image's visual tokens before any reduction,
+    `visual_tokens`: those entering the LLM then left after each in-LLM cut (see engine stats)."""
     row = {"id": sample.id, "family": sample.family, "question": sample.question, "answer": sample.answer,
-           "prediction": prediction, "correct": is_correct(prediction, sample.answer)}
+           "prediction": result.text, "correct": is_correct(result.text, sample.answer),
+           **{k: result.stats[k] for k in ("image_tokens", "visual_tokens", "visual_tokens_equivalent")}}
     if sample.strategy is not None:
         row["strategy"] = sample.strategy
     return row
+
+
+def _token_summary(rows: list[dict]) -> dict:
+    """Visual tokens per question: unreduced (mean, min, max; LLaVA-NeXT counts depend on the image
+    size) and the layer-weighted mean the LLM processed (`equivalent`, see reduction.accounting)."""
+    unreduced = [r["image_tokens"] for r in rows]
+    return {"unreduced": round(sum(unreduced) / len(rows), 2), "min": min(unreduced), "max": max(unreduced),
+            "equivalent": round(sum(r["visual_tokens_equivalent"] for r in rows) / len(rows), 2)}
 
 
 def _dataset_settings(meta: dict) -> dict:
@@ -125,6 +162,7 @@ def _summary(model, data: Dataset, rows: list[dict], errors: list[str], batch_si
         "model": str(getattr(model, "path", None) or type(model).__name__),
         "overall": {"accuracy": accuracy(flags), "n": len(flags)},
         "families": {f: {"accuracy": accuracy(v), "n": len(v)} for f, v in sorted(by_family.items())},
+        "visual_tokens": _token_summary(rows),
         "settings": settings,
         "errors": errors,
     }

@@ -1,5 +1,8 @@
 """`fastllava eval --reduce fastv,visionzip --keep 192,128,64`: accuracy of each reduction method
-at each budget against the unreduced model, as JSON, a markdown table and a PNG plot."""
+at each budget against the unreduced model, as JSON, a markdown table and a PNG plot.
+
+Visual token counts come from each question's generation stats, so they hold for LLaVA-NeXT too,
+whose images give as many tokens as their size asks for (the unreduced count is then a mean)."""
 
 from __future__ import annotations
 
@@ -7,11 +10,10 @@ import json
 from dataclasses import replace
 from pathlib import Path
 
-from ..reduction.accounting import visual_per_layer
 from ..reduction.runtime import make_reduction
 from .dataset import Dataset, load_dataset
 from .progress import Progress
-from .runner import evaluate
+from .runner import check_budgets, evaluate
 
 
 def plan(model, methods, keeps: list[int] | None) -> list[tuple[str, object]]:
@@ -29,13 +31,13 @@ def sweep(model, data_dir, methods, keeps: list[int] | None = None, batch_size: 
           limit: int | None = None, out_dir: str | Path | None = None, progress: bool = True,
           generate_kwargs: dict | None = None) -> dict:
     """Evaluate the unreduced model, then every method at every budget, with one progress bar;
-    with out_dir, write sweep.json, sweep.md, sweep.png and each run's results under runs/."""
+    with out_dir, write sweep.json, sweep.md, sweep.png and each run's results under runs/. Every
+    budget is checked against every image before anything runs."""
     runs = plan(model, methods, keeps)
     data = data_dir if isinstance(data_dir, Dataset) else load_dataset(data_dir)
     n = min(len(data.samples), limit) if limit else len(data.samples)
+    check_budgets(model, data.samples[:n], [method for _, method in runs])
     out = Path(out_dir).expanduser() if out_dir is not None else None
-    cfg = model.config
-    layers, tokens = cfg.text.num_hidden_layers, cfg.image_features_per_image
     rows = []
     with Progress("sweep", n * (len(runs) + 1), enabled=progress) as bar:
         for label, method in [("none", None), *runs]:
@@ -43,18 +45,18 @@ def sweep(model, data_dir, methods, keeps: list[int] | None = None, batch_size: 
             kwargs = dict(generate_kwargs or {}, reduce=name if method else None)
             res = evaluate(model, data, batch_size, limit, out / "runs" / name.replace(":", "_") if out else None,
                            bar, kwargs)
-            counts = [tokens] if method is None else \
-                ([tokens] if method.where == "llm" else []) + method.budgets()
-            equivalent = sum(visual_per_layer(counts, method.cuts() if method else [], layers)) / layers
+            tokens = res["visual_tokens"]  # per question: unreduced and layer-weighted (see runner)
             rows.append({"method": method.name if method else "none", "label": label, "spec": name,
-                         "keep": method.keep if method else tokens, "visual_tokens_equivalent": round(equivalent, 2),
+                         "keep": method.keep if method else tokens["unreduced"],
+                         "visual_tokens_equivalent": tokens["equivalent"],
                          "accuracy": res["overall"]["accuracy"], "n": res["overall"]["n"],
                          "families": {f: r["accuracy"] for f, r in res["families"].items()}})
     base = rows[0]["accuracy"]
     for r in rows:
         r["retained"] = round(100 * r["accuracy"] / base, 2) if base else None
     result = {"model": str(getattr(model, "path", "")), "data": str(data.root), "n": n,
-              "visual_tokens": tokens, "baseline": rows[0], "runs": rows[1:]}
+              "variant": data.meta.get("variant", "default"), "visual_tokens": rows[0]["keep"],
+              "baseline": rows[0], "runs": rows[1:]}
     if out is not None:
         out.mkdir(parents=True, exist_ok=True)
         (out / "sweep.json").write_text(json.dumps(result, indent=2) + "\n")
@@ -71,7 +73,8 @@ def table(result: dict) -> str:
         kept = f"{r['retained']:.1f}%" if r["retained"] is not None else "n/a"
         cells.setdefault(r["label"], {})[r["keep"]] = f"{r['accuracy']:.3f} ({kept})"
     b = result["baseline"]
-    lines = [f"unreduced ({result['visual_tokens']} visual tokens): accuracy {b['accuracy']:.3f} on {result['n']} "
+    lines = [f"unreduced ({result['visual_tokens']:g} visual tokens per question): accuracy {b['accuracy']:.3f} "
+             f"on {result['n']} "
              f"questions; cells: accuracy (% of unreduced)", "",
              "| method | " + " | ".join(f"keep {k}" for k in keeps) + " |",
              "|---|" + "---|" * len(keeps)]

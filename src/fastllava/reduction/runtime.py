@@ -61,9 +61,8 @@ class Reduction:
         self.rows = torch.searchsorted(row_first, first, right=True) - 1  # [N] the row of each image
         self.starts = first - row_first[self.rows]  # [N] first token of each image among its row's
         self.images = torch.bincount(self.rows, minlength=visual.shape[0])  # [B]
-        if counts.numel() and int(counts.min()) < max(self.method.budgets()):
-            raise UserError(f"{self.method.spec()}: budget {max(self.method.budgets())} is more than the "
-                            f"{int(counts.min())} visual tokens of an image in this batch")
+        if counts.numel():
+            check_fits(self.method, int(counts.min()), "an image in this batch")
         width = torch.arange(max(int(n.max()), 1), device=visual.device)[None]
         self.owner = width.expand(visual.shape[0], -1).masked_fill(width >= n[:, None], -1)  # [B, V]
         if self.method.where == "llm":
@@ -120,6 +119,13 @@ class Reduction:
         lut.scatter_(1, patch + 1, target)  # column 0 collects the padding candidates
         lut[:, 0] = -1
         self.owner = torch.where(self.owner >= 0, lut[:, 1:].gather(1, self.owner.clamp(min=0)), self.owner)
+
+
+def check_fits(method: Method, tokens: int, image: str) -> None:
+    """UserError when the method's largest budget is more than the `tokens` visual tokens of `image`."""
+    if tokens < max(method.budgets()):
+        raise UserError(f"{method.spec()}: budget {max(method.budgets())} is more than the {tokens} visual tokens "
+                        f"of {image}")
 
 
 def _to_rows(sel: Selection, cand_valid: torch.Tensor, image_valid: torch.Tensor | None, starts: torch.Tensor) -> Selection:
