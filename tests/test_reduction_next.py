@@ -1,14 +1,18 @@
 """Visual token reduction on a tiny random LLaVA-NeXT model (a 4 x 4 patch grid per tile, 1 to 4
 tiles per image): budgets hold exactly per image in a batch of aspect ratios, full budgets are
-exact, batches equal single prompts, bad budgets are one-line errors; the per-tile sharing,
-HiRED's and GlobalCom²'s allocations on crafted attention."""
+exact, batches equal single prompts, bad budgets are one-line errors, `inspect` draws each token
+where it lies in the image; the per-tile sharing, HiRED's and GlobalCom²'s allocations on crafted
+attention."""
 
 import json
 
+import numpy as np
 import pytest
 import torch
+from PIL import Image
 
 import fastllava
+from fastllava.cli import main
 from fastllava.evaluation.tokenizer import build_word_tokenizer
 from fastllava.generation import positions_from_mask
 from fastllava.reduction import METHODS, GlobalCom2, HiRED, parse_spec
@@ -166,3 +170,39 @@ def test_tile_methods_refuse_llava_15(tmp_path, name):
         make_reduction(parse_spec(f"{name}:keep=8"), fastllava.config.LlavaConfig.from_dict(
             json.loads((path / "config.json").read_text())))
     assert "\n" not in str(err.value)
+
+
+
+@pytest.mark.parametrize("size, grid, drawn", [((64, 64), (8, 8), (1800, 896)), ((40, 160), (4, 12), (1344, 680)),
+                                               ((160, 40), (12, 4), (680, 1344))])
+def test_inspect_maps_base_and_tile_tokens_onto_the_image(model, tmp_path, capsys, size, grid, drawn):
+    """Two panels of the image at 448 px per 32-px tile, side by side (stacked when wide): the base
+    thumbnail's 4 x 4 patches, then the tiles' unpadded rows x cols grid (here 2 x 2 tiles, 1 x 3
+    or 3 x 1 tiles); the centre of each token's cell keeps the image's colour when the token is
+    kept and is dimmed when it is dropped."""
+    (h, w), (rows, cols) = size, grid
+    image = _photo(h, w, 7)
+    image.save(tmp_path / "im.png")
+    assert main(["inspect", "--model", str(model.path), "--device", "cpu", "--image", str(tmp_path / "im.png"),
+                 "--prompt", "what is it ?", "--reduce", "fastervlm:keep=30", "--out", str(tmp_path / "o.png")]) == 0
+    summary = json.loads(capsys.readouterr().out)
+    tokens = 16 + rows * (cols + 1)
+    assert summary["visual_tokens"] == tokens and summary["kept"] == 30 and summary["dropped"] == tokens - 30
+    assert summary["kept_base"] + summary["kept_tiles"] + summary["kept_newlines"] == 30
+    out = np.asarray(Image.open(tmp_path / "o.png").convert("RGB"), np.float32)
+    assert out.shape[1::-1] == drawn
+
+    red = make_reduction("fastervlm:keep=30", model.config)
+    model.logits(**model.inputs([image], ["what is it ?"]), reduce=red)
+    kept = (red.owner[0] >= 0).tolist()
+    side_by_side = w <= h  # a wide image's panels are stacked
+    pw, ph = ((drawn[0] - 8) // 2, drawn[1]) if side_by_side else (drawn[0], (drawn[1] - 8) // 2)
+    plain = np.asarray(image.resize((pw, ph), Image.BICUBIC), np.float32)
+    cells = [(0, p, (p % 4 + 0.5) / 4, (p // 4 + 0.5) / 4) for p in range(16)]  # (panel, token, x, y in [0, 1])
+    cells += [(1, 16 + i * (cols + 1) + j, (j + 0.5) / cols, (i + 0.5) / rows)  # each row ends in a newline
+              for i in range(rows) for j in range(cols)]
+    for panel, t, x, y in cells:
+        x, y = int(x * pw), int(y * ph)
+        got = out[y, x + panel * (pw + 8)] if side_by_side else out[y + panel * (ph + 8), x]
+        want = plain[y, x] if kept[t] else plain[y, x] * (1 - 170 / 255)
+        assert np.abs(got - want).max() <= 2, (panel, t, kept[t])

@@ -35,7 +35,7 @@ class LlavaNextModel(LlavaModel):
         image_newline), rows padded to the longest image; adds `valid`, `part` and `where` [N, F]."""
         tiles, sizes, grids = self._tiles(pixel_values, image_sizes)
         per_tile = super().encode_images(tiles, None, method)  # [sum of tiles, g*g, ...] each
-        layouts = [self._layout(s, grid) for s, grid in zip(sizes, grids)]  # (src [F], where [F, 2]) per image
+        layouts = [self.token_layout(s, grid) for s, grid in zip(sizes, grids)]  # (src [F], where [F, 2]) per image
         counts = [rows * cols + 1 for rows, cols in grids]
         out = {}
         for key, x in per_tile.items():
@@ -71,7 +71,7 @@ class LlavaNextModel(LlavaModel):
             raise UserError(f"pixel_values hold {pixel_values.shape[0]} tiles, image_sizes need {sum(counts)}")
         return pixel_values, sizes, grids
 
-    def _layout(self, size: tuple[int, int], grid: tuple[int, int]) -> tuple[torch.Tensor, torch.Tensor]:
+    def token_layout(self, size: tuple[int, int], grid: tuple[int, int]) -> tuple[torch.Tensor, torch.Tensor]:
         """One image's visual tokens in the language model's order -> (src [F]: the index of each
         among the image's tile patches [(1 + rows*cols) * g*g], -1 for an image_newline; where
         [F, 2]: (y, x) in [0, 1], the centre of its patch in the image, 0 for a newline)."""
