@@ -1,8 +1,10 @@
 """Training of the embedded model: packed rows are exact, and a tiny run writes a loadable model."""
 
+import pytest
 import torch
 
 import fastllava
+from fastllava.errors import UserError
 from fastllava.evaluation.scenes import COLORS, SHAPES, SIZES, Scene, SceneObject
 from fastllava.evaluation.tokenizer import build_word_tokenizer, default_words
 from fastllava.images import ImageProcessor
@@ -10,7 +12,8 @@ from fastllava.models.llava import LlavaModel
 from fastllava.prompts import PromptEncoder
 from fastllava.training import (IMAGE_TOKEN_ID, VOCAB_SIZE, Batches, TrainSpec, build_config, loss_on,
                                 packed_logits, segment_mask, train)
-from fastllava.training_aux import ObjectProbe, guide_loss, named_objects, object_attributes, patch_labels
+from fastllava.training_aux import (ATTRIBUTES, Guidance, guide_loss, looked_at, named_objects, object_attributes,
+                                   patch_labels)
 
 TINY = dict(image_size=32, patch_size=8, vision_hidden=32, vision_layers=2, text_hidden=64, text_layers=2)
 
@@ -42,7 +45,7 @@ def test_packed_segments_equal_single_question_prompts():
     batch = data.batch(2)
     ids, segments, pixels = batch.ids, batch.segments, batch.pixels
     assert int(segments.max()) >= 2, "rows should hold several questions"
-    packed, _, _, _ = packed_logits(model, batch)  # [B, T, V]
+    packed, _, _ = packed_logits(model, batch)  # [B, T, V]
     for row in range(2):
         for j in range(1, int(segments[row].max()) + 1):
             cols = (segments[row] == j).nonzero()[:, 0]
@@ -56,7 +59,8 @@ def test_packed_segments_equal_single_question_prompts():
 
 
 def test_tiny_training_run_writes_a_loadable_model(tmp_path):
-    spec = TrainSpec(**TINY, vision_steps=1, align_steps=1, steps=2, batch_size=2, questions=2, save_every=0)
+    spec = TrainSpec(**TINY, vision_steps=1, align_steps=1, steps=2, batch_size=2, questions=2, save_every=0,
+                     guide_layer=0)
     lines = []
     out = train(tmp_path / "m", spec, log=lines.append)
     model = fastllava.load(out, device="cpu")
@@ -65,6 +69,8 @@ def test_tiny_training_run_writes_a_loadable_model(tmp_path):
     assert r.stats["image_tokens"] == 16
     assert [line.split()[0] for line in lines] == ["vision", "align", "instruct"]
     assert "instruct step 2/2" in lines[-1]
+    with pytest.raises(UserError, match="--guide-layer must be in"):
+        train(tmp_path / "bad", TrainSpec(**TINY, steps=1, guide_layer=1))
 
 
 def test_patch_labels_follow_the_scene():
@@ -107,27 +113,38 @@ def test_guide_loss_is_low_only_when_attention_sits_on_the_named_patches():
     assert abs(guide_loss(spread, relevant).item() - torch.log(torch.tensor(4.0)).item()) < 1e-4
 
 
-def test_guided_batches_mark_answer_positions_and_named_patches():
+def test_guided_batches_mark_answer_positions_and_looked_at_patches():
     model, data = _tiny_model_and_data(questions=4)
     batch = data.batch(3)
-    assert len(batch.guide_at) == len(batch.guide_mask) > 0
-    p = model.cfg.vision.num_patches
-    assert batch.guide_mask.shape[1] == p and bool(batch.guide_mask.any(-1).all())
+    n, p = len(batch.guide_at), model.cfg.vision.num_patches
+    assert n > 0 and batch.guide_mask.shape == (n, 3, p) and batch.guide_attrs.shape == (n, 3, len(ATTRIBUTES))
+    assert bool(batch.guide_mask[:, 0].any(-1).all())
     assert (batch.ids[:, batch.image_start:batch.image_start + p] == IMAGE_TOKEN_ID).all()
     rows, at = batch.guide_at.unbind(-1)
     assert (batch.targets[rows, at] != -100).all()  # each guided position predicts an answer token
     assert (batch.targets[rows, at - 1] == -100).all()  # ... the first one of its answer
-    loss, _, _, guide = loss_on(model, None, batch, guide_weight=1.0, guide_layer=1)
+    one = batch.guide_attrs[:, 0, 0] >= 0  # questions whose first thing is one object
+    assert one.any() and (batch.guide_mask[one, 0].sum(-1) > 0).all()
+    guidance = Guidance(model.cfg.text.hidden_size, layer=0)
+    loss, _, _, guide = loss_on(model, None, batch, guide_weight=1.0, guidance=guidance)
     assert guide > 0 and torch.isfinite(loss)
-    one = batch.guide_attrs[:, 0] >= 0  # questions naming exactly one object
-    assert one.any() and (batch.guide_mask[one].sum(-1) > 0).all()
-    probe = ObjectProbe(model.cfg.text.hidden_size)
-    _, _, _, probed = loss_on(model, None, batch, guide_weight=1.0, guide_layer=1, probe=probe)
-    assert probed > guide  # the probe's loss adds to the attention loss
+    loss.backward()
+    assert guidance.read_named.proj.weight.grad.abs().sum() > 0 and guidance.read_answer.proj.weight.grad is not None
 
 
-def test_object_attributes_only_for_a_single_named_object():
-    scene = Scene((SceneObject("star", "green", "small", 0.2, 0.2, SIZES["small"]),
+def test_looked_at_orders_the_named_things_and_finds_the_answer_object():
+    objs = (SceneObject("square", "blue", "large", 0.2, 0.2, SIZES["large"]),
+            SceneObject("circle", "red", "small", 0.8, 0.8, SIZES["small"]),
+            SceneObject("circle", "blue", "small", 0.3, 0.5, SIZES["small"]))
+    scene = Scene(objs, "plain", 220, 0)
+    assert looked_at(scene, "Is the red circle left of the blue square?") == ({1}, {0}, {0, 1})
+    assert looked_at(scene, "What color is the object nearest to the blue square?") == ({0}, {0}, {2})
+    assert looked_at(scene, "How many circles are there?") == ({1, 2}, {1, 2}, {1, 2})
+
+
+def test_object_attributes_only_for_a_single_object():
+    scene = Scene((SceneObject("star", "green", "small", 0.2, 0.9, SIZES["small"]),
                    SceneObject("circle", "red", "small", 0.8, 0.8, SIZES["small"])), "plain", 220, 0)
-    assert object_attributes(scene, {1}) == (SHAPES.index("circle"), list(COLORS).index("red"))
-    assert object_attributes(scene, {0, 1}) == (-100, -100) == object_attributes(scene, set())
+    assert object_attributes(scene, {1}) == (SHAPES.index("circle"), list(COLORS).index("red"), 4, 4)
+    assert object_attributes(scene, {0}) == (SHAPES.index("star"), list(COLORS).index("green"), 1, 5)
+    assert object_attributes(scene, {0, 1}) == (-100,) * 4 == object_attributes(scene, set())

@@ -29,8 +29,7 @@ from .evaluation.tokenizer import build_word_tokenizer, default_words, write_pre
 from .images import ImageProcessor
 from .models.llava import LlavaModel
 from .prompts import PromptEncoder
-from .training_aux import (ObjectProbe, PatchHead, guide_loss, named_objects, object_attributes, patch_labels,
-                           patch_objects)
+from .training_aux import Guidance, PatchHead, looked_at, object_attributes, patch_labels, patch_objects
 
 TRAIN_SEED_BASE = 10_000_000  # training streams use seeds >= this; evaluation sets use small seeds
 IMAGE_TOKEN_ID = 3
@@ -57,7 +56,7 @@ class TrainSpec:
     lr: float = 2e-3
     aux_weight: float = 0.5  # weight of the patch-label loss during instruction tuning
     guide_weight: float = 0.5  # weight of the attention-guidance and object-probe losses (training_aux)
-    guide_layer: int = 1  # the language-model layer whose head 0 is guided onto the named objects
+    guide_layer: int = 1  # the first of the two language-model layers guided (training_aux.Guidance)
     questions: int = 8  # question/answer segments sharing one image per training row
     minutes: float = 0.0  # wall-clock budget per stage; the schedule follows whichever ends first (0 = off)
     save_every: int = 200  # steps between intermediate checkpoints (0 = only at the end)
@@ -113,8 +112,9 @@ class Batches:
         return None if q is None else (prompt(q.question), q.answer, family)
 
     def example(self, captions: bool):
-        """(prefix ids, [(segment ids, segment targets, family, patches named [P] bool, (shape,
-        colour) of the one named object or -100s)], image, patch labels [P, 4])."""
+        """(prefix ids, [(segment ids, segment targets, family, patches looked at [3, P] bool,
+        attributes [3, A] of the one object looked at or -100s)], image, patch labels [P, 4]);
+        the 3 are training_aux.looked_at's first, second and answer objects."""
         scene = random_scene(self.rng)
         if captions:
             qas = [(CAPTION_PROMPT, caption(scene), "caption")]
@@ -134,9 +134,10 @@ class Batches:
             answer_ids = self.encoder.tokenizer.encode(answer, add_special_tokens=False).ids + [EOS_ID]
             seg = ids[cut:] + answer_ids
             targets = [-100] * (len(seg) - len(answer_ids) - 1) + answer_ids + [-100]  # next-token targets
-            chosen = named_objects(scene, question)
-            named = torch.from_numpy(np.isin(objects, [i + 1 for i in chosen]))  # [P]
-            segments.append((seg, targets, family, named, object_attributes(scene, chosen)))
+            roles = looked_at(scene, question)
+            masks = torch.from_numpy(np.stack([np.isin(objects, [i + 1 for i in r]) for r in roles]))  # [3, P]
+            attrs = torch.tensor([object_attributes(scene, r) for r in roles])  # [3, A]
+            segments.append((seg, targets, family, masks, attrs))
         return prefix, segments, render(scene, self.image_size), patch_labels(scene, self.grid, self.image_size)
 
     def batch(self, size: int, captions: bool = False) -> "Packed":
@@ -155,7 +156,7 @@ class Batches:
             at = n
             for j, (seg, tgt, family, named, attrs) in enumerate(segs, start=1):
                 span = slice(at, at + len(seg))
-                if not captions and named.any():
+                if not captions and named[0].any():
                     first = next(k for k, t in enumerate(tgt) if t != -100)  # predicts the first answer token
                     guide_at.append((i, at + first))
                     guide_mask.append(named)
@@ -168,8 +169,8 @@ class Batches:
         p = self.grid * self.grid
         return Packed(ids, positions, segments, targets, pixels, torch.stack([r[3] for r in rows]), families,
                       torch.tensor(guide_at, dtype=torch.long).view(-1, 2),
-                      torch.stack(guide_mask) if guide_mask else torch.zeros(0, p, dtype=torch.bool),
-                      torch.tensor(guide_attrs, dtype=torch.long).view(-1, 2),
+                      torch.stack(guide_mask) if guide_mask else torch.zeros(0, 3, p, dtype=torch.bool),
+                      torch.stack(guide_attrs) if guide_attrs else torch.zeros(0, 3, 4, dtype=torch.long),
                       len(rows[0][0]) - p)
 
 
@@ -177,9 +178,10 @@ class Batches:
 class Packed:
     """One packed batch (see Batches): tensors [B, T] and pixels [B, 3, H, W], per-patch labels
     [B, P, 4] for the auxiliary head, the family of each target (None for EOS), and for attention
-    guidance the (row, position) of N answer-predicting positions [N, 2], the patches their
-    questions name [N, P], the (shape, colour) of the one object named [N, 2] (-100: not one), and
-    where the P image tokens start in every row."""
+    guidance the (row, position) of N answer-predicting positions [N, 2], the patches of the
+    objects their questions look at [N, 3, P] and those objects' attributes [N, 3, A] (-100: not
+    one object) for training_aux.looked_at's (first, second, answer), and where the P image tokens
+    start in every row."""
 
     ids: torch.Tensor
     positions: torch.Tensor
@@ -209,44 +211,40 @@ def segment_mask(segments: torch.Tensor) -> torch.Tensor:
     return allowed[:, None]
 
 
-def packed_logits(model: LlavaModel, batch: Packed, probs_layer: int | None = None):
-    """(logits [B, T, V] of a packed batch, the vision features LLaVA reads [B, P, Dv], and the
-    attention probabilities [B, H, T, T] of layer `probs_layer` and the hidden states [B, T, D]
-    after it, or None, None)."""
+def packed_logits(model: LlavaModel, batch: Packed, taps: tuple[int, ...] = ()):
+    """(logits [B, T, V] of a packed batch, the vision features LLaVA reads [B, P, Dv], and for
+    each layer in `taps` its attention probabilities [B, H, T, T] and the hidden states after it
+    [B, T, D]: {layer: (probs, hidden)})."""
     lm = model.language_model
     states = model.vision_features(batch.pixels)  # [B, P, Dv]
     x = model.embed(batch.ids, model.multi_modal_projector(states))  # [B, T, D]
     cos, sin = lm.rotary(batch.positions, x.dtype)
     mask = segment_mask(batch.segments)
-    probs = hidden = None
+    tapped = {}
     for i, layer in enumerate(lm.layers):
-        if i == probs_layer:
+        if i in taps:
             x, probs, _ = layer.forward_with_attention(x, cos, sin, mask, None, i, 0, True)
-            hidden = x
+            tapped[i] = (probs, x)
         else:
             x = layer(x, cos, sin, mask, None, i, 0)
-    return model.lm_head(lm.norm(x)), states, probs, hidden
+    return model.lm_head(lm.norm(x)), states, tapped
 
 
 def loss_on(model: LlavaModel, head: PatchHead | None, batch: Packed, aux_weight: float = 0.0,
-            guide_weight: float = 0.0, guide_layer: int = 1, probe: ObjectProbe | None = None):
+            guide_weight: float = 0.0, guidance: Guidance | None = None):
     """(loss, per-target answer losses [N] in target order, auxiliary patch loss, guidance loss):
     the mean answer cross-entropy plus `aux_weight` times the patch-label loss of `head` plus
-    `guide_weight` times the attention-guidance loss of head 0 of layer `guide_layer` (plus, with
-    a `probe`, its loss on the hidden states after that layer at the guided positions)."""
-    guided = guide_weight > 0 and len(batch.guide_at) > 0
-    logits, states, probs, hidden = packed_logits(model, batch, guide_layer if guided else None)
+    `guide_weight` times the loss of `guidance` (where to look, what to read there)."""
+    guided = guidance is not None and guide_weight > 0 and len(batch.guide_at) > 0
+    logits, states, taps = packed_logits(model, batch, guidance.layers if guided else ())
     picked = batch.targets != -100  # [B, T]
     per = F.cross_entropy(logits[picked].float(), batch.targets[picked], reduction="none")  # [N]
     zero = torch.zeros((), device=per.device)
     aux = head.loss(states, batch.patch_labels) if head is not None else zero
     guide = zero
     if guided:
-        rows, at = batch.guide_at.unbind(-1)
-        image = slice(batch.image_start, batch.image_start + batch.guide_mask.shape[1])
-        guide = guide_loss(probs[rows, 0, at, image], batch.guide_mask)  # probs [N, P]
-        if probe is not None:
-            guide = guide + probe.loss(hidden[rows, at], batch.guide_attrs)  # hidden [N, D]
+        image = slice(batch.image_start, batch.image_start + batch.guide_mask.shape[-1])
+        guide = guidance.loss(taps, batch.guide_at.unbind(-1), image, batch.guide_mask, batch.guide_attrs)
     return per.mean() + aux_weight * aux + guide_weight * guide, per.detach(), aux.detach(), guide.detach()
 
 
@@ -269,7 +267,9 @@ def train(out_dir: str | Path, spec: TrainSpec, device: str = "cpu", log=print,
         model = LlavaModel(cfg).to(device)
         _init(model)
     head = PatchHead(cfg.vision.hidden_size * len(cfg.vision_feature_layers)).to(device)
-    probe = ObjectProbe(cfg.text.hidden_size).to(device)
+    if spec.guide_weight > 0 and not 0 <= spec.guide_layer < cfg.text.num_hidden_layers - 1:
+        raise UserError(f"--guide-layer must be in [0, {cfg.text.num_hidden_layers - 2}] (two layers are guided)")
+    guidance = Guidance(cfg.text.hidden_size, spec.guide_layer).to(device)
     tokenizer = build_word_tokenizer(default_words(), IMAGE_TOKEN_ID, VOCAB_SIZE)
     encoder = PromptEncoder(tokenizer, IMAGE_TOKEN_ID, cfg.image_features_per_image)
     processor = ImageProcessor(shortest_edge=spec.image_size, crop_hw=(spec.image_size, spec.image_size))
@@ -277,7 +277,7 @@ def train(out_dir: str | Path, spec: TrainSpec, device: str = "cpu", log=print,
     vision = [*model.vision_tower.parameters(), *head.parameters()]
     stages = [("vision", spec.vision_steps, vision, False),
               ("align", spec.align_steps, list(model.multi_modal_projector.parameters()), True),
-              ("instruct", spec.steps, [*model.parameters(), *head.parameters(), *probe.parameters()], False)]
+              ("instruct", spec.steps, [*model.parameters(), *head.parameters(), *guidance.parameters()], False)]
     for name, steps, params, captions in stages:
         if steps == 0:
             continue
@@ -299,7 +299,7 @@ def train(out_dir: str | Path, spec: TrainSpec, device: str = "cpu", log=print,
                 instruct = name == "instruct"
                 loss, per, aux, guide = loss_on(model, head if instruct else None, batch,
                                                 spec.aux_weight if instruct else 0.0,
-                                                spec.guide_weight if instruct else 0.0, spec.guide_layer, probe)
+                                                spec.guide_weight if instruct else 0.0, guidance)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             torch.nn.utils.clip_grad_norm_(params, 1.0)

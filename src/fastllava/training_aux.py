@@ -83,56 +83,107 @@ _SHAPE_WORDS = "|".join([*SHAPES, *PLURALS.values()])
 _SINGULAR = {plural: shape for shape, plural in PLURALS.items()}
 
 
-def named_objects(scene: Scene, question: str) -> set[int]:
-    """Indices of the objects `question` points at: each "<colour> <shape>" it names, else each
-    colour or shape it names alone, plus the object nearest to an anchor ("nearest to the ...").
-    A named pair that no object matches (a "no" to "Is there a red star?") points at the objects
-    sharing its colour or its shape."""
+def looked_at(scene: Scene, question: str) -> tuple[set[int], set[int], set[int]]:
+    """(first, second, answer): indices of the objects of the first and the second thing
+    `question` names (second = first when it names one thing), and of those its answer is about
+    (the object nearest to the anchor for "nearest to ..." questions, else first and second).
+    A thing is a "<colour> <shape>"; a named pair no object matches (a "no" to "Is there a red
+    star?") stands for the objects sharing its colour or its shape; without pairs, the thing is
+    every object of a colour or shape the question names."""
     text = question.lower()
     objs = scene.objects
-    picked: set[int] = set()
-    pairs = re.findall(rf"\b({_COLOR_WORDS}) ({_SHAPE_WORDS})\b", text)
-    for color, shape in pairs:
-        shape = _SINGULAR.get(shape, shape)
+    groups = []
+    for m in re.finditer(rf"\b({_COLOR_WORDS}) ({_SHAPE_WORDS})\b", text):
+        color, shape = m.group(1), _SINGULAR.get(m.group(2), m.group(2))
         exact = {i for i, o in enumerate(objs) if o.color == color and o.shape == shape}
-        picked |= exact or {i for i, o in enumerate(objs) if o.color == color or o.shape == shape}
-    if not pairs:
+        groups.append(exact or {i for i, o in enumerate(objs) if o.color == color or o.shape == shape})
+    if not groups:
         words = set(re.findall(r"[a-z]+", text))
-        picked |= {i for i, o in enumerate(objs) if o.color in words or o.shape in words
-                   or PLURALS[o.shape] in words}
+        groups.append({i for i, o in enumerate(objs) if o.color in words or o.shape in words
+                       or PLURALS[o.shape] in words})
+    first, second = groups[0], groups[1] if len(groups) > 1 else groups[0]
     if "nearest" in text:
-        picked |= {objs.index(n) for i in list(picked) if (n := nearest(scene, objs[i])) is not None}
-    return picked
+        answer = {objs.index(n) for i in first if (n := nearest(scene, objs[i])) is not None}
+    else:
+        answer = first | second
+    return first, second, answer
+
+
+def named_objects(scene: Scene, question: str) -> set[int]:
+    """Every object `question` points at (see looked_at)."""
+    first, second, answer = looked_at(scene, question)
+    return first | second | answer
 
 
 def guide_loss(probs: torch.Tensor, relevant: torch.Tensor) -> torch.Tensor:
     """probs [N, P]: one head's attention from N answer positions to the P image patches;
     relevant [N, P] bool: the patches of the objects each question points at.
-    -> mean over N of -log(attention mass on the relevant patches)."""
-    mass = (probs.float() * relevant).sum(-1)  # [N]
-    return -torch.log(mass + 1e-6).mean()
+    -> mean over the rows with relevant patches of -log(attention mass on them)."""
+    keep = relevant.any(-1)  # [N]
+    mass = (probs[keep].float() * relevant[keep]).sum(-1)  # [N']
+    return -torch.log(mass + 1e-6).mean() if bool(keep.any()) else probs.sum() * 0.0
 
 
-def object_attributes(scene: Scene, named: set[int]) -> tuple[int, int]:
-    """(shape index, colour index) of the one named object, or (-100, -100) unless exactly one."""
-    if len(named) != 1:
-        return -100, -100
-    obj = scene.objects[next(iter(named))]
-    return list(SHAPES).index(obj.shape), list(COLORS).index(obj.color)
+# what ObjectProbe reads of one object -> number of classes (x, y: the column / row of a 6 x 6 grid)
+ATTRIBUTES = {"shape": len(SHAPES), "color": len(COLORS), "x": 6, "y": 6}
+
+
+def object_attributes(scene: Scene, objects: set[int]) -> tuple[int, ...]:
+    """The ATTRIBUTES of the one object in `objects`, or -100s unless there is exactly one."""
+    if len(objects) != 1:
+        return (-100,) * len(ATTRIBUTES)
+    obj = scene.objects[next(iter(objects))]
+    cells = ATTRIBUTES["x"]
+    return (list(SHAPES).index(obj.shape), list(COLORS).index(obj.color), min(int(obj.x * cells), cells - 1),
+            min(int(obj.y * cells), cells - 1))
 
 
 class ObjectProbe(nn.Module):
-    """A linear probe from hidden states [N, D] to the shape and colour of the named object."""
+    """A linear probe from hidden states [N, D] to the ATTRIBUTES of `objects` objects."""
 
-    def __init__(self, dim: int):
+    def __init__(self, dim: int, objects: int = 1):
         super().__init__()
-        self.proj = nn.Linear(dim, len(SHAPES) + len(COLORS))
+        self.objects = objects
+        self.proj = nn.Linear(dim, objects * sum(ATTRIBUTES.values()))
 
     def loss(self, hidden: torch.Tensor, attrs: torch.Tensor) -> torch.Tensor:
-        """hidden [N, D], attrs [N, 2] (shape, colour; -100 = no single object) -> summed
-        cross-entropy over the rows that have one object (0 if none has)."""
-        keep = attrs[:, 0] >= 0  # [N]
-        if not bool(keep.any()):
-            return hidden.sum() * 0.0
-        shape, color = self.proj(hidden[keep]).float().split([len(SHAPES), len(COLORS)], dim=-1)
-        return F.cross_entropy(shape, attrs[keep, 0]) + F.cross_entropy(color, attrs[keep, 1])
+        """hidden [N, D], attrs [N, objects, len(ATTRIBUTES)] (-100 = not one object) -> the
+        summed cross-entropy of every attribute of every object, over the rows that have it."""
+        logits = self.proj(hidden).float().view(len(hidden), self.objects, -1)  # [N, K, C]
+        total = hidden.sum() * 0.0
+        for k in range(self.objects):
+            keep = attrs[:, k, 0] >= 0
+            if bool(keep.any()):
+                parts = logits[keep, k].split(list(ATTRIBUTES.values()), dim=-1)
+                total = total + sum(F.cross_entropy(lg, attrs[keep, k, a]) for a, lg in enumerate(parts))
+        return total
+
+
+class Guidance(nn.Module):
+    """Where the language model should look and what it should read there, at the position that
+    predicts each answer's first token: in layer `layer`, head 0 on the first thing the question
+    names and head 1 on the second, then the attributes of both readable after that layer; in
+    layer `layer + 1`, head 0 on the objects the answer is about, whose attributes are then
+    readable after it (the second hop of "the object nearest to the red circle")."""
+
+    def __init__(self, dim: int, layer: int):
+        super().__init__()
+        self.layer = layer
+        self.read_named = ObjectProbe(dim, objects=2)
+        self.read_answer = ObjectProbe(dim, objects=1)
+
+    @property
+    def layers(self) -> tuple[int, int]:
+        return self.layer, self.layer + 1
+
+    def loss(self, taps: dict, at: tuple[torch.Tensor, torch.Tensor], image: slice, masks: torch.Tensor,
+             attrs: torch.Tensor) -> torch.Tensor:
+        """taps {layer: (probs [B, H, T, T], hidden [B, T, D])}; at: (rows [N], positions [N]);
+        image: the image tokens' slots; masks [N, 3, P] bool and attrs [N, 3, len(ATTRIBUTES)]
+        for (first, second, answer)."""
+        rows, pos = at
+        (probs1, hidden1), (probs2, hidden2) = taps[self.layers[0]], taps[self.layers[1]]
+        look = (guide_loss(probs1[rows, 0, pos, image], masks[:, 0]) + guide_loss(probs1[rows, 1, pos, image], masks[:, 1])
+                + guide_loss(probs2[rows, 0, pos, image], masks[:, 2]))
+        read = self.read_named.loss(hidden1[rows, pos], attrs[:, :2]) + self.read_answer.loss(hidden2[rows, pos], attrs[:, 2:])
+        return look + read
