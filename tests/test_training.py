@@ -76,8 +76,9 @@ def test_tiny_training_run_writes_a_loadable_model(tmp_path):
 def test_patch_labels_follow_the_scene():
     scene = Scene((SceneObject("square", "blue", "large", 0.25, 0.25, SIZES["large"]),
                    SceneObject("circle", "red", "small", 0.75, 0.75, SIZES["small"])), "plain", 220, 0)
-    labels = patch_labels(scene, grid=24, image_size=96).view(24, 24, 4)
-    shape, color, size, centre = labels.unbind(-1)
+    labels = patch_labels(scene, grid=24, image_size=96).view(24, 24, 6)
+    shape, color, size, centre, row, col = labels.unbind(-1)
+    assert row[0, 23] == 0 and col[0, 23] == 11 and row[23, 0] == 11 and row[13, 5] == 6 and col[13, 5] == 2
     assert shape[6, 6] == SHAPES.index("square") + 1 and color[6, 6] == list(COLORS).index("blue") + 1
     assert shape[18, 18] == SHAPES.index("circle") + 1 and size[18, 18] == list(SIZES).index("small") + 1
     assert shape[0, 23] == 0 and color[12, 0] == 0  # background
@@ -145,6 +146,6 @@ def test_looked_at_orders_the_named_things_and_finds_the_answer_object():
 def test_object_attributes_only_for_a_single_object():
     scene = Scene((SceneObject("star", "green", "small", 0.2, 0.9, SIZES["small"]),
                    SceneObject("circle", "red", "small", 0.8, 0.8, SIZES["small"])), "plain", 220, 0)
-    assert object_attributes(scene, {1}) == (SHAPES.index("circle"), list(COLORS).index("red"), 4, 4)
-    assert object_attributes(scene, {0}) == (SHAPES.index("star"), list(COLORS).index("green"), 1, 5)
+    assert object_attributes(scene, {1}) == (SHAPES.index("circle"), list(COLORS).index("red"), 9, 9)
+    assert object_attributes(scene, {0}) == (SHAPES.index("star"), list(COLORS).index("green"), 2, 10)
     assert object_attributes(scene, {0, 1}) == (-100,) * 4 == object_attributes(scene, set())

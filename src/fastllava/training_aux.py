@@ -29,7 +29,10 @@ from .evaluation.questions import nearest
 from .evaluation.scenes import COLORS, PLURALS, SHAPES, SIZES, Scene, draw_object
 
 # label group -> number of classes (0 = background / no)
-GROUPS = {"shape": len(SHAPES) + 1, "color": len(COLORS) + 1, "size": len(SIZES) + 1, "center": 2}
+# and (row, col): the patch's own place on a CELLS x CELLS grid, so that the features keep where they are
+CELLS = 12
+GROUPS = {"shape": len(SHAPES) + 1, "color": len(COLORS) + 1, "size": len(SIZES) + 1, "center": 2,
+          "row": CELLS, "col": CELLS}
 
 
 def object_map(scene: Scene, size: int) -> np.ndarray:
@@ -50,15 +53,17 @@ def patch_objects(scene: Scene, grid: int, image_size: int) -> np.ndarray:
 
 
 def patch_labels(scene: Scene, grid: int, image_size: int) -> torch.Tensor:
-    """[grid * grid, 4] long labels (shape, color, size, center) per patch, row-major like the
-    vision tower's patch tokens."""
+    """[grid * grid, 6] long labels (shape, color, size, center, row, col) per patch, row-major
+    like the vision tower's patch tokens."""
     at = patch_objects(scene, grid, image_size)  # [P], 0 = background
     shapes, colors, sizes = list(SHAPES), list(COLORS), list(SIZES)
     lookup = np.zeros((len(scene.objects) + 1, 3), dtype=np.int64)
     for i, obj in enumerate(scene.objects):
         lookup[i + 1] = (shapes.index(obj.shape) + 1, colors.index(obj.color) + 1, sizes.index(obj.size) + 1)
-    labels = np.zeros((grid * grid, 4), dtype=np.int64)
+    labels = np.zeros((grid * grid, len(GROUPS)), dtype=np.int64)
     labels[:, :3] = lookup[at]
+    cell = np.arange(grid) * CELLS // grid  # [grid]
+    labels[:, 4], labels[:, 5] = np.repeat(cell, grid), np.tile(cell, grid)
     for obj in scene.objects:
         col, row = min(int(obj.x * grid), grid - 1), min(int(obj.y * grid), grid - 1)
         labels[row * grid + col, 3] = 1
@@ -124,8 +129,8 @@ def guide_loss(probs: torch.Tensor, relevant: torch.Tensor) -> torch.Tensor:
     return -torch.log(mass + 1e-6).mean() if bool(keep.any()) else probs.sum() * 0.0
 
 
-# what ObjectProbe reads of one object -> number of classes (x, y: the column / row of a 6 x 6 grid)
-ATTRIBUTES = {"shape": len(SHAPES), "color": len(COLORS), "x": 6, "y": 6}
+# what ObjectProbe reads of one object -> number of classes (x, y: its centre's column / row of CELLS)
+ATTRIBUTES = {"shape": len(SHAPES), "color": len(COLORS), "x": CELLS, "y": CELLS}
 
 
 def object_attributes(scene: Scene, objects: set[int]) -> tuple[int, ...]:
@@ -133,7 +138,7 @@ def object_attributes(scene: Scene, objects: set[int]) -> tuple[int, ...]:
     if len(objects) != 1:
         return (-100,) * len(ATTRIBUTES)
     obj = scene.objects[next(iter(objects))]
-    cells = ATTRIBUTES["x"]
+    cells = CELLS
     return (list(SHAPES).index(obj.shape), list(COLORS).index(obj.color), min(int(obj.x * cells), cells - 1),
             min(int(obj.y * cells), cells - 1))
 
