@@ -6,6 +6,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from ..errors import UserError
+from ..specs import parse_options, split_spec
 
 KV_HELP = ("fp, kivi[:bits=2|4,group=N,residual=N] (default bits=4,group=32,residual=128) or "
            "vidkv[:group=N,residual=N,high=F,salient=F] (default group=32,residual=128,high=0.5,salient=0)")
@@ -40,17 +41,10 @@ class WeightSpec:
 
 
 def _options(text: str, allowed: dict[str, type], what: str, help_text: str) -> dict:
-    out = {}
-    for item in filter(None, (s.strip() for s in text.split(","))):
-        key, eq, value = item.partition("=")
-        key = key.strip()
-        if not eq or key not in allowed:
-            raise UserError(f"bad {what} option {item!r}; allowed: {help_text}")
-        try:
-            out[key] = allowed[key](value.strip())
-        except ValueError:
-            raise UserError(f"bad {what} value {item!r}; allowed: {help_text}") from None
-    return out
+    def message(problem, item, key, value):
+        bad = "option" if problem == "unknown" or value is None else "value"  # a wrong name or no '='
+        return f"bad {what} {bad} {item!r}; allowed: {help_text}"
+    return parse_options(text, allowed, message)
 
 
 def _flag(text: str) -> bool:
@@ -63,8 +57,8 @@ def _kind(spec, what: str, help_text: str) -> tuple[str, str]:
     """"name:options" -> (lower-case name, options)."""
     if not isinstance(spec, str):
         raise UserError(f"{what} must be a string, got {type(spec).__name__}; choose {help_text}")
-    kind, _, rest = spec.strip().partition(":")
-    return kind.strip().lower(), rest
+    kind, rest = split_spec(spec)
+    return kind.lower(), rest
 
 
 def parse_kv_cache(spec: str | KVSpec | None) -> KVSpec | None:

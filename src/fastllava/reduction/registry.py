@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import MISSING, fields
 
 from ..errors import UserError
+from ..specs import parse_options, split_spec
 from .base import Method
 
 METHODS: dict[str, type[Method]] = {}
@@ -21,18 +22,8 @@ def _kind(f) -> str:
     return "ints" if t.startswith("list") or t.startswith("tuple") else t
 
 
-def _convert(method: str, key: str, kind: str, text: str):
-    try:
-        if kind == "int":
-            return int(text)
-        if kind == "float":
-            return float(text)
-        if kind == "ints":
-            return [int(v) for v in text.split("-")]
-    except ValueError:
-        want = {"int": "an integer", "float": "a number", "ints": "integers joined by '-', e.g. 8-16-24"}[kind]
-        raise UserError(f"{method}: {key}={text!r} is not {want}") from None
-    return text
+_CONVERT = {"int": int, "float": float, "ints": lambda text: [int(v) for v in text.split("-")]}  # others: str
+_WANT = {"int": "an integer", "float": "a number", "ints": "integers joined by '-', e.g. 8-16-24"}
 
 
 def params(cls: type[Method]) -> list[tuple[str, str, object]]:
@@ -50,21 +41,19 @@ def parse_spec(spec: str | Method) -> Method:
         return spec
     if not isinstance(spec, str) or not spec.strip():
         raise UserError(f"a reduction spec is NAME[:key=value,...]; methods: {', '.join(METHODS)}")
-    name, _, rest = spec.strip().partition(":")
-    cls = METHODS.get(name.strip())
+    name, rest = split_spec(spec)
+    cls = METHODS.get(name)
     if cls is None:
-        raise UserError(f"unknown reduction method {name.strip()!r}; methods: {', '.join(METHODS)}")
+        raise UserError(f"unknown reduction method {name!r}; methods: {', '.join(METHODS)}")
     kinds = {n: k for n, k, _ in params(cls)}
-    values = {}
-    for item in filter(None, (p.strip() for p in rest.split(","))):
-        key, eq, text = item.partition("=")
-        key = key.strip()
-        if key not in kinds:
-            raise UserError(f"{name}: unknown parameter {key!r}; parameters: {', '.join(kinds)}")
-        if not eq or not text.strip():
-            raise UserError(f"{name}: parameter {key!r} needs a value ({key}=...)")
-        values[key] = _convert(name, key, kinds[key], text.strip())
-    return cls(**values)
+
+    def message(problem, item, key, value):
+        if problem == "unknown":
+            return f"{name}: unknown parameter {key!r}; parameters: {', '.join(kinds)}"
+        if problem == "missing":
+            return f"{name}: parameter {key!r} needs a value ({key}=...)"
+        return f"{name}: {key}={value!r} is not {_WANT[kinds[key]]}"
+    return cls(**parse_options(rest, {n: _CONVERT.get(k, str) for n, k in kinds.items()}, message))
 
 
 def parse_list(text: str) -> list[Method]:
