@@ -21,7 +21,7 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", help="cpu, cuda, cuda:1, ... (default: cuda when available)")
     p.add_argument("--dtype", choices=["float32", "float16", "bfloat16"],
                    help="default: float32 on the CPU, bfloat16 on a GPU")
-    p.add_argument("--decode", choices=["eager", "static", "compiled"], default="eager",
+    p.add_argument("--decode",  # checked by fastllava.load (fastpath.check_decode_mode)
                    help="decode steps: eager (default), static (fixed shapes) or compiled (torch.compile; "
                         "CUDA graphs on a GPU); see fastllava.fastpath")
 

@@ -54,27 +54,27 @@ def decode_step(model: LlavaModel, cache: StaticKVCache) -> Step:
                                               None, cache)[:, -1]
     fn = _compiled(model) if mode == "compiled" else static_step
     firsts = tuple(cache.stages)
+    stage_of = tuple(sum(f <= i for f in firsts) - 1 for i in range(len(cache.lengths)))  # layer -> stage
     ones = torch.ones(cache.valid.shape[1], 1, dtype=torch.bool, device=cache.valid.device)  # [B, 1]
 
     def step(token: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
         slots = [cache.reserve(first, ones)[0] for first in firsts]  # marks the new slot valid
         slot = torch.tensor(slots, dtype=torch.long).to(token.device, non_blocking=True)  # [stages]
-        return fn(model, cache, token, positions, slot, firsts)
+        return fn(model, cache, token, positions, slot, firsts, stage_of)
 
     return step
 
 
 def static_step(model: LlavaModel, cache: StaticKVCache, token: torch.Tensor, positions: torch.Tensor,
-                slot: torch.Tensor, firsts: tuple[int, ...]) -> torch.Tensor:
-    """token [B], positions [B, 1], slot [stages] (the slot each stage writes, already reserved)
-    -> logits [B, V]. Attends over all cache slots; `cache.valid` masks the unwritten ones."""
+                slot: torch.Tensor, firsts: tuple[int, ...], stage_of: tuple[int, ...]) -> torch.Tensor:
+    """token [B], positions [B, 1], slot [stages] (the slot each stage writes, already reserved),
+    firsts: each stage's first layer, stage_of: each layer's stage -> logits [B, V]. Attends over
+    all cache slots; `cache.valid` masks the unwritten ones."""
     lm = model.language_model
     x = lm.embed_tokens(token[:, None])  # [B, 1, D]
     cos, sin = lm.rotary(positions, x.dtype)
-    stage = 0
     for i, layer in enumerate(lm.layers):
-        if stage + 1 < len(firsts) and i == firsts[stage + 1]:
-            stage += 1
+        stage = stage_of[i]
         mask = cache.valid[firsts[stage]][:, None, None, :]  # [B, 1, 1, S]
         x = layer(x, cos, sin, mask, cache, i, slot[stage:stage + 1])
     return model.lm_head(lm.norm(x))[:, -1]

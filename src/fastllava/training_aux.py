@@ -8,11 +8,10 @@ centre lies in this patch (so that objects can be counted). A linear head on the
 LLaVA reads predicts them; the head is used in training only and never saved.
 
 The language model must also learn where to look: a question about "the red object" is answered
-from the few patches of that object among 576. `named_objects` reads off the scene which objects a
-question points at, and `guide_loss` pulls one attention head of one layer, at the position that
-predicts the answer, onto their patches, and `ObjectProbe` asks that the shape and colour of the
-one object a question names be readable (linearly) at that position right after that layer —
-the look-then-read circuit the answer needs (training-only losses; inference is unchanged).
+from the few patches of that object among 576. `looked_at` reads off the scene which objects a
+question points at; `Guidance` pulls attention heads, at the position that predicts the answer,
+onto their patches (`guide_loss`) and asks, through `ObjectProbe`, that their shape, colour and
+grid cell be linearly readable there (training-only losses; inference is unchanged).
 """
 
 from __future__ import annotations
@@ -138,9 +137,8 @@ def object_attributes(scene: Scene, objects: set[int]) -> tuple[int, ...]:
     if len(objects) != 1:
         return (-100,) * len(ATTRIBUTES)
     obj = scene.objects[next(iter(objects))]
-    cells = CELLS
-    return (list(SHAPES).index(obj.shape), list(COLORS).index(obj.color), min(int(obj.x * cells), cells - 1),
-            min(int(obj.y * cells), cells - 1))
+    return (list(SHAPES).index(obj.shape), list(COLORS).index(obj.color), min(int(obj.x * CELLS), CELLS - 1),
+            min(int(obj.y * CELLS), CELLS - 1))
 
 
 class ObjectProbe(nn.Module):

@@ -47,6 +47,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
     import torch
 
     from ..checkpoint import resolve_device, resolve_dtype
+    from ..fastpath import check_decode_mode
     from ..quant import parse_kv_cache, parse_weights
     from ..quant.weights import quantize_weights
     from ..reduction.runtime import make_reduction
@@ -66,7 +67,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
         model = random_model(preset_config(args.preset), device, resolve_dtype(args.dtype, device), args.seed)
         quantize_weights(model, weights)
         model.kv_cache = kv_cache
-        model.decode_mode = args.decode
+        model.decode_mode = check_decode_mode(args.decode)
         name = f"preset {args.preset}"
     else:
         from .. import load
