@@ -27,6 +27,10 @@ def main() -> int:
         import torch
 
         torch.set_num_threads(args.threads)
+    if args.device.startswith("cuda"):
+        import torch
+
+        torch.set_float32_matmul_precision("high")  # TF32 matrix products
     spec = TrainSpec(**{f.name: getattr(args, f.name) for f in dataclasses.fields(TrainSpec)})
     try:
         out = train(args.out, spec, device=args.device, log=lambda m: print(m, flush=True), init=args.init)

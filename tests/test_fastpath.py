@@ -68,6 +68,9 @@ def test_compiled_decode_gives_the_eager_tokens(ckpt):
     assert cache_size(model.model, CACHE_BUCKET + 1) == 2 * CACHE_BUCKET
     compiled = _tokens(model, "compiled", n=6)
     assert compiled == _tokens(model, "eager", n=6)
+    again = _tokens(model, "compiled", reduce="fastv:keep=5,layer=1", n=6)  # the same cache, reused and split
+    assert len(model.model._compiled_caches) == 1
+    assert again == _tokens(model, "eager", reduce="fastv:keep=5,layer=1", n=6)
 
 
 def test_unknown_decode_mode_is_a_clear_error(ckpt):

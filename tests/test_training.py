@@ -149,3 +149,14 @@ def test_object_attributes_only_for_a_single_object():
     assert object_attributes(scene, {1}) == (SHAPES.index("circle"), list(COLORS).index("red"), 9, 9)
     assert object_attributes(scene, {0}) == (SHAPES.index("star"), list(COLORS).index("green"), 2, 10)
     assert object_attributes(scene, {0, 1}) == (-100,) * 4 == object_attributes(scene, set())
+
+
+def test_worker_batches_differ_by_worker_and_follow_the_family_weights():
+    _, data = _tiny_model_and_data(questions=2)
+    stream = data.stream(2, captions=False, workers=2)
+    first = [next(stream) for _ in range(2)]  # one from each worker
+    assert not torch.equal(first[0].pixels, first[1].pixels)
+    data.family_weights.copy_(torch.tensor([0.0, 1.0, 0.0, 0.0, 0.0, 0.0]))  # shape questions only
+    later = [next(stream) for _ in range(14)][-4:]  # past the batches made before the change
+    assert {f for b in later for f in b.families if f is not None} == {"shape"}
+    assert first[0].ids.shape[0] == 2 and first[0].pixels.shape[0] == 2

@@ -46,6 +46,26 @@ def cache_size(model: LlavaModel, needed: int) -> int:
     return -(-needed // CACHE_BUCKET) * CACHE_BUCKET
 
 
+def new_cache(model: LlavaModel, batch: int, needed: int) -> StaticKVCache:
+    """A cache of `batch` rows with room for `needed` slots (see cache_size).
+
+    Compiled decoding reuses one full-precision cache per (batch, size): its buffers keep their
+    addresses from one generation to the next, so that the CUDA graph recorded for that shape
+    replays on them instead of being recorded again (or skipped, as graphs are for inputs that
+    the step mutates unless their addresses are static). One generation at a time per model."""
+    size = cache_size(model, needed)
+    if model.decode_mode != "compiled" or model.kv_cache is not None:
+        return model.new_cache(batch, size)
+    cache = model._compiled_caches.get((batch, size))
+    if cache is None:
+        cache = model.new_cache(batch, size)
+        for buffer in (cache.k, cache.v, cache.valid):
+            torch._dynamo.mark_static_address(buffer)
+        model._compiled_caches[(batch, size)] = cache
+    cache.clear()
+    return cache
+
+
 def decode_step(model: LlavaModel, cache: StaticKVCache) -> Step:
     """The function that runs one decode step of `model` into `cache` (after its prefill)."""
     mode = model.decode_mode
@@ -55,11 +75,14 @@ def decode_step(model: LlavaModel, cache: StaticKVCache) -> Step:
     fn = _compiled(model) if mode == "compiled" else static_step
     firsts = tuple(cache.stages)
     stage_of = tuple(sum(f <= i for f in firsts) - 1 for i in range(len(cache.lengths)))  # layer -> stage
+    graphs = mode == "compiled" and cache.k.device.type == "cuda"
     ones = torch.ones(cache.valid.shape[1], 1, dtype=torch.bool, device=cache.valid.device)  # [B, 1]
 
     def step(token: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
         slots = [cache.reserve(first, ones)[0] for first in firsts]  # marks the new slot valid
         slot = torch.tensor(slots, dtype=torch.long).to(token.device, non_blocking=True)  # [stages]
+        if graphs:
+            torch.compiler.cudagraph_mark_step_begin()  # the last step's outputs are not read again
         return fn(model, cache, token, positions, slot, firsts, stage_of)
 
     return step

@@ -13,7 +13,7 @@ from typing import Iterator
 import torch
 
 from .errors import UserError
-from .fastpath import cache_size, decode_step
+from .fastpath import decode_step, new_cache
 from .kvcache import StaticKVCache
 from .models.llava import LlavaModel
 from .reduction.runtime import Reduction
@@ -124,7 +124,7 @@ def prefill(model: LlavaModel, input_ids: torch.Tensor, attention_mask: torch.Te
     if times is not None:
         sync(device)
         times.vision_s = time.perf_counter() - times.start
-    cache = model.new_cache(b, cache_size(model, embeds.shape[1] + new_tokens))  # a reduction before the LLM shortens it
+    cache = new_cache(model, b, embeds.shape[1] + new_tokens)  # a reduction before the LLM shortens it
     visual = reduction.visual if reduction is not None else (input_ids == model.cfg.image_token_index) & mask
     cache.prompt(embeds, visual, mask)
     if times is not None:

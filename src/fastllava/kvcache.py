@@ -27,6 +27,12 @@ class StaticKVCache:
         self.stages = [0]  # first layer of each run of layers sharing a slot layout
         self.max_len = max_len
 
+    def clear(self) -> None:
+        """Empty the cache to be used again, keeping its buffers: no slot valid, one stage."""
+        self.valid.zero_()
+        self.lengths = [0] * len(self.lengths)
+        self.stages = [0]
+
     @property
     def length(self) -> int:
         """Slots in use by the first layer (the uncompacted prompt plus generated tokens)."""

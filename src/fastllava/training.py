@@ -60,6 +60,7 @@ class TrainSpec:
     questions: int = 8  # question/answer segments sharing one image per training row
     minutes: float = 0.0  # wall-clock budget per stage; the schedule follows whichever ends first (0 = off)
     save_every: int = 200  # steps between intermediate checkpoints (0 = only at the end)
+    workers: int = 0  # processes generating batches ahead of the training step (0 = in the step)
     seed: int = 0
 
 
@@ -93,16 +94,29 @@ class Batches:
                  questions: int = 1, grid: int = 24):
         self.encoder, self.processor, self.image_size, self.grid = encoder, processor, image_size, grid
         self.questions = questions
+        self.seed = seed
         self.rng = np.random.Generator(np.random.PCG64(TRAIN_SEED_BASE + seed))
         self.popular = all_pairs()  # frequency order is learned from data; any order trains all pairs
-        self.family_weights = np.ones(len(FAMILIES))  # sampling weights, see `reweight`
+        # sampling weights (see `reweight`), in shared memory so that worker processes see updates
+        self.family_weights = torch.ones(len(FAMILIES), dtype=torch.float64).share_memory_()
 
     def reweight(self, family_losses: dict[str, float]) -> None:
         """Ask more often from the families the model still gets wrong (weights ~ loss + floor)."""
-        self.family_weights = np.array([family_losses.get(f, 1.0) + 0.05 for f in FAMILIES])
+        self.family_weights.copy_(torch.tensor([family_losses.get(f, 1.0) + 0.05 for f in FAMILIES]))
+
+    def stream(self, size: int, captions: bool, workers: int, stage: int = 0):
+        """Endless batches of `size` rows: made here (workers=0) or by `workers` processes ahead
+        of the caller, each drawing from its own seed stream (this one's seed, stage, worker)."""
+        if workers == 0:
+            while True:
+                yield self.batch(size, captions)
+        loader = torch.utils.data.DataLoader(_Stream(self, size, captions, stage), batch_size=None,
+                                             num_workers=workers, prefetch_factor=4, collate_fn=_same)
+        yield from loader
 
     def _question(self, scene) -> tuple[str, str, str] | None:
-        p = self.family_weights / self.family_weights.sum()
+        weights = self.family_weights.numpy()
+        p = weights / weights.sum()
         family = FAMILIES[int(self.rng.choice(len(FAMILIES), p=p))]
         if family == "exist":
             q = ask_exist(scene, self.rng, ("yes", "no")[int(self.rng.integers(2))],
@@ -115,12 +129,13 @@ class Batches:
         """(prefix ids, [(segment ids, segment targets, family, patches looked at [3, P] bool,
         attributes [3, A] of the one object looked at or -100s)], image, patch labels [P, 4]);
         the 3 are training_aux.looked_at's first, second and answer objects."""
-        scene = random_scene(self.rng)
-        if captions:
-            qas = [(CAPTION_PROMPT, caption(scene), "caption")]
-        else:
-            qas, tries = [], 0
-            while len(qas) < self.questions and tries < 20 * self.questions:
+        qas = []
+        while not qas:  # a scene may allow no question of the families drawn: take another
+            scene = random_scene(self.rng)
+            if captions:
+                qas = [(CAPTION_PROMPT, caption(scene), "caption")]
+            tries = 0
+            while not captions and len(qas) < self.questions and tries < 20 * self.questions:
                 tries += 1
                 qa = self._question(scene)
                 if qa is not None and all(qa[0] != q for q, _, _ in qas):
@@ -172,6 +187,24 @@ class Batches:
                       torch.stack(guide_mask) if guide_mask else torch.zeros(0, 3, p, dtype=torch.bool),
                       torch.stack(guide_attrs) if guide_attrs else torch.zeros(0, 3, 4, dtype=torch.long),
                       len(rows[0][0]) - p)
+
+
+class _Stream(torch.utils.data.IterableDataset):
+    """Batches.stream's source in a worker process: the parent's Batches with its own generator."""
+
+    def __init__(self, data: Batches, size: int, captions: bool, stage: int):
+        self.data, self.size, self.captions, self.stage = data, size, captions, stage
+
+    def __iter__(self):
+        torch.set_num_threads(1)
+        worker = torch.utils.data.get_worker_info().id
+        self.data.rng = np.random.Generator(np.random.PCG64([TRAIN_SEED_BASE + self.data.seed, self.stage, worker]))
+        while True:
+            yield self.data.batch(self.size, self.captions)
+
+
+def _same(batch):
+    return batch
 
 
 @dataclass
@@ -278,9 +311,10 @@ def train(out_dir: str | Path, spec: TrainSpec, device: str = "cpu", log=print,
     stages = [("vision", spec.vision_steps, vision, False),
               ("align", spec.align_steps, list(model.multi_modal_projector.parameters()), True),
               ("instruct", spec.steps, [*model.parameters(), *head.parameters(), *guidance.parameters()], False)]
-    for name, steps, params, captions in stages:
+    for stage, (name, steps, params, captions) in enumerate(stages):
         if steps == 0:
             continue
+        batches = data.stream(spec.batch_size, captions, spec.workers, stage)
         opt = torch.optim.AdamW(params, lr=spec.lr, betas=(0.9, 0.98), weight_decay=0.01)
         bar, start, running, aux_ema, guide_ema = Progress(name, steps), time.time(), None, None, None
         family_loss: dict[str, float] = {}
@@ -291,7 +325,7 @@ def train(out_dir: str | Path, spec: TrainSpec, device: str = "cpu", log=print,
                 break
             for group in opt.param_groups:
                 group["lr"] = spec.lr * _lr_factor(done, step)
-            batch = data.batch(spec.batch_size, captions).to(device)
+            batch = next(batches).to(device)
             if name == "vision":
                 aux = head.loss(model.vision_features(batch.pixels), batch.patch_labels)
                 loss, per, guide = aux, None, torch.zeros(())

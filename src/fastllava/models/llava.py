@@ -35,6 +35,7 @@ class LlavaModel(nn.Module):
         self.kv_cache = None  # the KV-cache layout (fastllava.quant.KVSpec); None: full precision
         self.decode_mode = "eager"  # how decode steps run: eager, static or compiled (fastllava.fastpath)
         self._compiled_step = None  # fastpath's compiled step, made on first use
+        self._compiled_caches = {}  # fastpath's reused caches for compiled decoding, by (batch, slots)
         self.weights = None  # the weight quantization applied (fastllava.quant.WeightSpec); None: none
 
     @property
