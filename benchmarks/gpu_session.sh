@@ -21,6 +21,7 @@ left() { echo $(( DEADLINE - $(date +%s) )); }
   date -u; } > "$W/env.txt" 2>&1
 cat "$W/env.txt"
 
+if [ -z "${SKIP_BENCH:-}" ]; then
 B="--preset $PRESET --device $DEVICE --dtype $DTYPE --new-tokens 32 --repeats 5 --warmup 2"
 timeout 150 python3 -m fastllava.cli bench $B --keep 576,64 --batch-size 1,16 --compare hf --out "$W/bench-eager" 2>&1 | tee "$W/bench.log"
 tar -C "$W" -cf "$OUT/bench.tar" .
@@ -29,6 +30,7 @@ tar -C "$W" -cf "$OUT/bench.tar" .
 timeout 60 python3 -m fastllava.cli bench --preset $NEXT_PRESET --device $DEVICE --dtype $DTYPE --new-tokens 32 --repeats 3 \
   --warmup 1 --keep $NEXT_KEEP --batch-size 1 --out "$W/bench-next" 2>&1 | tee -a "$W/bench.log"
 tar -C "$W" -cf "$OUT/bench.tar" .
+fi
 
 MIN=$(python3 -c "print(max(1.0, ($(left) - 45) / 60))")
 echo "training for $MIN minutes"

@@ -115,7 +115,7 @@ class Batches:
         yield from loader
 
     def _question(self, scene) -> tuple[str, str, str] | None:
-        weights = self.family_weights.numpy()
+        weights = self.family_weights.numpy().copy()  # a snapshot: the trainer may be writing it
         p = weights / weights.sum()
         family = FAMILIES[int(self.rng.choice(len(FAMILIES), p=p))]
         if family == "exist":
