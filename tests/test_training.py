@@ -13,7 +13,7 @@ from fastllava.prompts import PromptEncoder
 from fastllava.training import (IMAGE_TOKEN_ID, VOCAB_SIZE, Batches, TrainSpec, build_config, loss_on,
                                 packed_logits, segment_mask, train)
 from fastllava.training_aux import (ATTRIBUTES, Guidance, guide_loss, looked_at, named_objects, object_attributes,
-                                   patch_labels)
+                                   patch_labels, relative_direction)
 
 TINY = dict(image_size=32, patch_size=8, vision_hidden=32, vision_layers=2, text_hidden=64, text_layers=2)
 
@@ -131,6 +131,8 @@ def test_guided_batches_mark_answer_positions_and_looked_at_patches():
     assert guide > 0 and torch.isfinite(loss)
     loss.backward()
     assert guidance.read_named.proj.weight.grad.abs().sum() > 0 and guidance.read_answer.proj.weight.grad is not None
+    assert batch.guide_dirs.shape == (n, 2) and (batch.guide_dirs >= 0).any()
+    assert guidance.read_direction.weight.grad.abs().sum() > 0
 
 
 def test_looked_at_orders_the_named_things_and_finds_the_answer_object():
@@ -141,6 +143,17 @@ def test_looked_at_orders_the_named_things_and_finds_the_answer_object():
     assert looked_at(scene, "Is the red circle left of the blue square?") == ({1}, {0}, {0, 1})
     assert looked_at(scene, "What color is the object nearest to the blue square?") == ({0}, {0}, {2})
     assert looked_at(scene, "How many circles are there?") == ({1, 2}, {1, 2}, {1, 2})
+
+
+def test_relative_direction_of_the_first_named_object():
+    objs = (SceneObject("square", "blue", "large", 0.2, 0.2, SIZES["large"]),
+            SceneObject("circle", "red", "small", 0.8, 0.8, SIZES["small"]),
+            SceneObject("circle", "blue", "small", 0.8, 0.25, SIZES["small"]))
+    scene = Scene(objs, "plain", 220, 0)
+    assert relative_direction(scene, {1}, {0}) == (1, 1)  # right of and below the square
+    assert relative_direction(scene, {0}, {1}) == (0, 0)
+    assert relative_direction(scene, {2}, {0}) == (1, -100)  # level with it
+    assert relative_direction(scene, {0}, {0}) == (-100, -100) == relative_direction(scene, {1, 2}, {0})
 
 
 def test_object_attributes_only_for_a_single_object():

@@ -29,7 +29,8 @@ from .evaluation.tokenizer import build_word_tokenizer, default_words, write_pre
 from .images import ImageProcessor
 from .models.llava import LlavaModel
 from .prompts import PromptEncoder
-from .training_aux import Guidance, PatchHead, looked_at, object_attributes, patch_labels, patch_objects
+from .training_aux import (Guidance, PatchHead, looked_at, object_attributes, patch_labels, patch_objects,
+                           relative_direction)
 
 TRAIN_SEED_BASE = 10_000_000  # training streams use seeds >= this; evaluation sets use small seeds
 IMAGE_TOKEN_ID = 3
@@ -152,7 +153,8 @@ class Batches:
             roles = looked_at(scene, question)
             masks = torch.from_numpy(np.stack([np.isin(objects, [i + 1 for i in r]) for r in roles]))  # [3, P]
             attrs = torch.tensor([object_attributes(scene, r) for r in roles])  # [3, A]
-            segments.append((seg, targets, family, masks, attrs))
+            dirs = torch.tensor(relative_direction(scene, roles[0], roles[1]))  # [2]
+            segments.append((seg, targets, family, masks, attrs, dirs))
         return prefix, segments, render(scene, self.image_size), patch_labels(scene, self.grid, self.image_size)
 
     def batch(self, size: int, captions: bool = False) -> "Packed":
@@ -164,18 +166,20 @@ class Batches:
         segments = torch.full((size, longest), -1, dtype=torch.long)
         targets = torch.full((size, longest), -100, dtype=torch.long)
         families = []  # the family of every target in row-major order; None for EOS targets
-        guide_at, guide_mask, guide_attrs = [], [], []  # per guided segment: (row, answer position), patches, object
+        guide_at, guide_mask, guide_attrs, guide_dirs = [], [], [], []  # per guided segment: (row, answer
+        # position), patches, objects, direction
         for i, (prefix, segs, _, _) in enumerate(rows):
             n = len(prefix)
             ids[i, :n], positions[i, :n], segments[i, :n] = torch.tensor(prefix), torch.arange(n), 0
             at = n
-            for j, (seg, tgt, family, named, attrs) in enumerate(segs, start=1):
+            for j, (seg, tgt, family, named, attrs, dirs) in enumerate(segs, start=1):
                 span = slice(at, at + len(seg))
                 if not captions and named[0].any():
                     first = next(k for k, t in enumerate(tgt) if t != -100)  # predicts the first answer token
                     guide_at.append((i, at + first))
                     guide_mask.append(named)
                     guide_attrs.append(attrs)
+                    guide_dirs.append(dirs)
                 ids[i, span], targets[i, span] = torch.tensor(seg), torch.tensor(tgt)
                 positions[i, span], segments[i, span] = torch.arange(n, n + len(seg)), j
                 families += [None if t == EOS_ID else family for t in tgt if t != -100]
@@ -186,6 +190,7 @@ class Batches:
                       torch.tensor(guide_at, dtype=torch.long).view(-1, 2),
                       torch.stack(guide_mask) if guide_mask else torch.zeros(0, 3, p, dtype=torch.bool),
                       torch.stack(guide_attrs) if guide_attrs else torch.zeros(0, 3, 4, dtype=torch.long),
+                      torch.stack(guide_dirs) if guide_dirs else torch.zeros(0, 2, dtype=torch.long),
                       len(rows[0][0]) - p)
 
 
@@ -213,8 +218,9 @@ class Packed:
     [B, P, 4] for the auxiliary head, the family of each target (None for EOS), and for attention
     guidance the (row, position) of N answer-predicting positions [N, 2], the patches of the
     objects their questions look at [N, 3, P] and those objects' attributes [N, 3, A] (-100: not
-    one object) for training_aux.looked_at's (first, second, answer), and where the P image tokens
-    start in every row."""
+    one object) for training_aux.looked_at's (first, second, answer), where the first is relative
+    to the second [N, 2] (training_aux.relative_direction), and where the P image tokens start in
+    every row."""
 
     ids: torch.Tensor
     positions: torch.Tensor
@@ -226,6 +232,7 @@ class Packed:
     guide_at: torch.Tensor
     guide_mask: torch.Tensor
     guide_attrs: torch.Tensor
+    guide_dirs: torch.Tensor
     image_start: int
 
     def to(self, device) -> "Packed":
@@ -277,7 +284,8 @@ def loss_on(model: LlavaModel, head: PatchHead | None, batch: Packed, aux_weight
     guide = zero
     if guided:
         image = slice(batch.image_start, batch.image_start + batch.guide_mask.shape[-1])
-        guide = guidance.loss(taps, batch.guide_at.unbind(-1), image, batch.guide_mask, batch.guide_attrs)
+        guide = guidance.loss(taps, batch.guide_at.unbind(-1), image, batch.guide_mask, batch.guide_attrs,
+                              batch.guide_dirs)
     return per.mean() + aux_weight * aux + guide_weight * guide, per.detach(), aux.detach(), guide.detach()
 
 

@@ -11,7 +11,8 @@ The language model must also learn where to look: a question about "the red obje
 from the few patches of that object among 576. `looked_at` reads off the scene which objects a
 question points at; `Guidance` pulls attention heads, at the position that predicts the answer,
 onto their patches (`guide_loss`) and asks, through `ObjectProbe`, that their shape, colour and
-grid cell be linearly readable there (training-only losses; inference is unchanged).
+grid cell be linearly readable there, and for two named objects, on which side of the second the
+first lies (`relative_direction`; training-only losses, inference is unchanged).
 """
 
 from __future__ import annotations
@@ -24,7 +25,7 @@ import torch.nn.functional as F
 from PIL import Image, ImageDraw
 from torch import nn
 
-from .evaluation.questions import nearest
+from .evaluation.questions import directions, nearest
 from .evaluation.scenes import COLORS, PLURALS, SHAPES, SIZES, Scene, draw_object
 
 # label group -> number of classes (0 = background / no)
@@ -141,6 +142,18 @@ def object_attributes(scene: Scene, objects: set[int]) -> tuple[int, ...]:
             min(int(obj.y * CELLS), CELLS - 1))
 
 
+def relative_direction(scene: Scene, first: set[int], second: set[int]) -> tuple[int, int]:
+    """Where the one object of `first` lies relative to the other one of `second`: (0 left / 1
+    right, 0 above / 1 below), -100 along an axis where they are not clearly apart (as position
+    questions judge it) and on both unless each set holds one object and they differ."""
+    if len(first) != 1 or len(second) != 1 or first == second:
+        return -100, -100
+    a, b = scene.objects[next(iter(first))], scene.objects[next(iter(second))]
+    where = directions(a, b)
+    return (int("left" not in where) if {"left", "right"} & set(where) else -100,
+            int("above" not in where) if {"above", "below"} & set(where) else -100)
+
+
 class ObjectProbe(nn.Module):
     """A linear probe from hidden states [N, D] to the ATTRIBUTES of `objects` objects."""
 
@@ -167,26 +180,31 @@ class Guidance(nn.Module):
     predicts each answer's first token: in layer `layer`, head 0 on the first thing the question
     names and head 1 on the second, then the attributes of both readable after that layer; in
     layer `layer + 1`, head 0 on the objects the answer is about, whose attributes are then
-    readable after it (the second hop of "the object nearest to the red circle")."""
+    readable after it (the second hop of "the object nearest to the red circle"), as is on which
+    side of the second named object the first lies (what position questions ask)."""
 
     def __init__(self, dim: int, layer: int):
         super().__init__()
         self.layer = layer
         self.read_named = ObjectProbe(dim, objects=2)
         self.read_answer = ObjectProbe(dim, objects=1)
+        self.read_direction = nn.Linear(dim, 4)  # (left, right), (above, below)
 
     @property
     def layers(self) -> tuple[int, int]:
         return self.layer, self.layer + 1
 
     def loss(self, taps: dict, at: tuple[torch.Tensor, torch.Tensor], image: slice, masks: torch.Tensor,
-             attrs: torch.Tensor) -> torch.Tensor:
+             attrs: torch.Tensor, dirs: torch.Tensor) -> torch.Tensor:
         """taps {layer: (probs [B, H, T, T], hidden [B, T, D])}; at: (rows [N], positions [N]);
         image: the image tokens' slots; masks [N, 3, P] bool and attrs [N, 3, len(ATTRIBUTES)]
-        for (first, second, answer)."""
+        for (first, second, answer); dirs [N, 2] (relative_direction, -100 = none)."""
         rows, pos = at
         (probs1, hidden1), (probs2, hidden2) = taps[self.layers[0]], taps[self.layers[1]]
         look = (guide_loss(probs1[rows, 0, pos, image], masks[:, 0]) + guide_loss(probs1[rows, 1, pos, image], masks[:, 1])
                 + guide_loss(probs2[rows, 0, pos, image], masks[:, 2]))
         read = self.read_named.loss(hidden1[rows, pos], attrs[:, :2]) + self.read_answer.loss(hidden2[rows, pos], attrs[:, 2:])
-        return look + read
+        side = self.read_direction(hidden2[rows, pos]).float().view(-1, 2, 2)  # [N, axis, 2]
+        known = dirs >= 0  # [N, 2]
+        sides = F.cross_entropy(side[known], dirs[known]) if bool(known.any()) else side.sum() * 0.0
+        return look + read + sides
