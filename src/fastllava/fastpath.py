@@ -59,7 +59,7 @@ def new_cache(model: LlavaModel, batch: int, needed: int) -> StaticKVCache:
     cache = model._compiled_caches.get((batch, size))
     if cache is None:
         cache = model.new_cache(batch, size)
-        for buffer in (cache.k, cache.v, cache.valid):
+        for buffer in (*cache.k, *cache.v, cache.valid):
             torch._dynamo.mark_static_address(buffer)
         model._compiled_caches[(batch, size)] = cache
     cache.clear()
@@ -75,7 +75,7 @@ def decode_step(model: LlavaModel, cache: StaticKVCache) -> Step:
     fn = _compiled(model) if mode == "compiled" else static_step
     firsts = tuple(cache.stages)
     stage_of = tuple(sum(f <= i for f in firsts) - 1 for i in range(len(cache.lengths)))  # layer -> stage
-    graphs = mode == "compiled" and cache.k.device.type == "cuda"
+    graphs = mode == "compiled" and cache.valid.device.type == "cuda"
     ones = torch.ones(cache.valid.shape[1], 1, dtype=torch.bool, device=cache.valid.device)  # [B, 1]
 
     def step(token: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:

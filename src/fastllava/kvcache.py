@@ -19,9 +19,11 @@ class StaticKVCache:
 
     def __init__(self, num_layers: int, batch: int, kv_heads: int, max_len: int, head_dim: int,
                  dtype: torch.dtype, device: torch.device | str):
-        shape = (num_layers, batch, kv_heads, max_len, head_dim)
-        self.k = torch.zeros(shape, dtype=dtype, device=device)  # [L, B, Hkv, S, Dh]
-        self.v = torch.zeros(shape, dtype=dtype, device=device)
+        # one buffer per layer rather than one [L, ...] tensor: a compiled step that writes a slot
+        # of a layer's buffer then mutates that input alone, not a view of every layer's cache
+        shape = (batch, kv_heads, max_len, head_dim)
+        self.k = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(num_layers)]  # L x [B, Hkv, S, Dh]
+        self.v = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(num_layers)]
         self.valid = torch.zeros(num_layers, batch, max_len, dtype=torch.bool, device=device)  # [L, B, S]
         self.lengths = [0] * num_layers  # slots in use, per layer
         self.stages = [0]  # first layer of each run of layers sharing a slot layout
@@ -72,13 +74,13 @@ class StaticKVCache:
         tensor `start` [T] (the slot indices; fastpath's fixed-shape step) writes there and
         returns the whole buffers [B, Hkv, S, Dh], whose unwritten slots `valid` masks."""
         if isinstance(start, torch.Tensor):
-            self.k[layer].index_copy_(2, start, k)
-            self.v[layer].index_copy_(2, start, v)
+            self.k[layer][:, :, start] = k  # an index_put_, which torch.compile keeps in place
+            self.v[layer][:, :, start] = v
             return self.k[layer], self.v[layer]
         end = start + k.shape[2]
-        self.k[layer, :, :, start:end] = k
-        self.v[layer, :, :, start:end] = v
-        return self.k[layer, :, :, :end], self.v[layer, :, :, :end]
+        self.k[layer][:, :, start:end] = k
+        self.v[layer][:, :, start:end] = v
+        return self.k[layer][:, :, :end], self.v[layer][:, :, :end]
 
     def insert_row(self, row: int, src: "StaticKVCache", src_row: int = 0, reset: bool = False) -> None:
         """Copy row `src_row` of `src` (a cache after its prefill) into `row`, each layer's
@@ -100,10 +102,11 @@ class StaticKVCache:
         self.valid[:, row] = False
         for first in src.stages:
             ls, n = src.stage_layers(first), src.lengths[first]
-            self.k[ls.start:ls.stop, row, :, end - n:end] = src.k[ls.start:ls.stop, src_row, :, :n]  # [l, Hkv, n, Dh]
-            self.v[ls.start:ls.stop, row, :, end - n:end] = src.v[ls.start:ls.stop, src_row, :, :n]
+            for i in ls:
+                self.k[i][row, :, end - n:end] = src.k[i][src_row, :, :n]  # [Hkv, n, Dh]
+                self.v[i][row, :, end - n:end] = src.v[i][src_row, :, :n]
             self.valid[ls.start:ls.stop, row, end - n:end] = src.valid[ls.start:ls.stop, src_row, :n]
 
     @property
     def nbytes(self) -> int:
-        return self.k.numel() * self.k.element_size() * 2
+        return sum(t.numel() * t.element_size() for t in self.k + self.v)
