@@ -1,4 +1,5 @@
-"""The decode step with fixed shapes, so that it can be compiled once and (on CUDA) captured.
+"""Prefill and decode steps with fixed shapes, so that they can be compiled once per shape and
+(on CUDA) captured as CUDA graphs.
 
 The eager step (`LanguageModel.forward` with a cache) attends over the slots filled so far, so
 its shapes grow by one every step and it builds its mask and slot range in Python. The *static*
@@ -7,12 +8,18 @@ in `cache.valid` and masked out — and writes the new key/value at a slot index
 Every step then has the same shapes: `torch.compile` traces it once per (batch, cache size,
 stage layout), and on CUDA `mode="reduce-overhead"` replays it as a CUDA graph.
 
+The fixed-shape *prefill* left-pads the prompt to a multiple of PREFILL_BUCKET tokens (padding is
+invalid in the cache, so it is never attended to), so that prompts of any length share one
+compiled prefill per bucket instead of recompiling for every visual-token count. It runs where
+the whole prompt goes through every layer: not with a reduction that cuts inside the language
+model (FastV, PyramidDrop, ...), whose prefill stays eager.
+
 Decode modes (`fastllava.load(..., decode=...)`, `--decode`):
   eager     the plain step (default; any cache layout).
-  static    the fixed-shape step, not compiled: same tokens, for checking and debugging.
-  compiled  the fixed-shape step through torch.compile (CUDA graphs on CUDA). The first steps
-            of a new shape pay the compilation; cache sizes are rounded up to CACHE_BUCKET
-            slots so that prompts of different lengths share a compiled step.
+  static    the fixed-shape prefill and step, not compiled: same tokens, for checking and debugging.
+  compiled  both through torch.compile (CUDA graphs on CUDA). The first run of a new shape pays
+            the compilation; cache sizes are rounded up to CACHE_BUCKET slots so that prompts of
+            different lengths share a compiled step.
 Quantized KV caches (KIVI, VidKV) always decode eagerly: their writes pack codes in Python.
 """
 
@@ -24,10 +31,13 @@ import torch
 
 from .errors import UserError
 from .kvcache import StaticKVCache
+from .models.language import attention_mask
 from .models.llava import LlavaModel
 
 DECODE_MODES = ("eager", "static", "compiled")
 CACHE_BUCKET = 128  # compiled decoding rounds the cache size up to a multiple of this
+PREFILL_BUCKET = 64  # the fixed-shape prefill pads prompts to a multiple of this
+RECOMPILE_LIMIT = 64  # shapes torch.compile may specialise each function for (its default: 8)
 
 Step = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]  # (token [B], positions [B, 1]) -> logits [B, V]
 
@@ -66,23 +76,65 @@ def new_cache(model: LlavaModel, batch: int, needed: int) -> StaticKVCache:
     return cache
 
 
+def fixed_prefill_applies(model: LlavaModel, reduction=None) -> bool:
+    """Whether `prefill` below runs the prompt (not the eager forward): a fixed-shape mode, a
+    full-precision cache, no cut inside the language model and no sliding window."""
+    return (model.decode_mode != "eager" and model.kv_cache is None and model.cfg.text.sliding_window is None
+            and (reduction is None or not reduction.cuts))
+
+
+def prompt_slots(model: LlavaModel, tokens: int, reduction=None) -> int:
+    """Cache slots a prompt of `tokens` tokens fills: rounded up to PREFILL_BUCKET when the
+    fixed-shape prefill runs it."""
+    if not fixed_prefill_applies(model, reduction):
+        return tokens
+    return -(-tokens // PREFILL_BUCKET) * PREFILL_BUCKET
+
+
+def prefill(model: LlavaModel, cache: StaticKVCache, embeds: torch.Tensor, positions: torch.Tensor,
+            valid: torch.Tensor) -> torch.Tensor:
+    """The fixed-shape prefill (where fixed_prefill_applies) of embeds [B, T, D] at positions
+    [B, T] with real tokens valid [B, T] into an empty `cache`, left-padded to prompt_slots
+    -> logits at the last token [B, V]."""
+    b, t, d = embeds.shape
+    pad = prompt_slots(model, t) - t
+    if pad:
+        embeds = torch.cat([embeds.new_zeros(b, pad, d), embeds], dim=1)  # [B, T + pad, D]
+        positions = torch.cat([positions.new_zeros(b, pad), positions], dim=1)
+        valid = torch.cat([valid.new_zeros(b, pad), valid], dim=1)
+    cache.reserve(0, valid)  # marks the real slots valid
+    fn = _compiled(model, static_prefill) if model.decode_mode == "compiled" else static_prefill
+    _new_graph_step(model)
+    return fn(model, cache, embeds, positions)
+
+
+def static_prefill(model: LlavaModel, cache: StaticKVCache, x: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+    """x [B, T, D] at positions [B, T] into slots 0..T of `cache` (already reserved; padding
+    invalid) through every layer -> logits at the last token [B, V]."""
+    lm = model.language_model
+    t = x.shape[1]
+    cos, sin = lm.rotary(positions, x.dtype)
+    mask = attention_mask(cache.valid[0][:, :t], 0, t, t, None, x.device)  # [B, 1, T, T]
+    for i, layer in enumerate(lm.layers):
+        x = layer(x, cos, sin, mask, cache, i, 0)
+    return model.lm_head(lm.norm(x[:, -1:]))[:, -1]
+
+
 def decode_step(model: LlavaModel, cache: StaticKVCache) -> Step:
     """The function that runs one decode step of `model` into `cache` (after its prefill)."""
     mode = model.decode_mode
-    if mode == "eager" or type(cache) is not StaticKVCache:
+    if mode == "eager" or type(cache) is not StaticKVCache or model.cfg.text.sliding_window is not None:
         return lambda token, positions: model(model.language_model.embed_tokens(token[:, None]), positions,
                                               None, cache)[:, -1]
-    fn = _compiled(model) if mode == "compiled" else static_step
+    fn = _compiled(model, static_step) if mode == "compiled" else static_step
     firsts = tuple(cache.stages)
     stage_of = tuple(sum(f <= i for f in firsts) - 1 for i in range(len(cache.lengths)))  # layer -> stage
-    graphs = mode == "compiled" and cache.valid.device.type == "cuda"
     ones = torch.ones(cache.valid.shape[1], 1, dtype=torch.bool, device=cache.valid.device)  # [B, 1]
 
     def step(token: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
         slots = [cache.reserve(first, ones)[0] for first in firsts]  # marks the new slot valid
         slot = torch.tensor(slots, dtype=torch.long).to(token.device, non_blocking=True)  # [stages]
-        if graphs:
-            torch.compiler.cudagraph_mark_step_begin()  # the last step's outputs are not read again
+        _new_graph_step(model)
         return fn(model, cache, token, positions, slot, firsts, stage_of)
 
     return step
@@ -103,11 +155,19 @@ def static_step(model: LlavaModel, cache: StaticKVCache, token: torch.Tensor, po
     return model.lm_head(lm.norm(x))[:, -1]
 
 
-def _compiled(model: LlavaModel):
-    """static_step through torch.compile, made once per model."""
-    compiled = model._compiled_step
+def _compiled(model: LlavaModel, fn):
+    """`fn` (static_prefill or static_step) through torch.compile, made once per model; each
+    shape it meets is compiled once (up to RECOMPILE_LIMIT shapes)."""
+    compiled = model._compiled.get(fn.__name__)
     if compiled is None:
+        dynamo = torch._dynamo.config
+        dynamo.recompile_limit = max(dynamo.recompile_limit, RECOMPILE_LIMIT)
         mode = "reduce-overhead" if model.device.type == "cuda" else None
-        compiled = torch.compile(static_step, dynamic=False, mode=mode)
-        model._compiled_step = compiled
+        compiled = model._compiled[fn.__name__] = torch.compile(fn, dynamic=False, mode=mode)
     return compiled
+
+
+def _new_graph_step(model: LlavaModel) -> None:
+    """Tell CUDA graph trees that a new call begins: the last call's outputs are not read again."""
+    if model.decode_mode == "compiled" and model.device.type == "cuda":
+        torch.compiler.cudagraph_mark_step_begin()

@@ -13,7 +13,8 @@ from typing import Iterator
 import torch
 
 from .errors import UserError
-from .fastpath import decode_step, new_cache
+from . import fastpath
+from .fastpath import decode_step, fixed_prefill_applies, new_cache, prompt_slots
 from .kvcache import StaticKVCache
 from .models.llava import LlavaModel
 from .reduction.runtime import Reduction
@@ -124,12 +125,16 @@ def prefill(model: LlavaModel, input_ids: torch.Tensor, attention_mask: torch.Te
     if times is not None:
         sync(device)
         times.vision_s = time.perf_counter() - times.start
-    cache = new_cache(model, b, embeds.shape[1] + new_tokens)  # a reduction before the LLM shortens it
+    slots = prompt_slots(model, embeds.shape[1], reduction)  # a reduction before the LLM shortens it
+    cache = new_cache(model, b, slots + new_tokens)
     visual = reduction.visual if reduction is not None else (input_ids == model.cfg.image_token_index) & mask
     cache.prompt(embeds, visual, mask)
     if times is not None:
         times.kv_cache_bytes = cache.nbytes
-    logits = model(embeds, positions, None if bool(mask.all()) else mask, cache, True, reduction)[:, -1]
+    if fixed_prefill_applies(model, reduction):
+        logits = fastpath.prefill(model, cache, embeds, positions, mask)
+    else:
+        logits = model(embeds, positions, None if bool(mask.all()) else mask, cache, True, reduction)[:, -1]
     return logits, positions, cache
 
 

@@ -197,12 +197,19 @@ class LanguageModel(nn.Module):
         needs_window = window is not None and end > window
         if (key_valid is None or bool(key_valid.all())) and not needs_window and (start == 0 or t == 1):
             return None
-        q_slot = torch.arange(start, start + t, device=device)[:, None]  # [T, 1]
-        k_slot = torch.arange(end, device=device)[None, :]  # [1, S]
-        allowed = k_slot <= q_slot
-        if needs_window:
-            allowed = allowed & (k_slot > q_slot - window)
-        mask = allowed[None] if key_valid is None else allowed[None] & key_valid[:, None, :]  # [B, T, S]
-        # A padded query would see nothing; let it see itself so attention stays finite.
-        mask = mask | (k_slot == q_slot)[None]
-        return mask[:, None]
+        return attention_mask(key_valid, start, t, end, window if needs_window else None, device)
+
+
+def attention_mask(key_valid: torch.Tensor | None, start: int, t: int, end: int, window: int | None,
+                   device: torch.device) -> torch.Tensor:
+    """Boolean mask [B, 1, T, S] (True = attend; B = 1 without key_valid) for queries at slots
+    start..start+T over keys at slots 0..end: causal, within `window` slots if given, and only
+    keys that key_valid [B, S] marks. A query still sees itself, so attention stays finite for
+    padding."""
+    q_slot = torch.arange(start, start + t, device=device)[:, None]  # [T, 1]
+    k_slot = torch.arange(end, device=device)[None, :]  # [1, S]
+    allowed = k_slot <= q_slot
+    if window is not None:
+        allowed = allowed & (k_slot > q_slot - window)
+    mask = allowed[None] if key_valid is None else allowed[None] & key_valid[:, None, :]  # [B, T, S]
+    return (mask | (k_slot == q_slot)[None])[:, None]

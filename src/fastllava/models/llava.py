@@ -34,7 +34,7 @@ class LlavaModel(nn.Module):
             self.lm_head.weight = self.language_model.embed_tokens.weight
         self.kv_cache = None  # the KV-cache layout (fastllava.quant.KVSpec); None: full precision
         self.decode_mode = "eager"  # how decode steps run: eager, static or compiled (fastllava.fastpath)
-        self._compiled_step = None  # fastpath's compiled step, made on first use
+        self._compiled = {}  # fastpath's torch.compile'd prefill and decode step, made on first use
         self._compiled_caches = {}  # fastpath's reused caches for compiled decoding, by (batch, slots)
         self.weights = None  # the weight quantization applied (fastllava.quant.WeightSpec); None: none
 
