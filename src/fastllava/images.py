@@ -195,11 +195,17 @@ class AnyresProcessor:
     def __call__(self, images: list[ImageInput]) -> tuple[torch.Tensor, torch.Tensor]:
         """Images -> (pixel_values [N, P, 3, tile, tile] float32, the tiles of each image followed by
         zeros up to the most tiles P; image_sizes [N, 2] (height, width) int64)."""
-        loaded = [load_image(im) for im in images]
-        tiles = [self.one(img) for img in loaded]
+        tiles, image_sizes = self.tiles(images)
         most = max(t.shape[0] for t in tiles)
         pixel_values = torch.stack([torch.cat([t, t.new_zeros(most - t.shape[0], *t.shape[1:])]) for t in tiles])
-        return pixel_values, torch.tensor([[img.height, img.width] for img in loaded], dtype=torch.long)
+        return pixel_values, image_sizes
+
+    def tiles(self, images: list[ImageInput]) -> tuple[list[torch.Tensor], torch.Tensor]:
+        """Images -> (each image's pieces [1 + rows*cols, 3, tile, tile] (see `one`), unpadded;
+        image_sizes [N, 2] (height, width) int64)."""
+        loaded = [load_image(im) for im in images]
+        return [self.one(img) for img in loaded], torch.tensor([[img.height, img.width] for img in loaded],
+                                                               dtype=torch.long)
 
     def one(self, img: Image.Image) -> torch.Tensor:
         """One RGB image -> [1 + rows*cols, 3, tile, tile]: the base thumbnail, then the tiles."""

@@ -8,6 +8,7 @@ import hmac
 import time
 from contextlib import asynccontextmanager
 
+import torch
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, StreamingResponse
 from starlette.concurrency import run_in_threadpool
@@ -91,12 +92,12 @@ def create_app(llava: Llava, settings: Settings) -> FastAPI:
                          settings.limits.max_images)
         check_model(req.model, settings.model_id)
         reduce = req.reduce or settings.reduce
-        check_reduce(reduce, llava.config)
+        check_reduce(reduce, llava.config)  # the spec; each image's budget once it is decoded (_prepare)
         _busy(scheduler.check_room)  # before decoding images: a flood is refused cheaply
         async with preparing:
-            ids, pixel_values, params = await run_in_threadpool(_prepare, llava, settings, ctx, req)
-        n_images = len(req.images)
-        info = Completion(settings.model_id, len(ids), n_images * llava.config.image_features_per_image)
+            ids, pixel_values, image_sizes, params = await run_in_threadpool(_prepare, llava, settings, ctx, req,
+                                                                             reduce)
+        info = Completion(settings.model_id, len(ids), ids.count(llava.config.image_token_index))
         loop, events = asyncio.get_running_loop(), asyncio.Queue()
 
         def emit(event: tuple) -> None:  # called on the scheduler thread
@@ -105,7 +106,7 @@ def create_app(llava: Llava, settings: Settings) -> FastAPI:
             except RuntimeError:  # the event loop is closed
                 pass
 
-        job = Job(ids, pixel_values, params, req.stream, emit, reduce, req.ignore_eos)
+        job = Job(ids, pixel_values, image_sizes, params, req.stream, emit, reduce, req.ignore_eos)
         _busy(scheduler.submit, job)
         if req.stream:
             return StreamingResponse(_stream(events, job, scheduler, info, req.include_usage),
@@ -122,12 +123,15 @@ def _busy(fn, *args) -> None:
         raise APIError(e.status, str(e), None, "server_busy" if e.status == 429 else "shutting_down") from None
 
 
-def _prepare(llava: Llava, settings: Settings, ctx: int, req: ChatRequest):
-    """Images, prompt ids and sampling parameters of a request, within the limits (on a worker thread)."""
+def _prepare(llava: Llava, settings: Settings, ctx: int, req: ChatRequest, reduce: str | None):
+    """Prompt ids, pixel values, image sizes (LLaVA-NeXT) and sampling parameters of a request,
+    within the limits (on a worker thread)."""
     limits = settings.limits
     images = load_images(req.images, settings)
+    image_tokens = [llava.config.image_tokens(im.height, im.width) for im in images]  # one count per image
+    check_reduce(reduce, llava.config, image_tokens)
     try:
-        ids = llava.prompts.prompt_ids(req.prompt, len(images))
+        ids = llava.prompts.prompt_ids(req.prompt, len(images), image_tokens)
     except UserError as e:
         raise invalid(str(e), "messages", "invalid_prompt") from None
     t = len(ids)
@@ -143,10 +147,19 @@ def _prepare(llava: Llava, settings: Settings, ctx: int, req: ChatRequest):
                       "max_tokens", "context_length_exceeded")
     params = SamplingParams(max_tokens, req.temperature, req.top_p, req.top_k, req.seed, req.stop).validate()
     try:
-        pixel_values = llava.processor(images) if images else None  # [N, 3, H, W]
+        pixel_values, image_sizes = _pixels(llava, images) if images else (None, None)
     except UserError as e:  # preprocessing would make an image over its limit
         raise APIError(422, str(e), "messages", "invalid_image") from None
-    return ids, pixel_values, params
+    return ids, pixel_values, image_sizes, params
+
+
+def _pixels(llava: Llava, images: list) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """(pixel_values [N, 3, H, W], None), or on LLaVA-NeXT (every image's thumbnail and tiles one
+    after another [ΣP, 3, H, W], image_sizes [N, 2]): requests batched at prefill concatenate both."""
+    if not llava.config.is_next:
+        return llava.processor(images), None
+    tiles, image_sizes = llava.processor.tiles(images)
+    return torch.cat(tiles), image_sizes
 
 
 async def _read_body(request: Request, limit: int) -> bytes:

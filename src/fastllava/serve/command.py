@@ -60,8 +60,6 @@ def cmd_serve(args: argparse.Namespace) -> int:
         raise UserError(f"--allow-file-images: {args.allow_file_images} is not a folder")
     parse_kv_cache(args.kv_cache)  # a bad spec fails before loading weights
     llava = load(args.model, **load_options(args))
-    if llava.config.is_next:
-        raise UserError("fastllava serve does not support LLaVA-NeXT checkpoints yet; use fastllava run or the Python API")
     try:
         make_reduction(args.reduce, llava.config)
     except UserError as e:

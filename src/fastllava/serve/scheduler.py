@@ -30,7 +30,8 @@ from .errors import APIError
 @dataclass
 class Job:
     ids: list[int]  # prompt token ids, image tokens expanded
-    pixel_values: torch.Tensor | None  # [N, 3, H, W]
+    pixel_values: torch.Tensor | None  # [N, 3, H, W]; LLaVA-NeXT: every image's tiles one after another [ΣP, 3, H, W]
+    image_sizes: torch.Tensor | None  # [N, 2] (height, width) of LLaVA-NeXT images, else None
     params: SamplingParams
     stream: bool  # emit text deltas as they are produced
     emit: Callable[[tuple], None]  # ("delta", str) | ("done", Finish) | ("error", APIError)
@@ -201,11 +202,12 @@ class Scheduler:
         valid = torch.zeros(b, t, dtype=torch.bool)
         for i, job in enumerate(jobs):
             ids[i, t - len(job.ids):], valid[i, t - len(job.ids):] = torch.tensor(job.ids), True
-        present = [j.pixel_values for j in jobs if j.pixel_values is not None]
-        pixels = torch.cat(present) if present else None  # [N, 3, H, W], row by row
+        pixels = _cat([j.pixel_values for j in jobs])  # [N, 3, H, W] or NeXT tiles [ΣP, 3, H, W], row by row
+        sizes = _cat([j.image_sizes for j in jobs])  # [N, 2] (LLaVA-NeXT) or None
         try:
             reduction = make_reduction(jobs[0].reduce, self.llava.config)
-            logits, positions, small = prefill(self.model, ids, valid, pixels, 0, reduction)  # [B', V], [B', T']
+            logits, positions, small = prefill(self.model, ids, valid, pixels, 0, reduction,
+                                               image_sizes=sizes)  # [B', V], [B', T']
         except UserError as e:
             for job in jobs:
                 job.emit(("error", APIError(400, str(e), "messages", "invalid_prompt")))
@@ -266,3 +268,9 @@ class Scheduler:
             self.rows = [None] * len(self.rows)
             for job in jobs:
                 job.emit(("error", APIError(500, "internal error while generating", None, "internal_error")))
+
+
+def _cat(parts: list[torch.Tensor | None]) -> torch.Tensor | None:
+    """The jobs' tensors joined along dim 0 (those without images give None), or None when none has one."""
+    present = [p for p in parts if p is not None]
+    return torch.cat(present) if present else None
