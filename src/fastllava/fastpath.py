@@ -8,6 +8,9 @@ in `cache.valid` and masked out — and writes the new key/value at a slot index
 Every step then has the same shapes: `torch.compile` traces it once per (batch, cache size,
 stage layout), and on CUDA `mode="reduce-overhead"` replays it as a CUDA graph.
 
+In compiled mode the vision tower and projector are compiled too (`compile_encoder`), once per
+number of images (or tiles) in a batch.
+
 The fixed-shape *prefill* left-pads the prompt to a multiple of PREFILL_BUCKET tokens (padding is
 invalid in the cache, so it is never attended to), so that prompts of any length share one
 compiled prefill per bucket instead of recompiling for every visual-token count. It runs where
@@ -165,6 +168,23 @@ def _compiled(model: LlavaModel, fn):
         mode = "reduce-overhead" if model.device.type == "cuda" else None
         compiled = model._compiled[fn.__name__] = torch.compile(fn, dynamic=False, mode=mode)
     return compiled
+
+
+def compile_encoder(model: LlavaModel) -> None:
+    """In compiled mode, give the model a compiled `encode_pixels` (vision tower + projector),
+    which its encode_images then uses; made once per model. With CUDA graphs its outputs are
+    copied out, as the graph's own buffers are reused by the next replay."""
+    if model.decode_mode != "compiled" or "encode_pixels" in model._compiled:
+        return
+    graphs = model.device.type == "cuda"
+    compiled = torch.compile(model.encode_pixels, dynamic=False, mode="reduce-overhead" if graphs else None)
+
+    def encode(pixel_values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        _new_graph_step(model)
+        vision, features = compiled(pixel_values)
+        return (vision.clone(), features.clone()) if graphs else (vision, features)
+
+    model._compiled["encode_pixels"] = encode
 
 
 def _new_graph_step(model: LlavaModel) -> None:

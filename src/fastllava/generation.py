@@ -120,6 +120,7 @@ def prefill(model: LlavaModel, input_ids: torch.Tensor, attention_mask: torch.Te
     b = input_ids.shape[0]
     input_ids, mask = input_ids.to(device), attention_mask.to(device).bool()
     pixels = pixel_values.to(device) if pixel_values is not None else None
+    fastpath.compile_encoder(model)
     embeds, positions, mask = model.prepare(input_ids, pixels, mask, positions_from_mask(mask), reduction,
                                             image_sizes)  # [B, T', D]
     if times is not None:

@@ -64,6 +64,11 @@ class LlavaModel(nn.Module):
         """pixel_values [N, C, H, W] -> projected image features [N, P, D]."""
         return self.multi_modal_projector(self.vision_features(pixel_values))
 
+    def encode_pixels(self, pixel_values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """pixel_values [N, C, H, W] -> (vision features [N, P, Dv], projected features [N, P, D])."""
+        vision = self.vision_features(pixel_values)
+        return vision, self.multi_modal_projector(vision)
+
     def encode_images(self, pixel_values: torch.Tensor, image_sizes: torch.Tensor | None = None,
                       method: Method | None = None) -> dict:
         """pixel_values [N, C, H, W] -> VisionContext's fields about the images: `vision` [N, P, Dv]
@@ -73,9 +78,14 @@ class LlavaModel(nn.Module):
         if method is not None and method.where == "vision" and method.needs_cls:
             early = method.early_layer()
             blocks = (self.feature_block,) + ((early,) if early is not None else ())
-        vision, infos = self.vision_features(pixel_values, blocks) if blocks else (self.vision_features(pixel_values), [])
+        if blocks:
+            vision, infos = self.vision_features(pixel_values, blocks)
+            features = self.multi_modal_projector(vision)
+        else:  # fastpath's compiled encoder where the model's mode compiles
+            vision, features = self._compiled.get("encode_pixels", self.encode_pixels)(pixel_values)
+            infos = []
         sel, early = (infos + [None, None])[:2]
-        return dict(vision=vision, features=self.multi_modal_projector(vision),
+        return dict(vision=vision, features=features,
                     cls_attention=sel.attention if sel else None, keys=sel.keys if sel else None,
                     early_attention=early.attention if early else None)
 
