@@ -133,10 +133,16 @@ def decode_step(model: LlavaModel, cache: StaticKVCache) -> Step:
     firsts = tuple(cache.stages)
     stage_of = tuple(sum(f <= i for f in firsts) - 1 for i in range(len(cache.lengths)))  # layer -> stage
     ones = torch.ones(cache.valid.shape[1], 1, dtype=torch.bool, device=cache.valid.device)  # [B, 1]
+    slot, expected = None, None  # the slots on the device [stages]; what they hold next step
 
     def step(token: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        nonlocal slot, expected
         slots = [cache.reserve(first, ones)[0] for first in firsts]  # marks the new slot valid
-        slot = torch.tensor(slots, dtype=torch.long).to(token.device, non_blocking=True)  # [stages]
+        if slots == expected:
+            slot.add_(1)  # on the device: no host-to-device copy, which would wait for the queue
+        else:
+            slot = torch.tensor(slots, dtype=torch.long, device=token.device)
+        expected = [s + 1 for s in slots]
         _new_graph_step(model)
         return fn(model, cache, token, positions, slot, firsts, stage_of)
 

@@ -91,6 +91,17 @@ class StepTimes:
     kv_cache_bytes: int = 0  # bytes the KV cache of this generation holds
 
 
+def _to_host(token: torch.Tensor) -> tuple[torch.Tensor, "torch.cuda.Event | None"]:
+    """A host copy of token [B] that lands asynchronously on CUDA, with the event marking it done."""
+    if token.device.type != "cuda":
+        return token, None
+    host = torch.empty(token.shape, dtype=token.dtype, pin_memory=True)
+    host.copy_(token, non_blocking=True)
+    ready = torch.cuda.Event()
+    ready.record()
+    return host, ready
+
+
 def sync(device: torch.device) -> None:
     """Wait for the device's queued work (a no-op on the CPU), so wall-clock marks are true."""
     if device.type == "cuda":
@@ -150,6 +161,10 @@ def decode_steps(model: LlavaModel, input_ids: torch.Tensor, attention_mask: tor
     the caller may mark rows it stopped itself (stop strings); generation ends when all are done.
     `reduction` applies a visual token reduction method at prefill (its trace is filled in);
     `image_sizes` goes with LLaVA-NeXT pixel_values (see prefill).
+
+    After the first token, the next step is queued on the device before the host waits for the
+    current token, so the device never idles while the host reads a token; when generation
+    stops, that one step ahead is discarded.
     """
     times.start = time.perf_counter()
     logits, positions, cache = prefill(model, input_ids, attention_mask, pixel_values, params.max_new_tokens,
@@ -158,16 +173,30 @@ def decode_steps(model: LlavaModel, input_ids: torch.Tensor, attention_mask: tor
     generator = new_generator(params, model.device)
     eos = torch.tensor(eos_ids or [-1], device="cpu")
     pos = positions[:, -1:]  # [B, 1]
-    for step in range(params.max_new_tokens):
-        token = sample(logits, params, generator)  # [B]
-        token_cpu = token.cpu()
-        if step == 0:
-            times.first_token_s = time.perf_counter() - times.start
-        finished |= torch.isin(token_cpu, eos)
-        yield token_cpu
-        if bool(finished.all()) or step == params.max_new_tokens - 1:
-            break
+    ahead = []  # queued steps: (token [B] on the device, its host copy, copy-done event or None)
+
+    def queue_after(token: torch.Tensor) -> None:
+        nonlocal pos
         pos = pos + 1
-        logits = next_logits(token, pos)  # [B, V]
+        nxt = sample(next_logits(token, pos), params, generator)  # [B]
+        ahead.append((nxt, *_to_host(nxt)))
+
+    token = sample(logits, params, generator)  # [B]
+    host = token.cpu()
+    times.first_token_s = time.perf_counter() - times.start
+    done = 0
+    while True:
+        finished |= torch.isin(host, eos)
+        yield host
+        done += 1
+        if bool(finished.all()) or done == params.max_new_tokens:
+            break
+        if not ahead:
+            queue_after(token)
+        token, host, ready = ahead.pop(0)
+        if done + 1 < params.max_new_tokens:
+            queue_after(token)  # before waiting for `host`
+        if ready is not None:
+            ready.synchronize()
     sync(model.device)
     times.end_s = time.perf_counter() - times.start
