@@ -69,6 +69,15 @@ def test_tiny_training_run_writes_a_loadable_model(tmp_path):
     assert r.stats["image_tokens"] == 16
     assert [line.split()[0] for line in lines] == ["vision", "align", "instruct"]
     assert "instruct step 2/2" in lines[-1]
+    again = []  # continuing from it picks up the training heads too, so they do not restart
+    train(tmp_path / "m2", TrainSpec(**TINY, vision_steps=0, align_steps=0, steps=1, batch_size=2, questions=2,
+                                     save_every=0, guide_layer=0), log=again.append, init=out)
+    assert not any("random weights" in line for line in again), again
+    (out / "training_heads.safetensors").unlink()
+    fresh = []
+    train(tmp_path / "m3", TrainSpec(**TINY, vision_steps=0, align_steps=0, steps=1, batch_size=2, questions=2,
+                                     save_every=0, guide_layer=0), log=fresh.append, init=out)
+    assert "training heads start from random weights" in fresh[0]
     with pytest.raises(UserError, match="--guide-layer must be in"):
         train(tmp_path / "bad", TrainSpec(**TINY, steps=1, guide_layer=1))
 

@@ -18,6 +18,7 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
+from safetensors.torch import load_file, save_file
 
 from .checkpoint import load_model, save_model
 from .config import LlavaConfig, RopeConfig, TextConfig, VisionConfig
@@ -32,6 +33,7 @@ from .prompts import PromptEncoder
 from .training_aux import (Guidance, PatchHead, looked_at, object_attributes, patch_labels, patch_objects,
                            relative_direction)
 
+HEADS_FILE = "training_heads.safetensors"  # the training-only heads, beside a checkpoint this module writes
 TRAIN_SEED_BASE = 10_000_000  # training streams use seeds >= this; evaluation sets use small seeds
 IMAGE_TOKEN_ID = 3
 EOS_ID = 2
@@ -311,6 +313,9 @@ def train(out_dir: str | Path, spec: TrainSpec, device: str = "cpu", log=print,
     if spec.guide_weight > 0 and not 0 <= spec.guide_layer < cfg.text.num_hidden_layers - 1:
         raise UserError(f"--guide-layer must be in [0, {cfg.text.num_hidden_layers - 2}] (two layers are guided)")
     guidance = Guidance(cfg.text.hidden_size, spec.guide_layer).to(device)
+    heads = {"patch": head, "guidance": guidance}  # training-only modules, saved beside the model
+    if init is not None:
+        _load_heads(heads, Path(init), log)
     tokenizer = build_word_tokenizer(default_words(), IMAGE_TOKEN_ID, VOCAB_SIZE)
     encoder = PromptEncoder(tokenizer, IMAGE_TOKEN_ID, cfg.image_features_per_image)
     processor = ImageProcessor(shortest_edge=spec.image_size, crop_hw=(spec.image_size, spec.image_size))
@@ -359,9 +364,27 @@ def train(out_dir: str | Path, spec: TrainSpec, device: str = "cpu", log=print,
                 log(f"{name} step {step + 1}/{steps} loss {running:.4f} patch {aux_ema:.4f} guide {guide_ema:.3f} [{fams}] "
                     f"({time.time() - start:.0f} s)")
             if spec.save_every and (step + 1) % spec.save_every == 0 and step + 1 < steps:
-                _save(model, tokenizer, out_dir, spec.image_size)
+                _save(model, tokenizer, out_dir, spec.image_size, heads)
         bar.close()
-    return _save(model, tokenizer, out_dir, spec.image_size)
+    return _save(model, tokenizer, out_dir, spec.image_size, heads)
+
+
+def _load_heads(heads: dict, init: Path, log) -> None:
+    """Continue the training-only heads from `init`'s HEADS_FILE where it has one (else they
+    start afresh, and their first steps disturb the model); parameters the file lacks (a probe
+    added since) start afresh."""
+    path = init / HEADS_FILE
+    if not path.is_file():
+        log(f"{init} has no {HEADS_FILE}: the training heads start from random weights")
+        return
+    saved = load_file(str(path))
+    for name, module in heads.items():
+        own = module.state_dict()
+        found = {k: saved[f"{name}.{k}"] for k in own if f"{name}.{k}" in saved
+                 and saved[f"{name}.{k}"].shape == own[k].shape}
+        module.load_state_dict(found, strict=False)
+        if len(found) < len(own):
+            log(f"{name} head: {len(own) - len(found)} of {len(own)} tensors start from random weights")
 
 
 def _lr_factor(done: float, step: int, warmup_steps: int = 50) -> float:
@@ -381,10 +404,12 @@ def _update_family_losses(ema: dict[str, float], families: list[str | None], per
         ema[family] = mean if family not in ema else 0.9 * ema[family] + 0.1 * mean
 
 
-def _save(model: LlavaModel, tokenizer, out_dir: str | Path, image_size: int) -> Path:
+def _save(model: LlavaModel, tokenizer, out_dir: str | Path, image_size: int, heads: dict) -> Path:
     was_training = model.training
     out = save_model(model.eval(), out_dir)
     model.train(was_training)
+    save_file({f"{name}.{k}": v.detach().contiguous().cpu() for name, m in heads.items()
+               for k, v in m.state_dict().items()}, str(out / HEADS_FILE))
     tokenizer.save(str(out / "tokenizer.json"))
     write_preprocessor_config(out, image_size)
     return out
