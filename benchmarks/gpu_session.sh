@@ -25,7 +25,7 @@ if [ -z "${SKIP_BENCH:-}" ]; then
 B="--preset $PRESET --device $DEVICE --dtype $DTYPE --new-tokens 32 --repeats 5 --warmup 2"
 timeout 150 python3 -m fastllava.cli bench $B --keep 576,64 --batch-size 1,16 --compare hf --out "$W/bench-eager" 2>&1 | tee "$W/bench.log"
 tar -C "$W" -cf "$OUT/bench.tar" .
-timeout 170 python3 -m fastllava.cli bench $B --keep 576,64 --batch-size 1 --decode compiled --out "$W/bench-compiled" 2>&1 | tee -a "$W/bench.log"
+timeout 240 python3 -m fastllava.cli bench $B --keep 576,64 --batch-size 1 --decode compiled --out "$W/bench-compiled" 2>&1 | tee -a "$W/bench.log"
 tar -C "$W" -cf "$OUT/bench.tar" .
 timeout 60 python3 -m fastllava.cli bench --preset $NEXT_PRESET --device $DEVICE --dtype $DTYPE --new-tokens 32 --repeats 3 \
   --warmup 1 --keep $NEXT_KEEP --batch-size 1 --out "$W/bench-next" 2>&1 | tee -a "$W/bench.log"
