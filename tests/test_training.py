@@ -182,3 +182,30 @@ def test_worker_batches_differ_by_worker_and_follow_the_family_weights():
     later = [next(stream) for _ in range(14)][-4:]  # past the batches made before the change
     assert {f for b in later for f in b.families if f is not None} == {"shape"}
     assert first[0].ids.shape[0] == 2 and first[0].pixels.shape[0] == 2
+
+
+def test_position_questions_mark_the_side_word_they_ask_about():
+    model, data = _tiny_model_and_data(questions=2)
+    data.family_weights.copy_(torch.tensor([0.0, 0.0, 0.0, 0.0, 1.0, 0.0]))  # position questions only
+    batch = data.batch(6)
+    rows, at = batch.guide_at.unbind(-1)
+    word_at, side = batch.guide_side.unbind(-1)
+    asks = word_at >= 0
+    assert asks.any() and (side[asks] >= 0).all() and (side[~asks] == -100).all()
+    side_ids = torch.tensor(data.side_ids)
+    assert (batch.ids[rows[asks], word_at[asks]] == side_ids[side[asks]]).all()  # the word itself
+    assert (word_at[asks] < at[asks]).all()  # in the question, before the answer
+    guidance = Guidance(model.cfg.text.hidden_size, layer=0)
+    loss, _, _, _ = loss_on(model, None, batch, guide_weight=1.0, guidance=guidance)
+    loss.backward()
+    assert guidance.read_side.weight.grad.abs().sum() > 0
+
+
+def test_heads_stage_leaves_the_model_unchanged(tmp_path):
+    spec = TrainSpec(**TINY, vision_steps=0, align_steps=0, head_steps=2, steps=0, batch_size=2, questions=2,
+                     save_every=0, guide_layer=0)
+    first = train(tmp_path / "a", TrainSpec(**TINY, vision_steps=0, align_steps=0, steps=1, batch_size=2,
+                                            questions=2, save_every=0, guide_layer=0), log=lambda m: None)
+    before = fastllava.load(first, device="cpu").model.state_dict()
+    after = fastllava.load(train(tmp_path / "b", spec, log=lambda m: None, init=first), device="cpu").model.state_dict()
+    assert all(torch.equal(before[k], after[k]) for k in before)

@@ -31,7 +31,7 @@ from .images import ImageProcessor
 from .models.llava import LlavaModel
 from .prompts import PromptEncoder
 from .training_aux import (Guidance, PatchHead, looked_at, object_attributes, patch_labels, patch_objects,
-                           relative_direction)
+                           relative_direction, SIDES)
 
 HEADS_FILE = "training_heads.safetensors"  # the training-only heads, beside a checkpoint this module writes
 TRAIN_SEED_BASE = 10_000_000  # training streams use seeds >= this; evaluation sets use small seeds
@@ -53,6 +53,8 @@ class TrainSpec:
     text_heads: int = 4
     text_kv_heads: int = 2
     vision_steps: int = 0  # vision tower alone on dense patch labels, before the other stages
+    head_steps: int = 0  # training-only heads alone (model frozen) before instruction tuning: for a
+    # continued run whose heads start afresh, so that their first, large gradients do not disturb the model
     align_steps: int = 200
     steps: int = 3000
     batch_size: int = 32
@@ -102,6 +104,7 @@ class Batches:
         self.popular = all_pairs()  # frequency order is learned from data; any order trains all pairs
         # sampling weights (see `reweight`), in shared memory so that worker processes see updates
         self.family_weights = torch.ones(len(FAMILIES), dtype=torch.float64).share_memory_()
+        self.side_ids = [encoder.tokenizer.token_to_id(w) for w in SIDES]  # the words of training_aux.SIDES
 
     def reweight(self, family_losses: dict[str, float]) -> None:
         """Ask more often from the families the model still gets wrong (weights ~ loss + floor)."""
@@ -156,7 +159,10 @@ class Batches:
             masks = torch.from_numpy(np.stack([np.isin(objects, [i + 1 for i in r]) for r in roles]))  # [3, P]
             attrs = torch.tensor([object_attributes(scene, r) for r in roles])  # [3, A]
             dirs = torch.tensor(relative_direction(scene, roles[0], roles[1]))  # [2]
-            segments.append((seg, targets, family, masks, attrs, dirs))
+            asked = [(k, self.side_ids.index(t)) for k, t in enumerate(seg[:len(seg) - len(answer_ids)])
+                     if t in self.side_ids]  # the side a position question asks about, if it names one
+            side = torch.tensor(asked[0] if asked else (-1, -100))  # (its index in the segment, which side)
+            segments.append((seg, targets, family, masks, attrs, dirs, side))
         return prefix, segments, render(scene, self.image_size), patch_labels(scene, self.grid, self.image_size)
 
     def batch(self, size: int, captions: bool = False) -> "Packed":
@@ -168,13 +174,13 @@ class Batches:
         segments = torch.full((size, longest), -1, dtype=torch.long)
         targets = torch.full((size, longest), -100, dtype=torch.long)
         families = []  # the family of every target in row-major order; None for EOS targets
-        guide_at, guide_mask, guide_attrs, guide_dirs = [], [], [], []  # per guided segment: (row, answer
-        # position), patches, objects, direction
+        guide_at, guide_mask, guide_attrs, guide_dirs, guide_side = [], [], [], [], []  # per guided segment:
+        # (row, answer position), patches, objects, direction, asked side
         for i, (prefix, segs, _, _) in enumerate(rows):
             n = len(prefix)
             ids[i, :n], positions[i, :n], segments[i, :n] = torch.tensor(prefix), torch.arange(n), 0
             at = n
-            for j, (seg, tgt, family, named, attrs, dirs) in enumerate(segs, start=1):
+            for j, (seg, tgt, family, named, attrs, dirs, side) in enumerate(segs, start=1):
                 span = slice(at, at + len(seg))
                 if not captions and named[0].any():
                     first = next(k for k, t in enumerate(tgt) if t != -100)  # predicts the first answer token
@@ -182,6 +188,7 @@ class Batches:
                     guide_mask.append(named)
                     guide_attrs.append(attrs)
                     guide_dirs.append(dirs)
+                    guide_side.append(torch.stack([side[0] + at if side[0] >= 0 else side[0], side[1]]))
                 ids[i, span], targets[i, span] = torch.tensor(seg), torch.tensor(tgt)
                 positions[i, span], segments[i, span] = torch.arange(n, n + len(seg)), j
                 families += [None if t == EOS_ID else family for t in tgt if t != -100]
@@ -193,6 +200,7 @@ class Batches:
                       torch.stack(guide_mask) if guide_mask else torch.zeros(0, 3, p, dtype=torch.bool),
                       torch.stack(guide_attrs) if guide_attrs else torch.zeros(0, 3, 4, dtype=torch.long),
                       torch.stack(guide_dirs) if guide_dirs else torch.zeros(0, 2, dtype=torch.long),
+                      torch.stack(guide_side) if guide_side else torch.zeros(0, 2, dtype=torch.long),
                       len(rows[0][0]) - p)
 
 
@@ -221,8 +229,9 @@ class Packed:
     guidance the (row, position) of N answer-predicting positions [N, 2], the patches of the
     objects their questions look at [N, 3, P] and those objects' attributes [N, 3, A] (-100: not
     one object) for training_aux.looked_at's (first, second, answer), where the first is relative
-    to the second [N, 2] (training_aux.relative_direction), and where the P image tokens start in
-    every row."""
+    to the second [N, 2] (training_aux.relative_direction), the (position in the row, class) of
+    the side word a position question asks about [N, 2] ((-1, -100) where none; training_aux.SIDES),
+    and where the P image tokens start in every row."""
 
     ids: torch.Tensor
     positions: torch.Tensor
@@ -235,6 +244,7 @@ class Packed:
     guide_mask: torch.Tensor
     guide_attrs: torch.Tensor
     guide_dirs: torch.Tensor
+    guide_side: torch.Tensor
     image_start: int
 
     def to(self, device) -> "Packed":
@@ -287,7 +297,7 @@ def loss_on(model: LlavaModel, head: PatchHead | None, batch: Packed, aux_weight
     if guided:
         image = slice(batch.image_start, batch.image_start + batch.guide_mask.shape[-1])
         guide = guidance.loss(taps, batch.guide_at.unbind(-1), image, batch.guide_mask, batch.guide_attrs,
-                              batch.guide_dirs)
+                              batch.guide_dirs, batch.guide_side)
     return per.mean() + aux_weight * aux + guide_weight * guide, per.detach(), aux.detach(), guide.detach()
 
 
@@ -323,10 +333,12 @@ def train(out_dir: str | Path, spec: TrainSpec, device: str = "cpu", log=print,
     vision = [*model.vision_tower.parameters(), *head.parameters()]
     stages = [("vision", spec.vision_steps, vision, False),
               ("align", spec.align_steps, list(model.multi_modal_projector.parameters()), True),
+              ("heads", spec.head_steps, [*head.parameters(), *guidance.parameters()], False),
               ("instruct", spec.steps, [*model.parameters(), *head.parameters(), *guidance.parameters()], False)]
     for stage, (name, steps, params, captions) in enumerate(stages):
         if steps == 0:
             continue
+        model.requires_grad_(name != "heads")
         batches = data.stream(spec.batch_size, captions, spec.workers, stage)
         opt = torch.optim.AdamW(params, lr=spec.lr, betas=(0.9, 0.98), weight_decay=0.01)
         bar, start, running, aux_ema, guide_ema = Progress(name, steps), time.time(), None, None, None
@@ -343,7 +355,7 @@ def train(out_dir: str | Path, spec: TrainSpec, device: str = "cpu", log=print,
                 aux = head.loss(model.vision_features(batch.pixels), batch.patch_labels)
                 loss, per, guide = aux, None, torch.zeros(())
             else:
-                instruct = name == "instruct"
+                instruct = name in ("heads", "instruct")
                 loss, per, aux, guide = loss_on(model, head if instruct else None, batch,
                                                 spec.aux_weight if instruct else 0.0,
                                                 spec.guide_weight if instruct else 0.0, guidance)

@@ -12,7 +12,9 @@ from the few patches of that object among 576. `looked_at` reads off the scene w
 question points at; `Guidance` pulls attention heads, at the position that predicts the answer,
 onto their patches (`guide_loss`) and asks, through `ObjectProbe`, that their shape, colour and
 grid cell be linearly readable there, and for two named objects, on which side of the second the
-first lies (`relative_direction`; training-only losses, inference is unchanged).
+first lies (`relative_direction`). A yes/no position question ("Is the red circle left of the
+blue square?") also needs the side it asks about at the answer: another head is pulled onto that
+word and a probe asks that it be readable there (training-only losses; inference is unchanged).
 """
 
 from __future__ import annotations
@@ -154,6 +156,9 @@ def relative_direction(scene: Scene, first: set[int], second: set[int]) -> tuple
             int("above" not in where) if {"above", "below"} & set(where) else -100)
 
 
+SIDES = ("left", "right", "above", "below")  # the words a position question may ask about
+
+
 class ObjectProbe(nn.Module):
     """A linear probe from hidden states [N, D] to the ATTRIBUTES of `objects` objects."""
 
@@ -189,22 +194,31 @@ class Guidance(nn.Module):
         self.read_named = ObjectProbe(dim, objects=2)
         self.read_answer = ObjectProbe(dim, objects=1)
         self.read_direction = nn.Linear(dim, 4)  # (left, right), (above, below)
+        self.read_side = nn.Linear(dim, len(SIDES))  # the side word the question asks about
 
     @property
     def layers(self) -> tuple[int, int]:
         return self.layer, self.layer + 1
 
     def loss(self, taps: dict, at: tuple[torch.Tensor, torch.Tensor], image: slice, masks: torch.Tensor,
-             attrs: torch.Tensor, dirs: torch.Tensor) -> torch.Tensor:
+             attrs: torch.Tensor, dirs: torch.Tensor, sides: torch.Tensor) -> torch.Tensor:
         """taps {layer: (probs [B, H, T, T], hidden [B, T, D])}; at: (rows [N], positions [N]);
         image: the image tokens' slots; masks [N, 3, P] bool and attrs [N, 3, len(ATTRIBUTES)]
-        for (first, second, answer); dirs [N, 2] (relative_direction, -100 = none)."""
+        for (first, second, answer); dirs [N, 2] (relative_direction, -100 = none); sides [N, 2]:
+        the (position, SIDES index) of the side word asked about ((-1, -100) = none), which head
+        2 of the first guided layer should attend to and whose class should be readable after it."""
         rows, pos = at
         (probs1, hidden1), (probs2, hidden2) = taps[self.layers[0]], taps[self.layers[1]]
         look = (guide_loss(probs1[rows, 0, pos, image], masks[:, 0]) + guide_loss(probs1[rows, 1, pos, image], masks[:, 1])
                 + guide_loss(probs2[rows, 0, pos, image], masks[:, 2]))
         read = self.read_named.loss(hidden1[rows, pos], attrs[:, :2]) + self.read_answer.loss(hidden2[rows, pos], attrs[:, 2:])
-        side = self.read_direction(hidden2[rows, pos]).float().view(-1, 2, 2)  # [N, axis, 2]
+        direction = self.read_direction(hidden2[rows, pos]).float().view(-1, 2, 2)  # [N, axis, 2]
         known = dirs >= 0  # [N, 2]
-        sides = F.cross_entropy(side[known], dirs[known]) if bool(known.any()) else side.sum() * 0.0
-        return look + read + sides
+        read = read + (F.cross_entropy(direction[known], dirs[known]) if bool(known.any()) else direction.sum() * 0.0)
+        word_at, asked = sides.unbind(-1)  # [N] each
+        asks = (word_at >= 0) & (probs1.shape[1] > 2)  # [N]
+        if bool(asks.any()):
+            word = F.one_hot(word_at[asks], probs1.shape[-1]).bool()  # [N', T]
+            look = look + guide_loss(probs1[rows[asks], 2, pos[asks]], word)
+            read = read + F.cross_entropy(self.read_side(hidden1[rows[asks], pos[asks]]).float(), asked[asks])
+        return look + read
