@@ -23,7 +23,7 @@ Decode modes (`fastllava.load(..., decode=...)`, `--decode`):
   compiled  both through torch.compile (CUDA graphs on CUDA). The first run of a new shape pays
             the compilation; cache sizes are rounded up to CACHE_BUCKET slots so that prompts of
             different lengths share a compiled step.
-Quantized KV caches (KIVI, VidKV) always decode eagerly: their writes pack codes in Python.
+Quantized KV caches (KIVI, VidKV) always prefill and decode eagerly: their writes pack codes in Python.
 """
 
 from __future__ import annotations
