@@ -54,9 +54,7 @@ def check_decode_mode(mode: str | None) -> str:
 
 def cache_size(model: LlavaModel, needed: int) -> int:
     """Slots to allocate for `needed`: rounded up to CACHE_BUCKET when decoding is compiled."""
-    if model.decode_mode != "compiled":
-        return needed
-    return -(-needed // CACHE_BUCKET) * CACHE_BUCKET
+    return needed if model.decode_mode != "compiled" else _round_up(needed, CACHE_BUCKET)
 
 
 def new_cache(model: LlavaModel, batch: int, needed: int) -> StaticKVCache:
@@ -89,9 +87,7 @@ def fixed_prefill_applies(model: LlavaModel, reduction=None) -> bool:
 def prompt_slots(model: LlavaModel, tokens: int, reduction=None) -> int:
     """Cache slots a prompt of `tokens` tokens fills: rounded up to PREFILL_BUCKET when the
     fixed-shape prefill runs it."""
-    if not fixed_prefill_applies(model, reduction):
-        return tokens
-    return -(-tokens // PREFILL_BUCKET) * PREFILL_BUCKET
+    return _round_up(tokens, PREFILL_BUCKET) if fixed_prefill_applies(model, reduction) else tokens
 
 
 def prefill(model: LlavaModel, cache: StaticKVCache, embeds: torch.Tensor, positions: torch.Tensor,
@@ -191,6 +187,10 @@ def compile_encoder(model: LlavaModel) -> None:
         return (vision.clone(), features.clone()) if graphs else (vision, features)
 
     model._compiled["encode_pixels"] = encode
+
+
+def _round_up(n: int, multiple: int) -> int:
+    return -(-n // multiple) * multiple
 
 
 def _new_graph_step(model: LlavaModel) -> None:

@@ -14,7 +14,6 @@ import torch
 
 from .errors import UserError
 from . import fastpath
-from .fastpath import decode_step, fixed_prefill_applies, new_cache, prompt_slots
 from .kvcache import StaticKVCache
 from .models.llava import LlavaModel
 from .reduction.runtime import Reduction
@@ -137,13 +136,13 @@ def prefill(model: LlavaModel, input_ids: torch.Tensor, attention_mask: torch.Te
     if times is not None:
         sync(device)
         times.vision_s = time.perf_counter() - times.start
-    slots = prompt_slots(model, embeds.shape[1], reduction)  # a reduction before the LLM shortens it
-    cache = new_cache(model, b, slots + new_tokens)
+    slots = fastpath.prompt_slots(model, embeds.shape[1], reduction)  # a reduction before the LLM shortens it
+    cache = fastpath.new_cache(model, b, slots + new_tokens)
     visual = reduction.visual if reduction is not None else (input_ids == model.cfg.image_token_index) & mask
     cache.prompt(embeds, visual, mask)
     if times is not None:
         times.kv_cache_bytes = cache.nbytes
-    if fixed_prefill_applies(model, reduction):
+    if fastpath.fixed_prefill_applies(model, reduction):
         logits = fastpath.prefill(model, cache, embeds, positions, mask)
     else:
         logits = model(embeds, positions, None if bool(mask.all()) else mask, cache, True, reduction)[:, -1]
@@ -169,7 +168,7 @@ def decode_steps(model: LlavaModel, input_ids: torch.Tensor, attention_mask: tor
     times.start = time.perf_counter()
     logits, positions, cache = prefill(model, input_ids, attention_mask, pixel_values, params.max_new_tokens,
                                        reduction, times, image_sizes)
-    next_logits = decode_step(model, cache)
+    next_logits = fastpath.decode_step(model, cache)
     generator = new_generator(params, model.device)
     eos = torch.tensor(eos_ids or [-1], device="cpu")
     pos = positions[:, -1:]  # [B, 1]

@@ -133,7 +133,8 @@ class Batches:
 
     def example(self, captions: bool):
         """(prefix ids, [(segment ids, segment targets, family, patches looked at [3, P] bool,
-        attributes [3, A] of the one object looked at or -100s)], image, patch labels [P, 4]);
+        attributes [3, A] of the one object looked at or -100s, relative direction (2 ints),
+        asked side (index in the segment or -1, SIDES class or -100))], image, patch labels [P, 4]);
         the 3 are training_aux.looked_at's first, second and answer objects."""
         qas = []
         while not qas:  # a scene may allow no question of the families drawn: take another
@@ -158,10 +159,10 @@ class Batches:
             roles = looked_at(scene, question)
             masks = torch.from_numpy(np.stack([np.isin(objects, [i + 1 for i in r]) for r in roles]))  # [3, P]
             attrs = torch.tensor([object_attributes(scene, r) for r in roles])  # [3, A]
-            dirs = torch.tensor(relative_direction(scene, roles[0], roles[1]))  # [2]
+            dirs = relative_direction(scene, roles[0], roles[1])
             asked = [(k, self.side_ids.index(t)) for k, t in enumerate(seg[:len(seg) - len(answer_ids)])
                      if t in self.side_ids]  # the side a position question asks about, if it names one
-            side = torch.tensor(asked[0] if asked else (-1, -100))  # (its index in the segment, which side)
+            side = asked[0] if asked else (-1, -100)  # (its index in the segment, which side)
             segments.append((seg, targets, family, masks, attrs, dirs, side))
         return prefix, segments, render(scene, self.image_size), patch_labels(scene, self.grid, self.image_size)
 
@@ -188,7 +189,7 @@ class Batches:
                     guide_mask.append(named)
                     guide_attrs.append(attrs)
                     guide_dirs.append(dirs)
-                    guide_side.append(torch.stack([side[0] + at if side[0] >= 0 else side[0], side[1]]))
+                    guide_side.append((side[0] + at if side[0] >= 0 else -1, side[1]))
                 ids[i, span], targets[i, span] = torch.tensor(seg), torch.tensor(tgt)
                 positions[i, span], segments[i, span] = torch.arange(n, n + len(seg)), j
                 families += [None if t == EOS_ID else family for t in tgt if t != -100]
@@ -199,8 +200,8 @@ class Batches:
                       torch.tensor(guide_at, dtype=torch.long).view(-1, 2),
                       torch.stack(guide_mask) if guide_mask else torch.zeros(0, 3, p, dtype=torch.bool),
                       torch.stack(guide_attrs) if guide_attrs else torch.zeros(0, 3, 4, dtype=torch.long),
-                      torch.stack(guide_dirs) if guide_dirs else torch.zeros(0, 2, dtype=torch.long),
-                      torch.stack(guide_side) if guide_side else torch.zeros(0, 2, dtype=torch.long),
+                      torch.tensor(guide_dirs, dtype=torch.long).view(-1, 2),
+                      torch.tensor(guide_side, dtype=torch.long).view(-1, 2),
                       len(rows[0][0]) - p)
 
 
@@ -355,10 +356,10 @@ def train(out_dir: str | Path, spec: TrainSpec, device: str = "cpu", log=print,
                 aux = head.loss(model.vision_features(batch.pixels), batch.patch_labels)
                 loss, per, guide = aux, None, torch.zeros(())
             else:
-                instruct = name in ("heads", "instruct")
-                loss, per, aux, guide = loss_on(model, head if instruct else None, batch,
-                                                spec.aux_weight if instruct else 0.0,
-                                                spec.guide_weight if instruct else 0.0, guidance)
+                tuning = name in ("heads", "instruct")  # the question stages, with every auxiliary loss
+                loss, per, aux, guide = loss_on(model, head if tuning else None, batch,
+                                                spec.aux_weight if tuning else 0.0,
+                                                spec.guide_weight if tuning else 0.0, guidance)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             torch.nn.utils.clip_grad_norm_(params, 1.0)
