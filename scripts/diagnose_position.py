@@ -62,7 +62,7 @@ def main() -> None:
         image = slice(b.image_start, b.image_start + b.guide_mask.shape[-1])
         for i in layers:
             hidden[i].append(taps[i][1][rows, pos])  # [N, D]
-        probs = taps[args.layer][0][rows, :, pos, image]  # [N, H, P]
+        probs = taps[args.layer][0][:, :, image]  # [N, H, P]
         mass.append(torch.stack([(probs[:, h] * b.guide_mask[:, h]).sum(-1) for h in (0, 1)], 1))
         attrs.append(b.guide_attrs)
         dirs.append(b.guide_dirs)

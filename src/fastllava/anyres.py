@@ -67,3 +67,35 @@ def image_tokens(size: Size, pinpoints: list[Size], tile: int, patches: int) -> 
     ys, xs = unpadded_box(size, (rows * patches, cols * patches))
     height, width = ys.stop - ys.start, xs.stop - xs.start
     return patches * patches + height * (width + 1)
+
+
+def token_sources(size: Size, grid: Size, patches: int) -> tuple[list[int], Size]:
+    """The visual tokens of one image of `size` tiled as `grid` (rows, cols), in the language
+    model's order -> (src: for each token the index of its patch among the image's pieces'
+    patches [(1 + rows*cols) * patches²] (base thumbnail first, then the tiles row by row), -1 for
+    the newline ending each row; (height, width) of the unpadded tile feature grid)."""
+    rows, cols = grid
+    g = patches
+    ys, xs = unpadded_box(size, (rows * g, cols * g))
+    src = list(range(g * g))
+    for y in range(ys.start, ys.stop):
+        tile_row, py = divmod(y, g)
+        for x in range(xs.start, xs.stop):
+            tile_col, px = divmod(x, g)
+            src.append(g * g * (1 + tile_row * cols + tile_col) + py * g + px)
+        src.append(-1)
+    return src, (ys.stop - ys.start, xs.stop - xs.start)
+
+
+def piece_boxes(size: Size, pinpoints: list[Size], tile: int) -> list[tuple[float, float, float, float]]:
+    """Where each piece the processor cuts from an image of `size` lies in the image: (top, left,
+    height, width) as fractions of the image's height and width, base thumbnail (the whole image)
+    first, then the tiles row by row (a tile over padding reaches outside [0, 1])."""
+    canvas = best_resolution(size, pinpoints)
+    inner = fit_size(size, canvas)
+    top, left = pad_offsets(inner, canvas)
+    boxes = [(0.0, 0.0, 1.0, 1.0)]
+    for y in range(0, canvas[0], tile):
+        for x in range(0, canvas[1], tile):
+            boxes.append(((y - top) / inner[0], (x - left) / inner[1], tile / inner[0], tile / inner[1]))
+    return boxes

@@ -10,6 +10,7 @@ Data is generated on the fly from seeds that evaluation sets never use (see TRAI
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import time
 from dataclasses import dataclass
@@ -25,12 +26,14 @@ from .config import LlavaConfig, RopeConfig, TextConfig, VisionConfig
 from .errors import UserError
 from .evaluation.progress import Progress
 from .evaluation.questions import ASK, FAMILIES, STRATEGIES, all_pairs, ask_exist, prompt
-from .evaluation.scenes import caption, random_scene, render
+from .evaluation.scenes import VARIANTS, caption, random_scene, render
 from .evaluation.tokenizer import build_word_tokenizer, default_words, write_preprocessor_config
-from .images import ImageProcessor
+from . import anyres
+from .images import AnyresProcessor, ImageProcessor
 from .models.llava import LlavaModel
+from .models.llava_next import LlavaNextModel
 from .prompts import PromptEncoder
-from .training_aux import (Guidance, PatchHead, looked_at, object_attributes, patch_labels, patch_objects,
+from .training_aux import (WHOLE, Guidance, PatchHead, cls_guide_loss, looked_at, object_attributes, patch_labels, patch_objects,
                            relative_direction, SIDES)
 
 HEADS_FILE = "training_heads.safetensors"  # the training-only heads, beside a checkpoint this module writes
@@ -39,6 +42,7 @@ IMAGE_TOKEN_ID = 3
 EOS_ID = 2
 VOCAB_SIZE = 128
 CAPTION_PROMPT = "Describe the image."
+NEXT_CANVASES = ((1, 2), (2, 1), (2, 2), (3, 1), (1, 3))  # LLaVA-NeXT's image_grid_pinpoints, in tiles
 
 
 @dataclass
@@ -62,10 +66,14 @@ class TrainSpec:
     aux_weight: float = 0.5  # weight of the patch-label loss during instruction tuning
     guide_weight: float = 0.5  # weight of the attention-guidance and object-probe losses (training_aux)
     guide_layer: int = 1  # the first of the two language-model layers guided (training_aux.Guidance)
+    cls_weight: float = 0.0  # weight of the class-token attention loss (training_aux.cls_guide_loss), in
+    # the selected vision layer and in block cls_early_block (the early layer HiRED reads)
+    cls_early_block: int = 1
     questions: int = 8  # question/answer segments sharing one image per training row
     minutes: float = 0.0  # wall-clock budget per stage; the schedule follows whichever ends first (0 = off)
     save_every: int = 200  # steps between intermediate checkpoints (0 = only at the end)
     workers: int = 0  # processes generating batches ahead of the training step (0 = in the step)
+    anyres: bool = False  # a LLaVA-NeXT model (tiles at NEXT_CANVASES) on the hires scenes variant
     seed: int = 0
 
 
@@ -78,8 +86,17 @@ def build_config(spec: TrainSpec) -> LlavaConfig:
                       num_key_value_heads=spec.text_kv_heads, head_dim=spec.text_hidden // spec.text_heads,
                       max_position_embeddings=1024, rms_norm_eps=1e-6, bos_token_id=1, eos_token_id=[2],
                       pad_token_id=0, rope=RopeConfig())
+    pinpoints = [(h * spec.image_size, w * spec.image_size) for h, w in NEXT_CANVASES] if spec.anyres else None
     return LlavaConfig(vision=vision, text=text, image_token_index=IMAGE_TOKEN_ID,
-                       vision_feature_layers=[-1], vision_feature_select_strategy="default")
+                       vision_feature_layers=[-1], vision_feature_select_strategy="default",
+                       image_grid_pinpoints=pinpoints)
+
+
+def training_processor(cfg: LlavaConfig) -> ImageProcessor | AnyresProcessor:
+    """The preprocessing the saved checkpoint declares (write_preprocessor_config), for a model of `cfg`."""
+    tile = cfg.vision.image_size
+    pieces = ImageProcessor(shortest_edge=tile, crop_hw=(tile, tile))
+    return AnyresProcessor(pieces, cfg.image_grid_pinpoints, tile, (tile, tile)) if cfg.is_next else pieces
 
 
 class Batches:
@@ -93,12 +110,15 @@ class Batches:
     A batch is a `Packed`: input_ids [B, T], positions [B, T], segments [B, T], targets [B, T],
     pixels...; `segments` is 0 on the prefix, i on segment i and -1 on padding; `targets` holds the
     next token of the same segment where it is an answer token or EOS, else -100.
+    With an AnyresProcessor (LLaVA-NeXT) the scenes are of `variant` (e.g. hires), the images of
+    one batch share a canvas (so that their visual tokens line up), and the per-token labels and
+    masks follow the language model's token order (base thumbnail, tiles' rows, newlines).
     """
 
-    def __init__(self, encoder: PromptEncoder, processor: ImageProcessor, image_size: int, seed: int,
-                 questions: int = 1, grid: int = 24):
+    def __init__(self, encoder: PromptEncoder, processor: ImageProcessor | AnyresProcessor, image_size: int,
+                 seed: int, questions: int = 1, grid: int = 24, variant: str = "default"):
         self.encoder, self.processor, self.image_size, self.grid = encoder, processor, image_size, grid
-        self.questions = questions
+        self.questions, self.variant = questions, variant
         self.seed = seed
         self.rng = np.random.Generator(np.random.PCG64(TRAIN_SEED_BASE + seed))
         self.popular = all_pairs()  # frequency order is learned from data; any order trains all pairs
@@ -131,14 +151,25 @@ class Batches:
             q = ASK[family](scene, self.rng)
         return None if q is None else (prompt(q.question), q.answer, family)
 
-    def example(self, captions: bool):
-        """(prefix ids, [(segment ids, segment targets, family, patches looked at [3, P] bool,
+    def layout(self, size: tuple[int, int]) -> tuple[list, list[int]]:
+        """An image of `size` (height, width) -> (the boxes of the pieces the processor cuts, as
+        anyres.piece_boxes; for each visual token of the language model, the index of its patch
+        among the pieces' patches, -1 for a newline (anyres.token_sources))."""
+        if not isinstance(self.processor, AnyresProcessor):
+            return WHOLE, list(range(self.grid * self.grid))
+        p = self.processor
+        grid = anyres.tile_grid(size, p.pinpoints, p.tile)
+        return anyres.piece_boxes(size, p.pinpoints, p.tile), anyres.token_sources(size, grid, self.grid)[0]
+
+    def example(self, captions: bool, canvas: tuple[int, int] | None = None):
+        """(prefix ids, [(segment ids, segment targets, family, visual tokens looked at [3, P] bool,
         attributes [3, A] of the one object looked at or -100s, relative direction (2 ints),
-        asked side (index in the segment or -1, SIDES class or -100))], image, patch labels [P, 4]);
-        the 3 are training_aux.looked_at's first, second and answer objects."""
+        asked side (index in the segment or -1, SIDES class or -100))], image, labels of the visual
+        tokens [P, 6] (-100 on newlines)); the 3 are training_aux.looked_at's first, second and
+        answer objects; P the visual tokens of the image, drawn on `canvas` (tiles) if given."""
         qas = []
         while not qas:  # a scene may allow no question of the families drawn: take another
-            scene = random_scene(self.rng)
+            scene = random_scene(self.rng, self.variant, canvas)
             if captions:
                 qas = [(CAPTION_PROMPT, caption(scene), "caption")]
             tries = 0
@@ -148,9 +179,14 @@ class Batches:
                 if qa is not None and all(qa[0] != q for q, _, _ in qas):
                     qas.append(qa)
         prefix, segments = None, []
-        objects = patch_objects(scene, self.grid, self.image_size)  # [P], 0 = background
+        image = render(scene, self.image_size)
+        boxes, src = self.layout((image.height, image.width))
+        src = torch.tensor(src)  # [P]
+        objects = patch_objects(scene, self.grid, self.image_size, boxes)[src.clamp(min=0).numpy()]  # [P], 0 = background
+        objects[(src < 0).numpy()] = 0
+        labels = patch_labels(scene, self.grid, self.image_size, boxes)[src.clamp(min=0)].masked_fill((src < 0)[:, None], -100)
         for question, answer, family in qas:
-            ids = self.encoder.prompt_ids(question)
+            ids = self.encoder.prompt_ids(question, image_tokens=[len(src)])
             cut = len(ids) - ids[::-1].index(IMAGE_TOKEN_ID)  # the prefix ends after the last image token
             prefix = ids[:cut]
             answer_ids = self.encoder.tokenizer.encode(answer, add_special_tokens=False).ids + [EOS_ID]
@@ -164,10 +200,12 @@ class Batches:
                      if t in self.side_ids]  # the side a position question asks about, if it names one
             side = asked[0] if asked else (-1, -100)  # (its index in the segment, which side)
             segments.append((seg, targets, family, masks, attrs, dirs, side))
-        return prefix, segments, render(scene, self.image_size), patch_labels(scene, self.grid, self.image_size)
+        return prefix, segments, image, labels
 
     def batch(self, size: int, captions: bool = False) -> "Packed":
-        rows = [self.example(captions) for _ in range(size)]
+        first = self.example(captions)
+        canvas = (first[2].height // self.image_size, first[2].width // self.image_size)
+        rows = [first] + [self.example(captions, canvas) for _ in range(size - 1)]
         lengths = [len(p) + sum(len(s[0]) for s in segs) for p, segs, _, _ in rows]
         longest = max(lengths)
         ids = torch.zeros(size, longest, dtype=torch.long)
@@ -194,15 +232,18 @@ class Batches:
                 positions[i, span], segments[i, span] = torch.arange(n, n + len(seg)), j
                 families += [None if t == EOS_ID else family for t in tgt if t != -100]
                 at += len(seg)
-        pixels = self.processor([r[2] for r in rows])
-        p = self.grid * self.grid
+        if isinstance(self.processor, AnyresProcessor):
+            pixels, sizes = self.processor([r[2] for r in rows])
+        else:
+            pixels, sizes = self.processor([r[2] for r in rows]), None
+        p = len(rows[0][3])  # visual tokens per row
         return Packed(ids, positions, segments, targets, pixels, torch.stack([r[3] for r in rows]), families,
                       torch.tensor(guide_at, dtype=torch.long).view(-1, 2),
                       torch.stack(guide_mask) if guide_mask else torch.zeros(0, 3, p, dtype=torch.bool),
                       torch.stack(guide_attrs) if guide_attrs else torch.zeros(0, 3, 4, dtype=torch.long),
                       torch.tensor(guide_dirs, dtype=torch.long).view(-1, 2),
                       torch.tensor(guide_side, dtype=torch.long).view(-1, 2),
-                      len(rows[0][0]) - p)
+                      len(rows[0][0]) - p, sizes)
 
 
 class _Stream(torch.utils.data.IterableDataset):
@@ -232,7 +273,8 @@ class Packed:
     one object) for training_aux.looked_at's (first, second, answer), where the first is relative
     to the second [N, 2] (training_aux.relative_direction), the (position in the row, class) of
     the side word a position question asks about [N, 2] ((-1, -100) where none; training_aux.SIDES),
-    and where the P image tokens start in every row."""
+    where the P image tokens start in every row, and for LLaVA-NeXT the image_sizes [B, 2]
+    (pixels [B, K, 3, H, W] then hold each image's K pieces)."""
 
     ids: torch.Tensor
     positions: torch.Tensor
@@ -247,6 +289,7 @@ class Packed:
     guide_dirs: torch.Tensor
     guide_side: torch.Tensor
     image_start: int
+    image_sizes: torch.Tensor | None = None
 
     def to(self, device) -> "Packed":
         moved = {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in vars(self).items()}
@@ -264,42 +307,55 @@ def segment_mask(segments: torch.Tensor) -> torch.Tensor:
     return allowed[:, None]
 
 
-def packed_logits(model: LlavaModel, batch: Packed, taps: tuple[int, ...] = ()):
-    """(logits [B, T, V] of a packed batch, the vision features LLaVA reads [B, P, Dv], and for
-    each layer in `taps` its attention probabilities [B, H, T, T] and the hidden states after it
-    [B, T, D]: {layer: (probs, hidden)})."""
+def packed_logits(model: LlavaModel, batch: Packed, taps: tuple[int, ...] = (), early_block: int | None = None):
+    """(logits [B, T, V] of a packed batch, the images' encoding (LlavaModel.encode_images: `vision`
+    [B, P, Dv] the features LLaVA reads in the language model's order; with `early_block` also the
+    class-token attention of the selected layer and of that block), and for each layer in `taps`
+    the attention probabilities of the N guided queries (batch.guide_at) [N, H, T] and the hidden
+    states after it [B, T, D]: {layer: (probs, hidden)})."""
     lm = model.language_model
-    states = model.vision_features(batch.pixels)  # [B, P, Dv]
-    x = model.embed(batch.ids, model.multi_modal_projector(states))  # [B, T, D]
+    images = model.encode_images(batch.pixels, batch.image_sizes, early_block=early_block)
+    x = model.embed(batch.ids, images["features"])  # [B, T, D]
     cos, sin = lm.rotary(batch.positions, x.dtype)
     mask = segment_mask(batch.segments)
     tapped = {}
     for i, layer in enumerate(lm.layers):
         if i in taps:
-            x, probs, _ = layer.forward_with_attention(x, cos, sin, mask, None, i, 0, True)
+            x, probs, _ = layer.forward_with_attention(x, cos, sin, mask, None, i, 0, False, batch.guide_at.unbind(-1))
             tapped[i] = (probs, x)
         else:
             x = layer(x, cos, sin, mask, None, i, 0)
-    return model.lm_head(lm.norm(x)), states, tapped
+    return model.lm_head(lm.norm(x)), images, tapped
 
 
 def loss_on(model: LlavaModel, head: PatchHead | None, batch: Packed, aux_weight: float = 0.0,
-            guide_weight: float = 0.0, guidance: Guidance | None = None):
-    """(loss, per-target answer losses [N] in target order, auxiliary patch loss, guidance loss):
+            guide_weight: float = 0.0, guidance: Guidance | None = None, cls_weight: float = 0.0,
+            cls_early_block: int = 1):
+    """(loss, per-target answer losses [N] in target order, auxiliary vision losses (patch labels +
+    class-token attention), guidance loss):
     the mean answer cross-entropy plus `aux_weight` times the patch-label loss of `head` plus
-    `guide_weight` times the loss of `guidance` (where to look, what to read there)."""
+    `guide_weight` times the loss of `guidance` (where to look, what to read there) plus
+    `cls_weight` times the class-token attention loss (in the selected layer and block
+    `cls_early_block`)."""
     guided = guidance is not None and guide_weight > 0 and len(batch.guide_at) > 0
-    logits, states, taps = packed_logits(model, batch, guidance.layers if guided else ())
+    logits, images, taps = packed_logits(model, batch, guidance.layers if guided else (),
+                                         cls_early_block if cls_weight > 0 else None)
+    states = images["vision"]  # [B, P, Dv]
     picked = batch.targets != -100  # [B, T]
     per = F.cross_entropy(logits[picked].float(), batch.targets[picked], reduction="none")  # [N]
     zero = torch.zeros((), device=per.device)
     aux = head.loss(states, batch.patch_labels) if head is not None else zero
+    cls = zero
+    if cls_weight > 0:
+        objects, part = batch.patch_labels[..., 0] > 0, images.get("part")  # [B, P] each
+        cls = cls_guide_loss(images["cls_attention"], objects, part) + cls_guide_loss(images["early_attention"], objects, part)
     guide = zero
     if guided:
         image = slice(batch.image_start, batch.image_start + batch.guide_mask.shape[-1])
         guide = guidance.loss(taps, batch.guide_at.unbind(-1), image, batch.guide_mask, batch.guide_attrs,
                               batch.guide_dirs, batch.guide_side)
-    return per.mean() + aux_weight * aux + guide_weight * guide, per.detach(), aux.detach(), guide.detach()
+    loss = per.mean() + aux_weight * aux + guide_weight * guide + cls_weight * cls
+    return loss, per.detach(), (aux + cls).detach(), guide.detach()
 
 
 def train(out_dir: str | Path, spec: TrainSpec, device: str = "cpu", log=print,
@@ -316,9 +372,14 @@ def train(out_dir: str | Path, spec: TrainSpec, device: str = "cpu", log=print,
         model = load_model(init, device, torch.float32).train()
         if model.cfg.vision.num_patches != cfg.vision.num_patches or model.cfg.text.vocab_size != VOCAB_SIZE:
             raise UserError(f"{init} does not have the shapes of this training spec")
+        if spec.anyres and not model.cfg.is_next:
+            model = _as_next(model, cfg.image_grid_pinpoints)
+            log(f"LLaVA-NeXT model from {init}'s weights, image_newline from random")
+        elif model.cfg.is_next != spec.anyres:
+            raise UserError(f"{init} is a LLaVA-NeXT checkpoint; pass --anyres to continue it")
         cfg = model.cfg
     else:
-        model = LlavaModel(cfg).to(device)
+        model = (LlavaNextModel if cfg.is_next else LlavaModel)(cfg).to(device)
         _init(model)
     head = PatchHead(cfg.vision.hidden_size * len(cfg.vision_feature_layers)).to(device)
     if spec.guide_weight > 0 and not 0 <= spec.guide_layer < cfg.text.num_hidden_layers - 1:
@@ -329,8 +390,8 @@ def train(out_dir: str | Path, spec: TrainSpec, device: str = "cpu", log=print,
         _load_heads(heads, Path(init), log)
     tokenizer = build_word_tokenizer(default_words(), IMAGE_TOKEN_ID, VOCAB_SIZE)
     encoder = PromptEncoder(tokenizer, IMAGE_TOKEN_ID, cfg.image_features_per_image)
-    processor = ImageProcessor(shortest_edge=spec.image_size, crop_hw=(spec.image_size, spec.image_size))
-    data = Batches(encoder, processor, spec.image_size, spec.seed, spec.questions, cfg.vision.grid)
+    data = Batches(encoder, training_processor(cfg), spec.image_size, spec.seed, spec.questions, cfg.vision.grid,
+                   "hires" if spec.anyres else "default")
     vision = [*model.vision_tower.parameters(), *head.parameters()]
     stages = [("vision", spec.vision_steps, vision, False),
               ("align", spec.align_steps, list(model.multi_modal_projector.parameters()), True),
@@ -353,13 +414,14 @@ def train(out_dir: str | Path, spec: TrainSpec, device: str = "cpu", log=print,
                 group["lr"] = spec.lr * _lr_factor(done, step)
             batch = next(batches).to(device)
             if name == "vision":
-                aux = head.loss(model.vision_features(batch.pixels), batch.patch_labels)
+                aux = head.loss(model.encode_images(batch.pixels, batch.image_sizes)["vision"], batch.patch_labels)
                 loss, per, guide = aux, None, torch.zeros(())
             else:
                 tuning = name in ("heads", "instruct")  # the question stages, with every auxiliary loss
                 loss, per, aux, guide = loss_on(model, head if tuning else None, batch,
                                                 spec.aux_weight if tuning else 0.0,
-                                                spec.guide_weight if tuning else 0.0, guidance)
+                                                spec.guide_weight if tuning else 0.0, guidance,
+                                                spec.cls_weight if tuning else 0.0, spec.cls_early_block)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             torch.nn.utils.clip_grad_norm_(params, 1.0)
@@ -380,6 +442,17 @@ def train(out_dir: str | Path, spec: TrainSpec, device: str = "cpu", log=print,
                 _save(model, tokenizer, out_dir, spec.image_size, heads)
         bar.close()
     return _save(model, tokenizer, out_dir, spec.image_size, heads)
+
+
+def _as_next(model: LlavaModel, pinpoints: list[tuple[int, int]]) -> LlavaNextModel:
+    """A LLaVA-1.5 model's weights in a LLaVA-NeXT model (as LLaVA-NeXT starts from LLaVA-1.5's
+    recipe): the same tower, projector and language model, a fresh image_newline."""
+    cfg = dataclasses.replace(model.cfg, image_grid_pinpoints=pinpoints)
+    out = LlavaNextModel(cfg).to(model.device)
+    missing, unexpected = out.load_state_dict(model.state_dict(), strict=False)
+    assert missing == ["image_newline"] and not unexpected, (missing, unexpected)
+    torch.nn.init.normal_(out.image_newline, std=0.02)
+    return out.train()
 
 
 def _load_heads(heads: dict, init: Path, log) -> None:
@@ -424,7 +497,7 @@ def _save(model: LlavaModel, tokenizer, out_dir: str | Path, image_size: int, he
     save_file({f"{name}.{k}": v.detach().contiguous().cpu() for name, m in heads.items()
                for k, v in m.state_dict().items()}, str(out / HEADS_FILE))
     tokenizer.save(str(out / "tokenizer.json"))
-    write_preprocessor_config(out, image_size)
+    write_preprocessor_config(out, image_size, model.cfg.image_grid_pinpoints)
     return out
 
 
@@ -437,3 +510,5 @@ def _init(model: LlavaModel) -> None:
         elif isinstance(m, torch.nn.Embedding):
             torch.nn.init.normal_(m.weight, std=0.02)
     torch.nn.init.normal_(model.vision_tower.embeddings.class_embedding, std=0.02)
+    if isinstance(model, LlavaNextModel):
+        torch.nn.init.normal_(model.image_newline, std=0.02)

@@ -38,37 +38,60 @@ GROUPS = {"shape": len(SHAPES) + 1, "color": len(COLORS) + 1, "size": len(SIZES)
 
 
 def object_map(scene: Scene, size: int) -> np.ndarray:
-    """[size, size] uint8: 1 + the index of the object drawn at each pixel, 0 on the background."""
-    img = Image.new("L", (size, size), 0)
+    """[H, W] uint8 at `size` pixels per tile (the rendered image's shape): 1 + the index of the
+    object drawn at each pixel, 0 on the background."""
+    img = Image.new("L", (scene.canvas[1] * size, scene.canvas[0] * size), 0)
     draw = ImageDraw.Draw(img)
     for i, obj in enumerate(scene.objects):
         draw_object(draw, obj, size, fill=i + 1)
     return np.asarray(img)
 
 
-def patch_objects(scene: Scene, grid: int, image_size: int) -> np.ndarray:
-    """[grid * grid] long: 1 + the index of the object covering each patch's centre (0 =
-    background), row-major like the vision tower's patch tokens."""
-    index = object_map(scene, image_size)
-    centres = ((np.arange(grid) + 0.5) * (image_size / grid)).astype(int)
-    return index[centres[:, None], centres[None, :]].reshape(-1).astype(np.int64)
+WHOLE = [(0.0, 0.0, 1.0, 1.0)]  # one piece, the whole image (LLaVA-1.5); see anyres.piece_boxes
 
 
-def patch_labels(scene: Scene, grid: int, image_size: int) -> torch.Tensor:
-    """[grid * grid, 6] long labels (shape, color, size, center, row, col) per patch, row-major
-    like the vision tower's patch tokens."""
-    at = patch_objects(scene, grid, image_size)  # [P], 0 = background
+def patch_centres(boxes: list[tuple[float, float, float, float]], grid: int) -> np.ndarray:
+    """[K, grid * grid, 2]: (y, x) centre of every patch of every piece, in fractions of the image,
+    row-major like the vision tower's patch tokens; `boxes` are the pieces' (top, left, height,
+    width) in the image (anyres.piece_boxes)."""
+    cell = (np.arange(grid) + 0.5) / grid  # [g]
+    b = np.asarray(boxes, dtype=np.float64)  # [K, 4]
+    y = b[:, None, 0] + cell[None] * b[:, None, 2]  # [K, g]
+    x = b[:, None, 1] + cell[None] * b[:, None, 3]
+    yy, xx = np.broadcast_arrays(y[:, :, None], x[:, None, :])  # [K, g, g]
+    return np.stack([yy, xx], axis=-1).reshape(len(b), grid * grid, 2)
+
+
+def patch_objects(scene: Scene, grid: int, image_size: int, boxes=WHOLE) -> np.ndarray:
+    """[K * grid * grid] long: 1 + the index of the object covering the centre of each patch of
+    each piece (0 = background or padding), pieces one after another, patches row-major like the
+    vision tower's patch tokens; `image_size` is the pixels per tile the scene is rendered at."""
+    index = object_map(scene, image_size)  # [H, W]
+    centres = patch_centres(boxes, grid).reshape(-1, 2)  # [K*P, 2]
+    inside = ((centres >= 0) & (centres < 1)).all(-1)
+    px = np.floor(np.clip(centres, 0, 1 - 1e-9) * index.shape + 1e-9).astype(int)  # [K*P, 2] (row, col)
+    return np.where(inside, index[px[:, 0], px[:, 1]], 0).astype(np.int64)
+
+
+def patch_labels(scene: Scene, grid: int, image_size: int, boxes=WHOLE) -> torch.Tensor:
+    """[K * grid * grid, 6] long labels (shape, color, size, center, row, col) of each patch of
+    each piece (see patch_objects); row and col place the patch's centre on a CELLS x CELLS grid
+    over the image, center marks the patch of each piece holding an object's centre."""
+    at = patch_objects(scene, grid, image_size, boxes)  # [K*P], 0 = background
     shapes, colors, sizes = list(SHAPES), list(COLORS), list(SIZES)
     lookup = np.zeros((len(scene.objects) + 1, 3), dtype=np.int64)
     for i, obj in enumerate(scene.objects):
         lookup[i + 1] = (shapes.index(obj.shape) + 1, colors.index(obj.color) + 1, sizes.index(obj.size) + 1)
-    labels = np.zeros((grid * grid, len(GROUPS)), dtype=np.int64)
+    labels = np.zeros((len(at), len(GROUPS)), dtype=np.int64)
     labels[:, :3] = lookup[at]
-    cell = np.arange(grid) * CELLS // grid  # [grid]
-    labels[:, 4], labels[:, 5] = np.repeat(cell, grid), np.tile(cell, grid)
+    centres = patch_centres(boxes, grid).reshape(-1, 2)
+    labels[:, 4:6] = np.clip(np.floor(centres * CELLS), 0, CELLS - 1)  # (row, col)
     for obj in scene.objects:
-        col, row = min(int(obj.x * grid), grid - 1), min(int(obj.y * grid), grid - 1)
-        labels[row * grid + col, 3] = 1
+        fy, fx = obj.y / scene.canvas[0], obj.x / scene.canvas[1]
+        for k, (top, left, height, width) in enumerate(boxes):
+            row, col = int(np.floor((fy - top) / height * grid)), int(np.floor((fx - left) / width * grid))
+            if 0 <= row < grid and 0 <= col < grid:
+                labels[k * grid * grid + row * grid + col, 3] = 1
     return torch.from_numpy(labels)
 
 
@@ -131,6 +154,23 @@ def guide_loss(probs: torch.Tensor, relevant: torch.Tensor) -> torch.Tensor:
     return -torch.log(mass + 1e-6).mean() if bool(keep.any()) else probs.sum() * 0.0
 
 
+def cls_guide_loss(attention: torch.Tensor, objects: torch.Tensor, part: torch.Tensor | None) -> torch.Tensor:
+    """The class token's attention onto the objects, per image piece: attention [N, P] that each
+    piece's class token pays its own patches (LLaVA-NeXT: pieces side by side in the language
+    model's order, see `part`), objects [N, P] bool (patches on an object), part [N, P] (the piece
+    of each patch, -1 for none; None: one piece) -> mean over the pieces showing an object of
+    -log(attention mass on the object patches).
+
+    This stands in for what CLIP's contrastive pretraining gives a real tower's class token:
+    attention concentrated on the salient content, which the methods that rank patches by
+    class-token attention (FasterVLM, VisionZip, HiRED, GlobalCom²) rely on."""
+    part = torch.zeros_like(objects, dtype=torch.long) if part is None else part.clamp(min=0)
+    pieces = int(part.max()) + 1
+    on = (attention.float() * objects).new_zeros(len(part), pieces).scatter_add_(1, part, attention.float() * objects)
+    shown = objects.new_zeros(len(part), pieces, dtype=torch.long).scatter_add_(1, part, objects.long()) > 0  # [N, K]
+    return -torch.log(on[shown] + 1e-6).mean() if bool(shown.any()) else attention.sum() * 0.0
+
+
 # what ObjectProbe reads of one object -> number of classes (x, y: its centre's column / row of CELLS)
 ATTRIBUTES = {"shape": len(SHAPES), "color": len(COLORS), "x": CELLS, "y": CELLS}
 
@@ -140,8 +180,8 @@ def object_attributes(scene: Scene, objects: set[int]) -> tuple[int, ...]:
     if len(objects) != 1:
         return (-100,) * len(ATTRIBUTES)
     obj = scene.objects[next(iter(objects))]
-    return (list(SHAPES).index(obj.shape), list(COLORS).index(obj.color), min(int(obj.x * CELLS), CELLS - 1),
-            min(int(obj.y * CELLS), CELLS - 1))
+    return (list(SHAPES).index(obj.shape), list(COLORS).index(obj.color),
+            min(int(obj.x / scene.canvas[1] * CELLS), CELLS - 1), min(int(obj.y / scene.canvas[0] * CELLS), CELLS - 1))
 
 
 def relative_direction(scene: Scene, first: set[int], second: set[int]) -> tuple[int, int]:
@@ -202,15 +242,15 @@ class Guidance(nn.Module):
 
     def loss(self, taps: dict, at: tuple[torch.Tensor, torch.Tensor], image: slice, masks: torch.Tensor,
              attrs: torch.Tensor, dirs: torch.Tensor, sides: torch.Tensor) -> torch.Tensor:
-        """taps {layer: (probs [B, H, T, T], hidden [B, T, D])}; at: (rows [N], positions [N]);
+        """taps {layer: (probs [N, H, T] of the queries `at`, hidden [B, T, D])}; at: (rows [N], positions [N]);
         image: the image tokens' slots; masks [N, 3, P] bool and attrs [N, 3, len(ATTRIBUTES)]
         for (first, second, answer); dirs [N, 2] (relative_direction, -100 = none); sides [N, 2]:
         the (position, SIDES index) of the side word asked about ((-1, -100) = none), which head
         2 of the first guided layer should attend to and whose class should be readable after it."""
         rows, pos = at
         (probs1, hidden1), (probs2, hidden2) = taps[self.layers[0]], taps[self.layers[1]]
-        look = (guide_loss(probs1[rows, 0, pos, image], masks[:, 0]) + guide_loss(probs1[rows, 1, pos, image], masks[:, 1])
-                + guide_loss(probs2[rows, 0, pos, image], masks[:, 2]))
+        look = (guide_loss(probs1[:, 0, image], masks[:, 0]) + guide_loss(probs1[:, 1, image], masks[:, 1])
+                + guide_loss(probs2[:, 0, image], masks[:, 2]))
         read = self.read_named.loss(hidden1[rows, pos], attrs[:, :2]) + self.read_answer.loss(hidden2[rows, pos], attrs[:, 2:])
         direction = self.read_direction(hidden2[rows, pos]).float().view(-1, 2, 2)  # [N, axis, 2]
         known = dirs >= 0  # [N, 2]
@@ -219,6 +259,6 @@ class Guidance(nn.Module):
         asks = (word_at >= 0) & (probs1.shape[1] > 2)  # [N]
         if bool(asks.any()):
             word = F.one_hot(word_at[asks], probs1.shape[-1]).bool()  # [N', T]
-            look = look + guide_loss(probs1[rows[asks], 2, pos[asks]], word)
+            look = look + guide_loss(probs1[asks, 2], word)
             read = read + F.cross_entropy(self.read_side(hidden1[rows[asks], pos[asks]]).float(), asked[asks])
         return look + read

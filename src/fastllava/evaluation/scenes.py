@@ -91,11 +91,15 @@ class Scene:
                    int(d["texture_seed"]), tuple(d.get("canvas", (1, 1))))
 
 
-def random_scene(rng: np.random.Generator, variant: str = "default") -> Scene:
+def random_scene(rng: np.random.Generator, variant: str = "default", canvas: tuple[int, int] | None = None) -> Scene:
     """A scene of the variant with non-overlapping objects; retries whole layouts until one fits.
-    A variant with one canvas draws none (default scenes are the same as before hires existed)."""
+    A variant with one canvas draws none (default scenes are the same as before hires existed);
+    `canvas` (one of the variant's) skips the draw."""
     v = VARIANTS[variant]
-    canvas = v.canvases[int(rng.integers(len(v.canvases)))] if len(v.canvases) > 1 else v.canvases[0]
+    if canvas is None:
+        canvas = v.canvases[int(rng.integers(len(v.canvases)))] if len(v.canvases) > 1 else v.canvases[0]
+    elif canvas not in v.canvases:
+        raise ValueError(f"canvas {canvas} is not one of the {variant} variant's {v.canvases}")
     while True:
         count = int(rng.integers(v.objects[0], v.objects[1] + 1))
         objects: list[SceneObject] = []

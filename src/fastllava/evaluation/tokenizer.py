@@ -45,11 +45,13 @@ def build_word_tokenizer(words: list[str], image_token_id: int, vocab_size: int)
     return tok
 
 
-def write_preprocessor_config(path: str | Path, image_size: int) -> Path:
-    """CLIP preprocessing (resize shortest edge, centre crop, CLIP mean/std) at `image_size`."""
+def write_preprocessor_config(path: str | Path, image_size: int, pinpoints: list | None = None) -> Path:
+    """CLIP preprocessing (resize shortest edge, centre crop, CLIP mean/std) at `image_size`; with
+    `pinpoints` (height, width), LLaVA-NeXT's (transformers' LlavaNextImageProcessor) tiling them."""
     file = Path(path) / "preprocessor_config.json"
+    tiling = {} if pinpoints is None else {"image_grid_pinpoints": [list(p) for p in pinpoints], "do_pad": True}
     file.write_text(json.dumps({
-        "image_processor_type": "CLIPImageProcessor",
+        "image_processor_type": "LlavaNextImageProcessor" if pinpoints else "CLIPImageProcessor", **tiling,
         "do_resize": True, "size": {"shortest_edge": image_size}, "resample": 3,
         "do_center_crop": True, "crop_size": {"height": image_size, "width": image_size},
         "do_rescale": True, "rescale_factor": 1 / 255, "do_normalize": True,

@@ -73,10 +73,11 @@ class Attention(nn.Module):
         self.o_proj = nn.Linear(q_dim, cfg.hidden_size, bias=cfg.attention_bias)
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, mask: torch.Tensor | None,
-                cache: StaticKVCache | None, layer: int, start: int, weights: bool = False):
+                cache: StaticKVCache | None, layer: int, start: int, weights: bool = False, queries=None):
         """x [B, T, D] -> (out [B, T, D], probs [B, H, T, S] or None, keys [B, Hkv, S, Dh]).
         `weights` computes the attention probabilities explicitly (for a reduction hook at this
-        layer); otherwise attention goes through SDPA and probs is None."""
+        layer); otherwise attention goes through SDPA and probs is None. `queries` (rows [N],
+        positions [N]; needs `mask`) gives probs [N, H, S] of those queries only, beside SDPA."""
         b, t, _ = x.shape
         q, k, v = self.qkv.forward_split(x)
         q = apply_rotary(q.view(b, t, self.heads, self.head_dim).transpose(1, 2), cos, sin)  # [B, H, T, Dh]
@@ -94,6 +95,9 @@ class Attention(nn.Module):
             out = F.scaled_dot_product_attention(
                 q, k, v, attn_mask=mask, is_causal=causal, enable_gqa=self.kv_heads != self.heads
             )  # [B, H, T, Dh]
+            if queries is not None:
+                rows, pos = queries
+                probs = _attention_probs(q[rows, :, pos, None], k[rows], mask[rows, :, pos, None])[:, :, 0]  # [N, H, S]
         return self.o_proj(out.transpose(1, 2).reshape(b, t, self.heads * self.head_dim)), probs, k
 
 
@@ -130,9 +134,9 @@ class DecoderLayer(nn.Module):
     def forward(self, x, cos, sin, mask, cache, layer, start):
         return self.forward_with_attention(x, cos, sin, mask, cache, layer, start, False)[0]
 
-    def forward_with_attention(self, x, cos, sin, mask, cache, layer, start, weights: bool):
-        """-> (x [B, T, D], probs [B, H, T, S] or None, keys [B, Hkv, S, Dh]) (see Attention)."""
-        h, probs, keys = self.self_attn(self.input_layernorm(x), cos, sin, mask, cache, layer, start, weights)
+    def forward_with_attention(self, x, cos, sin, mask, cache, layer, start, weights: bool, queries=None):
+        """-> (x [B, T, D], probs [B, H, T, S] or [N, H, S] or None, keys [B, Hkv, S, Dh]) (see Attention)."""
+        h, probs, keys = self.self_attn(self.input_layernorm(x), cos, sin, mask, cache, layer, start, weights, queries)
         x = x + h
         return x + self.mlp(self.post_attention_layernorm(x)), probs, keys
 

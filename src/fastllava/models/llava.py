@@ -70,14 +70,17 @@ class LlavaModel(nn.Module):
         return vision, self.multi_modal_projector(vision)
 
     def encode_images(self, pixel_values: torch.Tensor, image_sizes: torch.Tensor | None = None,
-                      method: Method | None = None) -> dict:
+                      method: Method | None = None, early_block: int | None = None) -> dict:
         """pixel_values [N, C, H, W] -> VisionContext's fields about the images: `vision` [N, P, Dv]
         and `features` [N, P, D]; for a method before the LLM that needs them, `cls_attention`,
-        `keys` and `early_attention` [N, P] (None otherwise). `image_sizes` is for LLaVA-NeXT."""
+        `keys` and `early_attention` [N, P] (None otherwise). `image_sizes` is for LLaVA-NeXT.
+        `early_block` (1-based, as Method.early_layer) asks for those fields without a method (training)."""
+        needs_cls = method is not None and method.where == "vision" and method.needs_cls
+        if needs_cls:
+            early_block = method.early_layer()
         blocks = ()
-        if method is not None and method.where == "vision" and method.needs_cls:
-            early = method.early_layer()
-            blocks = (self.feature_block,) + ((early,) if early is not None else ())
+        if needs_cls or early_block is not None:
+            blocks = (self.feature_block,) + ((early_block,) if early_block is not None else ())
         if blocks:
             vision, infos = self.vision_features(pixel_values, blocks)
             features = self.multi_modal_projector(vision)

@@ -29,12 +29,13 @@ class LlavaNextModel(LlavaModel):
         images = self.encode_images(pixel_values, image_sizes)
         return images["features"][images["valid"]]
 
-    def encode_images(self, pixel_values: torch.Tensor, image_sizes: torch.Tensor | None = None, method=None) -> dict:
+    def encode_images(self, pixel_values: torch.Tensor, image_sizes: torch.Tensor | None = None, method=None,
+                      early_block: int | None = None) -> dict:
         """As LlavaModel.encode_images, one row per image in the order the language model receives its
         tokens (base features, then the unpadded tile grid row by row, each row ended by
         image_newline), rows padded to the longest image; adds `valid`, `part` and `where` [N, F]."""
         tiles, sizes, grids = self._tiles(pixel_values, image_sizes)
-        per_tile = super().encode_images(tiles, None, method)  # [sum of tiles, g*g, ...] each
+        per_tile = super().encode_images(tiles, None, method, early_block)  # [sum of tiles, g*g, ...] each
         layouts = [self.token_layout(s, grid) for s, grid in zip(sizes, grids)]  # (src [F], where [F, 2]) per image
         counts = [rows * cols + 1 for rows, cols in grids]
         out = {}
@@ -75,13 +76,9 @@ class LlavaNextModel(LlavaModel):
         """One image's visual tokens in the language model's order -> (src [F]: the index of each
         among the image's tile patches [(1 + rows*cols) * g*g], -1 for an image_newline; where
         [F, 2]: (y, x) in [0, 1], the centre of its patch in the image, 0 for a newline)."""
-        (rows, cols), g = grid, self.cfg.vision.grid
-        idx = torch.arange((1 + rows * cols) * g * g)
-        tiles = idx[g * g:].view(rows, cols, g, g).permute(0, 2, 1, 3).reshape(rows * g, cols * g)
-        ys, xs = anyres.unpadded_box(size, (rows * g, cols * g))
-        tiles = tiles[ys, xs]  # [h, w]
-        h, w = tiles.shape
-        src = torch.cat([idx[:g * g], torch.cat([tiles, tiles.new_full((h, 1), -1)], dim=1).reshape(-1)])
+        g = self.cfg.vision.grid
+        src, (h, w) = anyres.token_sources(size, grid, g)
+        src = torch.tensor(src)
         where = torch.cat([_centres(g, g, g), _centres(h, w, w + 1)]).masked_fill((src < 0)[:, None], 0)
         return src, where
 
