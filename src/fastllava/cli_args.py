@@ -17,7 +17,8 @@ def positive_int(text: str) -> int:
 
 def add_model_args(p: argparse.ArgumentParser) -> None:
     """--model, --device, --dtype, --decode."""
-    p.add_argument("--model", help="checkpoint directory (HF LLaVA format); default: the embedded model")
+    p.add_argument("--model", help="checkpoint directory (HF LLaVA format), or default-next for the embedded "
+                   "LLaVA-NeXT model; default: the embedded LLaVA-1.5 model")
     p.add_argument("--device", help="cpu, cuda, cuda:1, ... (default: cuda when available)")
     p.add_argument("--dtype", choices=["float32", "float16", "bfloat16"],
                    help="default: float32 on the CPU, bfloat16 on a GPU")

@@ -9,6 +9,7 @@ from typing import Iterator, Sequence
 
 import torch
 
+from .assets import resolve_model_path
 from .checkpoint import load_model, resolve_device
 from .errors import UserError
 from .fastpath import check_decode_mode
@@ -259,17 +260,14 @@ def load(path: str | Path | None = None, device: str | torch.device | None = Non
          weights: str | None = None, kv_cache: str | None = None, decode: str | None = None) -> Llava:
     """Load a LLaVA checkpoint directory (HF format, safetensors). `device` defaults to CUDA when
     available; `dtype` to float32 on the CPU and bfloat16 elsewhere. Without a path, the embedded
-    default model is loaded. `weights`: "fp" (default), "int8" or "int4[:group=N]" weight-only
-    quantization; `kv_cache`: "fp" (default), "kivi[:bits=4,group=32,residual=128]" or "vidkv"
-    (see fastllava.quant); `decode`: "eager" (default), "static" or "compiled" decode steps (see
+    default model is loaded ("default-next": the embedded LLaVA-NeXT one). `weights`: "fp"
+    (default), "int8" or "int4[:group=N]" weight-only quantization; `kv_cache`: "fp" (default),
+    "kivi[:bits=4,group=32,residual=128]" or "vidkv" (see fastllava.quant); `decode`: "eager"
+    (default), "static" or "compiled" decode steps (see
     fastllava.fastpath)."""
     weight_spec, kv_spec = parse_weights(weights), parse_kv_cache(kv_cache)  # bad specs fail before loading
     decode = check_decode_mode(decode)
-    if path is None:
-        from .assets import default_model_dir
-
-        path = default_model_dir()
-    path = Path(path).expanduser()
+    path = resolve_model_path(path)
     device = resolve_device(device)
     model = quantize_weights(load_model(path, device, dtype), weight_spec)
     model.kv_cache = kv_spec

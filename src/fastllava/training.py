@@ -26,15 +26,15 @@ from .config import LlavaConfig, RopeConfig, TextConfig, VisionConfig
 from .errors import UserError
 from .evaluation.progress import Progress
 from .evaluation.questions import ASK, FAMILIES, STRATEGIES, all_pairs, ask_exist, prompt
-from .evaluation.scenes import VARIANTS, caption, random_scene, render
+from .evaluation.scenes import caption, random_scene, render
 from .evaluation.tokenizer import build_word_tokenizer, default_words, write_preprocessor_config
 from . import anyres
 from .images import AnyresProcessor, ImageProcessor
 from .models.llava import LlavaModel
 from .models.llava_next import LlavaNextModel
 from .prompts import PromptEncoder
-from .training_aux import (WHOLE, Guidance, PatchHead, cls_guide_loss, looked_at, object_attributes, patch_labels, patch_objects,
-                           relative_direction, SIDES)
+from .training_aux import (WHOLE, Guidance, PatchHead, cls_guide_loss, looked_at, object_attributes, patch_labels,
+                           patch_objects, relative_direction, SIDES)
 
 HEADS_FILE = "training_heads.safetensors"  # the training-only heads, beside a checkpoint this module writes
 TRAIN_SEED_BASE = 10_000_000  # training streams use seeds >= this; evaluation sets use small seeds
@@ -181,10 +181,10 @@ class Batches:
         prefix, segments = None, []
         image = render(scene, self.image_size)
         boxes, src = self.layout((image.height, image.width))
-        src = torch.tensor(src)  # [P]
-        objects = patch_objects(scene, self.grid, self.image_size, boxes)[src.clamp(min=0).numpy()]  # [P], 0 = background
-        objects[(src < 0).numpy()] = 0
-        labels = patch_labels(scene, self.grid, self.image_size, boxes)[src.clamp(min=0)].masked_fill((src < 0)[:, None], -100)
+        src = np.asarray(src)  # [P]
+        newline = torch.from_numpy(src < 0)  # [P]
+        objects = np.where(src < 0, 0, patch_objects(scene, self.grid, self.image_size, boxes)[src.clip(min=0)])  # [P]
+        labels = patch_labels(scene, self.grid, self.image_size, boxes)[src.clip(min=0)].masked_fill(newline[:, None], -100)
         for question, answer, family in qas:
             ids = self.encoder.prompt_ids(question, image_tokens=[len(src)])
             cut = len(ids) - ids[::-1].index(IMAGE_TOKEN_ID)  # the prefix ends after the last image token
@@ -348,7 +348,8 @@ def loss_on(model: LlavaModel, head: PatchHead | None, batch: Packed, aux_weight
     cls = zero
     if cls_weight > 0:
         objects, part = batch.patch_labels[..., 0] > 0, images.get("part")  # [B, P] each
-        cls = cls_guide_loss(images["cls_attention"], objects, part) + cls_guide_loss(images["early_attention"], objects, part)
+        cls = (cls_guide_loss(images["cls_attention"], objects, part)
+               + cls_guide_loss(images["early_attention"], objects, part))
     guide = zero
     if guided:
         image = slice(batch.image_start, batch.image_start + batch.guide_mask.shape[-1])
