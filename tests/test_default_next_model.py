@@ -1,6 +1,7 @@
 """The embedded LLaVA-NeXT model ("default-next"): loads by name, agrees with transformers'
 LlavaNextForConditionalGeneration, reads its tiles, and runs from the CLI."""
 
+import json
 import subprocess
 import sys
 from pathlib import Path
@@ -65,8 +66,10 @@ def test_reads_the_tiles_on_a_fresh_hires_set(model, tmp_path):
 
 
 def test_cli_runs_the_embedded_next_model():
+    """The README's example: three triangles on a 192 x 192 image (2 x 2 tiles)."""
     r = subprocess.run([sys.executable, "-m", "fastllava.cli", "run", "--model", "default-next", "--image",
-                        str(EXAMPLES / "hires_1.png"), "--prompt", "How many stars are there? Answer with a number.",
+                        str(EXAMPLES / "hires_1.png"), "--prompt", "How many triangles are there? Answer with one word.",
                         "--json"], capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr
-    assert '"image_tokens": 2928' in r.stdout
+    out = json.loads(r.stdout)
+    assert out["stats"]["image_tokens"] == 2928 and out["text"].strip() == "3", out
