@@ -19,8 +19,7 @@ import torch.nn.functional as F
 
 import fastllava
 from fastllava.evaluation.questions import FAMILIES
-from fastllava.images import ImageProcessor
-from fastllava.training import Batches, packed_logits
+from fastllava.training import Batches, packed_logits, training_processor
 
 
 @torch.enable_grad()
@@ -48,9 +47,8 @@ def main() -> None:
     args = parser.parse_args()
     llava = fastllava.load(args.model, device="cpu")
     model, cfg = llava.model.eval(), llava.model.cfg
-    side = cfg.vision.image_size
-    data = Batches(llava.prompts, ImageProcessor(shortest_edge=side, crop_hw=(side, side)), side, seed=999,
-                   questions=1, grid=cfg.vision.grid)
+    data = Batches(llava.prompts, training_processor(cfg), cfg.vision.image_size, seed=999, questions=1,
+                   grid=cfg.vision.grid)
     data.family_weights.copy_(torch.tensor([float(f == "position") for f in FAMILIES]))
     layers = range(cfg.text.num_hidden_layers)
     hidden = {i: [] for i in layers}

@@ -21,10 +21,9 @@ def main() -> int:
     parser.add_argument("--threads", type=int, help="CPU threads for torch")
     parser.add_argument("--init", help="continue training from this checkpoint (one this script wrote)")
     for f in dataclasses.fields(TrainSpec):
-        if isinstance(f.default, bool):
-            parser.add_argument("--" + f.name.replace("_", "-"), action=argparse.BooleanOptionalAction, default=f.default)
-        else:
-            parser.add_argument("--" + f.name.replace("_", "-"), type=type(f.default), default=f.default)
+        flag = isinstance(f.default, bool)
+        kind = dict(action=argparse.BooleanOptionalAction) if flag else dict(type=type(f.default))
+        parser.add_argument("--" + f.name.replace("_", "-"), default=f.default, **kind)
     args = parser.parse_args()
     if args.threads:
         import torch

@@ -183,8 +183,10 @@ class Batches:
         boxes, src = self.layout((image.height, image.width))
         src = np.asarray(src)  # [P]
         newline = torch.from_numpy(src < 0)  # [P]
-        objects = np.where(src < 0, 0, patch_objects(scene, self.grid, self.image_size, boxes)[src.clip(min=0)])  # [P]
-        labels = patch_labels(scene, self.grid, self.image_size, boxes)[src.clip(min=0)].masked_fill(newline[:, None], -100)
+        at = patch_objects(scene, self.grid, self.image_size, boxes)  # [K * g * g] over the pieces' patches
+        objects = np.where(src < 0, 0, at[src.clip(min=0)])  # [P]
+        labels = patch_labels(scene, self.grid, self.image_size, boxes, at)[src.clip(min=0)]  # [P, 6]
+        labels = labels.masked_fill(newline[:, None], -100)
         for question, answer, family in qas:
             ids = self.encoder.prompt_ids(question, image_tokens=[len(src)])
             cut = len(ids) - ids[::-1].index(IMAGE_TOKEN_ID)  # the prefix ends after the last image token

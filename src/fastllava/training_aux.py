@@ -73,11 +73,13 @@ def patch_objects(scene: Scene, grid: int, image_size: int, boxes=WHOLE) -> np.n
     return np.where(inside, index[px[:, 0], px[:, 1]], 0).astype(np.int64)
 
 
-def patch_labels(scene: Scene, grid: int, image_size: int, boxes=WHOLE) -> torch.Tensor:
+def patch_labels(scene: Scene, grid: int, image_size: int, boxes=WHOLE, at: np.ndarray | None = None) -> torch.Tensor:
     """[K * grid * grid, 6] long labels (shape, color, size, center, row, col) of each patch of
-    each piece (see patch_objects); row and col place the patch's centre on a CELLS x CELLS grid
-    over the image, center marks the patch of each piece holding an object's centre."""
-    at = patch_objects(scene, grid, image_size, boxes)  # [K*P], 0 = background
+    each piece (see patch_objects; `at` is its result where the caller has it already); row and
+    col place the patch's centre on a CELLS x CELLS grid over the image, center marks the patch of
+    each piece holding an object's centre."""
+    if at is None:
+        at = patch_objects(scene, grid, image_size, boxes)  # [K*P], 0 = background
     shapes, colors, sizes = list(SHAPES), list(COLORS), list(SIZES)
     lookup = np.zeros((len(scene.objects) + 1, 3), dtype=np.int64)
     for i, obj in enumerate(scene.objects):
@@ -166,7 +168,8 @@ def cls_guide_loss(attention: torch.Tensor, objects: torch.Tensor, part: torch.T
     class-token attention (FasterVLM, VisionZip, HiRED, GlobalCom²) rely on."""
     part = torch.zeros_like(objects, dtype=torch.long) if part is None else part.clamp(min=0)
     pieces = int(part.max()) + 1
-    on = (attention.float() * objects).new_zeros(len(part), pieces).scatter_add_(1, part, attention.float() * objects)
+    mass = attention.float() * objects  # [N, P]
+    on = mass.new_zeros(len(part), pieces).scatter_add_(1, part, mass)  # [N, K]
     shown = objects.new_zeros(len(part), pieces, dtype=torch.long).scatter_add_(1, part, objects.long()) > 0  # [N, K]
     return -torch.log(on[shown] + 1e-6).mean() if bool(shown.any()) else attention.sum() * 0.0
 
