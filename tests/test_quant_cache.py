@@ -135,7 +135,8 @@ def test_cli_run_with_quantization(ckpt, capsys):
     assert err.count("\n") == 1 and "bits must be 2 or 4" in err
 
 
-@pytest.mark.parametrize("reduce", ["fastv:keep=4,layer=1", "pdrop:keep=8", "visionzip:keep=8,contextual=2"])
+@pytest.mark.parametrize("reduce", ["fastv:keep=4,layer=1", "pdrop:keep=8", "visionzip:keep=8,contextual=2",
+                                    "fastv:keep=4,layer=1,merge=prop"])
 def test_composes_with_token_reduction(ckpt, reduce):
     """Reduction inside the LLM leaves later layers with fewer slots (cache stages); each layer's
     quantized sequence follows its own length, and decode stays as close to fp as without reduction."""

@@ -3,6 +3,7 @@ are exact, budgets hold per sample, batches equal single prompts, the KV cache e
 recomputation under the same selection, and pruned tokens leave the later layers' cache."""
 
 import json
+import math
 
 import numpy as np
 import pytest
@@ -12,6 +13,7 @@ from PIL import Image
 import fastllava
 from fastllava.evaluation.tokenizer import build_word_tokenizer
 from fastllava.generation import positions_from_mask
+from fastllava.models.language import attention_mask, with_key_bias
 from fastllava.reduction import METHODS, Reduction
 from fastllava.reduction.runtime import make_reduction
 from hf_reference import IMAGE_TOKEN, VOCAB, batch_inputs, save_checkpoint, tiny_llava
@@ -21,19 +23,23 @@ FULL = {  # a spec keeping every visual token, per method
     "random": "random:keep=16,seed=3", "pool": "pool:keep=16", "fastervlm": "fastervlm:keep=16",
     "visionzip": "visionzip:keep=16", "fastv": "fastv:keep=16", "pdrop": "pdrop:keep=16,ratio=1",
     "sparsevlm": "sparsevlm:keep=16", "dart": "dart:keep=16,pivots=3",
+    "fastv+prop": "fastv:keep=16,merge=prop", "dart+mean": "dart:keep=16,pivots=3,merge=mean",
 }
 SMALL = {  # a real reduction, per method
     "random": "random:keep=5", "pool": "pool:keep=6", "fastervlm": "fastervlm:keep=5",
     "visionzip": "visionzip:keep=6,contextual=2", "fastv": "fastv:keep=5,layer=1",
     "pdrop": "pdrop:keep=8,layers=1-2", "sparsevlm": "sparsevlm:keep=6,recycle=2",
     "dart": "dart:keep=5,pivots=2",
+    "fastv+prop": "fastv:keep=5,layer=1,merge=prop", "dart+mean": "dart:keep=5,pivots=2,merge=mean",
+    "dart+prop": "dart:keep=6,pivots=2,merge=prop",
 }
 WORDS = ["user", "assistant", ":", "?", ".", "what", "color", "is", "the", "circle", "square", "red", "blue"]
 WORDS += [f"w{i}" for i in range(VOCAB - 4 - len(WORDS))]
 
 
 def test_every_method_is_covered():  # the LLaVA-NeXT-only methods: test_reduction_next.py
-    assert sorted(FULL) == sorted(SMALL) == sorted(n for n, m in METHODS.items() if m.images != "tiled")
+    names = sorted(n for n, m in METHODS.items() if m.images != "tiled")
+    assert sorted({k.split("+")[0] for k in FULL}) == sorted({k.split("+")[0] for k in SMALL}) == names
 
 
 @pytest.fixture(scope="module")
@@ -97,7 +103,7 @@ def test_cached_greedy_equals_recompute_under_same_selection(model, name):
     assert [c.tolist() for c in replay.counts] == [c.tolist() for c in run.counts]
 
 
-@pytest.mark.parametrize("name", ["fastv", "pdrop", "dart"])
+@pytest.mark.parametrize("name", ["fastv", "pdrop", "dart", "fastv+prop"])
 def test_pruned_tokens_leave_later_layers_cache(model, name):
     ids, mask, pixels = batch_inputs(P)
     lm = model.model
@@ -137,6 +143,8 @@ def test_stats_count_flops_and_equivalent_tokens(model):
     ("fastv:keep", ["needs a value"]),
     ("pool:keep=7", ["1x7", "4x4"]),
     ("visionzip:keep=4,contextual=4", ["contextual"]),
+    ("fastv:keep=4,merge=avg", ["merge must be one of", "none, mean, prop"]),
+    ("dart:keep=4,merge=yes", ["merge must be one of"]),
 ])
 def test_bad_specs_are_one_line_user_errors(model, spec, words):
     with pytest.raises(fastllava.UserError) as err:
@@ -158,3 +166,40 @@ def test_full_budget_with_class_token_feature_and_one_kv_head(tmp_path, spec):
     assert (got[mask.bool()] - ref[mask.bool()]).abs().max() <= 1e-5
     fewer = ours.logits(ids, pixels, mask, positions, reduce=spec.replace("17", "6"))
     assert fewer.shape[1] == ids.shape[1] - (P + 1 - 6)
+
+
+def test_proportional_attention_equals_duplicated_keys(model):
+    """A key whose logit gets log(3) draws the attention of three copies of it (ToMe's proportional
+    attention), through SDPA and through the explicit probabilities of a cut layer."""
+    lm = model.model.language_model
+    attn = lm.layers[0].self_attn
+    x = torch.randn(1, 3, lm.cfg.hidden_size, generator=torch.Generator().manual_seed(0))  # [1, 3, D]
+    copies = x[:, [0, 1, 1, 1, 2]]  # token 1 three times, at the same position
+    cos, sin = lm.rotary(torch.tensor([[0, 1, 1, 1, 2]]), x.dtype)
+    ref = attn(copies, cos, sin, attention_mask(None, 0, 5, 5, None, x.device), None, 0, 0)[0][:, -1]
+    cos, sin = lm.rotary(torch.tensor([[0, 1, 2]]), x.dtype)
+    plain = attention_mask(None, 0, 3, 3, None, x.device)
+    biased = with_key_bias(plain, torch.tensor([[0.0, math.log(3), 0.0]]), x.dtype)
+    for weights in (False, True):
+        assert (attn(x, cos, sin, biased, None, 0, 0, weights)[0][:, -1] - ref).abs().max() <= 1e-5
+    assert (attn(x, cos, sin, plain, None, 0, 0)[0][:, -1] - ref).abs().max() > 1e-3
+
+
+def test_merging_accounts_for_every_dropped_token(model):
+    """With merge=prop every visual token joins a kept one: the group sizes of a row add up to its
+    visual tokens, the later layers' key bias is their log (0 for text), and no token is dropped."""
+    ids, mask, pixels = batch_inputs(P)
+    positions = positions_from_mask(mask)
+    red = make_reduction("fastv:keep=5,layer=1,merge=prop", model.config)
+    model.logits(ids, pixels, mask, positions, reduce=red)
+    sel = red.selections[0]
+    assert torch.where(sel.keep, sel.sizes, 0).sum(1).tolist() == [float(P)] * 2
+    assert torch.equal(red.key_bias[red.visual], sel.sizes[sel.keep].log())
+    assert not red.key_bias[~red.visual].any()
+    assert bool((red.owner >= 0).all())
+    assert [len(set(row.tolist())) for row in red.owner] == [5, 5]  # every token owned by one of the 5 kept
+    out = {m: model.logits(ids, pixels, mask, positions, reduce=f"fastv:keep=5,layer=1,merge={m}")
+           for m in ("none", "mean", "prop")}
+    real = torch.ones(out["none"].shape[:2], dtype=torch.bool)
+    for a, b in (("none", "mean"), ("mean", "prop")):
+        assert (out[a][real] - out[b][real]).abs().max() > 1e-4  # merging, then the bias, change the answer

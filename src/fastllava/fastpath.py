@@ -34,7 +34,7 @@ import torch
 
 from .errors import UserError
 from .kvcache import StaticKVCache
-from .models.language import attention_mask
+from .models.language import attention_mask, with_key_bias
 from .models.llava import LlavaModel
 
 DECODE_MODES = ("eager", "static", "compiled")
@@ -156,6 +156,8 @@ def static_step(model: LlavaModel, cache: StaticKVCache, token: torch.Tensor, po
     for i, layer in enumerate(lm.layers):
         stage = stage_of[i]
         mask = cache.valid[firsts[stage]][:, None, None, :]  # [B, 1, 1, S]
+        if cache.bias is not None:  # merged visual tokens: proportional attention
+            mask = with_key_bias(mask, cache.bias[firsts[stage]], x.dtype)
         x = layer(x, cos, sin, mask, cache, i, slot[stage:stage + 1])
     return model.lm_head(lm.norm(x))[:, -1]
 

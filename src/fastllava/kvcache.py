@@ -28,12 +28,16 @@ class StaticKVCache:
         self.lengths = [0] * num_layers  # slots in use, per layer
         self.stages = [0]  # first layer of each run of layers sharing a slot layout
         self.max_len = max_len
+        # [L, B, S] float32 added to the attention logits of each slot's key (the log of the tokens
+        # a merged visual token stands for: proportional attention); None until a reduction merges
+        self.bias: torch.Tensor | None = None
 
     def clear(self) -> None:
         """Empty the cache to be used again, keeping its buffers: no slot valid, one stage."""
         self.valid.zero_()
         self.lengths = [0] * len(self.lengths)
         self.stages = [0]
+        self.bias = None
 
     @property
     def length(self) -> int:
@@ -63,6 +67,18 @@ class StaticKVCache:
         for i in layers:
             self.lengths[i] = end
         return start, end
+
+    def set_bias(self, first: int, start: int, bias: torch.Tensor) -> None:
+        """Give the keys at slots start.. of the stage starting at layer `first` the attention
+        bias [B, T]."""
+        if self.bias is None:
+            self.bias = torch.zeros(self.valid.shape, dtype=torch.float32, device=self.valid.device)
+        layers = self.stage_layers(first)
+        self.bias[layers.start:layers.stop, :, start:start + bias.shape[1]] = bias
+
+    def key_bias(self, first: int, end: int) -> torch.Tensor | None:
+        """The attention bias [B, end] of the first `end` slots of layer `first`, or None (no bias)."""
+        return None if self.bias is None else self.bias[first, :, :end]
 
     def prompt(self, embeds: torch.Tensor, visual: torch.Tensor, valid: torch.Tensor) -> None:
         """Told before the prefill what it holds: embeds [B, T, D], visual [B, T] its visual tokens,
@@ -94,6 +110,12 @@ class StaticKVCache:
             raise RuntimeError(f"KV cache overflow: {t} slots needed, {self.max_len} allocated")
         if reset:
             self.stages = [0]
+            if self.bias is not None:
+                self.bias.zero_()
+        if src.bias is not None and self.bias is None:
+            self.bias = torch.zeros(self.valid.shape, dtype=torch.float32, device=self.valid.device)
+        if self.bias is not None:
+            self.bias[:, row] = 0
         for first in src.stages:
             self.split(first)
         self.valid[:, :, length:t] = False
@@ -106,6 +128,8 @@ class StaticKVCache:
                 self.k[i][row, :, end - n:end] = src.k[i][src_row, :, :n]  # [Hkv, n, Dh]
                 self.v[i][row, :, end - n:end] = src.v[i][src_row, :, :n]
             self.valid[ls.start:ls.stop, row, end - n:end] = src.valid[ls.start:ls.stop, src_row, :n]
+            if src.bias is not None:
+                self.bias[ls.start:ls.stop, row, end - n:end] = src.bias[ls.start:ls.stop, src_row, :n]
 
     @property
     def nbytes(self) -> int:

@@ -103,12 +103,15 @@ class Attention(nn.Module):
 
 def _attention_probs(q: torch.Tensor, k: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
     """Softmax attention probabilities [B, H, T, S] (float32) of queries q [B, H, T, Dh] over keys
-    k [B, Hkv, S, Dh]; mask [B, 1, T, S] (True = attend) or None for causal (queries are the last T)."""
+    k [B, Hkv, S, Dh]; mask [B, 1, T, S] (True = attend, or additive floats) or None for causal
+    (queries are the last T)."""
     t, s = q.shape[2], k.shape[2]
     k = k.repeat_interleave(q.shape[1] // k.shape[1], dim=1)
     scores = (q.float() @ k.float().transpose(-1, -2)) / q.shape[-1] ** 0.5  # [B, H, T, S]
     if mask is None:
         mask = torch.ones(t, s, dtype=torch.bool, device=q.device).tril(s - t)
+    if mask.dtype != torch.bool:  # additive (with key biases)
+        return (scores + mask.float()).softmax(-1)
     return scores.masked_fill(~mask, float("-inf")).softmax(-1)
 
 
@@ -157,11 +160,14 @@ class LanguageModel(nn.Module):
         """x [B, T, D] input embeddings; positions [B, T]; key_valid [B, T] marks real (non-pad)
         tokens of this step, None when all are real. With a cache, the step is appended to it.
 
-        `pruner` (a reduction.LayerPruner, prefill only) drops visual tokens after its cut layers:
+        `pruner` (a reduction.Reduction, prefill only) drops visual tokens after its cut layers:
         later layers run on the compacted sequence (kept tokens keep their positions) and, with a
-        cache, get a compact cache of their own. The result then has the compacted length."""
+        cache, get a compact cache of their own. The result then has the compacted length. Where
+        it merges tokens with proportional attention (`pruner.key_bias`), later layers add that
+        bias to the merged keys' attention logits; the cache keeps it for the decode steps."""
         b, t, _ = x.shape
         valid = key_valid if key_valid is not None else x.new_ones(b, t, dtype=torch.bool)  # [B, T]
+        bias = None  # [B, T] additive attention logit of each key, from a merging pruner
         stages = [0]
         if pruner is not None:
             stages += [c + 1 for c in pruner.cuts]
@@ -174,24 +180,36 @@ class LanguageModel(nn.Module):
             stages = cache.stages
         for i, layer in enumerate(self.layers):
             if i in stages:  # a new slot layout: reserve it and build its mask and rotary tables
-                mask, start = self._stage(cache, i, valid, positions.device)
+                mask, start = self._stage(cache, i, valid, x.dtype, bias)
                 cos, sin = self.rotary(positions, x.dtype)
             if pruner is not None and i in pruner.cuts:
                 x, probs, keys = layer.forward_with_attention(x, cos, sin, mask, cache, i, start,
                                                               pruner.needs_attention)
                 x, positions, valid = pruner(i, x, probs, keys, valid, positions)
+                bias = pruner.key_bias
             else:
                 x = layer(x, cos, sin, mask, cache, i, start)
         return self.norm(x)
 
-    def _stage(self, cache: StaticKVCache | None, first: int, valid: torch.Tensor,
-               device: torch.device) -> tuple[torch.Tensor | None, int]:
-        """(attention mask, first slot) for the layers of the stage starting at layer `first`."""
-        t = valid.shape[1]
+    def _stage(self, cache: StaticKVCache | None, first: int, valid: torch.Tensor, dtype: torch.dtype,
+               bias: torch.Tensor | None) -> tuple[torch.Tensor | None, int]:
+        """(attention mask, first slot) for the layers of the stage starting at layer `first`, whose
+        step's keys get the additive attention bias [B, T] (None: none; a cache also brings the
+        bias of the keys it holds)."""
+        t, device = valid.shape[1], valid.device
         if cache is None:
-            return self._mask(valid, 0, t, t, device), 0
-        start, end = cache.reserve(first, valid)
-        return self._mask(cache.valid[first, :, :end], start, t, end, device), start
+            start, end, mask = 0, t, self._mask(valid, 0, t, t, device)
+        else:
+            start, end = cache.reserve(first, valid)
+            if bias is not None:
+                cache.set_bias(first, start, bias)
+            bias = cache.key_bias(first, end)
+            mask = self._mask(cache.valid[first, :, :end], start, t, end, device)
+        if bias is None:
+            return mask, start
+        if mask is None:
+            mask = attention_mask(None, start, t, end, None, device)
+        return with_key_bias(mask, bias, dtype), start
 
     def _mask(self, key_valid: torch.Tensor | None, start: int, t: int, end: int,
               device: torch.device) -> torch.Tensor | None:
@@ -219,3 +237,9 @@ def attention_mask(key_valid: torch.Tensor | None, start: int, t: int, end: int,
         allowed = allowed & (k_slot > q_slot - window)
     mask = allowed[None] if key_valid is None else allowed[None] & key_valid[:, None, :]  # [B, T, S]
     return (mask | (k_slot == q_slot)[None])[:, None]
+
+
+def with_key_bias(mask: torch.Tensor, bias: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """Boolean mask [B or 1, 1, T, S] (True = attend) and bias [B, S] added to every query's
+    logit for each key -> additive mask [B, 1, T, S] of `dtype` (-inf where not attended)."""
+    return torch.where(mask, bias[:, None, None, :].to(dtype), float("-inf"))

@@ -30,6 +30,10 @@ class Selection:
     keep: torch.Tensor  # [N, P] bool: candidates kept
     values: torch.Tensor | None = None  # [N, P, D]: states of the kept candidates (merges), or None
     groups: torch.Tensor | None = None  # [N, P] long: the kept candidate each one merged into, -1 dropped
+    # [N, P] float: the original tokens each kept candidate stands for (inside the LLM only). When
+    # given, every later layer adds log(size) to the attention logits of its key (proportional
+    # attention), so a merged token draws the attention its whole group would.
+    sizes: torch.Tensor | None = None
 
 
 @dataclass
@@ -94,6 +98,7 @@ class LayerContext:
     cand: torch.Tensor  # [B, N] long: index in T of each candidate
     cand_valid: torch.Tensor  # [B, N]
     budget: torch.Tensor  # [B] long: candidates to keep per row
+    sizes: torch.Tensor  # [B, T] float: original tokens each token stands for (1 unless merged at an earlier cut)
 
     def gather(self, x: torch.Tensor) -> torch.Tensor:
         """x [B, T, ...] -> the candidates' rows [B, N, ...]."""
@@ -174,15 +179,17 @@ def top_mask(scores: torch.Tensor, valid: torch.Tensor, budget: torch.Tensor | i
     return (rank < budget) & valid
 
 
-def mean_into(states: torch.Tensor, assign: torch.Tensor, slots: int) -> torch.Tensor:
+def mean_into(states: torch.Tensor, assign: torch.Tensor, slots: int,
+              weights: torch.Tensor | None = None) -> torch.Tensor:
     """Average rows of states [N, M, D] into `slots` groups by assign [N, M] (values in
-    0..slots-1, or -1 for none) -> [N, slots, D] (zeros for an empty group)."""
+    0..slots-1, or -1 for none), weighted by weights [N, M] (default 1) -> [N, slots, D] (zeros
+    for an empty group)."""
     n, _, d = states.shape
-    ok = assign >= 0
+    w = (assign >= 0).to(states.dtype) * (1 if weights is None else weights.to(states.dtype))  # [N, M]
     idx = assign.clamp(min=0)[..., None].expand(-1, -1, d)
-    sums = states.new_zeros(n, slots, d).scatter_add_(1, idx, states * ok[..., None])
-    counts = states.new_zeros(n, slots).scatter_add_(1, assign.clamp(min=0), ok.to(states.dtype))
-    return sums / counts.clamp(min=1)[..., None]
+    sums = states.new_zeros(n, slots, d).scatter_add_(1, idx, states * w[..., None])
+    totals = states.new_zeros(n, slots).scatter_add_(1, assign.clamp(min=0), w)
+    return sums / totals.masked_fill(totals == 0, 1)[..., None]
 
 
 def take(x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:

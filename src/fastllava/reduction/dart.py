@@ -8,6 +8,7 @@ import torch
 import torch.nn.functional as F
 
 from .base import LayerContext, Method, Selection, top_mask
+from .merging import check_merge, merge_dropped
 from .registry import register
 
 
@@ -17,7 +18,8 @@ class DART(Method):
     """After layer K (`layer`), pick `pivots` pivot tokens per image among the visual tokens: those
     with the largest key norm (K-norm) in layer K. Every other visual token is scored by its
     highest cosine similarity (hidden states after layer K) to any pivot; the pivots and the
-    `keep - pivots` least duplicated tokens are kept, the duplicates dropped.
+    `keep - pivots` least duplicated tokens are kept, the duplicates dropped (`merge=none`, the
+    paper's method) or merged into the kept ones (`merge=mean|prop`, see reduction.merging).
 
     Wen et al., "Stop Looking for Important Tokens in Multimodal Language Models: Duplication
     Matters More" (DART), arXiv:2502.11494, 2025.
@@ -30,6 +32,11 @@ class DART(Method):
     keep: int = 64
     layer: int = 2
     pivots: int = 8
+    merge: str = "none"
+
+    def check(self, tokens: int, num_layers: int, grid: int) -> None:
+        check_merge(self)
+        super().check(tokens, num_layers, grid)
 
     def cuts(self) -> list[int]:
         return [self.layer - 1]
@@ -42,4 +49,4 @@ class DART(Method):
         h = F.normalize(ctx.gather(ctx.hidden).float(), dim=-1)  # [B, N, D]
         sim = (h @ h.transpose(1, 2)).masked_fill(~pivots[:, None, :], float("-inf")).amax(-1)  # [B, N]
         scores = (-sim).masked_fill(pivots, float("inf"))  # pivots first, then the least duplicated
-        return Selection(top_mask(scores, ctx.cand_valid, ctx.budget))
+        return merge_dropped(ctx, top_mask(scores, ctx.cand_valid, ctx.budget), self.merge)

@@ -6,6 +6,7 @@ from dataclasses import dataclass
 
 from ..errors import UserError
 from .base import LayerContext, Method, Selection, top_mask
+from .merging import check_merge, merge_dropped
 from .registry import register
 
 
@@ -16,7 +17,8 @@ class FastV(Method):
     `keep` visual tokens with the highest attention received in layer K, averaged over heads
     and over all (real) query tokens, as the paper describes (`rater=all`); `rater=last` ranks
     by the last prompt token's attention instead, as the authors' released code does. The other
-    visual tokens leave every later layer and its KV cache.
+    visual tokens leave every later layer and its KV cache (`merge=none`, the paper's method) or
+    are merged into the kept ones (`merge=mean|prop`, see reduction.merging).
 
     Chen et al., "An Image is Worth 1/2 Tokens After Layer 2: Plug-and-Play Inference
     Acceleration for Large Vision-Language Models" (FastV), ECCV 2024, arXiv:2403.06764.
@@ -30,10 +32,12 @@ class FastV(Method):
     keep: int = 64
     layer: int = 2
     rater: str = "all"
+    merge: str = "none"
 
     def check(self, tokens: int, num_layers: int, grid: int) -> None:
         if self.rater not in ("all", "last"):
             raise UserError(f"{self.spec()}: rater must be all or last")
+        check_merge(self)
         super().check(tokens, num_layers, grid)
 
     def cuts(self) -> list[int]:
@@ -46,4 +50,4 @@ class FastV(Method):
             probs = ctx.probs.mean(1) * ctx.valid[:, :, None]  # [B, T, S], real queries only
             received = probs.sum(1) / ctx.valid.sum(1, keepdim=True)  # [B, S]
         scores = received.gather(1, ctx.cand)  # [B, N]
-        return Selection(top_mask(scores, ctx.cand_valid, ctx.budget))
+        return merge_dropped(ctx, top_mask(scores, ctx.cand_valid, ctx.budget), self.merge)

@@ -63,7 +63,7 @@ def parse_list(text: str) -> list[Method]:
         piece = piece.strip()
         if not piece:
             continue
-        if parts and "=" in piece and piece.split("=")[0].strip() not in METHODS:
+        if parts and "=" in piece and ":" not in piece and piece.split("=")[0].strip() not in METHODS:
             parts[-1] += ("," if ":" in parts[-1] else ":") + piece  # a parameter of the previous method
         else:
             parts.append(piece)

@@ -36,6 +36,9 @@ class Reduction:
     `owner` [B, V] maps each visual token of the unreduced prompt (V per row, in order) to the
     one that represents it now (itself, the token it was merged into, or -1 when dropped);
     `selections` is what the method chose, in order, to replay with `Reduction(m, n, replay=...)`.
+    `sizes` [B, T] holds how many original tokens each token of the current sequence stands for,
+    and `key_bias` [B, T] their logs once a selection asked for proportional attention (else None):
+    the language model adds it to the attention logits of those keys in every later layer.
     """
 
     def __init__(self, method: Method, tokens_per_image: int, replay: list[Selection] | None = None):
@@ -51,6 +54,8 @@ class Reduction:
         """Begin with the unreduced prompt's visual tokens visual [B, T], made of images with
         image_counts [N] tokens each, in order row by row (default: tokens_per_image each)."""
         self.visual = visual  # [B, T] visual tokens of the current sequence
+        self.sizes = torch.ones(visual.shape, device=visual.device)  # [B, T] original tokens each stands for
+        self.key_bias = None
         self.patch = (visual.long().cumsum(1) - 1).masked_fill(~visual, -1)  # [B, T] index among the row's originals
         n = visual.sum(1)  # [B]
         if image_counts is None:
@@ -87,7 +92,7 @@ class Reduction:
         cut = self.cuts.index(layer)
         cand, cand_valid = candidates(self.visual)
         budget = self.images * self.method.budgets()[cut]  # [B]
-        ctx = LayerContext(layer, cut, x, probs, keys, valid, self.visual, cand, cand_valid, budget)
+        ctx = LayerContext(layer, cut, x, probs, keys, valid, self.visual, cand, cand_valid, budget, self.sizes)
         return self._apply(self._choose(ctx), cand, cand_valid, x, valid, positions)
 
     def _apply(self, sel: Selection, cand, cand_valid, x, valid, positions):
@@ -100,8 +105,14 @@ class Reduction:
         if sel.values is not None:
             x = x.clone()
             x[rows, cand[rows, cols]] = sel.values[rows, cols].to(x.dtype)
+        if sel.sizes is not None:
+            self.sizes = self.sizes.clone()
+            self.sizes[rows, cand[rows, cols]] = sel.sizes[rows, cols].float()
         self._own(sel, cand, cand_valid, chosen)
         index, valid = compact(keep)
+        self.sizes = take(self.sizes, index).masked_fill(~valid, 1)
+        if sel.sizes is not None or self.key_bias is not None:
+            self.key_bias = self.sizes.log()  # [B, T'] proportional attention from here on
         self.visual = take(self.visual, index) & valid
         self.patch = take(self.patch, index).masked_fill(~self.visual, -1)
         self.counts.append(self.visual.sum(1))
