@@ -34,7 +34,7 @@ def test_sweep_writes_table_json_and_plot(ckpt, tmp_path, capsys):
     assert code == 0
     result = json.loads((out / "sweep.json").read_text())
     assert [(r["label"], r["keep"]) for r in result["runs"]] == [
-        ("fastv:layer=1,rater=all", 8), ("fastv:layer=1,rater=all", 4), ("pool", 8), ("pool", 4)]
+        ("fastv:layer=1", 8), ("fastv:layer=1", 4), ("pool", 8), ("pool", 4)]
     assert result["baseline"]["keep"] == 16 and result["n"] == 6
     for r in result["runs"]:
         base = result["baseline"]["accuracy"]

@@ -18,13 +18,9 @@ from .runner import check_budgets, evaluate
 
 def plan(model, methods, keeps: list[int] | None) -> list[tuple[str, object]]:
     """(label, Method) to run: each method at each budget (or as given), checked against the
-    model; the label is the method's name, or its spec without keep when other parameters are set."""
+    model; the label is the method's spec without keep and the parameters left at their defaults."""
     runs = [replace(m, keep=k) for m in methods for k in keeps] if keeps else list(methods)
-    out = []
-    for m in runs:
-        label = m.name if m == type(m)(keep=m.keep) else m.spec().replace(f"keep={m.keep}", "").replace(":,", ":")
-        out.append((label.rstrip(",:"), make_reduction(m, model.config).method))
-    return out
+    return [(m.label(), make_reduction(m, model.config).method) for m in runs]
 
 
 def sweep(model, data_dir, methods, keeps: list[int] | None = None, batch_size: int = 8,

@@ -17,7 +17,7 @@ token of a row alike, newlines included.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, fields
+from dataclasses import MISSING, dataclass, fields
 from typing import Callable, ClassVar
 
 import torch
@@ -133,6 +133,11 @@ class Method:
         params = ",".join(f"{f.name}={_fmt(getattr(self, f.name))}" for f in fields(self))
         return f"{self.name}:{params}" if params else self.name
 
+    def label(self) -> str:
+        """The spec without `keep` and without the parameters left at their defaults: 'fastv:layer=1'."""
+        changed = [f for f in fields(self) if f.name != "keep" and getattr(self, f.name) != field_default(f)]
+        return self.name + (":" + ",".join(f"{f.name}={_fmt(getattr(self, f.name))}" for f in changed) if changed else "")
+
     def budgets(self) -> list[int]:
         """Visual tokens per image after each cut."""
         return [self.keep]
@@ -163,6 +168,11 @@ class Method:
 
     def select(self, ctx) -> Selection:
         raise NotImplementedError
+
+
+def field_default(f):
+    """A dataclass field's default value (made by its factory, if it has one)."""
+    return f.default_factory() if f.default is MISSING else f.default
 
 
 def _fmt(value) -> str:

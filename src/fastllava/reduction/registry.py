@@ -2,11 +2,11 @@
 
 from __future__ import annotations
 
-from dataclasses import MISSING, fields
+from dataclasses import fields
 
 from ..errors import UserError
 from ..specs import parse_options, split_spec
-from .base import Method
+from .base import Method, field_default
 
 METHODS: dict[str, type[Method]] = {}
 
@@ -28,11 +28,7 @@ _WANT = {"int": "an integer", "float": "a number", "ints": "integers joined by '
 
 def params(cls: type[Method]) -> list[tuple[str, str, object]]:
     """(name, kind, default) of each parameter of a method class."""
-    out = []
-    for f in fields(cls):
-        default = f.default if f.default is not MISSING else f.default_factory()  # type: ignore[misc]
-        out.append((f.name, _kind(f), default))
-    return out
+    return [(f.name, _kind(f), field_default(f)) for f in fields(cls)]
 
 
 def parse_spec(spec: str | Method) -> Method:
