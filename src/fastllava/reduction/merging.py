@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 
 from ..errors import UserError
-from .base import LayerContext, Method, Selection, mean_into
+from .base import LayerContext, Method, Selection, candidates, mean_into, take
 
 MERGE_MODES = ("none", "mean", "prop")
 
@@ -37,9 +37,11 @@ def merge_dropped(ctx: LayerContext, keep: torch.Tensor, mode: str) -> Selection
         return Selection(keep)
     h = ctx.gather(ctx.hidden).float()  # [B, N, D]
     unit = F.normalize(h, dim=-1)
-    sim = (unit @ unit.transpose(1, 2)).masked_fill(~keep[:, None, :], float("-inf"))  # [B, N, N] to kept ones
+    kept, kept_valid = candidates(keep)  # [B, K] each row's kept candidates
+    sim = (unit @ take(unit, kept).transpose(1, 2)).masked_fill(~kept_valid[:, None, :], float("-inf"))  # [B, N, K]
     index = torch.arange(keep.shape[1], device=keep.device).expand_as(keep)
-    groups = torch.where(keep, index, sim.argmax(-1)).masked_fill(~ctx.cand_valid | ~keep.any(1, keepdim=True), -1)
+    nearest = kept.gather(1, sim.argmax(-1))  # [B, N] the most similar kept candidate
+    groups = torch.where(keep, index, nearest).masked_fill(~ctx.cand_valid | ~keep.any(1, keepdim=True), -1)
     weights = ctx.gather(ctx.sizes)  # [B, N] tokens each candidate already stands for
     values = mean_into(h, groups, keep.shape[1], weights)  # [B, N, D] each kept candidate's group mean
     sizes = weights.new_zeros(keep.shape).scatter_add_(1, groups.clamp(min=0), weights * (groups >= 0))
