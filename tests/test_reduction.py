@@ -31,7 +31,7 @@ SMALL = {  # a real reduction, per method
     "pdrop": "pdrop:keep=8,layers=1-2", "sparsevlm": "sparsevlm:keep=6,recycle=2",
     "dart": "dart:keep=5,pivots=2",
     "fastv+prop": "fastv:keep=5,layer=1,merge=prop", "dart+mean": "dart:keep=5,pivots=2,merge=mean",
-    "dart+prop": "dart:keep=6,pivots=2,merge=prop",
+    "dart+prop": "dart:keep=6,pivots=2,merge=prop", "pdrop+prop": "pdrop:keep=8,layers=1-2,merge=prop",
 }
 WORDS = ["user", "assistant", ":", "?", ".", "what", "color", "is", "the", "circle", "square", "red", "blue"]
 WORDS += [f"w{i}" for i in range(VOCAB - 4 - len(WORDS))]
@@ -103,7 +103,7 @@ def test_cached_greedy_equals_recompute_under_same_selection(model, name):
     assert [c.tolist() for c in replay.counts] == [c.tolist() for c in run.counts]
 
 
-@pytest.mark.parametrize("name", ["fastv", "pdrop", "dart", "fastv+prop"])
+@pytest.mark.parametrize("name", ["fastv", "pdrop", "dart", "fastv+prop", "pdrop+prop"])
 def test_pruned_tokens_leave_later_layers_cache(model, name):
     ids, mask, pixels = batch_inputs(P)
     lm = model.model

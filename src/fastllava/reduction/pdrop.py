@@ -6,6 +6,7 @@ from dataclasses import dataclass, field, replace
 
 from ..errors import UserError
 from .base import LayerContext, Method, Selection, top_mask
+from .merging import check_merge, merge_dropped
 from .registry import register
 
 
@@ -16,7 +17,9 @@ class PDrop(Method):
     8-16-24 on a 32-layer LLaVA-7B); at the end of each stage rank the remaining visual tokens by
     the attention that the last instruction token (the prompt's last token) pays them in that
     layer, averaged over heads, and keep the top ones: `keep` after the first cut, then `ratio`
-    times as many after each further cut (the pyramid).
+    times as many after each further cut (the pyramid). Dropped tokens are gone (`merge=none`, the
+    paper's method) or merged into the kept ones at each cut (`merge=mean|prop`, see
+    reduction.merging).
 
     Xing et al., "PyramidDrop: Accelerating Your Large Vision-Language Models via Pyramid Visual
     Redundancy Reduction", arXiv:2410.17247, 2024 (CVPR 2025).
@@ -30,6 +33,7 @@ class PDrop(Method):
     keep: int = 64
     ratio: float = 0.5
     layers: list[int] = field(default_factory=list)
+    merge: str = "none"
 
     def bind(self, num_layers: int) -> "PDrop":
         if self.layers:
@@ -47,8 +51,9 @@ class PDrop(Method):
             raise UserError(f"{self.spec()}: ratio must be in (0, 1]")
         if sorted(set(self.layers)) != list(self.layers):
             raise UserError(f"{self.spec()}: layers must be increasing, e.g. layers=8-16-24")
+        check_merge(self)
         super().check(tokens, num_layers, grid)
 
     def select(self, ctx: LayerContext) -> Selection:
         last = ctx.last_attention()  # [B, T]
-        return Selection(top_mask(last.gather(1, ctx.cand), ctx.cand_valid, ctx.budget))
+        return merge_dropped(ctx, top_mask(last.gather(1, ctx.cand), ctx.cand_valid, ctx.budget), self.merge)
