@@ -40,7 +40,7 @@ def _tokens(model, mode: str, reduce=None, n: int = 12) -> list[list[int]]:
 
 
 @pytest.mark.parametrize("reduce", [None, "fastv:keep=5,layer=1", "pdrop:keep=8,layers=1-2",
-                                    "dart:keep=5,layer=1,pivots=2,merge=prop"])
+                                    "dart:keep=5,layer=1,pivots=2,merge=prop", "fastervlm:keep=5,merge=prop"])
 def test_static_decode_gives_the_eager_tokens(ckpt, reduce):
     model = fastllava.load(ckpt, device="cpu")
     eager = _tokens(model, "eager", reduce)

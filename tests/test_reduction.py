@@ -24,6 +24,7 @@ FULL = {  # a spec keeping every visual token, per method
     "visionzip": "visionzip:keep=16", "fastv": "fastv:keep=16", "pdrop": "pdrop:keep=16,ratio=1",
     "sparsevlm": "sparsevlm:keep=16", "dart": "dart:keep=16,pivots=3",
     "fastv+prop": "fastv:keep=16,merge=prop", "dart+mean": "dart:keep=16,pivots=3,merge=mean",
+    "fastervlm+prop": "fastervlm:keep=16,merge=prop", "random+mean": "random:keep=16,merge=mean",
 }
 SMALL = {  # a real reduction, per method
     "random": "random:keep=5", "pool": "pool:keep=6", "fastervlm": "fastervlm:keep=5",
@@ -32,6 +33,7 @@ SMALL = {  # a real reduction, per method
     "dart": "dart:keep=5,pivots=2",
     "fastv+prop": "fastv:keep=5,layer=1,merge=prop", "dart+mean": "dart:keep=5,pivots=2,merge=mean",
     "dart+prop": "dart:keep=6,pivots=2,merge=prop", "pdrop+prop": "pdrop:keep=8,layers=1-2,merge=prop",
+    "fastervlm+prop": "fastervlm:keep=5,merge=prop", "random+mean": "random:keep=6,merge=mean",
 }
 WORDS = ["user", "assistant", ":", "?", ".", "what", "color", "is", "the", "circle", "square", "red", "blue"]
 WORDS += [f"w{i}" for i in range(VOCAB - 4 - len(WORDS))]

@@ -23,13 +23,14 @@ from test_llava_next import PROCESSOR, WORDS, _batch, _photo
 
 SIZES = [(40, 160), (160, 40), (50, 50), (300, 20)]  # 1:4, 4:1, square, 15:1 -> 68, 76, 88, 28 visual tokens
 PROMPTS = ["describe it .", "what is in the picture ?", "what is it ?", "describe the picture ."]
-TILED = ["random", "fastervlm", "visionzip", "hired", "globalcom2"]  # before the LLM, per tile
-EXTRA = {"visionzip": ",contextual=3", "pdrop": ",ratio=1", "dart": ",pivots=3", "fastv": ",layer=1"}
-NEXT_METHODS = [n for n, m in METHODS.items() if m.images != "single"]
+TILED = ["random", "fastervlm", "visionzip", "hired", "globalcom2", "fastervlm+prop"]  # before the LLM, per tile
+EXTRA = {"visionzip": ",contextual=3", "pdrop": ",ratio=1", "dart": ",pivots=3", "fastv": ",layer=1",
+         "fastervlm+prop": ",merge=prop", "random+mean": ",merge=mean", "dart+prop": ",pivots=3,merge=prop"}
+NEXT_METHODS = [n for n, m in METHODS.items() if m.images != "single"] + ["fastervlm+prop", "random+mean", "dart+prop"]
 
 
 def spec(name: str, keep: int) -> str:
-    return f"{name}:keep={keep}{EXTRA.get(name, '')}"
+    return f"{name.split('+')[0]}:keep={keep}{EXTRA.get(name, '')}"
 
 
 @pytest.fixture(scope="module")
@@ -93,6 +94,18 @@ def test_plain_methods_share_the_budget_by_tokens_per_tile(model, reduce):
     assert kept.sum() == 40
     per_part = torch.bincount(part[kept & (part >= 0)], minlength=5)
     assert per_part.tolist() == [8] * 5 and not kept[part < 0].any()  # 80 patches: half of each, no newline
+
+
+def test_merging_stays_among_patches(model):
+    """merge=prop before the LLM: every patch joins a kept patch of its image; newlines are never
+    merged (dropped unless the budget reaches them)."""
+    part, inputs = _parts(model, _photo(64, 64, 3))
+    red = make_reduction("fastervlm:keep=40,merge=prop", model.config)
+    model.logits(**inputs, reduce=red)
+    owner = red.owner[0]
+    assert bool((owner[part >= 0] >= 0).all()) and not (owner[part < 0] >= 0).any()
+    assert len(set(owner[part >= 0].tolist())) == 40 and bool((part[owner[part >= 0]] >= 0).all())
+    assert torch.equal(red.key_bias[red.visual].exp().round().sum(), torch.tensor(80.0))  # 80 patches in 40 groups
 
 
 def test_newlines_are_kept_only_beyond_the_patches(model):

@@ -79,9 +79,10 @@ def new_cache(model: LlavaModel, batch: int, needed: int) -> StaticKVCache:
 
 def fixed_prefill_applies(model: LlavaModel, reduction=None) -> bool:
     """Whether `prefill` below runs the prompt (not the eager forward): a fixed-shape mode, a
-    full-precision cache, no cut inside the language model and no sliding window."""
+    full-precision cache, no cut inside the language model, no proportional attention and no
+    sliding window. Asked after the reduction's hook before the language model, if any."""
     return (model.decode_mode != "eager" and model.kv_cache is None and model.cfg.text.sliding_window is None
-            and (reduction is None or not reduction.cuts))
+            and (reduction is None or (not reduction.cuts and reduction.key_bias is None)))
 
 
 def prompt_slots(model: LlavaModel, tokens: int, reduction=None) -> int:

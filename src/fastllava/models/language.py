@@ -156,7 +156,7 @@ class LanguageModel(nn.Module):
         self.rotary = Rotary(cfg)
 
     def forward(self, x: torch.Tensor, positions: torch.Tensor, key_valid: torch.Tensor | None,
-                cache: StaticKVCache | None = None, pruner=None) -> torch.Tensor:
+                cache: StaticKVCache | None = None, pruner=None, key_bias: torch.Tensor | None = None) -> torch.Tensor:
         """x [B, T, D] input embeddings; positions [B, T]; key_valid [B, T] marks real (non-pad)
         tokens of this step, None when all are real. With a cache, the step is appended to it.
 
@@ -164,10 +164,11 @@ class LanguageModel(nn.Module):
         later layers run on the compacted sequence (kept tokens keep their positions) and, with a
         cache, get a compact cache of their own. The result then has the compacted length. Where
         it merges tokens with proportional attention (`pruner.key_bias`), later layers add that
-        bias to the merged keys' attention logits; the cache keeps it for the decode steps."""
+        bias to the merged keys' attention logits; the cache keeps it for the decode steps.
+        `key_bias` [B, T] is such a bias from the start (tokens merged before the language model)."""
         b, t, _ = x.shape
         valid = key_valid if key_valid is not None else x.new_ones(b, t, dtype=torch.bool)  # [B, T]
-        bias = None  # [B, T] additive attention logit of each key, from a merging pruner
+        bias = key_bias  # [B, T] additive attention logit of each key of this step, from merged tokens
         stages = [0]
         if pruner is not None:
             stages += [c + 1 for c in pruner.cuts]

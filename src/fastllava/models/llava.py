@@ -136,7 +136,8 @@ class LlavaModel(nn.Module):
         """embeds [B, T, D] -> logits [B, T, V] (or [B, 1, V] with last_only); with a reduction
         that cuts inside the language model, T is the length after the last cut."""
         pruner = reduction if reduction is not None and reduction.cuts else None
-        h = self.language_model(embeds, positions, key_valid, cache, pruner)
+        bias = reduction.key_bias if reduction is not None else None  # [B, T] merged before the LLM
+        h = self.language_model(embeds, positions, key_valid, cache, pruner, bias)
         if last_only:
             h = h[:, -1:]
         return self.lm_head(h)

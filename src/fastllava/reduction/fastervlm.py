@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from .base import Method, Selection, VisionContext
+from .merging import check_merge, merge_dropped_vision
 from .registry import register
 
 
@@ -12,7 +13,9 @@ from .registry import register
 @dataclass
 class FasterVLM(Method):
     """Keep the `keep` patches with the highest [CLS] attention (averaged over heads) in the
-    vision tower's selected layer, before the projector; the rest are dropped. On LLaVA-NeXT per
+    vision tower's selected layer, before the projector; the rest are dropped (`merge=none`) or
+    merged into the most similar kept token of their image (`merge=mean|prop`, see
+    reduction.merging; with `prop` this is close to LLaVA-PruMerge). On LLaVA-NeXT per
     tile: the budget is shared among the base image and the tiles in proportion to their tokens,
     each keeps the patches its own [CLS] attends to most (see reduction.base).
 
@@ -25,6 +28,11 @@ class FasterVLM(Method):
     needs_cls = True
 
     keep: int = 64
+    merge: str = "none"
+
+    def check(self, tokens: int, num_layers: int, grid: int) -> None:
+        check_merge(self)
+        super().check(tokens, num_layers, grid)
 
     def select(self, ctx: VisionContext) -> Selection:
-        return Selection(ctx.top(ctx.cls_attention, ctx.budget))
+        return merge_dropped_vision(ctx, ctx.top(ctx.cls_attention, ctx.budget), self.merge)

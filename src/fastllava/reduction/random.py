@@ -7,6 +7,7 @@ from dataclasses import dataclass
 import torch
 
 from .base import Method, Selection, VisionContext
+from .merging import check_merge, merge_dropped_vision
 from .registry import register
 
 
@@ -19,7 +20,8 @@ class Random(Method):
     Models: Are We Solving the Right Problem?" (arXiv:2502.11501, 2025). The draw depends only
     on `seed` and the image's token count, so every image keeps the same patch positions alone or
     in a batch. On LLaVA-NeXT per tile: the budget is shared among the base image and the tiles in
-    proportion to their tokens (see reduction.base).
+    proportion to their tokens (see reduction.base). The rest are dropped (`merge=none`) or merged
+    into the most similar kept token of their image (`merge=mean|prop`, see reduction.merging).
     """
 
     name = "random"
@@ -27,10 +29,15 @@ class Random(Method):
 
     keep: int = 64
     seed: int = 0
+    merge: str = "none"
+
+    def check(self, tokens: int, num_layers: int, grid: int) -> None:
+        check_merge(self)
+        super().check(tokens, num_layers, grid)
 
     def select(self, ctx: VisionContext) -> Selection:
         scores = torch.zeros(ctx.features.shape[:2])  # [N, P]: minus each token's place in the draw
         for row, count in enumerate(ctx.counts.tolist()):
             order = torch.randperm(count, generator=torch.Generator().manual_seed(self.seed))
             scores[row, order] = -torch.arange(count, dtype=scores.dtype)
-        return Selection(ctx.top(scores.to(ctx.features.device), ctx.budget))
+        return merge_dropped_vision(ctx, ctx.top(scores.to(ctx.features.device), ctx.budget), self.merge)

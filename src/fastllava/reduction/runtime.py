@@ -150,13 +150,17 @@ def _to_rows(sel: Selection, cand_valid: torch.Tensor, image_valid: torch.Tensor
     if sel.values is not None:
         values = sel.values.new_zeros(b, v, sel.values.shape[-1])
         values[cand_valid] = sel.values[real]
+    sizes = None
+    if sel.sizes is not None:
+        sizes = sel.sizes.new_ones(b, v)
+        sizes[cand_valid] = sel.sizes[real]
     groups = None
     if sel.groups is not None:
         offset = starts[:, None].expand_as(real)[real]  # the image's start, per real token
         flat = sel.groups[real]
         groups = torch.full((b, v), -1, dtype=torch.long, device=keep.device)
         groups[cand_valid] = torch.where(flat >= 0, flat + offset, flat)
-    return Selection(keep, values, groups)
+    return Selection(keep, values, groups, sizes)
 
 
 def make_reduction(spec, cfg) -> Reduction | None:
