@@ -72,6 +72,8 @@ def test_compiled_decode_gives_the_eager_tokens(ckpt):
     again = _tokens(model, "compiled", reduce="fastv:keep=5,layer=1", n=6)  # the same cache, reused and split
     assert len(model.model._compiled_caches) == 1
     assert again == _tokens(model, "eager", reduce="fastv:keep=5,layer=1", n=6)
+    merged = "fastervlm:keep=5,merge=prop"  # proportional attention in the compiled prefill and step
+    assert _tokens(model, "compiled", reduce=merged, n=6) == _tokens(model, "eager", reduce=merged, n=6)
 
 
 def test_unknown_decode_mode_is_a_clear_error(ckpt):

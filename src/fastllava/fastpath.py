@@ -79,10 +79,9 @@ def new_cache(model: LlavaModel, batch: int, needed: int) -> StaticKVCache:
 
 def fixed_prefill_applies(model: LlavaModel, reduction=None) -> bool:
     """Whether `prefill` below runs the prompt (not the eager forward): a fixed-shape mode, a
-    full-precision cache, no cut inside the language model, no proportional attention and no
-    sliding window. Asked after the reduction's hook before the language model, if any."""
+    full-precision cache, no cut inside the language model and no sliding window."""
     return (model.decode_mode != "eager" and model.kv_cache is None and model.cfg.text.sliding_window is None
-            and (reduction is None or (not reduction.cuts and reduction.key_bias is None)))
+            and (reduction is None or not reduction.cuts))
 
 
 def prompt_slots(model: LlavaModel, tokens: int, reduction=None) -> int:
@@ -92,17 +91,21 @@ def prompt_slots(model: LlavaModel, tokens: int, reduction=None) -> int:
 
 
 def prefill(model: LlavaModel, cache: StaticKVCache, embeds: torch.Tensor, positions: torch.Tensor,
-            valid: torch.Tensor) -> torch.Tensor:
+            valid: torch.Tensor, key_bias: torch.Tensor | None = None) -> torch.Tensor:
     """The fixed-shape prefill (where fixed_prefill_applies) of embeds [B, T, D] at positions
     [B, T] with real tokens valid [B, T] into an empty `cache`, left-padded to prompt_slots
-    -> logits at the last token [B, V]."""
+    -> logits at the last token [B, V]. key_bias [B, T]: the attention bias of tokens merged
+    before the language model (proportional attention), or None."""
     b, t, d = embeds.shape
     pad = prompt_slots(model, t) - t
     if pad:
         embeds = torch.cat([embeds.new_zeros(b, pad, d), embeds], dim=1)  # [B, T + pad, D]
         positions = torch.cat([positions.new_zeros(b, pad), positions], dim=1)
         valid = torch.cat([valid.new_zeros(b, pad), valid], dim=1)
+        key_bias = None if key_bias is None else torch.cat([key_bias.new_zeros(b, pad), key_bias], dim=1)
     cache.reserve(0, valid)  # marks the real slots valid
+    if key_bias is not None:
+        cache.set_bias(0, 0, key_bias)
     fn = _compiled(model, static_prefill) if model.decode_mode == "compiled" else static_prefill
     _new_graph_step(model)
     return fn(model, cache, embeds, positions)
@@ -115,6 +118,8 @@ def static_prefill(model: LlavaModel, cache: StaticKVCache, x: torch.Tensor, pos
     t = x.shape[1]
     cos, sin = lm.rotary(positions, x.dtype)
     mask = attention_mask(cache.valid[0][:, :t], 0, t, t, None, x.device)  # [B, 1, T, T]
+    if cache.bias is not None:  # tokens merged before the language model: proportional attention
+        mask = with_key_bias(mask, cache.bias[0][:, :t], x.dtype)
     for i, layer in enumerate(lm.layers):
         x = layer(x, cos, sin, mask, cache, i, 0)
     return model.lm_head(lm.norm(x[:, -1:]))[:, -1]

@@ -143,7 +143,8 @@ def prefill(model: LlavaModel, input_ids: torch.Tensor, attention_mask: torch.Te
     if times is not None:
         times.kv_cache_bytes = cache.nbytes
     if fastpath.fixed_prefill_applies(model, reduction):
-        logits = fastpath.prefill(model, cache, embeds, positions, mask)
+        logits = fastpath.prefill(model, cache, embeds, positions, mask,
+                                  None if reduction is None else reduction.key_bias)
     else:
         logits = model(embeds, positions, None if bool(mask.all()) else mask, cache, True, reduction)[:, -1]
     return logits, positions, cache
