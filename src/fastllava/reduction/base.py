@@ -30,9 +30,9 @@ class Selection:
     keep: torch.Tensor  # [N, P] bool: candidates kept
     values: torch.Tensor | None = None  # [N, P, D]: states of the kept candidates (merges), or None
     groups: torch.Tensor | None = None  # [N, P] long: the kept candidate each one merged into, -1 dropped
-    # [N, P] float: the original tokens each kept candidate stands for (inside the LLM only). When
-    # given, every later layer adds log(size) to the attention logits of its key (proportional
-    # attention), so a merged token draws the attention its whole group would.
+    # [N, P] float: the original tokens each kept candidate stands for. When given, every later
+    # layer adds log(size) to the attention logits of its key (proportional attention), so a
+    # merged token draws the attention its whole group would.
     sizes: torch.Tensor | None = None
 
 
