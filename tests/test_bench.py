@@ -29,6 +29,15 @@ def test_bench_tiny_preset_writes_json_table_and_plot(tmp_path, capsys):
     assert sum(line.startswith("| ") for line in table.splitlines()) == 3 and "HF TTFT ms" in table
 
 
+def test_bench_reduce_takes_a_spec_with_parameters(tmp_path):
+    out = tmp_path / "r"
+    code = main(["bench", "--preset", "tiny", "--device", "cpu", "--keep", "576,64", "--reduce", "fastv:layer=1,merge=prop",
+                 "--repeats", "1", "--warmup", "0", "--new-tokens", "2", "--out", str(out)])
+    assert code == 0
+    cases = json.loads((out / "bench.json").read_text())["cases"]
+    assert [c["reduce"] for c in cases] == [None, "fastv:keep=64,layer=1,rater=all,merge=prop"]
+
+
 @pytest.mark.parametrize("args, message", [
     (["--preset", "nope"], "invalid choice"),
     (["--preset", "tiny", "--keep", "0"], "positive integers"),
@@ -36,6 +45,7 @@ def test_bench_tiny_preset_writes_json_table_and_plot(tmp_path, capsys):
     (["--preset", "tiny", "--keep", "1000"], "more than the 576 visual tokens"),
     (["--preset", "tiny", "--model", "x"], "not both"),
     (["--preset", "tiny", "--device", "cuda:7"], "cuda"),
+    (["--preset", "tiny", "--keep", "64", "--reduce", "fastv:merge=avg"], "merge must be one of"),
 ])
 def test_bench_bad_values_are_one_line_errors(args, message, capsys, tmp_path):
     try:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 from ..cli_args import add_model_args, add_quant_args, load_options, positive_int
@@ -30,7 +31,8 @@ def add_bench_parser(subparsers) -> argparse.ArgumentParser:
                    help="random weights at a real model's shapes instead of --model (no download)")
     p.add_argument("--keep", type=_int_list, help="visual tokens kept per image, comma-separated "
                    "(e.g. 576,192,64; default: all); values below all use --reduce")
-    p.add_argument("--reduce", default="fastervlm", help="token-reduction method for --keep budgets (default fastervlm)")
+    p.add_argument("--reduce", default="fastervlm", help="token-reduction method (a spec; its keep is replaced by each "
+                   "--keep budget) for --keep budgets (default fastervlm)")
     p.add_argument("--batch-size", type=_int_list, default=[1], help="comma-separated batch sizes (default 1)")
     p.add_argument("--text-tokens", type=positive_int, default=40, help="text tokens per prompt (default 40)")
     p.add_argument("--new-tokens", type=positive_int, default=32, help="tokens to generate (default 32)")
@@ -50,6 +52,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
     from ..fastpath import check_decode_mode
     from ..quant import parse_kv_cache, parse_weights
     from ..quant.weights import quantize_weights
+    from ..reduction.registry import parse_spec
     from ..reduction.runtime import make_reduction
     from .measure import Case, hf_twin, image_tokens, time_hf, time_ours
     from .presets import preset_config, random_model
@@ -79,7 +82,8 @@ def cmd_bench(args: argparse.Namespace) -> int:
     too_many = [k for k in keeps if k > n_img]
     if too_many:
         raise UserError(f"--keep {too_many[0]} is more than the {n_img} visual tokens of an image")
-    specs = {k: None if k == n_img else f"{args.reduce}:keep={k}" for k in keeps}
+    method = parse_spec(args.reduce)  # a spec with parameters, e.g. fastervlm:merge=prop
+    specs = {k: None if k == n_img else replace(method, keep=k).spec() for k in keeps}
     for spec in specs.values():
         make_reduction(spec, model.cfg)  # a bad method or budget fails before any timing
     hf = hf_twin(model) if args.compare == "hf" else None
