@@ -27,6 +27,9 @@ timeout 150 python3 -m fastllava.cli bench $B --keep 576,64 --batch-size 1,16 --
 tar -C "$W" -cf "$OUT/bench.tar" .
 timeout 240 python3 -m fastllava.cli bench $B --keep 576,64 --batch-size 1 --decode compiled --out "$W/bench-compiled" 2>&1 | tee -a "$W/bench.log"
 tar -C "$W" -cf "$OUT/bench.tar" .
+timeout 90 python3 -m fastllava.cli bench $B --keep 576,64 --batch-size 1 --decode compiled --reduce fastervlm:merge=prop \
+  --out "$W/bench-compiled-merge" 2>&1 | tee -a "$W/bench.log"  # the cost of proportional attention's float mask
+tar -C "$W" -cf "$OUT/bench.tar" .
 timeout 60 python3 -m fastllava.cli bench --preset $NEXT_PRESET --device $DEVICE --dtype $DTYPE --new-tokens 32 --repeats 3 \
   --warmup 1 --keep $NEXT_KEEP --batch-size 1 --out "$W/bench-next" 2>&1 | tee -a "$W/bench.log"
 tar -C "$W" -cf "$OUT/bench.tar" .
@@ -47,12 +50,14 @@ prompts = ["What color is the circle? Answer with one word.", "How many objects 
            "Is there a red square? Answer with one word.", "Say hello."]
 m = fastllava.load(device=os.environ["DEVICE"], dtype="float32")
 ids, mask, pixels = m.encode(images, prompts)  # a left-padded batch, one row without image
-tokens = {}
-for mode in ("eager", "compiled", "compiled", "static"):  # the second compiled run reuses the cache and graph
-    m.model.decode_mode = mode
-    tokens.setdefault(mode, []).append(m.generate_ids(ids, pixels, mask, max_new_tokens=16, eos_token_id=None).tolist())
-same = all(t == tokens["eager"][0] for runs in tokens.values() for t in runs)
-print("static and compiled decode give the eager tokens:", same, tokens["eager"][0][0])
+for reduce in (None, "dart:keep=64,pivots=32,merge=prop", "fastervlm:keep=64,merge=prop"):
+    tokens = {}
+    for mode in ("eager", "compiled", "compiled", "static"):  # the second compiled run reuses the cache and graph
+        m.model.decode_mode = mode
+        tokens.setdefault(mode, []).append(m.generate_ids(ids, pixels, mask, max_new_tokens=16, eos_token_id=None,
+                                                          reduce=reduce).tolist())
+    same = all(t == tokens["eager"][0] for runs in tokens.values() for t in runs)
+    print(f"reduce={reduce}: static and compiled decode give the eager tokens:", same, tokens["eager"][0][0])
 EOF2
 wait
 tar -C "$W" -cf "$OUT/train.tar" gpu-a gpu-b train-a.log train-b.log compiled-check.log
