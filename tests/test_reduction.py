@@ -34,6 +34,7 @@ SMALL = {  # a real reduction, per method
     "fastv+prop": "fastv:keep=5,layer=1,merge=prop", "dart+mean": "dart:keep=5,pivots=2,merge=mean",
     "dart+prop": "dart:keep=6,pivots=2,merge=prop", "pdrop+prop": "pdrop:keep=8,layers=1-2,merge=prop",
     "fastervlm+prop": "fastervlm:keep=5,merge=prop", "random+mean": "random:keep=6,merge=mean",
+    "visionzip+prop": "visionzip:keep=6,contextual=2,merge=prop",
 }
 WORDS = ["user", "assistant", ":", "?", ".", "what", "color", "is", "the", "circle", "square", "red", "blue"]
 WORDS += [f"w{i}" for i in range(VOCAB - 4 - len(WORDS))]
@@ -147,6 +148,7 @@ def test_stats_count_flops_and_equivalent_tokens(model):
     ("visionzip:keep=4,contextual=4", ["contextual"]),
     ("fastv:keep=4,merge=avg", ["merge must be one of", "none, mean, prop"]),
     ("dart:keep=4,merge=yes", ["merge must be one of"]),
+    ("visionzip:keep=4,merge=none", ["merge must be mean", "prop"]),
 ])
 def test_bad_specs_are_one_line_user_errors(model, spec, words):
     with pytest.raises(fastllava.UserError) as err:

@@ -25,6 +25,9 @@ class VisionZip(Method):
     and the tiles in proportion to their tokens, see reduction.base) and the contextual tokens
     merge the remaining patches of the whole image (keys of one layer compare across tiles);
     an image with at most `contextual` patches left keeps its best `keep` tokens unmerged.
+    `merge=mean` is the paper's method; `merge=prop` also gives each contextual token ToMe's
+    proportional attention in the language model (log of its group's size added to its key's
+    attention logits, see reduction.merging).
 
     Yang et al., "VisionZip: Longer is Better but Not Necessary in Vision Language Models",
     arXiv:2412.04467, 2024.
@@ -36,6 +39,7 @@ class VisionZip(Method):
 
     keep: int = 64
     contextual: int = -1
+    merge: str = "mean"
 
     def split(self) -> tuple[int, int]:
         """(dominant, contextual) token counts."""
@@ -44,6 +48,8 @@ class VisionZip(Method):
 
     def check(self, tokens: int, num_layers: int, grid: int) -> None:
         super().check(tokens, num_layers, grid)
+        if self.merge not in ("mean", "prop"):
+            raise UserError(f"{self.spec()}: merge must be mean (the paper's) or prop (with proportional attention)")
         if self.contextual >= self.keep:
             raise UserError(f"{self.spec()}: contextual must be below keep (at least one dominant token), "
                             f"or -1 for the paper's split")
@@ -77,6 +83,9 @@ class VisionZip(Method):
         i, j = rest_valid.nonzero(as_tuple=True)
         groups[i, rest[i, j]] = targets.gather(1, assign.clamp(min=0))[i, j]
         m = merge[:, None]
-        return Selection(torch.where(m, keep, plain), torch.where(m[..., None], values, ctx.features),
-                         torch.where(m, groups, own.masked_fill(~plain, -1)))
+        groups = torch.where(m, groups, own.masked_fill(~plain, -1))
+        sizes = None
+        if self.merge == "prop":  # tokens in each kept token's group
+            sizes = torch.zeros(n, p, device=rest.device).scatter_add_(1, groups.clamp(min=0), (groups >= 0).float())
+        return Selection(torch.where(m, keep, plain), torch.where(m[..., None], values, ctx.features), groups, sizes)
 
