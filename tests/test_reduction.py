@@ -148,7 +148,7 @@ def test_stats_count_flops_and_equivalent_tokens(model):
     ("visionzip:keep=4,contextual=4", ["contextual"]),
     ("fastv:keep=4,merge=avg", ["merge must be one of", "none, mean, prop"]),
     ("dart:keep=4,merge=yes", ["merge must be one of"]),
-    ("visionzip:keep=4,merge=none", ["merge must be mean", "prop"]),
+    ("visionzip:keep=4,merge=none", ["merge must be one of mean, prop"]),
 ])
 def test_bad_specs_are_one_line_user_errors(model, spec, words):
     with pytest.raises(fastllava.UserError) as err:

@@ -23,12 +23,13 @@ from test_llava_next import PROCESSOR, WORDS, _batch, _photo
 
 SIZES = [(40, 160), (160, 40), (50, 50), (300, 20)]  # 1:4, 4:1, square, 15:1 -> 68, 76, 88, 28 visual tokens
 PROMPTS = ["describe it .", "what is in the picture ?", "what is it ?", "describe the picture ."]
-TILED = ["random", "fastervlm", "visionzip", "hired", "globalcom2", "fastervlm+prop"]  # before the LLM, per tile
+TILED = ["random", "fastervlm", "visionzip", "hired", "globalcom2", "fastervlm+prop", "globalcom2+prop"]  # before the LLM, per tile
 EXTRA = {"visionzip": ",contextual=3", "pdrop": ",ratio=1", "dart": ",pivots=3", "fastv": ",layer=1",
          "fastervlm+prop": ",merge=prop", "random+mean": ",merge=mean", "dart+prop": ",pivots=3,merge=prop",
-         "visionzip+prop": ",contextual=3,merge=prop"}
+         "visionzip+prop": ",contextual=3,merge=prop", "hired+prop": ",merge=prop", "globalcom2+mean": ",merge=mean",
+         "globalcom2+prop": ",merge=prop"}
 NEXT_METHODS = [n for n, m in METHODS.items() if m.images != "single"] + ["fastervlm+prop", "random+mean", "dart+prop",
-                                                                           "visionzip+prop"]
+                                                                           "visionzip+prop", "hired+prop", "globalcom2+mean"]
 
 
 def spec(name: str, keep: int) -> str:

@@ -126,6 +126,7 @@ class Method:
     needs_cls: ClassVar[bool] = False  # VisionContext.cls_attention / keys
     needs_attention: ClassVar[bool] = False  # LayerContext.probs
     images: ClassVar[str] = "any"  # "any", "single" (LLaVA-1.5 only) or "tiled" (LLaVA-NeXT only)
+    merge_modes: ClassVar[tuple[str, ...]] = ()  # values of its `merge` field (methods that have one)
 
     keep: int = 64
 
@@ -158,6 +159,8 @@ class Method:
     def check(self, tokens: int, num_layers: int, grid: int) -> None:
         """Raise UserError when the method cannot run on a model with `tokens` visual tokens per
         image (a grid x grid patch grid) and `num_layers` decoder layers."""
+        if self.merge_modes and getattr(self, "merge") not in self.merge_modes:
+            raise UserError(f"{self.spec()}: merge must be one of {', '.join(self.merge_modes)}")
         for b in self.budgets():
             if b < 1 or b > tokens:
                 raise UserError(f"{self.spec()}: budget {b} is outside 1..{tokens} (the visual tokens per image)")

@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 
 from .base import LayerContext, Method, Selection, top_mask
-from .merging import check_merge, merge_dropped
+from .merging import MERGE_MODES, merge_dropped
 from .registry import register
 
 
@@ -28,15 +28,12 @@ class DART(Method):
     name = "dart"
     paper = "Wen et al. 2025, Stop Looking for Important Tokens: Duplication Matters More (DART, arXiv:2502.11494)"
     where = "llm"
+    merge_modes = MERGE_MODES
 
     keep: int = 64
     layer: int = 2
     pivots: int = 8
     merge: str = "none"
-
-    def check(self, tokens: int, num_layers: int, grid: int) -> None:
-        check_merge(self)
-        super().check(tokens, num_layers, grid)
 
     def cuts(self) -> list[int]:
         return [self.layer - 1]

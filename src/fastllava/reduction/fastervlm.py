@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from .base import Method, Selection, VisionContext
-from .merging import check_merge, merge_dropped_vision
+from .merging import MERGE_MODES, merge_dropped_vision
 from .registry import register
 
 
@@ -26,13 +26,10 @@ class FasterVLM(Method):
     name = "fastervlm"
     paper = "Zhang et al. 2024, [CLS] Attention is All You Need for Training-Free Visual Token Pruning (arXiv:2412.01818)"
     needs_cls = True
+    merge_modes = MERGE_MODES
 
     keep: int = 64
     merge: str = "none"
-
-    def check(self, tokens: int, num_layers: int, grid: int) -> None:
-        check_merge(self)
-        super().check(tokens, num_layers, grid)
 
     def select(self, ctx: VisionContext) -> Selection:
         return merge_dropped_vision(ctx, ctx.top(ctx.cls_attention, ctx.budget), self.merge)

@@ -6,7 +6,7 @@ from dataclasses import dataclass
 
 from ..errors import UserError
 from .base import LayerContext, Method, Selection, top_mask
-from .merging import check_merge, merge_dropped
+from .merging import MERGE_MODES, merge_dropped
 from .registry import register
 
 
@@ -28,6 +28,7 @@ class FastV(Method):
     paper = "Chen et al. 2024, An Image is Worth 1/2 Tokens After Layer 2 (FastV, arXiv:2403.06764)"
     where = "llm"
     needs_attention = True
+    merge_modes = MERGE_MODES
 
     keep: int = 64
     layer: int = 2
@@ -37,7 +38,6 @@ class FastV(Method):
     def check(self, tokens: int, num_layers: int, grid: int) -> None:
         if self.rater not in ("all", "last"):
             raise UserError(f"{self.spec()}: rater must be all or last")
-        check_merge(self)
         super().check(tokens, num_layers, grid)
 
     def cuts(self) -> list[int]:

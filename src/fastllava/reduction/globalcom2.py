@@ -10,6 +10,7 @@ import torch.nn.functional as F
 
 from ..errors import UserError
 from .base import Method, Selection, VisionContext
+from .merging import MERGE_MODES, merge_dropped_vision
 from .registry import register
 
 
@@ -33,6 +34,8 @@ class GlobalCom2(Method):
     image_newline tokens are kept only when `keep` exceeds the image's patches. LLaVA-NeXT only
     (LLaVA-1.5 has no tiles; its thumbnail alone is fastervlm). alpha = 0.5 is the paper's; tau
     and the default budget (320 of LLaVA-NeXT-7B's up to 2880 tokens) are ours.
+    The dropped patches are gone (`merge=none`, the paper's method) or merged into the most
+    similar kept patch of their image (`merge=mean|prop`, see reduction.merging).
 
     Liu et al., "Compression with Global Guidance: Towards Training-free High-Resolution MLLMs
     Acceleration" (GlobalCom²), arXiv:2501.05179, 2025.
@@ -42,10 +45,12 @@ class GlobalCom2(Method):
     paper = "Liu et al. 2025, Compression with Global Guidance: Training-free High-Resolution MLLMs Acceleration (GlobalCom², arXiv:2501.05179)"
     needs_cls = True
     images = "tiled"
+    merge_modes = MERGE_MODES
 
     keep: int = 320
     alpha: float = 0.5
     tau: float = 0.1
+    merge: str = "none"
 
     def check(self, tokens: int, num_layers: int, grid: int) -> None:
         if not 0 <= self.alpha <= 1 or self.tau <= 0:
@@ -68,4 +73,4 @@ class GlobalCom2(Method):
         weights = torch.where(tiles, sizes * (1 + sigma - 1 / tiles.sum(1, keepdim=True)), sizes)
         scores = torch.where(tile, self.alpha * guide + (1 - self.alpha) * ctx.cls_attention.float(),
                              ctx.cls_attention.float())
-        return Selection(ctx.top(scores, ctx.budget, weights))
+        return merge_dropped_vision(ctx, ctx.top(scores, ctx.budget, weights), self.merge)

@@ -6,6 +6,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from .base import Method, Selection, VisionContext
+from .merging import MERGE_MODES, merge_dropped_vision
 from .registry import register
 
 
@@ -26,6 +27,8 @@ class HiRED(Method):
     image_newline tokens are kept only when `keep` exceeds the image's patches. LLaVA-NeXT only
     (LLaVA-1.5 has one partition, where this is fastervlm). The default budget, 320 of LLaVA-NeXT-
     7B's up to 2880 tokens per image, is ours.
+    The dropped patches are gone (`merge=none`, the paper's method) or merged into the most
+    similar kept patch of their image (`merge=mean|prop`, see reduction.merging).
 
     Arif et al., "HiRED: Attention-Guided Token Dropping for Efficient Inference of High-Resolution
     Vision-Language Models", AAAI 2025, arXiv:2408.10945.
@@ -35,13 +38,15 @@ class HiRED(Method):
     paper = "Arif et al. 2024, HiRED: Attention-Guided Token Dropping for High-Resolution VLMs (arXiv:2408.10945)"
     needs_cls = True
     images = "tiled"
+    merge_modes = MERGE_MODES
 
     keep: int = 320
     layer: int = 1
+    merge: str = "none"
 
     def early_layer(self) -> int:
         return self.layer
 
     def select(self, ctx: VisionContext) -> Selection:
         content = ctx.per_part(ctx.early_attention)  # [N, S] visual content score of each partition
-        return Selection(ctx.top(ctx.cls_attention, ctx.budget, content))
+        return merge_dropped_vision(ctx, ctx.top(ctx.cls_attention, ctx.budget, content), self.merge)

@@ -20,16 +20,9 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from ..errors import UserError
-from .base import LayerContext, Method, Selection, VisionContext, candidates, mean_into, take
+from .base import LayerContext, Selection, VisionContext, candidates, mean_into, take
 
-MERGE_MODES = ("none", "mean", "prop")
-
-
-def check_merge(method: Method) -> None:
-    """UserError when the method's `merge` is not one of MERGE_MODES."""
-    if method.merge not in MERGE_MODES:
-        raise UserError(f"{method.spec()}: merge must be one of {', '.join(MERGE_MODES)}")
+MERGE_MODES = ("none", "mean", "prop")  # the merge_modes of the methods with a `merge=`
 
 
 def merge_dropped(ctx: LayerContext, keep: torch.Tensor, mode: str) -> Selection:

@@ -6,7 +6,7 @@ from dataclasses import dataclass, field, replace
 
 from ..errors import UserError
 from .base import LayerContext, Method, Selection, top_mask
-from .merging import check_merge, merge_dropped
+from .merging import MERGE_MODES, merge_dropped
 from .registry import register
 
 
@@ -29,6 +29,7 @@ class PDrop(Method):
     paper = "Xing et al. 2024, PyramidDrop: Pyramid Visual Redundancy Reduction (arXiv:2410.17247)"
     where = "llm"
     needs_attention = True
+    merge_modes = MERGE_MODES
 
     keep: int = 64
     ratio: float = 0.5
@@ -51,7 +52,6 @@ class PDrop(Method):
             raise UserError(f"{self.spec()}: ratio must be in (0, 1]")
         if sorted(set(self.layers)) != list(self.layers):
             raise UserError(f"{self.spec()}: layers must be increasing, e.g. layers=8-16-24")
-        check_merge(self)
         super().check(tokens, num_layers, grid)
 
     def select(self, ctx: LayerContext) -> Selection:

@@ -7,7 +7,7 @@ from dataclasses import dataclass
 import torch
 
 from .base import Method, Selection, VisionContext
-from .merging import check_merge, merge_dropped_vision
+from .merging import MERGE_MODES, merge_dropped_vision
 from .registry import register
 
 
@@ -26,14 +26,11 @@ class Random(Method):
 
     name = "random"
     paper = "random baseline; Wen et al. 2025, Token Pruning in MLLMs: Are We Solving the Right Problem? (arXiv:2502.11501)"
+    merge_modes = MERGE_MODES
 
     keep: int = 64
     seed: int = 0
     merge: str = "none"
-
-    def check(self, tokens: int, num_layers: int, grid: int) -> None:
-        check_merge(self)
-        super().check(tokens, num_layers, grid)
 
     def select(self, ctx: VisionContext) -> Selection:
         scores = torch.zeros(ctx.features.shape[:2])  # [N, P]: minus each token's place in the draw

@@ -36,6 +36,7 @@ class VisionZip(Method):
     name = "visionzip"
     paper = "Yang et al. 2024, VisionZip: Longer is Better but Not Necessary in VLMs (arXiv:2412.04467)"
     needs_cls = True
+    merge_modes = ("mean", "prop")  # mean: the paper's; prop: with proportional attention
 
     keep: int = 64
     contextual: int = -1
@@ -48,8 +49,6 @@ class VisionZip(Method):
 
     def check(self, tokens: int, num_layers: int, grid: int) -> None:
         super().check(tokens, num_layers, grid)
-        if self.merge not in ("mean", "prop"):
-            raise UserError(f"{self.spec()}: merge must be mean (the paper's) or prop (with proportional attention)")
         if self.contextual >= self.keep:
             raise UserError(f"{self.spec()}: contextual must be below keep (at least one dominant token), "
                             f"or -1 for the paper's split")
