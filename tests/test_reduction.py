@@ -32,7 +32,7 @@ SMALL = {  # a real reduction, per method
     "pdrop": "pdrop:keep=8,layers=1-2", "sparsevlm": "sparsevlm:keep=6,recycle=2",
     "dart": "dart:keep=5,pivots=2",
     "fastv+prop": "fastv:keep=5,layer=1,merge=prop", "dart+mean": "dart:keep=5,pivots=2,merge=mean",
-    "dart+prop": "dart:keep=6,pivots=2,merge=prop", "pdrop+prop": "pdrop:keep=8,layers=1-2,merge=prop",
+    "dart+prop": "dart:keep=6,pivots=-1,merge=prop", "pdrop+prop": "pdrop:keep=8,layers=1-2,merge=prop",
     "fastervlm+prop": "fastervlm:keep=5,merge=prop", "random+mean": "random:keep=6,merge=mean",
     "visionzip+prop": "visionzip:keep=6,contextual=2,merge=prop",
 }
@@ -149,6 +149,7 @@ def test_stats_count_flops_and_equivalent_tokens(model):
     ("fastv:keep=4,merge=avg", ["merge must be one of", "none, mean, prop"]),
     ("dart:keep=4,merge=yes", ["merge must be one of"]),
     ("visionzip:keep=4,merge=none", ["merge must be one of mean, prop"]),
+    ("dart:keep=4,pivots=0", ["pivots must be at least 1", "-1"]),
 ])
 def test_bad_specs_are_one_line_user_errors(model, spec, words):
     with pytest.raises(fastllava.UserError) as err:
@@ -207,3 +208,12 @@ def test_merging_accounts_for_every_dropped_token(model):
     real = torch.ones(out["none"].shape[:2], dtype=torch.bool)
     for a, b in (("none", "mean"), ("mean", "prop")):
         assert (out[a][real] - out[b][real]).abs().max() > 1e-4  # merging, then the bias, change the answer
+
+
+def test_dart_half_pivots_equals_explicit(model):
+    """dart:pivots=-1 is pivots = keep / 2."""
+    ids, mask, pixels = batch_inputs(P)
+    positions = positions_from_mask(mask)
+    half = model.logits(ids, pixels, mask, positions, reduce="dart:keep=6,pivots=-1,merge=prop")
+    assert torch.equal(half, model.logits(ids, pixels, mask, positions, reduce="dart:keep=6,pivots=3,merge=prop"))
+    assert not torch.equal(half, model.logits(ids, pixels, mask, positions, reduce="dart:keep=6,pivots=1,merge=prop"))
