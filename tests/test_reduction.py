@@ -25,6 +25,7 @@ FULL = {  # a spec keeping every visual token, per method
     "sparsevlm": "sparsevlm:keep=16", "dart": "dart:keep=16,pivots=3",
     "fastv+prop": "fastv:keep=16,merge=prop", "dart+mean": "dart:keep=16,pivots=3,merge=mean",
     "fastervlm+prop": "fastervlm:keep=16,merge=prop", "random+mean": "random:keep=16,merge=mean",
+    "visionzip+compact": "visionzip:keep=16,positions=compact",
 }
 SMALL = {  # a real reduction, per method
     "random": "random:keep=5", "pool": "pool:keep=6", "fastervlm": "fastervlm:keep=5",
@@ -35,6 +36,7 @@ SMALL = {  # a real reduction, per method
     "dart+prop": "dart:keep=6,pivots=-1,merge=prop", "pdrop+prop": "pdrop:keep=8,layers=1-2,merge=prop",
     "fastervlm+prop": "fastervlm:keep=5,merge=prop", "random+mean": "random:keep=6,merge=mean",
     "visionzip+prop": "visionzip:keep=6,contextual=2,merge=prop",
+    "fastervlm+compact": "fastervlm:keep=5,positions=compact", "pool+compact": "pool:keep=6,positions=compact",
 }
 WORDS = ["user", "assistant", ":", "?", ".", "what", "color", "is", "the", "circle", "square", "red", "blue"]
 WORDS += [f"w{i}" for i in range(VOCAB - 4 - len(WORDS))]
@@ -150,6 +152,8 @@ def test_stats_count_flops_and_equivalent_tokens(model):
     ("dart:keep=4,merge=yes", ["merge must be one of"]),
     ("visionzip:keep=4,merge=none", ["merge must be one of mean, prop"]),
     ("dart:keep=4,pivots=0", ["pivots must be at least 1", "-1"]),
+    ("fastervlm:keep=4,positions=packed", ["positions must be one of original, compact"]),
+    ("fastv:keep=4,positions=compact", ["unknown parameter", "positions"]),
 ])
 def test_bad_specs_are_one_line_user_errors(model, spec, words):
     with pytest.raises(fastllava.UserError) as err:
@@ -217,3 +221,22 @@ def test_dart_half_pivots_equals_explicit(model):
     half = model.logits(ids, pixels, mask, positions, reduce="dart:keep=6,pivots=-1,merge=prop")
     assert torch.equal(half, model.logits(ids, pixels, mask, positions, reduce="dart:keep=6,pivots=3,merge=prop"))
     assert not torch.equal(half, model.logits(ids, pixels, mask, positions, reduce="dart:keep=6,pivots=1,merge=prop"))
+
+
+def test_compact_positions_number_the_shortened_prompt(model):
+    """positions=compact (before the LLM): the kept sequence is numbered 0, 1, ... per row (left
+    padding at 0), and the answer differs from keeping the original positions."""
+    ids, mask, pixels = batch_inputs(P)
+    lm = model.model
+    outs = {}
+    for pos in ("original", "compact"):
+        red = make_reduction(f"fastervlm:keep=5,positions={pos}", model.config)
+        x, positions, valid = lm.prepare(ids, pixels, mask.bool(), positions_from_mask(mask), red)
+        outs[pos] = positions
+        if pos == "compact":
+            assert torch.equal(positions, positions_from_mask(valid.long()))
+    assert int(outs["original"].max()) == int(positions_from_mask(mask).max())  # gaps where tokens went
+    assert int(outs["compact"].max()) == int(valid.sum(1).max()) - 1
+    logits = {p: model.logits(ids, pixels, mask, positions_from_mask(mask), reduce=f"fastervlm:keep=5,positions={p}")
+              for p in ("original", "compact")}
+    assert (logits["original"] - logits["compact"]).abs().max() > 1e-4

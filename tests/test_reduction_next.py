@@ -27,9 +27,10 @@ TILED = ["random", "fastervlm", "visionzip", "hired", "globalcom2", "fastervlm+p
 EXTRA = {"visionzip": ",contextual=3", "pdrop": ",ratio=1", "dart": ",pivots=3", "fastv": ",layer=1",
          "fastervlm+prop": ",merge=prop", "random+mean": ",merge=mean", "dart+prop": ",pivots=3,merge=prop",
          "visionzip+prop": ",contextual=3,merge=prop", "hired+prop": ",merge=prop", "globalcom2+mean": ",merge=mean",
-         "globalcom2+prop": ",merge=prop"}
+         "globalcom2+prop": ",merge=prop", "hired+compact": ",positions=compact"}
 NEXT_METHODS = [n for n, m in METHODS.items() if m.images != "single"] + ["fastervlm+prop", "random+mean", "dart+prop",
-                                                                           "visionzip+prop", "hired+prop", "globalcom2+mean"]
+                                                                           "visionzip+prop", "hired+prop", "globalcom2+mean",
+                                                                           "hired+compact"]
 
 
 def spec(name: str, keep: int) -> str:

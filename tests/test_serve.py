@@ -113,7 +113,7 @@ def test_64_concurrent_requests_equal_one_at_a_time(client, llava, base):
 
 REDUCE_SPECS = [None, "visionzip:keep=8", "fastv:keep=6,layer=1", "pool:keep=4", "pdrop:keep=8", "dart:keep=8,layer=1",
                 "fastervlm:keep=8", "sparsevlm:keep=8,layer=1", "fastv:keep=6,layer=1,merge=prop",
-                "fastervlm:keep=8,merge=prop"]
+                "fastervlm:keep=8,merge=prop", "visionzip:keep=8,positions=compact"]
 
 
 def test_per_request_reduction_batched_equals_generate(client, llava):

@@ -173,6 +173,23 @@ class Method:
         raise NotImplementedError
 
 
+@dataclass
+class VisionMethod(Method):
+    """A method before the language model. `positions=original` (the default) leaves each kept
+    token at its place in the unreduced prompt (RoPE positions with gaps where tokens were
+    dropped); `positions=compact` numbers the shortened prompt 0, 1, 2, ... as the papers' code
+    does, which feeds the language model the shorter sequence as if it were the whole prompt."""
+
+    POSITIONS: ClassVar[tuple[str, ...]] = ("original", "compact")
+
+    positions: str = "original"
+
+    def check(self, tokens: int, num_layers: int, grid: int) -> None:
+        if self.positions not in self.POSITIONS:
+            raise UserError(f"{self.spec()}: positions must be one of {', '.join(self.POSITIONS)}")
+        super().check(tokens, num_layers, grid)
+
+
 def field_default(f):
     """A dataclass field's default value (made by its factory, if it has one)."""
     return f.default_factory() if f.default is MISSING else f.default

@@ -4,14 +4,14 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from .base import Method, Selection, VisionContext
+from .base import Selection, VisionContext, VisionMethod
 from .merging import MERGE_MODES, merge_dropped_vision
 from .registry import register
 
 
 @register
 @dataclass
-class FasterVLM(Method):
+class FasterVLM(VisionMethod):
     """Keep the `keep` patches with the highest [CLS] attention (averaged over heads) in the
     vision tower's selected layer, before the projector; the rest are dropped (`merge=none`) or
     merged into the most similar kept token of their image (`merge=mean|prop`, see

@@ -9,14 +9,14 @@ import torch
 import torch.nn.functional as F
 
 from ..errors import UserError
-from .base import Method, Selection, VisionContext
+from .base import Selection, VisionContext, VisionMethod
 from .merging import MERGE_MODES, merge_dropped_vision
 from .registry import register
 
 
 @register
 @dataclass
-class GlobalCom2(Method):
+class GlobalCom2(VisionMethod):
     """Before the projector, for each LLaVA-NeXT image, with R = keep / (the image's tokens):
 
     1. Thumbnail: the base image keeps R of its tokens, those its [CLS] attends to most (selected

@@ -5,14 +5,14 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from .base import Method, Selection, VisionContext
+from .base import Selection, VisionContext, VisionMethod
 from .merging import MERGE_MODES, merge_dropped_vision
 from .registry import register
 
 
 @register
 @dataclass
-class HiRED(Method):
+class HiRED(VisionMethod):
     """Before the projector, for each LLaVA-NeXT image (a base thumbnail and its tiles, the
     *partitions*):
 

@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 
 from ..errors import UserError
-from .base import Method, Selection, VisionContext
+from .base import Selection, VisionContext, VisionMethod
 from .registry import register
 
 
@@ -20,7 +20,7 @@ def pool_shape(keep: int) -> tuple[int, int]:
 
 @register
 @dataclass
-class Pool(Method):
+class Pool(VisionMethod):
     """Average-pool the patch grid (g x g) to rows x cols = `keep` cells (the most nearly square
     factorisation of keep), on the vision features before the projector; each pooled token takes
     the position of its cell's top-left patch. LLaVA-1.5 only: the tiles of a LLaVA-NeXT image,

@@ -6,14 +6,14 @@ from dataclasses import dataclass
 
 import torch
 
-from .base import Method, Selection, VisionContext
+from .base import Selection, VisionContext, VisionMethod
 from .merging import MERGE_MODES, merge_dropped_vision
 from .registry import register
 
 
 @register
 @dataclass
-class Random(Method):
+class Random(VisionMethod):
     """Keep `keep` visual tokens drawn uniformly at random, before the language model.
 
     The random-selection baseline of Wen et al., "Token Pruning in Multimodal Large Language

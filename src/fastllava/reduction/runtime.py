@@ -84,7 +84,11 @@ class Reduction:
         (x, positions, valid) holding only the kept (or merged) visual tokens."""
         sel = self._choose(ctx)
         cand, cand_valid = candidates(is_image)
-        return self._apply(_to_rows(sel, cand_valid, ctx.valid, self.starts), cand, cand_valid, x, valid, positions)
+        x, positions, valid = self._apply(_to_rows(sel, cand_valid, ctx.valid, self.starts), cand, cand_valid, x,
+                                          valid, positions)
+        if self.method.positions == "compact":  # the shortened prompt numbered 0, 1, 2, ...
+            positions = (valid.long().cumsum(1) - 1).clamp(min=0)
+        return x, positions, valid
 
     def __call__(self, layer: int, x: torch.Tensor, probs: torch.Tensor | None, keys: torch.Tensor,
                  valid: torch.Tensor, positions: torch.Tensor):

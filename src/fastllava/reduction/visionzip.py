@@ -9,13 +9,13 @@ import torch
 import torch.nn.functional as F
 
 from ..errors import UserError
-from .base import Method, Selection, VisionContext, candidates, mean_into, take
+from .base import Selection, VisionContext, VisionMethod, candidates, mean_into, take
 from .registry import register
 
 
 @register
 @dataclass
-class VisionZip(Method):
+class VisionZip(VisionMethod):
     """Before the projector, keep `keep - contextual` *dominant* patches (highest [CLS] attention,
     averaged over heads, in the selected layer); of the other patches, take `contextual` targets
     evenly spaced in order, assign every other remaining patch to the target whose key (that
