@@ -159,12 +159,12 @@ def static_step(model: LlavaModel, cache: StaticKVCache, token: torch.Tensor, po
     lm = model.language_model
     x = lm.embed_tokens(token[:, None])  # [B, 1, D]
     cos, sin = lm.rotary(positions, x.dtype)
+    masks = [cache.valid[first][:, None, None, :] for first in firsts]  # per stage [B, 1, 1, S]
+    if cache.bias is not None:  # merged visual tokens: proportional attention
+        masks = [with_key_bias(mask, cache.bias[first], x.dtype) for mask, first in zip(masks, firsts)]
     for i, layer in enumerate(lm.layers):
         stage = stage_of[i]
-        mask = cache.valid[firsts[stage]][:, None, None, :]  # [B, 1, 1, S]
-        if cache.bias is not None:  # merged visual tokens: proportional attention
-            mask = with_key_bias(mask, cache.bias[firsts[stage]], x.dtype)
-        x = layer(x, cos, sin, mask, cache, i, slot[stage:stage + 1])
+        x = layer(x, cos, sin, masks[stage], cache, i, slot[stage:stage + 1])
     return model.lm_head(lm.norm(x))[:, -1]
 
 

@@ -87,7 +87,9 @@ class Reduction:
         x, positions, valid = self._apply(_to_rows(sel, cand_valid, ctx.valid, self.starts), cand, cand_valid, x,
                                           valid, positions)
         if self.method.positions == "compact":  # the shortened prompt numbered 0, 1, 2, ...
-            positions = (valid.long().cumsum(1) - 1).clamp(min=0)
+            from ..generation import positions_from_mask  # at call time: generation imports this module
+
+            positions = positions_from_mask(valid)
         return x, positions, valid
 
     def __call__(self, layer: int, x: torch.Tensor, probs: torch.Tensor | None, keys: torch.Tensor,
