@@ -1,5 +1,5 @@
-"""The fixed-shape decode step (fastllava.fastpath) gives the eager step's tokens: plain, with
-padding, with reduction inside the language model (several cache stages), compiled."""
+"""The fixed-shape prefill and decode step (fastllava.fastpath) give the eager path's tokens: plain,
+with padding, with reduction inside the language model (several cache stages), compiled."""
 
 import json
 
@@ -11,7 +11,9 @@ from PIL import Image
 import fastllava
 from fastllava.errors import UserError
 from fastllava.evaluation.tokenizer import build_word_tokenizer
-from fastllava.fastpath import CACHE_BUCKET, cache_size
+from fastllava.fastpath import CACHE_BUCKET, PREFILL_BUCKET, cache_size
+from fastllava.generation import prefill
+from fastllava.reduction.runtime import make_reduction
 from hf_reference import IMAGE_TOKEN, VOCAB, save_checkpoint, tiny_llava
 
 WORDS = ["user", "assistant", ":", "?", ".", "what", "color", "is", "the", "circle", "square", "red", "blue"]
@@ -57,6 +59,30 @@ def test_static_decode_logits_match_eager(ckpt):
         out[mode] = model.generate_ids(ids, pixels, mask, max_new_tokens=6, eos_token_id=None,
                                        temperature=1.0, seed=7)  # sampled: any logit error shifts the draws
     assert torch.equal(out["eager"], out["static"])
+
+
+@pytest.mark.parametrize("reduce", ["fastv:keep=5,layer=1", "pdrop:keep=8,layers=1-2", "sparsevlm:keep=6,recycle=2",
+                                    "dart:keep=5,layer=1,pivots=2,merge=prop"])
+def test_fixed_prefill_runs_cuts_inside_the_language_model(ckpt, reduce):
+    """With a reduction inside the language model, the fixed-shape prefill pads every stage to the
+    bucket (it ran, not the eager forward) and gives the eager prefill's logits and selections."""
+    model = fastllava.load(ckpt, device="cpu")
+    ids, mask, pixels = model.encode(_images(), PROMPTS)
+    out = {}
+    for mode in ("eager", "static"):
+        model.model.decode_mode = mode
+        reduction = make_reduction(reduce, model.model.cfg)
+        with torch.inference_mode():
+            logits, _, cache = prefill(model.model, ids, mask, pixels, 4, reduction)
+        out[mode] = logits, cache, reduction
+    (eager, eager_cache, eager_red), (static, static_cache, static_red) = out["eager"], out["static"]
+    assert static_cache.stages == eager_cache.stages and len(static_cache.stages) > 1
+    assert all(static_cache.lengths[f] % PREFILL_BUCKET == 0 for f in static_cache.stages)
+    assert [static_cache.lengths[f] for f in static_cache.stages] != [eager_cache.lengths[f] for f in eager_cache.stages]
+    for a, b in zip(static_red.counts, eager_red.counts, strict=True):
+        assert torch.equal(a, b)
+    assert torch.equal(static_red.owner, eager_red.owner)  # the same tokens kept and merged
+    torch.testing.assert_close(static, eager, atol=1e-4, rtol=1e-4)
 
 
 def test_quantized_cache_decodes_eagerly_in_any_mode(ckpt):

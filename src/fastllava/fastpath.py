@@ -11,11 +11,14 @@ stage layout), and on CUDA `mode="reduce-overhead"` replays it as a CUDA graph.
 In compiled mode the vision tower and projector are compiled too (`compile_encoder`), once per
 number of images (or tiles) in a batch.
 
-The fixed-shape *prefill* left-pads the prompt to a multiple of PREFILL_BUCKET tokens (padding is
-invalid in the cache, so it is never attended to), so that prompts of any length share one
-compiled prefill per bucket instead of recompiling for every visual-token count. It runs where
-the whole prompt goes through every layer: not with a reduction that cuts inside the language
-model (FastV, PyramidDrop, ...), whose prefill stays eager.
+The fixed-shape *prefill* pads the prompt on the right to a multiple of PREFILL_BUCKET tokens
+(padding is invalid in the cache, and under causal attention no real token sees it), so that
+prompts of any length share one compiled prefill per bucket instead of recompiling for every
+visual-token count; without padding inside the batch it keeps plain causal attention (the flash
+kernel). A reduction that cuts inside the language model (FastV, PyramidDrop, DART, ...) splits
+it into stages: the layers between two cuts run compiled on the sequence padded to its bucket,
+each cut layer runs eagerly (it hands the method its attention or keys) and the method's
+compaction, whose output length depends on the data, runs eagerly between them.
 
 Decode modes (`fastllava.load(..., decode=...)`, `--decode`):
   eager     the plain step (default; any cache layout).
@@ -36,6 +39,7 @@ from .errors import UserError
 from .kvcache import StaticKVCache
 from .models.language import attention_mask, with_key_bias
 from .models.llava import LlavaModel
+from .reduction.runtime import Reduction
 
 DECODE_MODES = ("eager", "static", "compiled")
 CACHE_BUCKET = 128  # compiled decoding rounds the cache size up to a multiple of this
@@ -77,52 +81,90 @@ def new_cache(model: LlavaModel, batch: int, needed: int) -> StaticKVCache:
     return cache
 
 
-def fixed_prefill_applies(model: LlavaModel, reduction=None) -> bool:
+def fixed_prefill_applies(model: LlavaModel) -> bool:
     """Whether `prefill` below runs the prompt (not the eager forward): a fixed-shape mode, a
-    full-precision cache, no cut inside the language model and no sliding window."""
-    return (model.decode_mode != "eager" and model.kv_cache is None and model.cfg.text.sliding_window is None
-            and (reduction is None or not reduction.cuts))
+    full-precision cache and no sliding window."""
+    return model.decode_mode != "eager" and model.kv_cache is None and model.cfg.text.sliding_window is None
 
 
-def prompt_slots(model: LlavaModel, tokens: int, reduction=None) -> int:
+def prompt_slots(model: LlavaModel, tokens: int) -> int:
     """Cache slots a prompt of `tokens` tokens fills: rounded up to PREFILL_BUCKET when the
     fixed-shape prefill runs it."""
-    return _round_up(tokens, PREFILL_BUCKET) if fixed_prefill_applies(model, reduction) else tokens
+    return _round_up(tokens, PREFILL_BUCKET) if fixed_prefill_applies(model) else tokens
 
 
 def prefill(model: LlavaModel, cache: StaticKVCache, embeds: torch.Tensor, positions: torch.Tensor,
-            valid: torch.Tensor, key_bias: torch.Tensor | None = None) -> torch.Tensor:
+            valid: torch.Tensor, reduction: Reduction | None = None) -> torch.Tensor:
     """The fixed-shape prefill (where fixed_prefill_applies) of embeds [B, T, D] at positions
-    [B, T] with real tokens valid [B, T] into an empty `cache`, left-padded to prompt_slots
-    -> logits at the last token [B, V]. key_bias [B, T]: the attention bias of tokens merged
-    before the language model (proportional attention), or None."""
-    b, t, d = embeds.shape
-    pad = prompt_slots(model, t) - t
-    if pad:
-        embeds = torch.cat([embeds.new_zeros(b, pad, d), embeds], dim=1)  # [B, T + pad, D]
-        positions = torch.cat([positions.new_zeros(b, pad), positions], dim=1)
-        valid = torch.cat([valid.new_zeros(b, pad), valid], dim=1)
-        key_bias = None if key_bias is None else torch.cat([key_bias.new_zeros(b, pad), key_bias], dim=1)
-    cache.reserve(0, valid)  # marks the real slots valid
-    if key_bias is not None:
-        cache.set_bias(0, 0, key_bias)
-    fn = _compiled(model, static_prefill) if model.decode_mode == "compiled" else static_prefill
+    [B, T] with real tokens valid [B, T] (left-padded) into an empty `cache` -> logits at the last
+    token [B, V].
+
+    Each stage (the layers between two cuts of a reduction inside the language model; all of
+    them without one) runs through `static_layers` on its sequence padded on the right to a
+    multiple of PREFILL_BUCKET (the padding is invalid in the cache, and under causal attention no
+    real token sees it). A cut layer runs eagerly on the unpadded sequence, as it hands the method
+    its attention or keys, and so does the method's compaction, whose output length depends on
+    the data. A reduction before the language model may bring its merged tokens' attention bias
+    (`reduction.key_bias`, proportional attention)."""
+    pruner = reduction if reduction is not None and reduction.cuts else None
+    bias = None if reduction is None else reduction.key_bias  # [B, T]
+    firsts = [0] + ([c + 1 for c in pruner.cuts] if pruner is not None else [])  # each stage's first layer
+    for first in firsts:
+        cache.split(first)
+    fn = _compiled(model, static_layers) if model.decode_mode == "compiled" else static_layers
+    lm, x = model.language_model, embeds
     _new_graph_step(model)
-    return fn(model, cache, embeds, positions)
+    for first, nxt in zip(firsts, firsts[1:] + [None]):
+        t = x.shape[1]
+        pad = _round_up(t, PREFILL_BUCKET) - t
+        causal = bias is None and bool(valid.all())  # no padding, no bias: plain causal attention (flash)
+        cache.reserve(first, _pad_right(valid, pad))  # marks the real slots valid
+        if bias is not None:
+            cache.set_bias(first, 0, bias)
+        if nxt is None:
+            return fn(model, cache, _pad_right(x, pad), _pad_right(positions, pad), first, len(lm.layers), causal, True)
+        cut = nxt - 1
+        if cut > first:
+            x = _graph_output(model, fn(model, cache, _pad_right(x, pad), _pad_right(positions, pad), first, cut,
+                                        causal, False)[:, :t])
+        cos, sin = lm.rotary(positions, x.dtype)
+        mask = None if causal else _prefill_mask(cache, first, t, x.dtype)
+        x, probs, keys = lm.layers[cut].forward_with_attention(x, cos, sin, mask, cache, cut, 0, pruner.needs_attention)
+        x, positions, valid = pruner(cut, x, probs, keys, valid, positions)  # [B, T', D], [B, T'], [B, T']
+        bias = pruner.key_bias
 
 
-def static_prefill(model: LlavaModel, cache: StaticKVCache, x: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
-    """x [B, T, D] at positions [B, T] into slots 0..T of `cache` (already reserved; padding
-    invalid) through every layer -> logits at the last token [B, V]."""
+def static_layers(model: LlavaModel, cache: StaticKVCache, x: torch.Tensor, positions: torch.Tensor, first: int,
+                  stop: int, causal: bool, head: bool) -> torch.Tensor:
+    """x [B, T, D] at positions [B, T] through layers first..stop-1 (of the cache stage starting
+    at `first`), into its slots 0..T (already reserved; invalid ones masked, or none when `causal`)
+    -> hidden states [B, T, D], or with `head` the logits at each row's last valid slot [B, V]."""
     lm = model.language_model
     t = x.shape[1]
     cos, sin = lm.rotary(positions, x.dtype)
-    mask = attention_mask(cache.valid[0][:, :t], 0, t, t, None, x.device)  # [B, 1, T, T]
-    if cache.bias is not None:  # tokens merged before the language model: proportional attention
-        mask = with_key_bias(mask, cache.bias[0][:, :t], x.dtype)
-    for i, layer in enumerate(lm.layers):
-        x = layer(x, cos, sin, mask, cache, i, 0)
-    return model.lm_head(lm.norm(x[:, -1:]))[:, -1]
+    mask = None if causal else _prefill_mask(cache, first, t, x.dtype)
+    for i in range(first, stop):
+        x = lm.layers[i](x, cos, sin, mask, cache, i, 0)
+    if not head:
+        return x
+    slots = torch.arange(t, device=x.device)
+    last = torch.where(cache.valid[first][:, :t], slots, -1).amax(1)  # [B] (found on the device: no host wait)
+    x = x.gather(1, last[:, None, None].expand(-1, 1, x.shape[2]))  # [B, 1, D]
+    return model.lm_head(lm.norm(x))[:, -1]
+
+
+def _prefill_mask(cache: StaticKVCache, first: int, t: int, dtype: torch.dtype) -> torch.Tensor:
+    """The prefill's attention mask [B, 1, T, T] over slots 0..T of the stage starting at `first`:
+    causal over its valid slots, additive with the keys' bias where tokens were merged."""
+    mask = attention_mask(cache.valid[first][:, :t], 0, t, t, None, cache.valid.device)  # [B, 1, T, T]
+    if cache.bias is not None:  # merged tokens: proportional attention
+        mask = with_key_bias(mask, cache.bias[first][:, :t], dtype)
+    return mask
+
+
+def _pad_right(x: torch.Tensor, n: int) -> torch.Tensor:
+    """x [B, T, ...] with n zeros (False) after each row -> [B, T + n, ...]."""
+    return torch.cat([x, x.new_zeros(x.shape[0], n, *x.shape[2:])], dim=1) if n else x
 
 
 def decode_step(model: LlavaModel, cache: StaticKVCache) -> Step:
@@ -169,7 +211,7 @@ def static_step(model: LlavaModel, cache: StaticKVCache, token: torch.Tensor, po
 
 
 def _compiled(model: LlavaModel, fn):
-    """`fn` (static_prefill or static_step) through torch.compile, made once per model; each
+    """`fn` (static_layers or static_step) through torch.compile, made once per model; each
     shape it meets is compiled once (up to RECOMPILE_LIMIT shapes)."""
     compiled = model._compiled.get(fn.__name__)
     if compiled is None:
@@ -192,9 +234,15 @@ def compile_encoder(model: LlavaModel) -> None:
     def encode(pixel_values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         _new_graph_step(model)
         vision, features = compiled(pixel_values)
-        return (vision.clone(), features.clone()) if graphs else (vision, features)
+        return _graph_output(model, vision), _graph_output(model, features)
 
     model._compiled["encode_pixels"] = encode
+
+
+def _graph_output(model: LlavaModel, x: torch.Tensor) -> torch.Tensor:
+    """A compiled call's output, copied out of the CUDA graph's memory (which its next replay reuses)
+    when CUDA graphs run; as is otherwise."""
+    return x.clone() if model.decode_mode == "compiled" and model.device.type == "cuda" else x
 
 
 def _round_up(n: int, multiple: int) -> int:

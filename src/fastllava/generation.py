@@ -136,15 +136,14 @@ def prefill(model: LlavaModel, input_ids: torch.Tensor, attention_mask: torch.Te
     if times is not None:
         sync(device)
         times.vision_s = time.perf_counter() - times.start
-    slots = fastpath.prompt_slots(model, embeds.shape[1], reduction)  # a reduction before the LLM shortens it
+    slots = fastpath.prompt_slots(model, embeds.shape[1])  # a reduction before the LLM shortens it
     cache = fastpath.new_cache(model, b, slots + new_tokens)
     visual = reduction.visual if reduction is not None else (input_ids == model.cfg.image_token_index) & mask
     cache.prompt(embeds, visual, mask)
     if times is not None:
         times.kv_cache_bytes = cache.nbytes
-    if fastpath.fixed_prefill_applies(model, reduction):
-        logits = fastpath.prefill(model, cache, embeds, positions, mask,
-                                  None if reduction is None else reduction.key_bias)
+    if fastpath.fixed_prefill_applies(model):
+        logits = fastpath.prefill(model, cache, embeds, positions, mask, reduction)
     else:
         logits = model(embeds, positions, None if bool(mask.all()) else mask, cache, True, reduction)[:, -1]
     return logits, positions, cache
