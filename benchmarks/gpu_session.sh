@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # One GPU session's work, sized for ~9 minutes on one H100 (see README, "Benchmarks"):
-#   1. fastllava bench at LLaVA-1.5-7B shapes (eager with --compare hf, then compiled decode) and
-#      at LLaVA-NeXT-7B shapes, bf16, random weights;
+#   1. fastllava bench at LLaVA-1.5-7B shapes (eager with --compare hf, then compiled decode, with a
+#      merge before the LLM and with DART's cut inside it) and at LLaVA-NeXT-7B shapes, bf16, random weights;
 #   2. training of the embedded model continued on the GPU (two learning rates side by side, batch
 #      generation in worker processes), while the compiled decode of the embedded model is checked
 #      against the eager one on CUDA.
@@ -30,6 +30,9 @@ tar -C "$W" -cf "$OUT/bench.tar" .
 timeout 90 python3 -m fastllava.cli bench $B --keep 576,64 --batch-size 1 --decode compiled --reduce fastervlm:merge=prop \
   --out "$W/bench-compiled-merge" 2>&1 | tee -a "$W/bench.log"  # the cost of proportional attention's float mask
 tar -C "$W" -cf "$OUT/bench.tar" .
+timeout 100 python3 -m fastllava.cli bench $B --keep 64 --batch-size 1 --decode compiled --reduce dart:pivots=-1,merge=prop \
+  --out "$W/bench-compiled-dart" 2>&1 | tee -a "$W/bench.log"  # a cut inside the LLM: the staged compiled prefill
+tar -C "$W" -cf "$OUT/bench.tar" .
 timeout 60 python3 -m fastllava.cli bench --preset $NEXT_PRESET --device $DEVICE --dtype $DTYPE --new-tokens 32 --repeats 3 \
   --warmup 1 --keep $NEXT_KEEP --batch-size 1 --out "$W/bench-next" 2>&1 | tee -a "$W/bench.log"
 tar -C "$W" -cf "$OUT/bench.tar" .
@@ -50,7 +53,7 @@ prompts = ["What color is the circle? Answer with one word.", "How many objects 
            "Is there a red square? Answer with one word.", "Say hello."]
 m = fastllava.load(device=os.environ["DEVICE"], dtype="float32")
 ids, mask, pixels = m.encode(images, prompts)  # a left-padded batch, one row without image
-for reduce in (None, "dart:keep=64,pivots=32,merge=prop", "fastervlm:keep=64,merge=prop"):
+for reduce in (None, "dart:keep=64,pivots=32,merge=prop", "fastv:keep=64", "fastervlm:keep=64,merge=prop"):
     tokens = {}
     for mode in ("eager", "compiled", "compiled", "static"):  # the second compiled run reuses the cache and graph
         m.model.decode_mode = mode

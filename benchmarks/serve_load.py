@@ -40,12 +40,15 @@ def main(argv=None) -> int:
     p.add_argument("--model", help="for the started server (default: the embedded model)")
     p.add_argument("--device", help="for the started server")
     p.add_argument("--max-batch-size", type=int, default=8, help="for the started server")
+    p.add_argument("--decode", help="for the started server: eager (default), static or compiled")
     p.add_argument("--clients", type=int, default=8, help="concurrent clients")
     p.add_argument("--requests", type=int, default=64, help="requests in all")
     p.add_argument("--max-tokens", type=int, default=32)
     p.add_argument("--temperature", type=float, default=0.0)
     p.add_argument("--ignore-eos", action="store_true", help="every answer runs to --max-tokens (decode-heavy load)")
     p.add_argument("--images", default=str(ROOT / "examples"), help="folder of .png/.jpg images to cycle through")
+    p.add_argument("--warmup", type=int, default=0, help="untimed requests sent the same way first (compiled "
+                   "decoding compiles a step per batch layout and span on first use)")
     p.add_argument("--json", action="store_true", help="print one JSON object")
     args = p.parse_args(argv)
     images = sorted(f for f in Path(args.images).iterdir() if f.suffix.lower() in (".png", ".jpg", ".jpeg"))
@@ -57,13 +60,16 @@ def main(argv=None) -> int:
     if url is None:
         server, url = start_server(args)
     try:
-        report = run_load(url, args, urls)
+        if args.warmup:
+            run_load(url, args, urls, args.warmup)
+        report = run_load(url, args, urls, args.requests)
     finally:
         if server is not None:
             server.terminate()
             server.wait(30)
     report.update(clients=args.clients, requests=args.requests, max_tokens=args.max_tokens, ignore_eos=args.ignore_eos,
-                  max_batch_size=None if args.url else args.max_batch_size)
+                  max_batch_size=None if args.url else args.max_batch_size,
+                  decode=None if args.url else args.decode or "eager", warmup=args.warmup)
     print(json.dumps(report) if args.json else "\n".join(f"{k:>22}: {v}" for k, v in report.items()))
     return 0 if report["errors"] == {} else 1
 
@@ -76,6 +82,7 @@ def start_server(args) -> tuple[subprocess.Popen, str]:
            str(args.max_batch_size), "--max-queue", str(max(args.clients, 1))]
     cmd += ["--model", args.model] if args.model else []
     cmd += ["--device", args.device] if args.device else []
+    cmd += ["--decode", args.decode] if args.decode else []
     cmd += ["--api-key", args.api_key] if args.api_key else []
     server = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=os.environ.copy())
     url = f"http://127.0.0.1:{port}"
@@ -110,7 +117,7 @@ def request(url: str, method: str, path: str, body: dict | None, key: str | None
         conn.close()
 
 
-def run_load(url: str, args, image_urls: list[str]) -> dict:
+def run_load(url: str, args, image_urls: list[str], requests: int) -> dict:
     lock = threading.Lock()
     next_index = [0]
     latencies, ttfts, tokens, errors = [], [], [], {}
@@ -150,7 +157,7 @@ def run_load(url: str, args, image_urls: list[str]) -> dict:
             with lock:
                 i = next_index[0]
                 next_index[0] += 1
-            if i >= args.requests:
+            if i >= requests:
                 return
             one(i)
 

@@ -148,6 +148,30 @@ def test_a_full_cache_drains_and_answers_stay_equal(llava):
     assert health["cache_restarts"] > 1 and health["finished"] == 24
 
 
+@pytest.mark.parametrize("mode", ["static", "compiled"])
+def test_fixed_shape_decode_serves_the_eager_answers(llava, mode):
+    """With --decode static or compiled the server decodes through the fixed-shape step, over the
+    first 128 or 256 slots as the cache fills, and answers as eager model.generate: rows of
+    different lengths and reductions (before and inside the LLM, merged) come and go."""
+    fixed = fastllava.load(llava.path, device="cpu", decode=mode)
+    specs = REDUCE_SPECS if mode == "static" else [None, "fastv:keep=6,layer=1", "fastervlm:keep=8,merge=prop"]
+    jobs = [(600 + i, PROMPTS[i % 4], specs[i % len(specs)], 4 + (i * 11) % 60) for i in range(2 * len(specs))]
+    refs = [llava.generate(images=[random_image(s)], prompts=[p], max_new_tokens=n, reduce=spec)[0]
+            for s, p, spec, n in jobs]
+
+    def ask(job):
+        seed, prompt, spec, n = job
+        return _ask(c, seed, prompt, max_tokens=n, temperature=0, extra_body={"reduce": spec} if spec else None)
+
+    with running_server(fixed, Settings(model_id="tiny", max_batch_size=4, max_len=256)) as base:
+        c = OpenAI(base_url=base + "/v1", api_key="unused", max_retries=0)
+        with ThreadPoolExecutor(len(jobs)) as pool:
+            results = list(pool.map(ask, jobs))
+    for (_, _, spec, _), ref, r in zip(jobs, refs, results):
+        assert (r.choices[0].message.content, r.choices[0].finish_reason) == (ref.text, ref.finish_reason), spec
+    assert mode == "static" or "static_step" in fixed.model._compiled
+
+
 def test_lone_requests_with_a_kivi_cache_equal_generate(tmp_path):
     """One request at a time (its row inserted at slot 0, KIVI groups aligned, so re-encoding is
     exact) answers as model.generate with the same quantized cache, past the residual window."""

@@ -46,7 +46,7 @@ CACHE_BUCKET = 128  # compiled decoding rounds the cache size up to a multiple o
 PREFILL_BUCKET = 64  # the fixed-shape prefill pads prompts to a multiple of this
 RECOMPILE_LIMIT = 64  # shapes torch.compile may specialise each function for (its default: 8)
 
-Step = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]  # (token [B], positions [B, 1]) -> logits [B, V]
+Step = Callable[..., torch.Tensor]  # (token [B], positions [B, 1], key_valid [B, 1] or None) -> logits [B, V]
 
 
 def check_decode_mode(mode: str | None) -> str:
@@ -64,21 +64,39 @@ def cache_size(model: LlavaModel, needed: int) -> int:
 def new_cache(model: LlavaModel, batch: int, needed: int) -> StaticKVCache:
     """A cache of `batch` rows with room for `needed` slots (see cache_size).
 
-    Compiled decoding reuses one full-precision cache per (batch, size): its buffers keep their
-    addresses from one generation to the next, so that the CUDA graph recorded for that shape
-    replays on them instead of being recorded again (or skipped, as graphs are for inputs that
-    the step mutates unless their addresses are static). One generation at a time per model."""
+    Compiled decoding reuses one full-precision cache per (batch, size) (see lasting_cache), so
+    that the CUDA graph recorded for that shape replays on the same buffers from one generation
+    to the next. One generation at a time per model."""
     size = cache_size(model, needed)
     if model.decode_mode != "compiled" or model.kv_cache is not None:
         return model.new_cache(batch, size)
     cache = model._compiled_caches.get((batch, size))
     if cache is None:
-        cache = model.new_cache(batch, size)
-        for buffer in (*cache.k, *cache.v, cache.valid):
-            torch._dynamo.mark_static_address(buffer)
-        model._compiled_caches[(batch, size)] = cache
+        cache = model._compiled_caches[(batch, size)] = lasting_cache(model, batch, size)
     cache.clear()
     return cache
+
+
+def lasting_cache(model: LlavaModel, batch: int, size: int) -> StaticKVCache:
+    """A cache of `batch` rows and `size` slots to be used for many steps (or generations): in
+    compiled mode its buffers are marked as keeping their addresses, so that CUDA graphs replay
+    on them instead of being recorded again (or skipped, as graphs are for inputs that the step
+    mutates unless their addresses are static)."""
+    cache = model.new_cache(batch, size)
+    if model.decode_mode == "compiled" and type(cache) is StaticKVCache:
+        for buffer in (*cache.k, *cache.v, cache.valid):
+            torch._dynamo.mark_static_address(buffer)
+    return cache
+
+
+def step_span(needed: int, size: int) -> int:
+    """The cache slots a fixed-shape step attends to when `needed` of the `size` slots may hold
+    keys: CACHE_BUCKET times a power of two, at most `size` (a few compiled shapes for a cache
+    that is filled step by step, as the server's is)."""
+    span = CACHE_BUCKET
+    while span < needed:
+        span *= 2
+    return min(span, size)
 
 
 def fixed_prefill_applies(model: LlavaModel) -> bool:
@@ -167,43 +185,49 @@ def _pad_right(x: torch.Tensor, n: int) -> torch.Tensor:
     return torch.cat([x, x.new_zeros(x.shape[0], n, *x.shape[2:])], dim=1) if n else x
 
 
-def decode_step(model: LlavaModel, cache: StaticKVCache) -> Step:
-    """The function that runs one decode step of `model` into `cache` (after its prefill)."""
+def decode_step(model: LlavaModel, cache: StaticKVCache, span: int | None = None) -> Step:
+    """The function that runs one decode step of `model` into `cache` (after its prefill). The
+    fixed-shape step attends to the first `span` slots (default: all); the slots a step writes
+    must lie within them. The function takes an optional key_valid [B, 1]: False for rows whose
+    token is a placeholder (the server's free rows), so that their slot is never attended to."""
     mode = model.decode_mode
     if mode == "eager" or type(cache) is not StaticKVCache or model.cfg.text.sliding_window is not None:
-        return lambda token, positions: model(model.language_model.embed_tokens(token[:, None]), positions,
-                                              None, cache)[:, -1]
+        return lambda token, positions, key_valid=None: model(model.language_model.embed_tokens(token[:, None]),
+                                                              positions, key_valid, cache)[:, -1]
     fn = _compiled(model, static_step) if mode == "compiled" else static_step
     firsts = tuple(cache.stages)
     stage_of = tuple(sum(f <= i for f in firsts) - 1 for i in range(len(cache.lengths)))  # layer -> stage
+    span = cache.max_len if span is None else span
     ones = torch.ones(cache.valid.shape[1], 1, dtype=torch.bool, device=cache.valid.device)  # [B, 1]
     slot, expected = None, None  # the slots on the device [stages]; what they hold next step
 
-    def step(token: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+    def step(token: torch.Tensor, positions: torch.Tensor, key_valid: torch.Tensor | None = None) -> torch.Tensor:
         nonlocal slot, expected
-        slots = [cache.reserve(first, ones)[0] for first in firsts]  # marks the new slot valid
+        slots = [cache.reserve(first, ones if key_valid is None else key_valid)[0] for first in firsts]
+        if max(slots) >= span:
+            raise RuntimeError(f"decode step writes slot {max(slots)} beyond the {span} slots it attends to")
         if slots == expected:
             slot.add_(1)  # on the device: no host-to-device copy, which would wait for the queue
         else:
             slot = torch.tensor(slots, dtype=torch.long, device=token.device)
         expected = [s + 1 for s in slots]
         _new_graph_step(model)
-        return fn(model, cache, token, positions, slot, firsts, stage_of)
+        return fn(model, cache, token, positions, slot, firsts, stage_of, span)
 
     return step
 
 
 def static_step(model: LlavaModel, cache: StaticKVCache, token: torch.Tensor, positions: torch.Tensor,
-                slot: torch.Tensor, firsts: tuple[int, ...], stage_of: tuple[int, ...]) -> torch.Tensor:
+                slot: torch.Tensor, firsts: tuple[int, ...], stage_of: tuple[int, ...], span: int) -> torch.Tensor:
     """token [B], positions [B, 1], slot [stages] (the slot each stage writes, already reserved),
     firsts: each stage's first layer, stage_of: each layer's stage -> logits [B, V]. Attends over
-    all cache slots; `cache.valid` masks the unwritten ones."""
+    the first `span` cache slots; `cache.valid` masks the unwritten ones."""
     lm = model.language_model
     x = lm.embed_tokens(token[:, None])  # [B, 1, D]
     cos, sin = lm.rotary(positions, x.dtype)
-    masks = [cache.valid[first][:, None, None, :] for first in firsts]  # per stage [B, 1, 1, S]
+    masks = [cache.valid[first][:, None, None, :span] for first in firsts]  # per stage [B, 1, 1, span]
     if cache.bias is not None:  # merged visual tokens: proportional attention
-        masks = [with_key_bias(mask, cache.bias[first], x.dtype) for mask, first in zip(masks, firsts)]
+        masks = [with_key_bias(mask, cache.bias[first][:, :span], x.dtype) for mask, first in zip(masks, firsts)]
     for i, layer in enumerate(lm.layers):
         stage = stage_of[i]
         x = layer(x, cos, sin, masks[stage], cache, i, slot[stage:stage + 1])

@@ -74,7 +74,8 @@ class Attention(nn.Module):
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, mask: torch.Tensor | None,
                 cache: StaticKVCache | None, layer: int, start: int, weights: bool = False, queries=None):
-        """x [B, T, D] -> (out [B, T, D], probs [B, H, T, S] or None, keys [B, Hkv, S, Dh]).
+        """x [B, T, D] -> (out [B, T, D], probs [B, H, T, S] or None, keys [B, Hkv, S, Dh]). A mask
+        [B, 1, T, S] narrower than the cache's keys attends to its first S slots.
         `weights` computes the attention probabilities explicitly (for a reduction hook at this
         layer); otherwise attention goes through SDPA and probs is None. `queries` (rows [N],
         positions [N]; needs `mask`) gives probs [N, H, S] of those queries only, beside SDPA."""
@@ -85,6 +86,8 @@ class Attention(nn.Module):
         v = v.view(b, t, self.kv_heads, self.head_dim).transpose(1, 2)
         if cache is not None:
             k, v = cache.write(layer, start, k, v)  # [B, Hkv, S, Dh]
+            if mask is not None and mask.shape[-1] < k.shape[2]:  # a fixed-shape step over the first slots only
+                k, v = k[:, :, :mask.shape[-1]], v[:, :, :mask.shape[-1]]
         probs = None
         if weights:
             probs = _attention_probs(q, k, mask)  # [B, H, T, S]

@@ -3,7 +3,8 @@
 Requests admitted together are prefilled as one left-padded batch (as `Llava.generate` does
 it) and their cache rows are copied into free rows of the shared cache, right-aligned at the
 shared length (see `StaticKVCache.insert_row`). Each decode step then runs every active row together, each at its
-own position; a row that finishes (EOS, stop string, max_tokens, client gone) frees its slot
+own position, through the model's decode mode (`fastpath.decode_step`: in the static and compiled
+modes a fixed-shape step over the first slots in use); a row that finishes (EOS, stop string, max_tokens, client gone) frees its slot
 for the next waiting request. A request is admitted only while every active row still has room
 to finish; otherwise it waits until rows drain (the cache starts again at slot 0 when empty).
 All model work happens on one thread; results go back through each job's `emit` callback.
@@ -20,6 +21,7 @@ from typing import Callable
 
 import torch
 
+from .. import fastpath
 from ..engine import Llava
 from ..errors import UserError
 from ..generation import SamplingParams, new_generator, prefill, sample
@@ -100,7 +102,8 @@ class _Row:
 class Scheduler:
     def __init__(self, llava: Llava, max_batch_size: int, max_queue: int, max_len: int):
         self.llava, self.model = llava, llava.model
-        self.cache = self.model.new_cache(max_batch_size, max_len)
+        self.cache = fastpath.lasting_cache(self.model, max_batch_size, max_len)
+        self._decoder, self._decoder_key = None, None  # the decode step, and the cache layout it was made for
         self.rows: list[_Row | None] = [None] * max_batch_size
         self.waiting: deque[Job] = deque()
         self.max_queue = max_queue
@@ -190,7 +193,7 @@ class Scheduler:
     def _fits(self, jobs: list[Job]) -> bool:
         """Whether, with these prompts inserted now, every row still has the slots to finish."""
         active = self._active()
-        end = max([self.cache.length if active else 0] + [len(j.ids) for j in jobs])
+        end = max([self.cache.length if active else 0] + [fastpath.prompt_slots(self.model, len(j.ids)) for j in jobs])
         need = [r.job.params.max_new_tokens - r.count for r in active] + [j.params.max_new_tokens - 1 for j in jobs]
         return end + max(need) <= self.cache.max_len
 
@@ -234,12 +237,22 @@ class Scheduler:
         key_valid = torch.zeros(b, 1, dtype=torch.bool)
         for r in active:
             tokens[r.index, 0], pos[r.index, 0], key_valid[r.index, 0] = r.last, r.pos + 1, True
-        x = self.model.language_model.embed_tokens(tokens.to(device))  # [B, 1, D]
-        logits = self.model(x, pos.to(device), key_valid.to(device), self.cache)[:, -1]  # [B, V]
+        logits = self._decode_step()(tokens[:, 0].to(device), pos.to(device), key_valid.to(device))  # [B, V]
         for r, tok in zip(active, self._sample(logits, active)):
             r.pos += 1
             if r.push(tok):
                 self._finish(r)
+
+    def _decode_step(self) -> fastpath.Step:
+        """The model's decode step (fastpath.decode_step: eager, or fixed-shape in the static and
+        compiled modes) for the cache's current stage layout, attending to the first slots that may
+        hold keys (a power-of-two bucket, so that a compiled step has a few shapes); made anew
+        when these change."""
+        span = fastpath.step_span(self.cache.length + 1, self.cache.max_len)
+        key = (tuple(self.cache.stages), span)
+        if key != self._decoder_key:
+            self._decoder, self._decoder_key = fastpath.decode_step(self.model, self.cache, span), key
+        return self._decoder
 
     def _sample(self, logits: torch.Tensor, rows: list[_Row]) -> list[int]:
         """Each row's next token from its own logits row [1, V]: greedy rows in one argmax,
