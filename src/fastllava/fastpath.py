@@ -9,7 +9,8 @@ Every step then has the same shapes: `torch.compile` traces it once per (batch, 
 stage layout), and on CUDA `mode="reduce-overhead"` replays it as a CUDA graph.
 
 In compiled mode the vision tower and projector are compiled too (`compile_encoder`), once per
-number of images (or tiles) in a batch.
+number of images (or tiles) in a batch, with and without the class-token attention that some
+methods before the LLM read.
 
 The fixed-shape *prefill* pads the prompt on the right to a multiple of PREFILL_BUCKET tokens
 (padding is invalid in the cache, and under causal attention no real token sees it), so that
@@ -247,20 +248,22 @@ def _compiled(model: LlavaModel, fn):
 
 
 def compile_encoder(model: LlavaModel) -> None:
-    """In compiled mode, give the model a compiled `encode_pixels` (vision tower + projector),
-    which its encode_images then uses; made once per model. With CUDA graphs its outputs are
+    """In compiled mode, give the model compiled `encode_pixels` (vision tower + projector) and
+    `encode_with_cls` (the same, plus the class token's attention and keys in some vision blocks,
+    for methods before the LLM that read them), which its encode_images then uses; made once per
+    model, compiled once per number of images (or tiles). With CUDA graphs their outputs are
     copied out, as the graph's own buffers are reused by the next replay."""
     if model.decode_mode != "compiled" or "encode_pixels" in model._compiled:
         return
-    graphs = model.device.type == "cuda"
-    compiled = torch.compile(model.encode_pixels, dynamic=False, mode="reduce-overhead" if graphs else None)
+    mode = "reduce-overhead" if model.device.type == "cuda" else None
+    for fn in (model.encode_pixels, model.encode_with_cls):
+        compiled = torch.compile(fn, dynamic=False, mode=mode)
 
-    def encode(pixel_values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        _new_graph_step(model)
-        vision, features = compiled(pixel_values)
-        return _graph_output(model, vision), _graph_output(model, features)
+        def encode(*args, compiled=compiled) -> tuple[torch.Tensor, ...]:
+            _new_graph_step(model)
+            return tuple(_graph_output(model, t) for t in compiled(*args))
 
-    model._compiled["encode_pixels"] = encode
+        model._compiled[fn.__name__] = encode
 
 
 def _graph_output(model: LlavaModel, x: torch.Tensor) -> torch.Tensor:

@@ -69,6 +69,14 @@ class LlavaModel(nn.Module):
         vision = self.vision_features(pixel_values)
         return vision, self.multi_modal_projector(vision)
 
+    def encode_with_cls(self, pixel_values: torch.Tensor,
+                        blocks: tuple[int, ...]) -> tuple[torch.Tensor, ...]:
+        """pixel_values [N, C, H, W] -> (vision features [N, P, Dv], projected features [N, P, D],
+        then the class-token attention [N, P] and keys [N, P, Dv] of each vision block in `blocks`):
+        a flat tuple of tensors, as fastpath's compiled encoder returns it."""
+        vision, infos = self.vision_features(pixel_values, blocks)
+        return (vision, self.multi_modal_projector(vision), *[t for info in infos for t in (info.attention, info.keys)])
+
     def encode_images(self, pixel_values: torch.Tensor, image_sizes: torch.Tensor | None = None,
                       method: Method | None = None, early_block: int | None = None) -> dict:
         """pixel_values [N, C, H, W] -> VisionContext's fields about the images: `vision` [N, P, Dv]
@@ -81,10 +89,10 @@ class LlavaModel(nn.Module):
         blocks = ()
         if needs_cls or early_block is not None:
             blocks = (self.feature_block,) + ((early_block,) if early_block is not None else ())
-        if blocks:
-            vision, infos = self.vision_features(pixel_values, blocks)
-            features = self.multi_modal_projector(vision)
-        else:  # fastpath's compiled encoder where the model's mode compiles
+        if blocks:  # fastpath's compiled encoders where the model's mode compiles
+            vision, features, *flat = self._compiled.get("encode_with_cls", self.encode_with_cls)(pixel_values, blocks)
+            infos = [ClsInfo(attention, keys) for attention, keys in zip(flat[0::2], flat[1::2])]
+        else:
             vision, features = self._compiled.get("encode_pixels", self.encode_pixels)(pixel_values)
             infos = []
         sel, early = (infos + [None, None])[:2]
