@@ -82,6 +82,24 @@ def test_batch_equals_each_image_alone(model, name):
         assert got.token_ids == alone.token_ids, name
 
 
+@pytest.mark.parametrize("name", [None, "fastv", "dart+prop", "fastervlm+prop", "hired"])
+def test_fixed_shape_prefill_and_step_give_the_eager_tokens(model, name):
+    """The static decode mode (bucket-padded prefill, staged at cuts inside the LLM; fixed-shape
+    step) on a batch of tiled images of different token counts answers as eager decoding."""
+    images = [_photo(h, w, 30 + i) for i, (h, w) in enumerate(SIZES)]
+    reduce = None if name is None else spec(name, 20)
+    out = {}
+    try:
+        for mode in ("eager", "static"):
+            model.model.decode_mode = mode
+            out[mode] = [r.token_ids for r in model.generate(images=images, prompts=PROMPTS, max_new_tokens=8,
+                                                             reduce=reduce)]
+    finally:
+        model.model.decode_mode = "eager"
+    assert len(set(map(tuple, out["eager"]))) > 1
+    assert out["static"] == out["eager"]
+
+
 def _parts(model, image) -> tuple[torch.Tensor, object]:
     """Partition of each visual token of one image ([F]: 0 base, 1.. tiles, -1 newline) and its inputs."""
     inputs = model.inputs([image], ["what is it ?"])
