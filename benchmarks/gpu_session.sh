@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # One GPU session's work, sized for ~9 minutes on one H100 (see README, "Benchmarks"):
 #   1. fastllava bench at LLaVA-1.5-7B shapes (eager with --compare hf, then compiled decode, with a
-#      merge before the LLM and with DART's cut inside it) and at LLaVA-NeXT-7B shapes, bf16, random weights;
+#      merge before the LLM, with DART's cut inside it, with int8 weights) and at LLaVA-NeXT-7B
+#      shapes, bf16, random weights;
 #   2. training of the embedded model continued on the GPU (two learning rates side by side, batch
 #      generation in worker processes), while the compiled decode of the embedded model is checked
 #      against the eager one on CUDA.
@@ -35,6 +36,9 @@ timeout 100 python3 -m fastllava.cli bench $B --keep 64 --batch-size 1 --decode 
 tar -C "$W" -cf "$OUT/bench.tar" .
 timeout 60 python3 -m fastllava.cli bench --preset $NEXT_PRESET --device $DEVICE --dtype $DTYPE --new-tokens 32 --repeats 3 \
   --warmup 1 --keep $NEXT_KEEP --batch-size 1 --out "$W/bench-next" 2>&1 | tee -a "$W/bench.log"
+tar -C "$W" -cf "$OUT/bench.tar" .
+timeout 100 python3 -m fastllava.cli bench $B --keep 576 --batch-size 1 --decode compiled --weights int8 \
+  --out "$W/bench-compiled-int8" 2>&1 | tee -a "$W/bench.log"  # weight-only int8: half the bytes per decode step
 tar -C "$W" -cf "$OUT/bench.tar" .
 fi
 

@@ -3,8 +3,10 @@ groups of input channels (asymmetric min-max), as in gpt-fast and GPTQ-style che
 
 `quantize_weights(model, spec)` replaces the model's nn.Linear layers by QuantLinear modules that
 hold packed integers plus scales and compute in the activations' dtype. On the CPU, int8 uses
-PyTorch's fused `_weight_int8pack_mm`; elsewhere, and for int4, the weight is dequantized for
-each call (memory shrinks; speed is that of a dequantize plus a dense matmul).
+PyTorch's fused `_weight_int8pack_mm`; elsewhere int8 multiplies by the integer weights cast to
+the activations' dtype and scales each output channel afterwards (the form gpt-fast hands to
+torch.compile), and int4 is dequantized for each call (memory shrinks; speed is that of a
+dequantize plus a dense matmul).
 """
 
 from __future__ import annotations
@@ -103,6 +105,8 @@ class QuantLinear(nn.Module):
             y = torch._weight_int8pack_mm(flat, self.qweight, self.scale)
         elif self.bits == 4 and fused and self.cpu_kernel:
             y = self._int4_cpu(flat.to(self.scale_zero.dtype)).to(x.dtype)
+        elif self.bits == 8:  # integer weights in the activations' dtype, then each output's scale: no
+            y = F.linear(flat, self.qweight.to(x.dtype)) * self.scale.to(x.dtype)  # float32 copy of W
         else:
             y = F.linear(flat, self.dequantize().to(x.dtype))
         y = y.view(*x.shape[:-1], self.out_features)
