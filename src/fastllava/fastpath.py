@@ -47,7 +47,7 @@ CACHE_BUCKET = 128  # compiled decoding rounds the cache size up to a multiple o
 PREFILL_BUCKET = 64  # the fixed-shape prefill pads prompts to a multiple of this
 RECOMPILE_LIMIT = 64  # shapes torch.compile may specialise each function for (its default: 8)
 
-Step = Callable[..., torch.Tensor]  # (token [B], positions [B, 1], key_valid [B, 1] or None) -> logits [B, V]
+Step = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]  # (token [B], positions [B, 1]) -> logits [B, V]
 
 
 def check_decode_mode(mode: str | None) -> str:
@@ -189,12 +189,11 @@ def _pad_right(x: torch.Tensor, n: int) -> torch.Tensor:
 def decode_step(model: LlavaModel, cache: StaticKVCache, span: int | None = None) -> Step:
     """The function that runs one decode step of `model` into `cache` (after its prefill). The
     fixed-shape step attends to the first `span` slots (default: all); the slots a step writes
-    must lie within them. The function takes an optional key_valid [B, 1]: False for rows whose
-    token is a placeholder (the server's free rows), so that their slot is never attended to."""
+    must lie within them."""
     mode = model.decode_mode
     if mode == "eager" or type(cache) is not StaticKVCache or model.cfg.text.sliding_window is not None:
-        return lambda token, positions, key_valid=None: model(model.language_model.embed_tokens(token[:, None]),
-                                                              positions, key_valid, cache)[:, -1]
+        return lambda token, positions: model(model.language_model.embed_tokens(token[:, None]), positions,
+                                              None, cache)[:, -1]
     fn = _compiled(model, static_step) if mode == "compiled" else static_step
     firsts = tuple(cache.stages)
     stage_of = tuple(sum(f <= i for f in firsts) - 1 for i in range(len(cache.lengths)))  # layer -> stage
@@ -202,9 +201,9 @@ def decode_step(model: LlavaModel, cache: StaticKVCache, span: int | None = None
     ones = torch.ones(cache.valid.shape[1], 1, dtype=torch.bool, device=cache.valid.device)  # [B, 1]
     slot, expected = None, None  # the slots on the device [stages]; what they hold next step
 
-    def step(token: torch.Tensor, positions: torch.Tensor, key_valid: torch.Tensor | None = None) -> torch.Tensor:
+    def step(token: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
         nonlocal slot, expected
-        slots = [cache.reserve(first, ones if key_valid is None else key_valid)[0] for first in firsts]
+        slots = [cache.reserve(first, ones)[0] for first in firsts]  # marks the new slot valid
         if max(slots) >= span:
             raise RuntimeError(f"decode step writes slot {max(slots)} beyond the {span} slots it attends to")
         if slots == expected:

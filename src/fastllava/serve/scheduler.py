@@ -229,15 +229,17 @@ class Scheduler:
                 self._finish(row)
 
     def _step(self) -> None:
-        """One decode step for all rows (inactive rows compute on a masked dummy token)."""
+        """One decode step for all rows. A free row computes on a dummy token that it attends to
+        (its slots are made invalid when a request takes the row): a row with no key to attend
+        to would be all masked, which some attention kernels answer with NaN, and a NaN value
+        under a masked slot would poison the next request of that row."""
         device, b = self.model.device, len(self.rows)
         active = self._active()
-        tokens = torch.zeros(b, 1, dtype=torch.long)  # [B, 1]
-        pos = torch.zeros(b, 1, dtype=torch.long)
-        key_valid = torch.zeros(b, 1, dtype=torch.bool)
+        tokens = torch.zeros(b, dtype=torch.long)  # [B]
+        pos = torch.zeros(b, 1, dtype=torch.long)  # [B, 1]
         for r in active:
-            tokens[r.index, 0], pos[r.index, 0], key_valid[r.index, 0] = r.last, r.pos + 1, True
-        logits = self._decode_step()(tokens[:, 0].to(device), pos.to(device), key_valid.to(device))  # [B, V]
+            tokens[r.index], pos[r.index, 0] = r.last, r.pos + 1
+        logits = self._decode_step()(tokens.to(device), pos.to(device))  # [B, V]
         for r, tok in zip(active, self._sample(logits, active)):
             r.pos += 1
             if r.push(tok):
