@@ -63,13 +63,14 @@ def _peak(device: torch.device) -> int | None:
 @torch.inference_mode()
 def time_ours(model: LlavaModel, case: Case, reduce: str | None, repeats: int, warmup: int) -> dict:
     """Medians of: vision tower, projector, prefill (embedding + language model + first sample),
-    time to first token, decode speed per sequence, end-to-end time; peak memory, KV bytes; and
-    the greedy tokens of the last run [B, N]."""
+    time to first token, decode speed per sequence, end-to-end time; peak memory, KV bytes; the
+    first run's wall time, `first_run_s` (with --decode compiled: the compilation), and the
+    greedy tokens of the last run [B, N]."""
     device = model.device
     ids, mask, pixels, sizes = bench_inputs(model, case)
     pixels = pixels.to(device)
     params = SamplingParams(max_new_tokens=case.new_tokens).validate()
-    runs, tokens = [], None
+    runs, tokens, first_run = [], None, None
     for i in range(warmup + repeats):
         sync(device)
         t0 = time.perf_counter()
@@ -84,6 +85,8 @@ def time_ours(model: LlavaModel, case: Case, reduce: str | None, repeats: int, w
         finished = torch.zeros(case.batch, dtype=torch.bool)
         reduction = make_reduction(reduce, model.cfg)
         steps = list(decode_steps(model, ids, mask, pixels, params, [], finished, times, reduction, sizes))
+        if first_run is None:
+            first_run = time.perf_counter() - t0
         if i < warmup:
             continue
         tokens = torch.stack(steps, dim=1)
@@ -93,7 +96,7 @@ def time_ours(model: LlavaModel, case: Case, reduce: str | None, repeats: int, w
             "decode_tok_s": (len(steps) - 1) / (times.end_s - times.first_token_s),
             "peak_bytes": _peak(device), "kv_cache_bytes": times.kv_cache_bytes,
         })
-    return {**_medians(runs), "tokens": tokens}
+    return {**_medians(runs), "first_run_s": first_run, "tokens": tokens}
 
 
 def _medians(runs: list[dict]) -> dict:
