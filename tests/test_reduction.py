@@ -240,3 +240,19 @@ def test_compact_positions_number_the_shortened_prompt(model):
     logits = {p: model.logits(ids, pixels, mask, positions_from_mask(mask), reduce=f"fastervlm:keep=5,positions={p}")
               for p in ("original", "compact")}
     assert (logits["original"] - logits["compact"]).abs().max() > 1e-4
+
+
+@pytest.mark.parametrize("spec", ["pdrop:keep=8,layers=1-2", "fastv:keep=5,layer=1,rater=last"])
+def test_last_query_attention_equals_the_full_attention_row(model, spec):
+    """PyramidDrop and FastV's rater=last read only the last query's attention, computed beside
+    fused attention: they keep the tokens, and give the logits, that the explicit attention of
+    every query gives (two rows of different lengths: left padding under the masks)."""
+    ids, mask, pixels = batch_inputs(P)
+    positions = positions_from_mask(mask)
+    last, full = make_reduction(spec, model.config), make_reduction(spec, model.config)
+    assert last.attention == "last"
+    full.attention = "all"  # every query's probabilities, explicitly
+    got = model.logits(ids, pixels, mask, positions, reduce=last)
+    ref = model.logits(ids, pixels, mask, positions, reduce=full)
+    assert torch.equal(last.owner, full.owner) and (last.owner < 0).any()
+    assert (got - ref).abs().max() <= 1e-5

@@ -148,7 +148,7 @@ def prefill(model: LlavaModel, cache: StaticKVCache, embeds: torch.Tensor, posit
                                         causal, False)[:, :t])
         cos, sin = lm.rotary(positions, x.dtype)
         mask = None if causal else _prefill_mask(cache, first, t, x.dtype)
-        x, probs, keys = lm.layers[cut].forward_with_attention(x, cos, sin, mask, cache, cut, 0, pruner.needs_attention)
+        x, probs, keys = lm.layers[cut].forward_before_cut(x, cos, sin, mask, cache, cut, 0, pruner.attention)
         x, positions, valid = pruner(cut, x, probs, keys, valid, positions)  # [B, T', D], [B, T'], [B, T']
         bias = pruner.key_bias
 

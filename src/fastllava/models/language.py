@@ -78,7 +78,8 @@ class Attention(nn.Module):
         [B, 1, T, S] narrower than the cache's keys attends to its first S slots.
         `weights` computes the attention probabilities explicitly (for a reduction hook at this
         layer); otherwise attention goes through SDPA and probs is None. `queries` (rows [N],
-        positions [N]; needs `mask`) gives probs [N, H, S] of those queries only, beside SDPA."""
+        positions [N]; without `mask`, the last position only) gives probs [N, H, S] of those
+        queries only, beside SDPA."""
         b, t, _ = x.shape
         q, k, v = self.qkv.forward_split(x)
         q = apply_rotary(q.view(b, t, self.heads, self.head_dim).transpose(1, 2), cos, sin)  # [B, H, T, Dh]
@@ -98,9 +99,10 @@ class Attention(nn.Module):
             out = F.scaled_dot_product_attention(
                 q, k, v, attn_mask=mask, is_causal=causal, enable_gqa=self.kv_heads != self.heads
             )  # [B, H, T, Dh]
-            if queries is not None:
+            if queries is not None:  # without a mask (causal over the whole range): the last query only
                 rows, pos = queries
-                probs = _attention_probs(q[rows, :, pos, None], k[rows], mask[rows, :, pos, None])[:, :, 0]  # [N, H, S]
+                qmask = None if mask is None else mask[rows, :, pos, None]
+                probs = _attention_probs(q[rows, :, pos, None], k[rows], qmask)[:, :, 0]  # [N, H, S]
         return self.o_proj(out.transpose(1, 2).reshape(b, t, self.heads * self.head_dim)), probs, k
 
 
@@ -146,6 +148,17 @@ class DecoderLayer(nn.Module):
         x = x + h
         return x + self.mlp(self.post_attention_layernorm(x)), probs, keys
 
+    def forward_before_cut(self, x, cos, sin, mask, cache, layer, start, attention: str | None):
+        """This layer ahead of a reduction's cut -> (x [B, T, D], probs, keys [B, Hkv, S, Dh]) with
+        the attention the method reads (Reduction.attention): None; "all", every query's [B, H, T, S]
+        (computed explicitly); or "last", the last query's [B, H, 1, S] (beside fused attention)."""
+        if attention != "last":
+            return self.forward_with_attention(x, cos, sin, mask, cache, layer, start, attention == "all")
+        rows = torch.arange(x.shape[0], device=x.device)
+        x, probs, keys = self.forward_with_attention(x, cos, sin, mask, cache, layer, start, False,
+                                                     (rows, torch.full_like(rows, x.shape[1] - 1)))
+        return x, probs[:, :, None], keys
+
 
 class LanguageModel(nn.Module):
     """Decoder stack without the output head: embeddings in, final-normed hidden states out."""
@@ -187,8 +200,7 @@ class LanguageModel(nn.Module):
                 mask, start = self._stage(cache, i, valid, x.dtype, bias)
                 cos, sin = self.rotary(positions, x.dtype)
             if pruner is not None and i in pruner.cuts:
-                x, probs, keys = layer.forward_with_attention(x, cos, sin, mask, cache, i, start,
-                                                              pruner.needs_attention)
+                x, probs, keys = layer.forward_before_cut(x, cos, sin, mask, cache, i, start, pruner.attention)
                 x, positions, valid = pruner(i, x, probs, keys, valid, positions)
                 bias = pruner.key_bias
             else:

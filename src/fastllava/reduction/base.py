@@ -91,7 +91,8 @@ class LayerContext:
     layer: int  # index of the layer just run
     cut: int  # which of the method's cuts this is (0, 1, ...)
     hidden: torch.Tensor  # [B, T, D] hidden states after the layer
-    probs: torch.Tensor | None  # [B, H, T, T] that layer's attention (float32), if the method needs it
+    probs: torch.Tensor | None  # [B, H, T, T] that layer's attention (float32), if the method needs it;
+    #   [B, H, 1, T], the last query's only, where its attention_queries() is "last"
     keys: torch.Tensor  # [B, Hkv, T, Dh] that layer's keys (after RoPE)
     valid: torch.Tensor  # [B, T] real tokens
     visual: torch.Tensor  # [B, T] visual tokens (a subset of valid)
@@ -146,6 +147,12 @@ class Method:
     def cuts(self) -> list[int]:
         """Indices of the LLM layers after which the method cuts (llm methods)."""
         return []
+
+    def attention_queries(self) -> str:
+        """Whose attention LayerContext.probs holds when the method needs_attention: "all" queries'
+        [B, H, T, S], or the "last" prompt token's alone [B, H, 1, S] (a row that fused attention
+        leaves cheap to compute beside it)."""
+        return "all"
 
     def early_layer(self) -> int | None:
         """A vision block (1-based) whose class-token attention the method needs besides that of the

@@ -43,6 +43,9 @@ class FastV(Method):
     def cuts(self) -> list[int]:
         return [self.layer - 1]
 
+    def attention_queries(self) -> str:
+        return "last" if self.rater == "last" else "all"
+
     def select(self, ctx: LayerContext) -> Selection:
         if self.rater == "last":
             received = ctx.last_attention()  # [B, T]

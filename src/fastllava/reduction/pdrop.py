@@ -47,6 +47,9 @@ class PDrop(Method):
     def cuts(self) -> list[int]:
         return [k - 1 for k in self.layers]
 
+    def attention_queries(self) -> str:
+        return "last"
+
     def check(self, tokens: int, num_layers: int, grid: int) -> None:
         if not 0 < self.ratio <= 1:
             raise UserError(f"{self.spec()}: ratio must be in (0, 1]")

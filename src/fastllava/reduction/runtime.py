@@ -47,7 +47,7 @@ class Reduction:
         self.replay = replay
         self.selections: list[Selection] = []
         self.cuts = method.cuts() if method.where == "llm" else []
-        self.needs_attention = method.needs_attention
+        self.attention = method.attention_queries() if method.needs_attention else None  # None, "all" or "last"
         self.counts: list[torch.Tensor] = []
 
     def start(self, visual: torch.Tensor, image_counts: torch.Tensor | None = None) -> None:
