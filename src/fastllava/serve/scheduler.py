@@ -5,8 +5,9 @@ it) and their cache rows are copied into free rows of the shared cache, right-al
 shared length (see `StaticKVCache.insert_row`). Each decode step then runs every active row
 together, each at its own position, through the model's decode mode (`fastpath.decode_step`: in
 the static and compiled modes a fixed-shape step over the first slots in use); a row that
-finishes (EOS, stop string, max_tokens, client gone) frees its slot for the next waiting request. A request is admitted only while every active row still has room
-to finish; otherwise it waits until rows drain (the cache starts again at slot 0 when empty).
+finishes (EOS, stop string, max_tokens, client gone) frees its slot for the next waiting request.
+A request is admitted only while every active row still has room to finish; otherwise it waits
+until rows drain (the cache starts again at slot 0 when empty).
 All model work happens on one thread; results go back through each job's `emit` callback.
 """
 
