@@ -4,7 +4,8 @@
 #   1. on CUDA, the compiled and static paths of the embedded model give the eager tokens (plain,
 #      a merge before the LLM, cuts inside it);
 #   2. fastllava bench at LLaVA-1.5-7B shapes, bf16, random weights: compiled (issue 5's batch-1
-#      targets), compiled with DART's cut inside the LLM, eager side by side with transformers at
+#      targets); then the server's compiled step checked against eager generate (serve_check.py);
+#      compiled with DART's cut inside the LLM, eager side by side with transformers at
 #      batch 1 and 16, compiled with a merge before the LLM, compiled with int8 weights; then
 #      LLaVA-NeXT-7B shapes;
 #   3. with time left, training of the embedded model continued on the GPU (two learning rates).
@@ -58,6 +59,10 @@ bench() {
 if [ -z "${SKIP_BENCH:-}" ]; then
 B="--preset $PRESET --repeats 5 --warmup 2"
 bench compiled 240 $B --keep $KEEP --batch-size 1 --decode compiled
+if [ "$(left)" -gt 120 ]; then  # the server's compiled step on CUDA (free rows, spans, reductions) = eager generate
+  timeout 100 python3 benchmarks/serve_check.py --device $DEVICE --decode compiled 2>&1 | grep -v -i warn | tee "$W/serve-check.log"
+  tar -C "$W" -cf "$OUT/bench.tar" .
+fi
 bench compiled-dart 100 $B --keep ${KEEP##*,} --batch-size 1 --decode compiled --reduce $DART  # the staged compiled prefill
 bench eager 150 $B --keep $KEEP --batch-size 1,16 --compare hf
 bench compiled-merge 90 $B --keep $KEEP --batch-size 1 --decode compiled --reduce fastervlm:merge=prop  # a float mask
