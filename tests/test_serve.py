@@ -9,12 +9,9 @@ import threading
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
-import torch
 from openai import OpenAI, RateLimitError
 
 import fastllava
-from fastllava.generation import SamplingParams
-from fastllava.serve.scheduler import Job, Scheduler
 from fastllava.serve.settings import Settings
 from serve_helpers import data_url, png_bytes, random_image, raw_request, running_server, tiny_checkpoint, user_message
 
@@ -173,20 +170,6 @@ def test_fixed_shape_decode_serves_the_eager_answers(llava, mode):
     for (_, _, spec, _), ref, r in zip(jobs, refs, results):
         assert (r.choices[0].message.content, r.choices[0].finish_reason) == (ref.text, ref.finish_reason), spec
     assert mode == "static" or "static_step" in fixed.model._compiled
-
-
-def test_compiled_server_prefills_groups_of_a_power_of_two(llava):
-    """Three waiting requests that could be prefilled together: in compiled mode two are (a
-    power of two: few batch sizes to compile), the third waits for the next round."""
-    fixed = fastllava.load(llava.path, device="cpu", decode="compiled")
-    scheduler = Scheduler(fixed, 4, 8, 256)
-    params = SamplingParams(max_new_tokens=4).validate()
-    jobs = [Job(fixed.inputs([None], [p])["input_ids"][0].tolist(), None, None, params, False, lambda e: None)
-            for p in PROMPTS[:3]]
-    scheduler.waiting.extend(jobs)
-    with torch.inference_mode():
-        scheduler._admit()
-    assert [r.job for r in scheduler._active()] == jobs[:2] and list(scheduler.waiting) == jobs[2:]
 
 
 def test_lone_requests_with_a_kivi_cache_equal_generate(tmp_path):

@@ -177,9 +177,7 @@ class Scheduler:
 
     def _admit(self) -> None:
         """Take waiting jobs (in order, with the same reduction) while rows are free and every
-        row, old and new, still has room to finish; prefill them together. In compiled mode a
-        group is a power of two of jobs (the rest wait for the next round), so that prefills and
-        vision towers are compiled for a few batch sizes only."""
+        row, old and new, still has room to finish; prefill them together."""
         group: list[Job] = []
         with self._cond:
             while self.waiting and len(group) < self.rows.count(None):
@@ -190,10 +188,6 @@ class Scheduler:
                 if (group and job.reduce != group[0].reduce) or not self._fits(group + [job]):
                     break
                 group.append(self.waiting.popleft())
-            if group and self.model.decode_mode == "compiled":
-                size = 1 << (len(group).bit_length() - 1)
-                self.waiting.extendleft(reversed(group[size:]))
-                group = group[:size]
         if group:
             self._guarded(self._start, group)
 
