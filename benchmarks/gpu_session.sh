@@ -3,11 +3,11 @@
 # important first, each result archived as soon as it exists:
 #   1. on CUDA, the compiled and static paths of the embedded model give the eager tokens (plain,
 #      a merge before the LLM, cuts inside it);
-#   2. fastllava bench at LLaVA-1.5-7B shapes, bf16, random weights: compiled (issue 5's batch-1
-#      targets); then the server's compiled step checked against eager generate (serve_check.py);
-#      compiled with DART's cut inside the LLM, eager side by side with transformers at
-#      batch 1 and 16, compiled with a merge before the LLM, compiled with int8 weights; then
-#      LLaVA-NeXT-7B shapes;
+#   2. fastllava bench at LLaVA-1.5-7B shapes, bf16, random weights: compiled and eager side by
+#      side with transformers at batch 1 (issue 5's batch-1 targets); then the server's compiled
+#      step checked against eager generate (serve_check.py); compiled with DART's cut inside the
+#      LLM; eager and transformers at batch 16; compiled with a merge before the LLM; compiled
+#      with int8 weights; LLaVA-NeXT-7B shapes;
 #   3. with time left, training of the embedded model continued on the GPU (two learning rates).
 # Usage: OUT=dir bash benchmarks/gpu_session.sh   (needs torch with CUDA; transformers for --compare)
 # A CPU smoke run: OUT=/tmp/gs DEVICE=cpu DTYPE=float32 PRESET=tiny NEXT_PRESET=tiny-next NEXT_KEEP=20 KEEP=576,8 DART=fastv:layer=1 bash ...
@@ -58,13 +58,13 @@ bench() {
 }
 if [ -z "${SKIP_BENCH:-}" ]; then
 B="--preset $PRESET --repeats 5 --warmup 2"
-bench compiled 240 $B --keep $KEEP --batch-size 1 --decode compiled
+bench compiled 300 $B --keep $KEEP --batch-size 1 --decode compiled,eager --compare hf  # one table: compiled, eager, HF
 if [ "$(left)" -gt 120 ]; then  # the server's compiled step on CUDA (free rows, spans, reductions) = eager generate
   timeout 100 python3 benchmarks/serve_check.py --device $DEVICE --decode compiled 2>&1 | grep -v -i warn | tee "$W/serve-check.log"
   tar -C "$W" -cf "$OUT/bench.tar" .
 fi
 bench compiled-dart 100 $B --keep ${KEEP##*,} --batch-size 1 --decode compiled --reduce $DART  # the staged compiled prefill
-bench eager 150 $B --keep $KEEP --batch-size 1,16 --compare hf
+bench batch16 150 $B --keep $KEEP --batch-size 16 --compare hf
 bench compiled-merge 90 $B --keep $KEEP --batch-size 1 --decode compiled --reduce fastervlm:merge=prop  # a float mask
 bench compiled-int8 100 $B --keep ${KEEP%%,*} --batch-size 1 --decode compiled --weights int8  # half the bytes a step
 bench next 60 --preset $NEXT_PRESET --repeats 3 --warmup 1 --keep $NEXT_KEEP --batch-size 1

@@ -47,6 +47,8 @@ def test_bench_reduce_takes_a_spec_with_parameters(tmp_path):
     (["--preset", "tiny", "--model", "x"], "not both"),
     (["--preset", "tiny", "--device", "cuda:7"], "cuda"),
     (["--preset", "tiny", "--keep", "64", "--reduce", "fastv:merge=avg"], "merge must be one of"),
+    (["--preset", "tiny", "--decode", "eager,fast"], "unknown decode mode 'fast'"),
+    (["--preset", "tiny", "--decode", "eager,eager"], "lists a mode twice"),
 ])
 def test_bench_bad_values_are_one_line_errors(args, message, capsys, tmp_path):
     try:
@@ -72,3 +74,18 @@ def test_bench_inputs_hold_exactly_one_image_per_row(image_token):
     assert ids.shape == (16, 576 + 40) and bool(mask.all()) and pixels.shape == (16, 3, 96, 96)
     assert ((ids == image_token).sum(dim=1) == 576).all()
     assert int(ids.min()) >= 3 and int(ids.max()) < cfg.text.vocab_size
+
+
+def test_bench_times_several_decode_modes_on_the_same_weights(tmp_path, capsys):
+    """--decode eager,static: every case once per mode, the fixed-shape path's greedy tokens
+    compared with the eager ones, one table and one plot."""
+    out = tmp_path / "m"
+    assert main(["bench", "--preset", "tiny", "--device", "cpu", "--keep", "576,8", "--decode", "eager,static",
+                 "--repeats", "1", "--warmup", "0", "--new-tokens", "4", "--out", str(out)]) == 0
+    report = json.loads((out / "bench.json").read_text())
+    assert report["settings"]["decode"] == "eager,static"
+    assert [(c["decode"], c["visual_tokens"]) for c in report["cases"]] == [
+        ("eager", 576), ("eager", 8), ("static", 576), ("static", 8)]
+    assert all(c["same_tokens_as_first_decode"] for c in report["cases"])
+    table = capsys.readouterr().out
+    assert "same tokens as eager" in table and sum(line.startswith("| ") for line in table.splitlines()) == 5

@@ -15,16 +15,18 @@ def positive_int(text: str) -> int:
     return value
 
 
-def add_model_args(p: argparse.ArgumentParser) -> None:
-    """--model, --device, --dtype, --decode."""
+DECODE_HELP = ("decode steps: eager (default), static (fixed shapes) or compiled (torch.compile; CUDA graphs on a "
+               "GPU); see fastllava.fastpath")
+
+
+def add_model_args(p: argparse.ArgumentParser, decode_help: str = DECODE_HELP) -> None:
+    """--model, --device, --dtype, --decode (with its help text)."""
     p.add_argument("--model", help="checkpoint directory (HF LLaVA format), or default-next for the embedded "
                    "LLaVA-NeXT model; default: the embedded LLaVA-1.5 model")
     p.add_argument("--device", help="cpu, cuda, cuda:1, ... (default: cuda when available)")
     p.add_argument("--dtype", choices=["float32", "float16", "bfloat16"],
                    help="default: float32 on the CPU, bfloat16 on a GPU")
-    p.add_argument("--decode",  # checked by fastllava.load (fastpath.check_decode_mode)
-                   help="decode steps: eager (default), static (fixed shapes) or compiled (torch.compile; "
-                        "CUDA graphs on a GPU); see fastllava.fastpath")
+    p.add_argument("--decode", help=decode_help)  # checked by fastllava.load (fastpath.check_decode_mode)
 
 
 def add_quant_args(p: argparse.ArgumentParser) -> None:

@@ -25,7 +25,8 @@ def _int_list(text: str) -> list[int]:
 
 def add_bench_parser(subparsers) -> argparse.ArgumentParser:
     p = subparsers.add_parser("bench", help="time to first token, decode speed and memory; optionally vs transformers")
-    add_model_args(p)
+    add_model_args(p, "decode modes, comma-separated, timed one after the other on the same weights (eager, "
+                      "static, compiled; e.g. eager,compiled; default eager)")
     add_quant_args(p)
     p.add_argument("--preset", choices=sorted(PRESETS),
                    help="random weights at a real model's shapes instead of --model (no download)")
@@ -41,6 +42,7 @@ def add_bench_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--compare", choices=["hf"], help="also time transformers on the same weights and inputs")
     p.add_argument("--seed", type=int, default=0, help="seed of the random weights and inputs")
     p.add_argument("--out", default="bench-results", help="directory for bench.json, bench.md, bench.png")
+
     p.set_defaults(func=cmd_bench)
     return p
 
@@ -60,6 +62,9 @@ def cmd_bench(args: argparse.Namespace) -> int:
 
     if args.warmup < 0:
         raise UserError(f"--warmup must be >= 0, got {args.warmup}")
+    modes = [check_decode_mode(m.strip()) for m in (args.decode or "eager").split(",")]
+    if len(set(modes)) < len(modes):
+        raise UserError(f"--decode lists a mode twice: {args.decode}")
     if args.preset and args.model:
         raise UserError("give --preset or --model, not both")
     weights, kv_cache = parse_weights(args.weights), parse_kv_cache(args.kv_cache)  # fail before building
@@ -70,12 +75,11 @@ def cmd_bench(args: argparse.Namespace) -> int:
         model = random_model(preset_config(args.preset), device, resolve_dtype(args.dtype, device), args.seed)
         quantize_weights(model, weights)
         model.kv_cache = kv_cache
-        model.decode_mode = check_decode_mode(args.decode)
         name = f"preset {args.preset}"
     else:
         from .. import load
 
-        llava = load(args.model, **load_options(args))
+        llava = load(args.model, **{**load_options(args), "decode": modes[0]})
         model, name = llava.model, str(llava.path)
     n_img = image_tokens(model)
     keeps = args.keep or [n_img]
@@ -87,27 +91,35 @@ def cmd_bench(args: argparse.Namespace) -> int:
     for spec in specs.values():
         make_reduction(spec, model.cfg)  # a bad method or budget fails before any timing
     hf = hf_twin(model) if args.compare == "hf" else None
-    cases = []
-    with Progress("bench", len(keeps) * len(args.batch_size)) as bar:
-        for batch in args.batch_size:
-            for keep in sorted(set(keeps), reverse=True):
-                case = Case(batch, None if keep == n_img else keep, args.text_tokens, args.new_tokens)
-                reduce = specs[keep]
-                ours = time_ours(model, case, reduce, args.repeats, args.warmup)
-                row = {"batch": batch, "visual_tokens": keep, "reduce": reduce, "ours": _plain(ours)}
-                if hf is not None and case.keep is None:
-                    theirs = time_hf(hf, model, case, args.repeats, args.warmup)
-                    row["hf"] = _plain(theirs)
-                    row["ratios"] = {"ttft": theirs["ttft_s"] / ours["ttft_s"], "e2e": theirs["e2e_s"] / ours["e2e_s"],
-                                     "decode": ours["decode_tok_s"] / theirs["decode_tok_s"]}
-                    row["same_tokens"] = bool(torch.equal(ours["tokens"], theirs["tokens"]))
-                cases.append(row)
-                bar.update(1)
+    cases, theirs_by_batch, first_tokens = [], {}, {}
+    with Progress("bench", len(modes) * len(keeps) * len(args.batch_size)) as bar:
+        for mode in modes:
+            model.decode_mode = mode
+            for batch in args.batch_size:
+                for keep in sorted(set(keeps), reverse=True):
+                    case = Case(batch, None if keep == n_img else keep, args.text_tokens, args.new_tokens)
+                    reduce = specs[keep]
+                    ours = time_ours(model, case, reduce, args.repeats, args.warmup)
+                    row = {"batch": batch, "visual_tokens": keep, "decode": mode, "reduce": reduce, "ours": _plain(ours)}
+                    if len(modes) > 1:  # the greedy tokens of the first mode, for the same case
+                        first = first_tokens.setdefault((batch, keep), ours["tokens"])
+                        row["same_tokens_as_first_decode"] = bool(torch.equal(ours["tokens"], first))
+                    if hf is not None and case.keep is None:
+                        if batch not in theirs_by_batch:  # transformers is timed once per batch size
+                            theirs_by_batch[batch] = time_hf(hf, model, case, args.repeats, args.warmup)
+                        theirs = theirs_by_batch[batch]
+                        row["hf"] = _plain(theirs)
+                        row["ratios"] = {"ttft": theirs["ttft_s"] / ours["ttft_s"],
+                                         "e2e": theirs["e2e_s"] / ours["e2e_s"],
+                                         "decode": ours["decode_tok_s"] / theirs["decode_tok_s"]}
+                        row["same_tokens"] = bool(torch.equal(ours["tokens"], theirs["tokens"]))
+                    cases.append(row)
+                    bar.update(1)
     report = {"model": name, "dtype": str(model.dtype).replace("torch.", ""), "environment": environment(model.device),
               "settings": {"text_tokens": args.text_tokens, "new_tokens": args.new_tokens, "repeats": args.repeats,
                            "warmup": args.warmup, "reduce": args.reduce, "seed": args.seed,
                            "weights": str(weights or "fp"), "kv_cache": str(kv_cache or "fp"),
-                           "decode": model.decode_mode},
+                           "decode": ",".join(modes)},
               "cases": cases}
     files = write(Path(args.out).expanduser(), report)
     print(table(cases))

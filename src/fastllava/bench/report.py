@@ -42,17 +42,22 @@ def _mib(n: int | None) -> str:
 def table(cases: list[dict]) -> str:
     """One markdown row per case; ratios are transformers' time over ours (and our decode speed
     over theirs) when transformers was measured."""
-    head = ["batch", "visual tokens", "vision ms", "projector ms", "prefill ms", "TTFT ms", "decode tok/s",
-            "e2e ms", "peak MiB", "KV MiB"]
+    modes = list(dict.fromkeys(c.get("decode", "eager") for c in cases))
+    head = ["batch", "visual tokens"] + (["decode"] if len(modes) > 1 else []) + [
+        "vision ms", "projector ms", "prefill ms", "TTFT ms", "decode tok/s", "e2e ms", "peak MiB", "KV MiB"]
+    if len(modes) > 1:
+        head.append(f"same tokens as {modes[0]}")
     compare = any("hf" in c for c in cases)
     if compare:
         head += ["HF TTFT ms", "HF decode tok/s", "HF e2e ms", "TTFT x", "decode x", "e2e x", "same tokens"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for c in cases:
         o = c["ours"]
-        row = [str(c["batch"]), str(c["visual_tokens"]), _ms(o["vision_s"]), _ms(o["projector_s"]),
-               _ms(o["prefill_s"]), _ms(o["ttft_s"]), f"{o['decode_tok_s']:.1f}", _ms(o["e2e_s"]),
-               _mib(o["peak_bytes"]), _mib(o["kv_cache_bytes"])]
+        row = [str(c["batch"]), str(c["visual_tokens"])] + ([c["decode"]] if len(modes) > 1 else []) + [
+            _ms(o["vision_s"]), _ms(o["projector_s"]), _ms(o["prefill_s"]), _ms(o["ttft_s"]),
+            f"{o['decode_tok_s']:.1f}", _ms(o["e2e_s"]), _mib(o["peak_bytes"]), _mib(o["kv_cache_bytes"])]
+        if len(modes) > 1:
+            row.append(str(c["same_tokens_as_first_decode"]))
         if compare:
             h, r = c.get("hf"), c.get("ratios", {})
             row += ["-"] * 7 if h is None else [
@@ -74,19 +79,23 @@ def write(out_dir: Path, report: dict) -> list[Path]:
 
 
 def plot(report: dict, path: Path) -> None:
-    """Time to first token and prefill against visual tokens kept, one line per batch size."""
+    """Time to first token and prefill against visual tokens kept, one line per batch size (and
+    decode mode, when several were timed)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     fig, axes = plt.subplots(1, 2, figsize=(10, 4))
-    for batch in sorted({c["batch"] for c in report["cases"]}):
-        rows = sorted((c for c in report["cases"] if c["batch"] == batch), key=lambda c: c["visual_tokens"])
+    modes = list(dict.fromkeys(c.get("decode", "eager") for c in report["cases"]))
+    for mode, batch in [(m, b) for m in modes for b in sorted({c["batch"] for c in report["cases"]})]:
+        rows = sorted((c for c in report["cases"] if c["batch"] == batch and c.get("decode", "eager") == mode),
+                      key=lambda c: c["visual_tokens"])
         x = [c["visual_tokens"] for c in rows]
-        axes[0].plot(x, [c["ours"]["ttft_s"] * 1000 for c in rows], marker="o", label=f"fastllava, batch {batch}")
-        axes[1].plot(x, [c["ours"]["prefill_s"] * 1000 for c in rows], marker="o", label=f"fastllava, batch {batch}")
-        if all("hf" in c for c in rows):
+        label = f"fastllava{' ' + mode if len(modes) > 1 else ''}, batch {batch}"
+        axes[0].plot(x, [c["ours"]["ttft_s"] * 1000 for c in rows], marker="o", label=label)
+        axes[1].plot(x, [c["ours"]["prefill_s"] * 1000 for c in rows], marker="o", label=label)
+        if mode == modes[0] and all("hf" in c for c in rows):
             axes[0].plot(x, [c["hf"]["ttft_s"] * 1000 for c in rows], marker="x", linestyle="--",
                          label=f"transformers, batch {batch}")
     for ax, title in zip(axes, ("time to first token", "language-model prefill")):
