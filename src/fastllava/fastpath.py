@@ -3,10 +3,11 @@
 
 The eager step (`LanguageModel.forward` with a cache) attends over the slots filled so far, so
 its shapes grow by one every step and it builds its mask and slot range in Python. The *static*
-step below attends over the whole preallocated cache instead — slots not yet written are invalid
-in `cache.valid` and masked out — and writes the new key/value at a slot index held in a tensor.
-Every step then has the same shapes: `torch.compile` traces it once per (batch, cache size,
-stage layout), and on CUDA `mode="reduce-overhead"` replays it as a CUDA graph.
+step below attends over the whole preallocated cache instead (or, for the server's shared cache,
+over its first `step_span` slots) — slots not yet written are invalid in `cache.valid` and masked
+out — and writes the new key/value at a slot index held in a tensor. Every step then has the
+same shapes: `torch.compile` traces it once per (batch, cache size or span, stage layout), and on
+CUDA `mode="reduce-overhead"` replays it as a CUDA graph.
 
 In compiled mode the vision tower and projector are compiled too (`compile_encoder`), once per
 number of images (or tiles) in a batch, with and without the class-token attention that some
