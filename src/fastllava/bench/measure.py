@@ -73,7 +73,7 @@ def time_ours(model: LlavaModel, case: Case, reduce: str | None, repeats: int, w
     params = SamplingParams(max_new_tokens=case.new_tokens).validate()
     runs, tokens, first_run = [], None, None
     fastpath.compile_encoder(model)
-    compiled = model._compiled.get("encode_pixels")  # compiled mode's vision tower + projector, else None
+    compiled = model._compiled.get("encode_pixels") if model.decode_mode == "compiled" else None  # tower + projector
     for i in range(warmup + repeats):
         sync(device)
         t0 = time.perf_counter()

@@ -89,16 +89,20 @@ class LlavaModel(nn.Module):
         blocks = ()
         if needs_cls or early_block is not None:
             blocks = (self.feature_block,) + ((early_block,) if early_block is not None else ())
-        if blocks:  # fastpath's compiled encoders where the model's mode compiles
-            vision, features, *flat = self._compiled.get("encode_with_cls", self.encode_with_cls)(pixel_values, blocks)
+        if blocks:
+            vision, features, *flat = self._encoder(self.encode_with_cls)(pixel_values, blocks)
             infos = [ClsInfo(attention, keys) for attention, keys in zip(flat[0::2], flat[1::2])]
         else:
-            vision, features = self._compiled.get("encode_pixels", self.encode_pixels)(pixel_values)
+            vision, features = self._encoder(self.encode_pixels)(pixel_values)
             infos = []
         sel, early = (infos + [None, None])[:2]
         return dict(vision=vision, features=features,
                     cls_attention=sel.attention if sel else None, keys=sel.keys if sel else None,
                     early_attention=early.attention if early else None)
+
+    def _encoder(self, fn):
+        """fastpath's compiled version of `fn` (encode_pixels or encode_with_cls) in compiled mode, else fn."""
+        return self._compiled.get(fn.__name__, fn) if self.decode_mode == "compiled" else fn
 
     def embed(self, input_ids: torch.Tensor, image_features: torch.Tensor | None) -> torch.Tensor:
         """Token embeddings [B, T, D] with image features ([N, P, D], or [F, D] one image after
