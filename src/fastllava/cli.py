@@ -73,7 +73,9 @@ def cmd_run(args: argparse.Namespace) -> int:
     s = stream.result.stats
     print(f"[{s['prompt_tokens']} prompt + {s['image_tokens']} image tokens, {s['generated_tokens']} generated"
           f" | TTFT {s['ttft_s'] * 1000:.1f} ms | decode {s['decode_tok_s']:.1f} tok/s"
-          f" | {stream.result.finish_reason}]", file=sys.stderr)
+          f" | {stream.result.finish_reason}"
+          + (" | compiled mode: these times include the compilation of a first run]"
+             if model.model.decode_mode == "compiled" else "]"), file=sys.stderr)
     return 0
 
 
