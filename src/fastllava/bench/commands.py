@@ -92,6 +92,13 @@ def cmd_bench(args: argparse.Namespace) -> int:
         make_reduction(spec, model.cfg)  # a bad method or budget fails before any timing
     hf = hf_twin(model) if args.compare == "hf" else None
     cases, theirs_by_batch, first_tokens = [], {}, {}
+    out = Path(args.out).expanduser()
+    report = {"model": name, "dtype": str(model.dtype).replace("torch.", ""), "environment": environment(model.device),
+              "settings": {"text_tokens": args.text_tokens, "new_tokens": args.new_tokens, "repeats": args.repeats,
+                           "warmup": args.warmup, "reduce": args.reduce, "seed": args.seed,
+                           "weights": str(weights or "fp"), "kv_cache": str(kv_cache or "fp"),
+                           "decode": ",".join(modes)},
+              "cases": cases}
     with Progress("bench", len(modes) * len(keeps) * len(args.batch_size)) as bar:
         for mode in modes:
             model.decode_mode = mode
@@ -114,14 +121,9 @@ def cmd_bench(args: argparse.Namespace) -> int:
                                          "decode": ours["decode_tok_s"] / theirs["decode_tok_s"]}
                         row["same_tokens"] = bool(torch.equal(ours["tokens"], theirs["tokens"]))
                     cases.append(row)
+                    write(out, report, plot=False)  # what is done survives an interrupted run
                     bar.update(1)
-    report = {"model": name, "dtype": str(model.dtype).replace("torch.", ""), "environment": environment(model.device),
-              "settings": {"text_tokens": args.text_tokens, "new_tokens": args.new_tokens, "repeats": args.repeats,
-                           "warmup": args.warmup, "reduce": args.reduce, "seed": args.seed,
-                           "weights": str(weights or "fp"), "kv_cache": str(kv_cache or "fp"),
-                           "decode": ",".join(modes)},
-              "cases": cases}
-    files = write(Path(args.out).expanduser(), report)
+    files = write(out, report)
     print(table(cases))
     print("wrote " + ", ".join(str(f) for f in files), file=sys.stderr)
     return 0

@@ -67,18 +67,21 @@ def table(cases: list[dict]) -> str:
     return "\n".join(lines)
 
 
-def write(out_dir: Path, report: dict) -> list[Path]:
+def write(out_dir: Path, report: dict, plot: bool = True) -> list[Path]:
+    """bench.json and bench.md (and, with `plot`, bench.png) in out_dir -> the files written."""
     out_dir.mkdir(parents=True, exist_ok=True)
     files = [out_dir / "bench.json", out_dir / "bench.md", out_dir / "bench.png"]
     files[0].write_text(json.dumps(report, indent=2) + "\n")
     env = report["environment"]
     files[1].write_text(f"{env['device']}, {env['date']}, torch {env['torch']}, fastllava {env['fastllava']}\n\n"
                         f"`{env['command']}`\n\n" + table(report["cases"]) + "\n")
-    plot(report, files[2])
+    if not plot:
+        return files[:2]
+    draw(report, files[2])
     return files
 
 
-def plot(report: dict, path: Path) -> None:
+def draw(report: dict, path: Path) -> None:
     """Time to first token and prefill against visual tokens kept, one line per batch size (and
     decode mode, when several were timed)."""
     import matplotlib
