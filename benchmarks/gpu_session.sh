@@ -58,7 +58,7 @@ bench() {
 }
 if [ -z "${SKIP_BENCH:-}" ]; then
 B="--preset $PRESET --repeats 5 --warmup 2"
-bench compiled 300 $B --keep $KEEP --batch-size 1 --decode compiled,eager --compare hf  # one table: compiled, eager, HF
+bench compiled 300 $B --keep $KEEP --batch-size 1 --decode compiled,eager --compare hf --profile  # compiled, eager, HF; kernels
 if [ "$(left)" -gt 120 ]; then  # the server's compiled step on CUDA (free rows, spans, reductions) = eager generate
   timeout 100 python3 benchmarks/serve_check.py --device $DEVICE --decode compiled 2>&1 | grep -v -i warn | tee "$W/serve-check.log"
   tar -C "$W" -cf "$OUT/bench.tar" .

@@ -78,10 +78,10 @@ def test_bench_inputs_hold_exactly_one_image_per_row(image_token):
 
 def test_bench_times_several_decode_modes_on_the_same_weights(tmp_path, capsys):
     """--decode eager,static: every case once per mode, the fixed-shape path's greedy tokens
-    compared with the eager ones, one table and one plot."""
+    compared with the eager ones, one table and one plot; --profile: an operator table per case."""
     out = tmp_path / "m"
     assert main(["bench", "--preset", "tiny", "--device", "cpu", "--keep", "576,8", "--decode", "eager,static",
-                 "--repeats", "1", "--warmup", "0", "--new-tokens", "4", "--out", str(out)]) == 0
+                 "--repeats", "1", "--warmup", "0", "--new-tokens", "4", "--profile", "--out", str(out)]) == 0
     report = json.loads((out / "bench.json").read_text())
     assert report["settings"]["decode"] == "eager,static"
     assert [(c["decode"], c["visual_tokens"]) for c in report["cases"]] == [
@@ -89,3 +89,7 @@ def test_bench_times_several_decode_modes_on_the_same_weights(tmp_path, capsys):
     assert all(c["same_tokens_as_first_decode"] for c in report["cases"])
     table = capsys.readouterr().out
     assert "same tokens as eager" in table and sum(line.startswith("| ") for line in table.splitlines()) == 5
+    profiles = sorted(p.name for p in out.glob("profile-*.txt"))  # --profile: one operator table per case
+    assert profiles == ["profile-eager-b1-v576.txt", "profile-eager-b1-v8.txt", "profile-static-b1-v576.txt",
+                        "profile-static-b1-v8.txt"]
+    assert "aten::linear" in (out / "profile-static-b1-v8.txt").read_text()

@@ -41,6 +41,8 @@ def add_bench_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--warmup", type=int, default=2, help="untimed runs per case first (default 2)")
     p.add_argument("--compare", choices=["hf"], help="also time transformers on the same weights and inputs")
     p.add_argument("--seed", type=int, default=0, help="seed of the random weights and inputs")
+    p.add_argument("--profile", action="store_true", help="also run each case once under torch.profiler and "
+                   "write its costliest operators and kernels to profile-<decode>-b<batch>-v<tokens>.txt")
     p.add_argument("--out", default="bench-results", help="directory for bench.json, bench.md, bench.png")
 
     p.set_defaults(func=cmd_bench)
@@ -56,7 +58,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
     from ..quant.weights import quantize_weights
     from ..reduction.registry import parse_spec
     from ..reduction.runtime import make_reduction
-    from .measure import Case, hf_twin, image_tokens, time_hf, time_ours
+    from .measure import Case, hf_twin, image_tokens, profile_ours, time_hf, time_ours
     from .presets import preset_config, random_model
     from .report import environment, table, write
 
@@ -107,6 +109,9 @@ def cmd_bench(args: argparse.Namespace) -> int:
                     case = Case(batch, None if keep == n_img else keep, args.text_tokens, args.new_tokens)
                     reduce = specs[keep]
                     ours = time_ours(model, case, reduce, args.repeats, args.warmup)
+                    if args.profile:
+                        out.mkdir(parents=True, exist_ok=True)
+                        (out / f"profile-{mode}-b{batch}-v{keep}.txt").write_text(profile_ours(model, case, reduce))
                     row = {"batch": batch, "visual_tokens": keep, "decode": mode, "reduce": reduce, "ours": _plain(ours)}
                     if len(modes) > 1:  # the greedy tokens of the first mode, for the same case
                         first = first_tokens.setdefault((batch, keep), ours["tokens"])

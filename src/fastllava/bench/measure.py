@@ -108,6 +108,25 @@ def time_ours(model: LlavaModel, case: Case, reduce: str | None, repeats: int, w
     return {**_medians(runs), "first_run_s": first_run, "tokens": tokens}
 
 
+@torch.inference_mode()
+def profile_ours(model: LlavaModel, case: Case, reduce: str | None, rows: int = 30) -> str:
+    """One more generation of the case under torch.profiler -> the table of its `rows` costliest
+    operators and kernels by time on the device (by CPU time on the CPU)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    device = model.device
+    ids, mask, pixels, sizes = bench_inputs(model, case)
+    params = SamplingParams(max_new_tokens=case.new_tokens).validate()
+    finished = torch.zeros(case.batch, dtype=torch.bool)
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    with profile(activities=activities) as prof:
+        list(decode_steps(model, ids, mask, pixels.to(device), params, [], finished, StepTimes(),
+                          make_reduction(reduce, model.cfg), sizes))
+        sync(device)
+    key = "self_device_time_total" if device.type == "cuda" else "self_cpu_time_total"
+    return prof.key_averages().table(sort_by=key, row_limit=rows)
+
+
 def _medians(runs: list[dict]) -> dict:
     out = {}
     for key in runs[0]:
