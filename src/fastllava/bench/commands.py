@@ -58,7 +58,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
     from ..quant.weights import quantize_weights
     from ..reduction.registry import parse_spec
     from ..reduction.runtime import make_reduction
-    from .measure import Case, hf_twin, image_tokens, profile_ours, time_hf, time_ours
+    from .measure import Case, hf_twin, image_tokens, time_hf, time_ours
     from .presets import preset_config, random_model
     from .report import environment, table, write
 
@@ -109,9 +109,6 @@ def cmd_bench(args: argparse.Namespace) -> int:
                     case = Case(batch, None if keep == n_img else keep, args.text_tokens, args.new_tokens)
                     reduce = specs[keep]
                     ours = time_ours(model, case, reduce, args.repeats, args.warmup)
-                    if args.profile:
-                        out.mkdir(parents=True, exist_ok=True)
-                        (out / f"profile-{mode}-b{batch}-v{keep}.txt").write_text(profile_ours(model, case, reduce))
                     row = {"batch": batch, "visual_tokens": keep, "decode": mode, "reduce": reduce, "ours": _plain(ours)}
                     if len(modes) > 1:  # the greedy tokens of the first mode, for the same case
                         first = first_tokens.setdefault((batch, keep), ours["tokens"])
@@ -127,11 +124,23 @@ def cmd_bench(args: argparse.Namespace) -> int:
                         row["same_tokens"] = bool(torch.equal(ours["tokens"], theirs["tokens"]))
                     cases.append(row)
                     write(out, report, plot=False)  # what is done survives an interrupted run
+                    if args.profile:
+                        (out / f"profile-{mode}-b{batch}-v{keep}.txt").write_text(_profile(model, case, reduce))
                     bar.update(1)
     files = write(out, report)
     print(table(cases))
     print("wrote " + ", ".join(str(f) for f in files), file=sys.stderr)
     return 0
+
+
+def _profile(model, case, reduce) -> str:
+    """profile_ours' table, or why the profiler failed (a diagnostic extra must not end the run)."""
+    from .measure import profile_ours
+
+    try:
+        return profile_ours(model, case, reduce)
+    except Exception as e:  # noqa: BLE001 - e.g. a profiler without device support: say so, keep timing
+        return f"profiling failed: {type(e).__name__}: {e}\n"
 
 
 def _plain(timing: dict) -> dict:
