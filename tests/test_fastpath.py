@@ -61,13 +61,14 @@ def test_static_decode_logits_match_eager(ckpt):
     assert torch.equal(out["eager"], out["static"])
 
 
+@pytest.mark.parametrize("rows", [3, 1])  # a padded batch (masked attention); one prompt (plain causal)
 @pytest.mark.parametrize("reduce", ["fastv:keep=5,layer=1", "pdrop:keep=8,layers=1-2", "sparsevlm:keep=6,recycle=2",
                                     "dart:keep=5,layer=1,pivots=2,merge=prop"])
-def test_fixed_prefill_runs_cuts_inside_the_language_model(ckpt, reduce):
+def test_fixed_prefill_runs_cuts_inside_the_language_model(ckpt, reduce, rows):
     """With a reduction inside the language model, the fixed-shape prefill pads every stage to the
     bucket (it ran, not the eager forward) and gives the eager prefill's logits and selections."""
     model = fastllava.load(ckpt, device="cpu")
-    ids, mask, pixels = model.encode(_images(), PROMPTS)
+    ids, mask, pixels = model.encode(_images()[:rows], PROMPTS[:rows])
     out = {}
     for mode in ("eager", "static"):
         model.model.decode_mode = mode
