@@ -52,14 +52,11 @@ def add_bench_parser(subparsers) -> argparse.ArgumentParser:
 def cmd_bench(args: argparse.Namespace) -> int:
     import torch
 
-    from ..checkpoint import resolve_device, resolve_dtype
     from ..fastpath import check_decode_mode
     from ..quant import parse_kv_cache, parse_weights
-    from ..quant.weights import quantize_weights
     from ..reduction.registry import parse_spec
     from ..reduction.runtime import make_reduction
     from .measure import Case, hf_twin, image_tokens, time_hf, time_ours
-    from .presets import preset_config, random_model
     from .report import environment, table, write
 
     if args.warmup < 0:
@@ -72,17 +69,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
     weights, kv_cache = parse_weights(args.weights), parse_kv_cache(args.kv_cache)  # fail before building
     if args.compare and (weights or kv_cache):
         raise UserError("--compare hf times transformers on the same weights: leave out --weights and --kv-cache")
-    if args.preset:
-        device = resolve_device(args.device)
-        model = random_model(preset_config(args.preset), device, resolve_dtype(args.dtype, device), args.seed)
-        quantize_weights(model, weights)
-        model.kv_cache = kv_cache
-        name = f"preset {args.preset}"
-    else:
-        from .. import load
-
-        llava = load(args.model, **{**load_options(args), "decode": modes[0]})
-        model, name = llava.model, str(llava.path)
+    model, name = _model(args, modes[0], weights, kv_cache)
     n_img = image_tokens(model)
     keeps = args.keep or [n_img]
     too_many = [k for k in keeps if k > n_img]
@@ -116,12 +103,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
                     if hf is not None and case.keep is None:
                         if batch not in theirs_by_batch:  # transformers is timed once per batch size
                             theirs_by_batch[batch] = time_hf(hf, model, case, args.repeats, args.warmup)
-                        theirs = theirs_by_batch[batch]
-                        row["hf"] = _plain(theirs)
-                        row["ratios"] = {"ttft": theirs["ttft_s"] / ours["ttft_s"],
-                                         "e2e": theirs["e2e_s"] / ours["e2e_s"],
-                                         "decode": ours["decode_tok_s"] / theirs["decode_tok_s"]}
-                        row["same_tokens"] = bool(torch.equal(ours["tokens"], theirs["tokens"]))
+                        row.update(_comparison(ours, theirs_by_batch[batch]))
                     cases.append(row)
                     write(out, report, plot=False)  # what is done survives an interrupted run
                     if args.profile:
@@ -131,6 +113,35 @@ def cmd_bench(args: argparse.Namespace) -> int:
     print(table(cases))
     print("wrote " + ", ".join(str(f) for f in files), file=sys.stderr)
     return 0
+
+
+def _model(args: argparse.Namespace, decode: str, weights, kv_cache):
+    """(the model to time, its name): a preset's shapes with random weights, or a loaded checkpoint."""
+    if not args.preset:
+        from .. import load
+
+        llava = load(args.model, **{**load_options(args), "decode": decode})
+        return llava.model, str(llava.path)
+    from ..checkpoint import resolve_device, resolve_dtype
+    from ..quant.weights import quantize_weights
+    from .presets import preset_config, random_model
+
+    device = resolve_device(args.device)
+    model = random_model(preset_config(args.preset), device, resolve_dtype(args.dtype, device), args.seed)
+    quantize_weights(model, weights)
+    model.kv_cache = kv_cache
+    return model, f"preset {args.preset}"
+
+
+def _comparison(ours: dict, theirs: dict) -> dict:
+    """A case's transformers fields: its timings, the ratios (their time over ours, our decode speed
+    over theirs) and whether the greedy tokens are the same."""
+    import torch
+
+    return {"hf": _plain(theirs),
+            "ratios": {"ttft": theirs["ttft_s"] / ours["ttft_s"], "e2e": theirs["e2e_s"] / ours["e2e_s"],
+                       "decode": ours["decode_tok_s"] / theirs["decode_tok_s"]},
+            "same_tokens": bool(torch.equal(ours["tokens"], theirs["tokens"]))}
 
 
 def _profile(model, case, reduce) -> str:
