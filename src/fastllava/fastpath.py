@@ -141,12 +141,12 @@ def prefill(model: LlavaModel, cache: StaticKVCache, embeds: torch.Tensor, posit
         cache.reserve(first, _pad_right(valid, pad))  # marks the real slots valid
         if bias is not None:
             cache.set_bias(first, 0, bias)
+        padded = _pad_right(x, pad), _pad_right(positions, pad)  # [B, T + pad, D], [B, T + pad]
         if nxt is None:
-            return fn(model, cache, _pad_right(x, pad), _pad_right(positions, pad), first, len(lm.layers), causal, True)
+            return fn(model, cache, *padded, first, len(lm.layers), causal, True)
         cut = nxt - 1
         if cut > first:
-            x = _graph_output(model, fn(model, cache, _pad_right(x, pad), _pad_right(positions, pad), first, cut,
-                                        causal, False)[:, :t])
+            x = _graph_output(model, fn(model, cache, *padded, first, cut, causal, False)[:, :t])
         cos, sin = lm.rotary(positions, x.dtype)
         mask = None if causal else _prefill_mask(cache, first, t, x.dtype)
         x, probs, keys = lm.layers[cut].forward_before_cut(x, cos, sin, mask, cache, cut, 0, pruner.attention)
@@ -177,9 +177,8 @@ def _prefill_mask(cache: StaticKVCache, first: int, t: int, dtype: torch.dtype) 
     """The prefill's attention mask [B, 1, T, T] over slots 0..T of the stage starting at `first`:
     causal over its valid slots, additive with the keys' bias where tokens were merged."""
     mask = attention_mask(cache.valid[first][:, :t], 0, t, t, None, cache.valid.device)  # [B, 1, T, T]
-    if cache.bias is not None:  # merged tokens: proportional attention
-        mask = with_key_bias(mask, cache.bias[first][:, :t], dtype)
-    return mask
+    bias = cache.key_bias(first, t)  # merged tokens: proportional attention
+    return mask if bias is None else with_key_bias(mask, bias, dtype)
 
 
 def _pad_right(x: torch.Tensor, n: int) -> torch.Tensor:
@@ -228,7 +227,7 @@ def static_step(model: LlavaModel, cache: StaticKVCache, token: torch.Tensor, po
     cos, sin = lm.rotary(positions, x.dtype)
     masks = [cache.valid[first][:, None, None, :span] for first in firsts]  # per stage [B, 1, 1, span]
     if cache.bias is not None:  # merged visual tokens: proportional attention
-        masks = [with_key_bias(mask, cache.bias[first][:, :span], x.dtype) for mask, first in zip(masks, firsts)]
+        masks = [with_key_bias(mask, cache.key_bias(first, span), x.dtype) for mask, first in zip(masks, firsts)]
     for i, layer in enumerate(lm.layers):
         stage = stage_of[i]
         x = layer(x, cos, sin, masks[stage], cache, i, slot[stage:stage + 1])

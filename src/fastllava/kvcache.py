@@ -71,10 +71,14 @@ class StaticKVCache:
     def set_bias(self, first: int, start: int, bias: torch.Tensor) -> None:
         """Give the keys at slots start.. of the stage starting at layer `first` the attention
         bias [B, T]."""
+        layers = self.stage_layers(first)
+        self._bias_buffer()[layers.start:layers.stop, :, start:start + bias.shape[1]] = bias
+
+    def _bias_buffer(self) -> torch.Tensor:
+        """`bias`, made (all zeros: no key biased) on first use."""
         if self.bias is None:
             self.bias = torch.zeros(self.valid.shape, dtype=torch.float32, device=self.valid.device)
-        layers = self.stage_layers(first)
-        self.bias[layers.start:layers.stop, :, start:start + bias.shape[1]] = bias
+        return self.bias
 
     def key_bias(self, first: int, end: int) -> torch.Tensor | None:
         """The attention bias [B, end] of the first `end` slots of layer `first`, or None (no bias)."""
@@ -112,8 +116,8 @@ class StaticKVCache:
             self.stages = [0]
             if self.bias is not None:
                 self.bias.zero_()
-        if src.bias is not None and self.bias is None:
-            self.bias = torch.zeros(self.valid.shape, dtype=torch.float32, device=self.valid.device)
+        if src.bias is not None:
+            self._bias_buffer()
         if self.bias is not None:
             self.bias[:, row] = 0
         for first in src.stages:

@@ -90,9 +90,7 @@ def time_ours(model: LlavaModel, case: Case, reduce: str | None, repeats: int, w
             t2 = time.perf_counter()
         _reset_peak(device)
         times = StepTimes()
-        finished = torch.zeros(case.batch, dtype=torch.bool)
-        reduction = make_reduction(reduce, model.cfg)
-        steps = list(decode_steps(model, ids, mask, pixels, params, [], finished, times, reduction, sizes))
+        steps = _generate(model, (ids, mask, pixels, sizes), params, reduce, times)
         if first_run is None:
             first_run = time.perf_counter() - t0
         if i < warmup:
@@ -117,14 +115,22 @@ def profile_ours(model: LlavaModel, case: Case, reduce: str | None, rows: int = 
     device = model.device
     ids, mask, pixels, sizes = bench_inputs(model, case)
     params = SamplingParams(max_new_tokens=case.new_tokens).validate()
-    finished = torch.zeros(case.batch, dtype=torch.bool)
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
     with profile(activities=activities) as prof:
-        list(decode_steps(model, ids, mask, pixels.to(device), params, [], finished, StepTimes(),
-                          make_reduction(reduce, model.cfg), sizes))
+        _generate(model, (ids, mask, pixels.to(device), sizes), params, reduce, StepTimes())
         sync(device)
     key = "self_device_time_total" if device.type == "cuda" else "self_cpu_time_total"
     return prof.key_averages().table(sort_by=key, row_limit=rows)
+
+
+def _generate(model: LlavaModel, inputs: tuple, params: SamplingParams, reduce: str | None,
+              times: StepTimes) -> list[torch.Tensor]:
+    """One greedy generation of inputs (ids, mask, pixels, image sizes from bench_inputs) under
+    a fresh reduction of `reduce` -> the tokens [B] of each step; `times` gets its marks."""
+    ids, mask, pixels, sizes = inputs
+    finished = torch.zeros(ids.shape[0], dtype=torch.bool)
+    return list(decode_steps(model, ids, mask, pixels, params, [], finished, times, make_reduction(reduce, model.cfg),
+                             sizes))
 
 
 def _medians(runs: list[dict]) -> dict:

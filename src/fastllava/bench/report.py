@@ -42,7 +42,7 @@ def _mib(n: int | None) -> str:
 def table(cases: list[dict]) -> str:
     """One markdown row per case; ratios are transformers' time over ours (and our decode speed
     over theirs) when transformers was measured."""
-    modes = list(dict.fromkeys(c.get("decode", "eager") for c in cases))
+    modes = _modes(cases)
     head = ["batch", "visual tokens"] + (["decode"] if len(modes) > 1 else []) + [
         "vision ms", "projector ms", "prefill ms", "TTFT ms", "decode tok/s", "e2e ms", "peak MiB", "KV MiB"]
     if len(modes) > 1:
@@ -65,6 +65,11 @@ def table(cases: list[dict]) -> str:
                 f"{r['decode']:.2f}", f"{r['e2e']:.2f}", str(c["same_tokens"])]
         lines.append("| " + " | ".join(row) + " |")
     return "\n".join(lines)
+
+
+def _modes(cases: list[dict]) -> list[str]:
+    """The decode modes the cases were timed in, in order."""
+    return list(dict.fromkeys(c.get("decode", "eager") for c in cases))
 
 
 def write(out_dir: Path, report: dict, plot: bool = True) -> list[Path]:
@@ -90,7 +95,7 @@ def draw(report: dict, path: Path) -> None:
     import matplotlib.pyplot as plt
 
     fig, axes = plt.subplots(1, 2, figsize=(10, 4))
-    modes = list(dict.fromkeys(c.get("decode", "eager") for c in report["cases"]))
+    modes = _modes(report["cases"])
     for mode, batch in [(m, b) for m in modes for b in sorted({c["batch"] for c in report["cases"]})]:
         rows = sorted((c for c in report["cases"] if c["batch"] == batch and c.get("decode", "eager") == mode),
                       key=lambda c: c["visual_tokens"])
