@@ -1,10 +1,10 @@
 #!/usr/bin/env bash
-# One GPU session's work, sized for ~9 minutes on one H100 (see README, "Benchmarks"), most
+# One GPU session's work, sized for ~9 minutes on one H100 (see docs/benchmarks.md), most
 # important first, each result archived as soon as it exists:
 #   1. on CUDA, the compiled and static paths of the embedded model give the eager tokens (plain,
 #      a merge before the LLM with the class-token tower, DART's cut inside it);
 #   2. fastllava bench at LLaVA-1.5-7B shapes, bf16, random weights: compiled and eager side by
-#      side with transformers at batch 1 (issue 5's batch-1 targets); then the server's compiled
+#      side with transformers at batch 1 (the batch-1 targets); then the server's compiled
 #      step checked against eager generate (serve_check.py); compiled with DART's cut inside the
 #      LLM; eager and transformers at batch 16; compiled with a merge before the LLM; compiled
 #      with int8 weights; LLaVA-NeXT-7B shapes;
@@ -39,7 +39,7 @@ ids, mask, pixels = m.encode(images, prompts)  # a left-padded batch, one row wi
 for reduce in (None, "dart:keep=64,pivots=32,merge=prop", "fastervlm:keep=64,merge=prop"):
     tokens = {}
     for mode in ("eager", "compiled", "compiled", "static"):  # the second compiled run reuses the cache and graph
-        m.model.decode_mode = mode
+        m.set_decode(mode)
         tokens.setdefault(mode, []).append(m.generate_ids(ids, pixels, mask, max_new_tokens=16, eos_token_id=None,
                                                           reduce=reduce).tolist())
     same = all(t == tokens["eager"][0] for runs in tokens.values() for t in runs)
@@ -75,8 +75,8 @@ if [ "$(left)" -gt 150 ]; then
   echo "training for $MIN minutes"
   T="--init src/fastllava/assets/default_model --vision-steps 0 --align-steps 0 --steps 100000 --batch-size 64
      --questions 8 --workers 6 --save-every 100 --minutes $MIN --device $DEVICE"
-  python3 scripts/train_default_model.py $T --lr 0.0015 --seed 11 --out "$W/gpu-a" > "$W/train-a.log" 2>&1 &
-  python3 scripts/train_default_model.py $T --lr 0.0008 --seed 12 --out "$W/gpu-b" > "$W/train-b.log" 2>&1 &
+  python3 -m training.train_default_model $T --lr 0.0015 --seed 11 --out "$W/gpu-a" > "$W/train-a.log" 2>&1 &
+  python3 -m training.train_default_model $T --lr 0.0008 --seed 12 --out "$W/gpu-b" > "$W/train-b.log" 2>&1 &
   wait
   tar -C "$W" -cf "$OUT/train.tar" gpu-a gpu-b train-a.log train-b.log
   tail -n 2 "$W"/train-*.log

@@ -9,17 +9,21 @@ yes/no ones), the attention mass that the first guided layer's heads 0 and 1 put
 named objects, and, per layer, how well a linear probe (fitted on 70% of the questions, scored on
 the rest) reads the named objects' grid columns, their relative direction and the side word a
 yes/no question asks about. It found that v3 had the direction (85-93%) but not the side word
-(~chance) at the answer, hence the side-word guidance in training_aux.
+(~chance) at the answer, hence the side-word guidance in training/guidance.py.
 """
 
 import argparse
+import sys
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repository root, for the `training` package
+
 import fastllava
 from fastllava.evaluation.questions import FAMILIES
-from fastllava.training import Batches, packed_logits, training_processor
+from training.trainer import Batches, packed_logits, training_processor
 
 
 @torch.enable_grad()

@@ -1,5 +1,5 @@
 """Memory of the KV-cache layouts and weight formats at LLaVA-1.5-7B shapes, as allocated (on
-PyTorch's meta device: exact sizes, no memory or GPU needed). Prints the README's tables."""
+PyTorch's meta device: exact sizes, no memory or GPU needed). Prints the tables of docs/quantization.md."""
 
 import torch
 

@@ -1,4 +1,4 @@
-"""The README's quantization table: accuracy on a question set and memory, for full precision,
+"""The quantization table of docs/quantization.md: accuracy on a question set and memory, for full precision,
 KIVI 4/2-bit, VidKV, int8 and int4 weights, and one combination with token reduction.
 
     python scripts/quant_table.py --data heldout [--model DIR] [--batch-size 32] [--limit N]

@@ -11,4 +11,6 @@ fi
 if ! .venv/bin/python -c "import torch" 2>/dev/null; then
   .venv/bin/python -m pip install -q "torch==2.13.0"
 fi
-.venv/bin/python -m pip install -q -e ".[dev]"
+# keep the torch installed above (or yours): a bare `torch` requirement must not replace it
+.venv/bin/python -c "import torch; print('torch==' + torch.__version__)" > .venv/constraints.txt
+.venv/bin/python -m pip install -q -c .venv/constraints.txt -e ".[dev]"

@@ -11,7 +11,6 @@ import fastllava
 from fastllava import UserError
 from fastllava.cli import main
 from fastllava.evaluation.tokenizer import build_word_tokenizer
-from fastllava.generation import positions_from_mask
 from fastllava.kvcache import StaticKVCache
 from fastllava.quant.kvcache import new_kv_cache
 from fastllava.reduction.runtime import make_reduction
@@ -43,17 +42,32 @@ def test_quantized_cache_interface_matches_static():
     for cache in (static, quant):
         start, end = cache.reserve(0, valid)
         assert (start, end) == (0, 40)
-        k, v = cache.write(0, start, x, -x)
+        k, v = cache.update(0, start, x, -x, end)
         assert k.shape == v.shape == (2, 3, 40, 32)
         assert torch.equal(k, x)  # the writing step reads its own tokens as given
-    sk, _ = static.write(1, 0, x, x)
-    qk, _ = quant.write(1, 0, x, x)
+    sk, _ = static.update(1, 0, x, x, 40)
+    qk, _ = quant.update(1, 0, x, x, 40)
     step = _keys(n=1, seed=3)
     for cache in (static, quant):
         cache.reserve(0, _ones(2, 1))
-    sk, sv = static.write(0, 40, step, step)
-    qk, qv = quant.write(0, 40, step, step)
-    assert qk.shape == sk.shape and float((qk - sk)[1].norm() / sk[1].norm()) < 0.1
+    sk, sv = static.update(0, 40, step, step, 64)  # a span past the slots written: zeros there, masked
+    qk, qv = quant.update(0, 40, step, step, 64)
+    assert qk.shape == sk.shape == (2, 3, 64, 32) and float((qk - sk)[1].norm() / sk[1].norm()) < 0.1
+    assert not bool(qk[:, :, 41:].any()) and not bool(static.valid[0, :, 41:].any())
+
+
+def test_update_at_a_tensor_slot_returns_what_an_int_slot_does():
+    """The fixed-shape step writes at a slot held in a tensor; the result is the same as at an int."""
+    caches = [StaticKVCache(1, 2, 3, 16, 8, torch.float32, "cpu") for _ in range(2)]
+    x, step = _keys(n=5, d=8), _keys(n=1, d=8, seed=3)
+    got = []
+    for cache, slot in zip(caches, (5, torch.tensor([5]))):
+        cache.reserve(0, _ones(2, 5))
+        cache.update(0, 0, x, x, 5)
+        cache.reserve(0, _ones(2, 1))
+        got.append(cache.update(0, slot, step, -step, 8))
+    for (k1, v1), (k2, v2) in [got]:
+        assert k1.shape == k2.shape == (2, 3, 8, 8) and torch.equal(k1, k2) and torch.equal(v1, v2)
 
 
 # ---- the quantized cache inside the model ----
@@ -69,19 +83,14 @@ def ckpt(tmp_path_factory):
 def _forced_decode_logits(llava, ids, mask, pixels, tokens, reduce=None):
     """Prefill (with a token reduction if asked), then feed `tokens` [B, N] one by one, as
     generation does: logits [B, 1 + N, V] of every step, and the cache."""
-    m = llava.model
     reduction = make_reduction(reduce, llava.config)
-    valid = mask.bool()
     with torch.inference_mode():
-        visual = (ids == m.cfg.image_token_index) & valid
-        embeds, positions, valid = m.prepare(ids, pixels, valid, positions_from_mask(valid), reduction)
-        cache = m.new_cache(ids.shape[0], ids.shape[1] + tokens.shape[1])
-        cache.prompt(embeds, reduction.visual if reduction is not None else visual, valid)
-        out = [m(embeds, positions, valid, cache, True, reduction)[:, -1]]
-        pos = positions[:, -1:]
+        first, positions, cache = llava.runner.prefill(ids, mask, pixels, tokens.shape[1], reduction)
+        step = llava.runner.step(cache)
+        out, pos = [first], positions[:, -1:]
         for i in range(tokens.shape[1]):
             pos = pos + 1
-            out.append(m(m.language_model.embed_tokens(tokens[:, i:i + 1]), pos, None, cache)[:, -1])
+            out.append(step(tokens[:, i], pos))
     return torch.stack(out, 1).float(), cache
 
 
@@ -198,10 +207,10 @@ def test_vidkv_salient_values_keep_two_bits():
     for cache in (plain, salient):
         cache.prompt(embeds, visual, valid)
         cache.reserve(0, valid)
-        cache.write(0, 0, v, v)
+        cache.update(0, 0, v, v, t)
         cache.reserve(0, _ones(b, 1))
-    _, got_plain = plain.write(0, t, v[:, :, :1], v[:, :, :1])
-    _, got = salient.write(0, t, v[:, :, :1], v[:, :, :1])
+    _, got_plain = plain.update(0, t, v[:, :, :1], v[:, :, :1], t + 1)
+    _, got = salient.update(0, t, v[:, :, :1], v[:, :, :1], t + 1)
     slots = salient.salient[0].slots  # [B, 9]: round(0.25 * 36)
     assert slots.shape == (2, 9) and bool(((slots >= 4) & (slots < 40)).all())
     mask = torch.zeros(b, t + 1, dtype=torch.bool)
@@ -235,23 +244,22 @@ def test_vidkv_salient_in_generation(ckpt):
 def _inserted_decode(llava, ids, mask, pixels, tokens, max_len=80):
     """As the server does: prefill each prompt alone in a small cache, insert its row into a shared
     cache (right-aligned), then decode all rows together on `tokens` [B, N]: logits [B, 1 + N, V]."""
-    m = llava.model
-    shared = m.new_cache(ids.shape[0], max_len)
+    runner = llava.runner
+    shared = runner.new_cache(ids.shape[0], max_len)
     first, last_pos = [], []
     with torch.inference_mode():
         for i in range(ids.shape[0]):
             keep = mask[i].bool()
-            valid = torch.ones(1, int(keep.sum()), dtype=torch.bool)
-            embeds, positions, _ = m.prepare(ids[i:i + 1, keep], pixels[i:i + 1], valid, positions_from_mask(valid))
-            small = m.new_cache(1, embeds.shape[1])
-            first.append(m(embeds, positions, None, small, True)[:, -1])
+            logits, positions, small = runner.prefill(ids[i:i + 1, keep], torch.ones(1, int(keep.sum())),
+                                                      pixels[i:i + 1], 0)
+            first.append(logits)
             last_pos.append(positions[:, -1:])
             shared.insert_row(i, small, 0, reset=i == 0)
         out, pos = [torch.cat(first)], torch.cat(last_pos)
+        step = runner.step(shared)
         for j in range(tokens.shape[1]):
             pos = pos + 1
-            x = m.language_model.embed_tokens(tokens[:, j:j + 1])
-            out.append(m(x, pos, torch.ones(ids.shape[0], 1, dtype=torch.bool), shared)[:, -1])
+            out.append(step(tokens[:, j], pos))
     return torch.stack(out, 1).float()
 
 
@@ -274,15 +282,15 @@ def test_insert_row_with_aligned_groups_is_exact():
     x = _keys(b=1, h=2, n=18, d=16)
     src = new_kv_cache(spec, 1, 1, 2, 19, 16, torch.float32, "cpu")
     src.reserve(0, _ones(1, 18))
-    src_k, src_v = src.write(0, 0, x, -x)
+    src_k, src_v = src.update(0, 0, x, -x, 18)
     dst = new_kv_cache(spec, 1, 3, 2, 40, 16, torch.float32, "cpu")
     dst.insert_row(2, src, 0, reset=True)
     assert dst.lengths == [18] and bool(dst.valid[0, 2, :18].all()) and not bool(dst.valid[0, :2].any())
     step = _keys(b=3, h=2, n=1, d=16, seed=4)
     dst.reserve(0, _ones(3, 1))
     src.reserve(0, _ones(1, 1))
-    k, v = dst.write(0, 18, step, step)
-    ref_k, ref_v = src.write(0, 18, step[2:], step[2:])
+    k, v = dst.update(0, 18, step, step, 19)
+    ref_k, ref_v = src.update(0, 18, step[2:], step[2:], 19)
     assert torch.allclose(k[2:], ref_k, atol=1e-5) and torch.allclose(v[2:], ref_v, atol=1e-5)
 
 

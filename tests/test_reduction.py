@@ -12,8 +12,8 @@ from PIL import Image
 
 import fastllava
 from fastllava.evaluation.tokenizer import build_word_tokenizer
-from fastllava.generation import positions_from_mask
-from fastllava.models.language import attention_mask, with_key_bias
+from fastllava.generation.prefill import prepare
+from fastllava.ops import attention_mask, positions_from_mask
 from fastllava.reduction import METHODS, Reduction
 from fastllava.reduction.runtime import make_reduction
 from hf_reference import IMAGE_TOKEN, VOCAB, batch_inputs, save_checkpoint, tiny_llava
@@ -111,13 +111,9 @@ def test_cached_greedy_equals_recompute_under_same_selection(model, name):
 @pytest.mark.parametrize("name", ["fastv", "pdrop", "dart", "fastv+prop", "pdrop+prop"])
 def test_pruned_tokens_leave_later_layers_cache(model, name):
     ids, mask, pixels = batch_inputs(P)
-    lm = model.model
     red = make_reduction(SMALL[name], model.config)
-    valid = mask.bool()
-    x, pos, valid = lm.prepare(ids, pixels, valid, positions_from_mask(mask), red)
-    cache = lm.new_cache(2, ids.shape[1] + 4)
     with torch.no_grad():
-        lm(x, pos, valid, cache, True, red)
+        _, _, cache = model.runner.prefill(ids, mask, pixels, 4, red)
     real = mask.sum(1)  # [B] real prompt tokens per row
     for layer in range(3):
         visual = red.counts[sum(1 for c in red.cuts if c < layer)]  # [B] visual tokens this layer sees
@@ -185,13 +181,13 @@ def test_proportional_attention_equals_duplicated_keys(model):
     x = torch.randn(1, 3, lm.cfg.hidden_size, generator=torch.Generator().manual_seed(0))  # [1, 3, D]
     copies = x[:, [0, 1, 1, 1, 2]]  # token 1 three times, at the same position
     cos, sin = lm.rotary(torch.tensor([[0, 1, 1, 1, 2]]), x.dtype)
-    ref = attn(copies, cos, sin, attention_mask(None, 0, 5, 5, None, x.device), None, 0, 0)[0][:, -1]
+    ref = attn(copies, cos, sin, attention_mask(None, 0, 5, 5, device=x.device), None, 0, 0, 5)[0][:, -1]
     cos, sin = lm.rotary(torch.tensor([[0, 1, 2]]), x.dtype)
-    plain = attention_mask(None, 0, 3, 3, None, x.device)
-    biased = with_key_bias(plain, torch.tensor([[0.0, math.log(3), 0.0]]), x.dtype)
-    for weights in (False, True):
-        assert (attn(x, cos, sin, biased, None, 0, 0, weights)[0][:, -1] - ref).abs().max() <= 1e-5
-    assert (attn(x, cos, sin, plain, None, 0, 0)[0][:, -1] - ref).abs().max() > 1e-3
+    plain = attention_mask(None, 0, 3, 3, device=x.device)
+    biased = attention_mask(None, 0, 3, 3, bias=torch.tensor([[0.0, math.log(3), 0.0]]), dtype=x.dtype)
+    for read in (None, "all"):
+        assert (attn(x, cos, sin, biased, None, 0, 0, 3, read)[0][:, -1] - ref).abs().max() <= 1e-5
+    assert (attn(x, cos, sin, plain, None, 0, 0, 3)[0][:, -1] - ref).abs().max() > 1e-3
 
 
 def test_merging_accounts_for_every_dropped_token(model):
@@ -227,11 +223,10 @@ def test_compact_positions_number_the_shortened_prompt(model):
     """positions=compact (before the LLM): the kept sequence is numbered 0, 1, ... per row (left
     padding at 0), and the answer differs from keeping the original positions."""
     ids, mask, pixels = batch_inputs(P)
-    lm = model.model
     outs = {}
     for pos in ("original", "compact"):
         red = make_reduction(f"fastervlm:keep=5,positions={pos}", model.config)
-        x, positions, valid = lm.prepare(ids, pixels, mask.bool(), positions_from_mask(mask), red)
+        x, positions, valid = prepare(model.model, ids, pixels, mask.bool(), positions_from_mask(mask), red)
         outs[pos] = positions
         if pos == "compact":
             assert torch.equal(positions, positions_from_mask(valid.long()))

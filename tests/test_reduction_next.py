@@ -14,7 +14,7 @@ from PIL import Image
 import fastllava
 from fastllava.cli import main
 from fastllava.evaluation.tokenizer import build_word_tokenizer
-from fastllava.generation import positions_from_mask
+from fastllava.ops import positions_from_mask
 from fastllava.reduction import METHODS, GlobalCom2, HiRED, parse_spec
 from fastllava.reduction.base import VisionContext, share
 from fastllava.reduction.runtime import make_reduction
@@ -91,11 +91,13 @@ def test_fixed_shape_prefill_and_step_give_the_eager_tokens(model, name):
     out = {}
     try:
         for mode in ("eager", "static"):
-            model.model.decode_mode = mode
+            model.set_decode(mode)
             out[mode] = [r.token_ids for r in model.generate(images=images, prompts=PROMPTS, max_new_tokens=8,
                                                              reduce=reduce)]
+            steps = model.runner.calls
+            assert steps["fixed_prefill" if mode == "static" else "eager_prefill"] == 1  # this mode's path ran
     finally:
-        model.model.decode_mode = "eager"
+        model.set_decode("eager")
     assert len(set(map(tuple, out["eager"]))) > 1
     assert out["static"] == out["eager"]
 
@@ -154,7 +156,8 @@ def test_share_is_proportional_and_capped():
 
 def _context(model, image, method) -> VisionContext:
     inputs = model.inputs([image], ["what ?"])
-    fields = model.model.encode_images(inputs["pixel_values"], inputs["image_sizes"], method)
+    blocks = model.model.cls_blocks(method.early_layer()) if method.needs_cls else ()
+    fields = model.model.encode_images(inputs["pixel_values"], inputs["image_sizes"], blocks)
     return VisionContext(**fields, text=None, text_valid=None, grid=model.config.vision.grid, budget=method.keep,
                          project=model.model.multi_modal_projector)
 

@@ -5,8 +5,8 @@ import torch
 import fastllava
 from fastllava.checkpoint import save_model
 from fastllava.models.llava import LlavaModel
-from fastllava.training import TrainSpec, build_config
 from hf_reference import batch_inputs
+from training.trainer import TrainSpec, build_config
 
 
 def test_saved_checkpoint_loads_in_transformers_and_back(tmp_path):

@@ -169,7 +169,9 @@ def test_fixed_shape_decode_serves_the_eager_answers(llava, mode):
             results = list(pool.map(ask, jobs))
     for (_, _, spec, _), ref, r in zip(jobs, refs, results):
         assert (r.choices[0].message.content, r.choices[0].finish_reason) == (ref.text, ref.finish_reason), spec
-    assert mode == "static" or "static_step" in fixed.model._compiled
+    calls = fixed.runner.calls  # the server's prefills and steps took the fixed-shape path, none the eager one
+    assert calls["fixed_prefill"] > 0 and calls["fixed_step"] > 0 and not calls["eager_prefill"] + calls["eager_step"]
+    assert mode == "static" or {"run_stage", "decode_step"} <= set(fixed.runner.compiled)
 
 
 def test_lone_requests_with_a_kivi_cache_equal_generate(tmp_path):

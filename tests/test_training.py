@@ -10,10 +10,10 @@ from fastllava.evaluation.tokenizer import build_word_tokenizer, default_words
 from fastllava.images import ImageProcessor
 from fastllava.models.llava import LlavaModel
 from fastllava.prompts import PromptEncoder
-from fastllava.training import (IMAGE_TOKEN_ID, VOCAB_SIZE, Batches, TrainSpec, build_config, loss_on,
-                                packed_logits, segment_mask, train)
-from fastllava.training_aux import (ATTRIBUTES, Guidance, guide_loss, looked_at, named_objects, object_attributes,
-                                   patch_labels, relative_direction)
+from training.guidance import (ATTRIBUTES, Guidance, guide_loss, looked_at, named_objects, object_attributes,
+                               patch_labels, relative_direction)
+from training.trainer import (IMAGE_TOKEN_ID, VOCAB_SIZE, Batches, TrainSpec, build_config, loss_on, packed_logits,
+                              segment_mask, train)
 
 TINY = dict(image_size=32, patch_size=8, vision_hidden=32, vision_layers=2, text_hidden=64, text_layers=2)
 

@@ -14,10 +14,10 @@ from fastllava.evaluation.scenes import COLORS, random_scene, render
 from fastllava.evaluation.tokenizer import build_word_tokenizer, default_words
 from fastllava.models.llava_next import LlavaNextModel
 from fastllava.prompts import PromptEncoder
-from fastllava.training import (IMAGE_TOKEN_ID, VOCAB_SIZE, Batches, TrainSpec, build_config, loss_on, packed_logits,
-                                segment_mask, train, training_processor)
-from fastllava.training_aux import Guidance, PatchHead, cls_guide_loss, patch_centres
 from test_training import TINY
+from training.guidance import Guidance, PatchHead, cls_guide_loss, patch_centres
+from training.trainer import (IMAGE_TOKEN_ID, VOCAB_SIZE, Batches, TrainSpec, build_config, loss_on, packed_logits,
+                              segment_mask, train, training_processor)
 
 NEXT = {**TINY, "patch_size": 4, "anyres": True}  # 32-pixel tiles of 8 x 8 patches
 
@@ -110,8 +110,8 @@ def test_guided_probs_of_the_answer_queries_equal_the_full_attention():
         _, _, taps = packed_logits(model, batch, (0,))
         x = model.embed(batch.ids, model.encode_images(batch.pixels, batch.image_sizes)["features"])
         cos, sin = model.language_model.rotary(batch.positions, x.dtype)
-        _, full, _ = model.language_model.layers[0].forward_with_attention(x, cos, sin, segment_mask(batch.segments),
-                                                                            None, 0, 0, True)
+        _, full, _ = model.language_model.layers[0](x, cos, sin, segment_mask(batch.segments), None, 0, 0,
+                                                     x.shape[1], "all")
     rows, pos = batch.guide_at.unbind(-1)
     assert len(rows) > 0
     torch.testing.assert_close(taps[0][0], full[rows, :, pos], atol=1e-6, rtol=1e-5)

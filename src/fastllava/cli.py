@@ -75,7 +75,7 @@ def cmd_run(args: argparse.Namespace) -> int:
           f" | TTFT {s['ttft_s'] * 1000:.1f} ms | decode {s['decode_tok_s']:.1f} tok/s"
           f" | {stream.result.finish_reason}"
           + (" | compiled mode: these times include the compilation of a first run]"
-             if model.model.decode_mode == "compiled" else "]"), file=sys.stderr)
+             if model.decode == "compiled" else "]"), file=sys.stderr)
     return 0
 
 

@@ -16,7 +16,7 @@ def positive_int(text: str) -> int:
 
 
 DECODE_HELP = ("decode steps: eager (default), static (fixed shapes) or compiled (torch.compile; CUDA graphs on a "
-               "GPU); see fastllava.fastpath")
+               "GPU); see fastllava.generation.runner")
 
 
 def add_model_args(p: argparse.ArgumentParser, decode_help: str = DECODE_HELP) -> None:
@@ -26,7 +26,7 @@ def add_model_args(p: argparse.ArgumentParser, decode_help: str = DECODE_HELP) -
     p.add_argument("--device", help="cpu, cuda, cuda:1, ... (default: cuda when available)")
     p.add_argument("--dtype", choices=["float32", "float16", "bfloat16"],
                    help="default: float32 on the CPU, bfloat16 on a GPU")
-    p.add_argument("--decode", help=decode_help)  # checked by fastllava.load (fastpath.check_decode_mode)
+    p.add_argument("--decode", help=decode_help)  # checked by fastllava.load (generation.check_decode_mode)
 
 
 def add_quant_args(p: argparse.ArgumentParser) -> None:

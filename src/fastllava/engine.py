@@ -12,10 +12,11 @@ import torch
 from .assets import resolve_model_path
 from .checkpoint import load_model, resolve_device
 from .errors import UserError
-from .fastpath import check_decode_mode
-from .generation import SamplingParams, StepTimes, check_left_padded, decode_steps
+from .generation import (Runner, SamplingParams, StepTimes, TextState, check_decode_mode, check_left_padded,
+                         decode_steps, visible_text)
 from .images import AnyresProcessor, ImageInput, ImageProcessor
 from .models.llava import LlavaModel
+from .ops import left_pad
 from .prompts import PromptEncoder
 from .reduction.accounting import prefill_stats
 from .reduction.runtime import make_reduction
@@ -32,12 +33,26 @@ class Result:
 
 
 class Llava:
+    """A loaded model with its processor, prompt encoder and Runner (decode mode, KV-cache layout,
+    compiled callables); `weights` is the weight quantization applied (None: none)."""
+
     def __init__(self, model: LlavaModel, processor: ImageProcessor | AnyresProcessor, prompts: PromptEncoder | None,
-                 path: Path | None = None):
+                 path: Path | None = None, runner: Runner | None = None, weights=None):
         self.model = model
         self.processor = processor
         self.prompts = prompts
         self.path = path
+        self.runner = runner or Runner(model)
+        self.weights = weights
+
+    @property
+    def decode(self) -> str:
+        """The decode mode: eager, static or compiled (see fastllava.generation.runner)."""
+        return self.runner.decode
+
+    def set_decode(self, mode: str) -> None:
+        """Switch the decode mode on the same weights (a new Runner: compiled callables start afresh)."""
+        self.runner = Runner(self.model, check_decode_mode(mode), self.runner.kv_cache)
 
     @property
     def config(self):
@@ -67,10 +82,7 @@ class Llava:
         valid = torch.ones_like(input_ids, dtype=torch.bool) if attention_mask is None else attention_mask.to(device).bool()
         reduction = make_reduction(reduce, self.config)
         pixels = pixel_values.to(device) if pixel_values is not None else None
-        embeds, positions, valid = self.model.prepare(input_ids, pixels, valid, position_ids.to(device), reduction,
-                                                      image_sizes)
-        mask = None if attention_mask is None and reduction is None else valid
-        return self.model(embeds, positions, mask, reduction=reduction).float()
+        return self.runner.logits(input_ids, pixels, valid, position_ids.to(device), reduction, image_sizes).float()
 
     def generate_ids(self, input_ids: torch.Tensor, pixel_values: torch.Tensor | None,
                      attention_mask: torch.Tensor | None = None, max_new_tokens: int = 64,
@@ -90,7 +102,7 @@ class Llava:
         pad = self.config.text.pad_token_id if self.config.text.pad_token_id is not None else (eos or [0])[0]
         steps = []
         reduction = make_reduction(reduce, self.config)
-        for token in decode_steps(self.model, input_ids, attention_mask, pixel_values, params, eos,
+        for token in decode_steps(self.runner, input_ids, attention_mask, pixel_values, params, eos,
                                   finished, StepTimes(), reduction, image_sizes):
             steps.append(torch.where(done_before, torch.full_like(token, pad), token))
             done_before = finished.clone()
@@ -120,40 +132,25 @@ class Llava:
             raise UserError(f"{len(images)} images for {len(prompts)} prompts; give one image (or None) per prompt")
         inputs = self.inputs(images, prompts)
         input_ids, mask, pixel_values = inputs["input_ids"], inputs["attention_mask"], inputs["pixel_values"]
-        eos = self._eos_ids(-1)
         b = len(prompts)
         finished = torch.zeros(b, dtype=torch.bool)
-        streamed, ids, reasons = [""] * b, [[] for _ in range(b)], ["length"] * b
-        counts = [0] * b  # tokens generated per row, EOS included (as usage counts them)
+        texts = [TextState(self.prompts.decode, self._eos_ids(-1), params.stop, params.max_new_tokens, stream)
+                 for _ in range(b)]
         times = StepTimes()
-        watch_text = stream or bool(params.stop)  # otherwise decode once, at the end
         reduction = make_reduction(reduce, self.config)
-        for token in decode_steps(self.model, input_ids, mask, pixel_values, params, eos, finished, times, reduction,
-                                  inputs["image_sizes"]):
-            for row in range(b):
-                if reasons[row] == "stop":
-                    continue
-                tok = int(token[row])
-                counts[row] += 1
-                if tok in eos:
-                    reasons[row] = "stop"
-                    continue
-                ids[row].append(tok)
-                if not watch_text:
-                    continue
-                text, stopped = self.visible_text(ids[row], params.stop)
-                if stopped:
-                    reasons[row], finished[row] = "stop", True
-                if stream and not text.endswith("\ufffd") and text.startswith(streamed[row]):
-                    yield text[len(streamed[row]):]
-                    streamed[row] = text
-        finals = [self.visible_text(row_ids, params.stop)[0] for row_ids in ids]
-        if stream and finals[0].startswith(streamed[0]) and finals[0] != streamed[0]:
-            yield finals[0][len(streamed[0]):]  # what was held back (an incomplete character at the end)
+        for token in decode_steps(self.runner, input_ids, mask, pixel_values, params, list(texts[0].eos), finished,
+                                  times, reduction, inputs["image_sizes"]):
+            for row, text in enumerate(texts):
+                delta, finished[row] = text.push(int(token[row]))
+                if delta and row == 0:
+                    yield delta
+        finals = [text.finish() for text in texts]
+        if stream and finals[0][1]:
+            yield finals[0][1]  # what was held back (an incomplete character at the end)
         n_images = sum(im is not None for im in images)
         results = []
         for row in range(b):
-            gen = counts[row]
+            gen = texts[row].count
             image_tokens = int((input_ids[row] == self.config.image_token_index).sum())
             stats = {
                 "prompt_tokens": int(mask[row].sum()) - image_tokens,
@@ -169,7 +166,7 @@ class Llava:
                 **self._prefill_stats(reduction, row, stats_text=int(mask[row].sum()) - image_tokens,
                                       image_tokens=image_tokens),
             }
-            results.append(Result(finals[row], ids[row], reasons[row], stats))
+            results.append(Result(finals[row][0], texts[row].ids, texts[row].reason, stats))
         yield results
 
     def encode(self, images, prompts: list[str]):
@@ -200,13 +197,8 @@ class Llava:
                 raise UserError(f"prompts must be strings, got {type(prompt).__name__}")
             tokens = None if image is None or image_sizes is None else [next(counts)]
             rows.append(self.prompts.prompt_ids(prompt, 0 if image is None else 1, tokens))
-        longest = max(len(r) for r in rows)
-        pad = self.config.text.pad_token_id or 0
-        input_ids = torch.full((len(rows), longest), pad, dtype=torch.long)
-        mask = torch.zeros((len(rows), longest), dtype=torch.long)
-        for i, r in enumerate(rows):
-            input_ids[i, longest - len(r):] = torch.tensor(r)
-            mask[i, longest - len(r):] = 1
+        input_ids, mask = left_pad(rows, self.config.text.pad_token_id or 0)
+        mask = mask.long()
         return {"input_ids": input_ids, "attention_mask": mask, "pixel_values": pixel_values,
                 "image_sizes": image_sizes}
 
@@ -224,9 +216,7 @@ class Llava:
 
     def visible_text(self, ids: list[int], stops: list[str]) -> tuple[str, bool]:
         """Decoded text cut before the first stop string, and whether one was found."""
-        text = self.prompts.decode(ids)
-        hits = [text.find(s) for s in stops if s and s in text]
-        return (text[:min(hits)], True) if hits else (text, False)
+        return visible_text(self.prompts.decode, ids, stops)
 
     def _eos_ids(self, eos_token_id) -> list[int]:
         if eos_token_id is None:
@@ -263,15 +253,12 @@ def load(path: str | Path | None = None, device: str | torch.device | None = Non
     default model is loaded ("default-next": the embedded LLaVA-NeXT one). `weights`: "fp"
     (default), "int8" or "int4[:group=N]" weight-only quantization; `kv_cache`: "fp" (default),
     "kivi[:bits=4,group=32,residual=128]" or "vidkv" (see fastllava.quant); `decode`: "eager"
-    (default), "static" or "compiled" decode steps (see
-    fastllava.fastpath)."""
+    (default), "static" or "compiled" (see fastllava.generation.runner)."""
     weight_spec, kv_spec = parse_weights(weights), parse_kv_cache(kv_cache)  # bad specs fail before loading
     decode = check_decode_mode(decode)
     path = resolve_model_path(path)
     device = resolve_device(device)
     model = quantize_weights(load_model(path, device, dtype), weight_spec)
-    model.kv_cache = kv_spec
-    model.decode_mode = decode
     cfg = model.cfg
     if cfg.is_next and pad_to_square:
         raise UserError("pad_to_square does not apply to LLaVA-NeXT checkpoints (their images are tiled)")
@@ -284,4 +271,4 @@ def load(path: str | Path | None = None, device: str | torch.device | None = Non
     prompts = None
     if (path / "tokenizer.json").exists():
         prompts = PromptEncoder.from_dir(path, model.cfg.image_token_index, model.cfg.image_features_per_image)
-    return Llava(model, processor, prompts, path)
+    return Llava(model, processor, prompts, path, Runner(model, decode, kv_spec), weight_spec)

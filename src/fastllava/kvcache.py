@@ -57,7 +57,7 @@ class StaticKVCache:
     def reserve(self, first: int, key_valid: torch.Tensor) -> tuple[int, int]:
         """Claim the next T slots in every layer of the stage starting at `first` for a step whose
         tokens are marked by key_valid [B, T]; returns the (start, end) slot range. Layers write
-        into it with `write`."""
+        into it with `update`."""
         layers = self.stage_layers(first)
         start = self.lengths[first]
         end = start + key_valid.shape[1]
@@ -88,19 +88,19 @@ class StaticKVCache:
         """Told before the prefill what it holds: embeds [B, T, D], visual [B, T] its visual tokens,
         valid [B, T] its real ones. Nothing to do here; quantized layouts may use it."""
 
-    def write(self, layer: int, start: int | torch.Tensor, k: torch.Tensor,
-              v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Store k, v [B, Hkv, T, Dh] at slots start.. and return all keys/values so far. A
-        tensor `start` [T] (the slot indices; fastpath's fixed-shape step) writes there and
-        returns the whole buffers [B, Hkv, S, Dh], whose unwritten slots `valid` masks."""
-        if isinstance(start, torch.Tensor):
-            self.k[layer][:, :, start] = k  # an index_put_, which torch.compile keeps in place
-            self.v[layer][:, :, start] = v
-            return self.k[layer], self.v[layer]
-        end = start + k.shape[2]
-        self.k[layer][:, :, start:end] = k
-        self.v[layer][:, :, start:end] = v
-        return self.k[layer][:, :, :end], self.v[layer][:, :, :end]
+    def update(self, layer: int, slot: int | torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+               span: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Store k, v [B, Hkv, T, Dh] of `layer` at slots slot..slot+T (reserved before) and return
+        the keys and values of its first `span` slots [B, Hkv, S, Dh] to attend to; `valid` says
+        which of them hold real tokens. `slot` is an int, or a tensor of the T slot indices (a
+        fixed-shape step: an index_put, which torch.compile keeps in place)."""
+        if isinstance(slot, torch.Tensor):
+            self.k[layer][:, :, slot] = k
+            self.v[layer][:, :, slot] = v
+        else:
+            self.k[layer][:, :, slot:slot + k.shape[2]] = k
+            self.v[layer][:, :, slot:slot + k.shape[2]] = v
+        return self.k[layer][:, :, :span], self.v[layer][:, :, :span]
 
     def insert_row(self, row: int, src: "StaticKVCache", src_row: int = 0, reset: bool = False) -> None:
         """Copy row `src_row` of `src` (a cache after its prefill) into `row`, each layer's

@@ -52,7 +52,7 @@ def add_bench_parser(subparsers) -> argparse.ArgumentParser:
 def cmd_bench(args: argparse.Namespace) -> int:
     import torch
 
-    from ..fastpath import check_decode_mode
+    from ..generation import Runner, check_decode_mode
     from ..quant import parse_kv_cache, parse_weights
     from ..reduction.registry import parse_spec
     from ..reduction.runtime import make_reduction
@@ -69,7 +69,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
     weights, kv_cache = parse_weights(args.weights), parse_kv_cache(args.kv_cache)  # fail before building
     if args.compare and (weights or kv_cache):
         raise UserError("--compare hf times transformers on the same weights: leave out --weights and --kv-cache")
-    model, name = _model(args, modes[0], weights, kv_cache)
+    model, name = _model(args, weights)
     n_img = image_tokens(model)
     keeps = args.keep or [n_img]
     too_many = [k for k in keeps if k > n_img]
@@ -90,12 +90,12 @@ def cmd_bench(args: argparse.Namespace) -> int:
               "cases": cases}
     with Progress("bench", len(modes) * len(keeps) * len(args.batch_size)) as bar:
         for mode in modes:
-            model.decode_mode = mode
+            runner = Runner(model, mode, kv_cache)
             for batch in args.batch_size:
                 for keep in sorted(set(keeps), reverse=True):
                     case = Case(batch, None if keep == n_img else keep, args.text_tokens, args.new_tokens)
                     reduce = specs[keep]
-                    ours = time_ours(model, case, reduce, args.repeats, args.warmup)
+                    ours = time_ours(runner, case, reduce, args.repeats, args.warmup)
                     row = {"batch": batch, "visual_tokens": keep, "decode": mode, "reduce": reduce, "ours": _plain(ours)}
                     if len(modes) > 1:  # the greedy tokens of the first mode, for the same case
                         first = first_tokens.setdefault((batch, keep), ours["tokens"])
@@ -107,7 +107,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
                     cases.append(row)
                     write(out, report, plot=False)  # what is done survives an interrupted run
                     if args.profile:
-                        (out / f"profile-{mode}-b{batch}-v{keep}.txt").write_text(_profile(model, case, reduce))
+                        (out / f"profile-{mode}-b{batch}-v{keep}.txt").write_text(_profile(runner, case, reduce))
                     bar.update(1)
     files = write(out, report)
     print(table(cases))
@@ -115,12 +115,12 @@ def cmd_bench(args: argparse.Namespace) -> int:
     return 0
 
 
-def _model(args: argparse.Namespace, decode: str, weights, kv_cache):
+def _model(args: argparse.Namespace, weights):
     """(the model to time, its name): a preset's shapes with random weights, or a loaded checkpoint."""
     if not args.preset:
         from .. import load
 
-        llava = load(args.model, **{**load_options(args), "decode": decode})
+        llava = load(args.model, **{**load_options(args), "decode": None})
         return llava.model, str(llava.path)
     from ..checkpoint import resolve_device, resolve_dtype
     from ..quant.weights import quantize_weights
@@ -129,7 +129,6 @@ def _model(args: argparse.Namespace, decode: str, weights, kv_cache):
     device = resolve_device(args.device)
     model = random_model(preset_config(args.preset), device, resolve_dtype(args.dtype, device), args.seed)
     quantize_weights(model, weights)
-    model.kv_cache = kv_cache
     return model, f"preset {args.preset}"
 
 
@@ -144,12 +143,12 @@ def _comparison(ours: dict, theirs: dict) -> dict:
             "same_tokens": bool(torch.equal(ours["tokens"], theirs["tokens"]))}
 
 
-def _profile(model, case, reduce) -> str:
+def _profile(runner, case, reduce) -> str:
     """profile_ours' table, or why the profiler failed (a diagnostic extra must not end the run)."""
     from .measure import profile_ours
 
     try:
-        return profile_ours(model, case, reduce)
+        return profile_ours(runner, case, reduce)
     except Exception as e:  # noqa: BLE001 - e.g. a profiler without device support: say so, keep timing
         return f"profiling failed: {type(e).__name__}: {e}\n"
 

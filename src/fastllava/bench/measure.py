@@ -9,8 +9,8 @@ from dataclasses import dataclass
 
 import torch
 
-from .. import anyres, fastpath
-from ..generation import SamplingParams, StepTimes, decode_steps, sync
+from .. import anyres
+from ..generation import Runner, SamplingParams, StepTimes, decode_steps, sync
 from ..models.llava import LlavaModel
 from ..reduction.runtime import make_reduction
 
@@ -61,24 +61,24 @@ def _peak(device: torch.device) -> int | None:
 
 
 @torch.inference_mode()
-def time_ours(model: LlavaModel, case: Case, reduce: str | None, repeats: int, warmup: int) -> dict:
+def time_ours(runner: Runner, case: Case, reduce: str | None, repeats: int, warmup: int) -> dict:
     """Medians of: vision tower, projector (in compiled mode: both in the compiled call that
     generation makes, projector None), prefill (embedding + language model + first sample),
     time to first token, decode speed per sequence, end-to-end time; peak memory, KV bytes; the
     first run's wall time, `first_run_s` (with --decode compiled: the compilation), and the
     greedy tokens of the last run [B, N]."""
+    model = runner.model
     device = model.device
     ids, mask, pixels, sizes = bench_inputs(model, case)
     pixels = pixels.to(device)
     params = SamplingParams(max_new_tokens=case.new_tokens).validate()
     runs, tokens, first_run = [], None, None
-    fastpath.compile_encoder(model)
-    compiled = model._compiled.get("encode_pixels") if model.decode_mode == "compiled" else None  # tower + projector
+    compiled = runner.tower()  # in compiled mode, the compiled tower + projector that generation uses
     for i in range(warmup + repeats):
         sync(device)
         t0 = time.perf_counter()
         if compiled is not None:  # the compiled tower and projector, one call: no projector time apart
-            compiled(pixels.flatten(0, -4))
+            compiled(pixels.flatten(0, -4), ())
             sync(device)
             t1 = t2 = time.perf_counter()
         else:
@@ -90,7 +90,7 @@ def time_ours(model: LlavaModel, case: Case, reduce: str | None, repeats: int, w
             t2 = time.perf_counter()
         _reset_peak(device)
         times = StepTimes()
-        steps = _generate(model, (ids, mask, pixels, sizes), params, reduce, times)
+        steps = _generate(runner, (ids, mask, pixels, sizes), params, reduce, times)
         if first_run is None:
             first_run = time.perf_counter() - t0
         if i < warmup:
@@ -107,30 +107,31 @@ def time_ours(model: LlavaModel, case: Case, reduce: str | None, repeats: int, w
 
 
 @torch.inference_mode()
-def profile_ours(model: LlavaModel, case: Case, reduce: str | None, rows: int = 30) -> str:
+def profile_ours(runner: Runner, case: Case, reduce: str | None, rows: int = 30) -> str:
     """One more generation of the case under torch.profiler -> the table of its `rows` costliest
     operators and kernels by time on the device (by CPU time on the CPU)."""
     from torch.profiler import ProfilerActivity, profile
 
+    model = runner.model
     device = model.device
     ids, mask, pixels, sizes = bench_inputs(model, case)
     params = SamplingParams(max_new_tokens=case.new_tokens).validate()
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
     with profile(activities=activities) as prof:
-        _generate(model, (ids, mask, pixels.to(device), sizes), params, reduce, StepTimes())
+        _generate(runner, (ids, mask, pixels.to(device), sizes), params, reduce, StepTimes())
         sync(device)
     key = "self_device_time_total" if device.type == "cuda" else "self_cpu_time_total"
     return prof.key_averages().table(sort_by=key, row_limit=rows)
 
 
-def _generate(model: LlavaModel, inputs: tuple, params: SamplingParams, reduce: str | None,
+def _generate(runner: Runner, inputs: tuple, params: SamplingParams, reduce: str | None,
               times: StepTimes) -> list[torch.Tensor]:
     """One greedy generation of inputs (ids, mask, pixels, image sizes from bench_inputs) under
     a fresh reduction of `reduce` -> the tokens [B] of each step; `times` gets its marks."""
     ids, mask, pixels, sizes = inputs
     finished = torch.zeros(ids.shape[0], dtype=torch.bool)
-    return list(decode_steps(model, ids, mask, pixels, params, [], finished, times, make_reduction(reduce, model.cfg),
-                             sizes))
+    return list(decode_steps(runner, ids, mask, pixels, params, [], finished, times,
+                             make_reduction(reduce, runner.model.cfg), sizes))
 
 
 def _medians(runs: list[dict]) -> dict:

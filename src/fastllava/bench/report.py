@@ -1,4 +1,5 @@
-"""Benchmark output: a text table, a JSON file with the environment, and a PNG plot."""
+"""Benchmark output: a text table, a JSON file with the environment, and a PNG plot (matplotlib,
+from the plots extra: checked when this module is imported, so before any timing)."""
 
 from __future__ import annotations
 
@@ -10,6 +11,10 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 import torch
+
+from ..extras import require
+
+require("matplotlib", "plots", "fastllava bench")  # bench.png; `fastllava bench` imports this module first
 
 
 def environment(device: torch.device) -> dict:

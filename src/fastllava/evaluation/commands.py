@@ -91,10 +91,11 @@ def cmd_eval(args: argparse.Namespace) -> int:
         raise UserError("--keep needs --reduce with the methods to sweep, e.g. --reduce fastv,visionzip")
     methods = parse_list(args.reduce) if args.reduce else []  # fail on a bad spec before loading weights
     out = Path(args.out) if args.out else Path("runs") / f"eval-{time.strftime('%Y%m%d-%H%M%S')}"
+    sweeping = bool(args.keep) or len(methods) > 1
+    if sweeping:
+        from .sweep import sweep  # needs the plots extra: fails before loading weights
     model = load(args.model, **load_options(args))
-    if args.keep or len(methods) > 1:
-        from .sweep import sweep
-
+    if sweeping:
         result = sweep(model, data, methods, args.keep, args.batch_size, args.limit, out, not args.quiet,
                        {"max_new_tokens": args.max_new_tokens})
         print((out / "sweep.md").read_text(), end="")

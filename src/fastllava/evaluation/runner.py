@@ -154,8 +154,9 @@ def _summary(model, data: Dataset, rows: list[dict], errors: list[str], batch_si
         "answer_suffix": ANSWER_SUFFIX,
         "device": str(getattr(model, "device", "unknown")),
         "dtype": str(getattr(getattr(model, "model", None), "dtype", "unknown")).replace("torch.", ""),
-        "weights": str(getattr(getattr(model, "model", None), "weights", None) or "fp"),
-        "kv_cache": str(getattr(getattr(model, "model", None), "kv_cache", None) or "fp"),
+        "weights": str(getattr(model, "weights", None) or "fp"),
+        "kv_cache": str(getattr(getattr(model, "runner", None), "kv_cache", None) or "fp"),
+        "decode": getattr(model, "decode", "eager"),
         "fastllava_version": __version__,
     }
     return {

@@ -10,10 +10,14 @@ import json
 from dataclasses import replace
 from pathlib import Path
 
+from ..extras import require
 from ..reduction.runtime import make_reduction
 from .dataset import Dataset, load_dataset
 from .progress import Progress
 from .runner import check_budgets, evaluate
+
+# sweep.png needs matplotlib: checked on import, which `fastllava eval` does before loading weights
+require("matplotlib", "plots", "a sweep (fastllava eval --keep, or several --reduce methods)")
 
 
 def plan(model, methods, keeps: list[int] | None) -> list[tuple[str, object]]:

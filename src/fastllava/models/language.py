@@ -2,13 +2,21 @@
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING, Union
+
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from ..config import TextConfig
-from ..kvcache import StaticKVCache
 from .fused import FusedLinear
+
+if TYPE_CHECKING:
+    from ..kvcache import StaticKVCache
+
+# Attention probabilities a layer hands back beside its output (Attention.forward): None, "all",
+# "last", or (rows [N], positions [N]) of the queries wanted.
+Read = Union[None, str, tuple]
 
 
 class RMSNorm(nn.Module):
@@ -71,37 +79,42 @@ class Attention(nn.Module):
         self.o_proj = nn.Linear(q_dim, cfg.hidden_size, bias=cfg.attention_bias)
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, mask: torch.Tensor | None,
-                cache: StaticKVCache | None, layer: int, start: int, weights: bool = False, queries=None):
-        """x [B, T, D] -> (out [B, T, D], probs [B, H, T, S] or None, keys [B, Hkv, S, Dh]). A mask
-        [B, 1, T, S] narrower than the cache's keys attends to its first S slots.
-        `weights` computes the attention probabilities explicitly (for a reduction hook at this
-        layer); otherwise attention goes through SDPA and probs is None. `queries` (rows [N],
-        positions [N]; without `mask`, the last position only) gives probs [N, H, S] of those
-        queries only, beside SDPA."""
+                cache: "StaticKVCache | None", layer: int, slot: int | torch.Tensor, span: int, read: Read = None):
+        """x [B, T, D] -> (out [B, T, D], probs or None, keys [B, Hkv, S, Dh]).
+
+        With a cache, this step's keys and values go to slots slot..slot+T of `layer` and
+        attention reads its first `span` slots (S = span); without one, S = T. `mask` [B, 1, T, S]
+        (boolean, True = attend, or additive floats) or None for plain causal attention over the
+        T keys. `read` asks for attention probabilities beside the output: "all" every query's
+        [B, H, T, S] (attention then computed explicitly), "last" the last query's [B, H, 1, S],
+        or (rows [N], positions [N]) those queries' [N, H, S] (both beside fused attention)."""
         b, t, _ = x.shape
         q, k, v = self.qkv.forward_split(x)
         q = apply_rotary(q.view(b, t, self.heads, self.head_dim).transpose(1, 2), cos, sin)  # [B, H, T, Dh]
         k = apply_rotary(k.view(b, t, self.kv_heads, self.head_dim).transpose(1, 2), cos, sin)  # [B, Hkv, T, Dh]
         v = v.view(b, t, self.kv_heads, self.head_dim).transpose(1, 2)
         if cache is not None:
-            k, v = cache.write(layer, start, k, v)  # [B, Hkv, S, Dh]
-            if mask is not None and mask.shape[-1] < k.shape[2]:  # a fixed-shape step over the first slots only
-                k, v = k[:, :, :mask.shape[-1]], v[:, :, :mask.shape[-1]]
+            k, v = cache.update(layer, slot, k, v, span)  # [B, Hkv, S, Dh]
         probs = None
-        if weights:
+        if read == "all":
             probs = _attention_probs(q, k, mask)  # [B, H, T, S]
-            rep = self.heads // self.kv_heads
-            out = probs.to(v.dtype) @ v.repeat_interleave(rep, dim=1)
+            out = probs.to(v.dtype) @ v.repeat_interleave(self.heads // self.kv_heads, dim=1)
         else:
-            causal = mask is None and t > 1
             out = F.scaled_dot_product_attention(
-                q, k, v, attn_mask=mask, is_causal=causal, enable_gqa=self.kv_heads != self.heads
+                q, k, v, attn_mask=mask, is_causal=mask is None and t > 1, enable_gqa=self.kv_heads != self.heads
             )  # [B, H, T, Dh]
-            if queries is not None:  # without a mask (causal over the whole range): the last query only
-                rows, pos = queries
-                qmask = None if mask is None else mask[rows, :, pos, None]
-                probs = _attention_probs(q[rows, :, pos, None], k[rows], qmask)[:, :, 0]  # [N, H, S]
+        if read == "last":
+            rows = torch.arange(b, device=x.device)
+            probs = self._query_probs(q, k, mask, rows, torch.full_like(rows, t - 1))[:, :, None]  # [B, H, 1, S]
+        elif isinstance(read, tuple):
+            probs = self._query_probs(q, k, mask, *read)  # [N, H, S]
         return self.o_proj(out.transpose(1, 2).reshape(b, t, self.heads * self.head_dim)), probs, k
+
+    @staticmethod
+    def _query_probs(q, k, mask, rows: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
+        """Attention probabilities [N, H, S] of the queries at (rows [N], positions [N])."""
+        qmask = None if mask is None else mask[rows, :, pos, None]
+        return _attention_probs(q[rows, :, pos, None], k[rows], qmask)[:, :, 0]
 
 
 def _attention_probs(q: torch.Tensor, k: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
@@ -137,29 +150,15 @@ class DecoderLayer(nn.Module):
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.mlp = MLP(cfg)
 
-    def forward(self, x, cos, sin, mask, cache, layer, start):
-        return self.forward_with_attention(x, cos, sin, mask, cache, layer, start, False)[0]
-
-    def forward_with_attention(self, x, cos, sin, mask, cache, layer, start, weights: bool, queries=None):
-        """-> (x [B, T, D], probs [B, H, T, S] or [N, H, S] or None, keys [B, Hkv, S, Dh]) (see Attention)."""
-        h, probs, keys = self.self_attn(self.input_layernorm(x), cos, sin, mask, cache, layer, start, weights, queries)
+    def forward(self, x, cos, sin, mask, cache, layer: int, slot, span: int, read: Read = None):
+        """-> (x [B, T, D], probs or None, keys [B, Hkv, S, Dh]) (see Attention)."""
+        h, probs, keys = self.self_attn(self.input_layernorm(x), cos, sin, mask, cache, layer, slot, span, read)
         x = x + h
         return x + self.mlp(self.post_attention_layernorm(x)), probs, keys
 
-    def forward_before_cut(self, x, cos, sin, mask, cache, layer, start, attention: str | None):
-        """This layer ahead of a reduction's cut -> (x [B, T, D], probs, keys [B, Hkv, S, Dh]) with
-        the attention the method reads (Reduction.attention): None; "all", every query's [B, H, T, S]
-        (computed explicitly); or "last", the last query's [B, H, 1, S] (beside fused attention)."""
-        if attention != "last":
-            return self.forward_with_attention(x, cos, sin, mask, cache, layer, start, attention == "all")
-        rows = torch.arange(x.shape[0], device=x.device)
-        x, probs, keys = self.forward_with_attention(x, cos, sin, mask, cache, layer, start, False,
-                                                     (rows, torch.full_like(rows, x.shape[1] - 1)))
-        return x, probs[:, :, None], keys
-
 
 class LanguageModel(nn.Module):
-    """Decoder stack without the output head: embeddings in, final-normed hidden states out."""
+    """Decoder stack without the output head."""
 
     def __init__(self, cfg: TextConfig):
         super().__init__()
@@ -169,91 +168,13 @@ class LanguageModel(nn.Module):
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.rotary = Rotary(cfg)
 
-    def forward(self, x: torch.Tensor, positions: torch.Tensor, key_valid: torch.Tensor | None,
-                cache: StaticKVCache | None = None, pruner=None, key_bias: torch.Tensor | None = None) -> torch.Tensor:
-        """x [B, T, D] input embeddings; positions [B, T]; key_valid [B, T] marks real (non-pad)
-        tokens of this step, None when all are real. With a cache, the step is appended to it.
-
-        `pruner` (a reduction.Reduction, prefill only) drops visual tokens after its cut layers:
-        later layers run on the compacted sequence (kept tokens keep their positions) and, with a
-        cache, get a compact cache of their own. The result then has the compacted length. Where
-        it merges tokens with proportional attention (`pruner.key_bias`), later layers add that
-        bias to the merged keys' attention logits; the cache keeps it for the decode steps.
-        `key_bias` [B, T] is such a bias from the start (tokens merged before the language model)."""
-        b, t, _ = x.shape
-        valid = key_valid if key_valid is not None else x.new_ones(b, t, dtype=torch.bool)  # [B, T]
-        bias = key_bias  # [B, T] additive attention logit of each key of this step, from merged tokens
-        stages = [0]
-        if pruner is not None:
-            stages += [c + 1 for c in pruner.cuts]
-            if cache is not None:
-                if cache.length:
-                    raise RuntimeError("visual token reduction runs at prefill, on an empty cache")
-                for first in stages:
-                    cache.split(first)
-        elif cache is not None:
-            stages = cache.stages
-        for i, layer in enumerate(self.layers):
-            if i in stages:  # a new slot layout: reserve it and build its mask and rotary tables
-                mask, start = self._stage(cache, i, valid, x.dtype, bias)
-                cos, sin = self.rotary(positions, x.dtype)
-            if pruner is not None and i in pruner.cuts:
-                x, probs, keys = layer.forward_before_cut(x, cos, sin, mask, cache, i, start, pruner.attention)
-                x, positions, valid = pruner(i, x, probs, keys, valid, positions)
-                bias = pruner.key_bias
-            else:
-                x = layer(x, cos, sin, mask, cache, i, start)
-        return self.norm(x)
-
-    def _stage(self, cache: StaticKVCache | None, first: int, valid: torch.Tensor, dtype: torch.dtype,
-               bias: torch.Tensor | None) -> tuple[torch.Tensor | None, int]:
-        """(attention mask, first slot) for the layers of the stage starting at layer `first`, whose
-        step's keys get the additive attention bias [B, T] (None: none; a cache also brings the
-        bias of the keys it holds)."""
-        t, device = valid.shape[1], valid.device
-        if cache is None:
-            start, end, mask = 0, t, self._mask(valid, 0, t, t, device)
-        else:
-            start, end = cache.reserve(first, valid)
-            if bias is not None:
-                cache.set_bias(first, start, bias)
-            bias = cache.key_bias(first, end)
-            mask = self._mask(cache.valid[first, :, :end], start, t, end, device)
-        if bias is None:
-            return mask, start
-        if mask is None:
-            mask = attention_mask(None, start, t, end, None, device)
-        return with_key_bias(mask, bias, dtype), start
-
-    def _mask(self, key_valid: torch.Tensor | None, start: int, t: int, end: int,
-              device: torch.device) -> torch.Tensor | None:
-        """Boolean attention mask [B, 1, T, S] (True = attend), or None when plain causal
-        attention over the whole range is exact."""
-        window = self.cfg.sliding_window
-        needs_window = window is not None and end > window
-        if t == 1 and key_valid is not None and not needs_window:
-            return key_valid[:, None, None, :]  # one query at the newest slot (no host wait to check padding)
-        if (key_valid is None or bool(key_valid.all())) and not needs_window and start == 0:
-            return None
-        return attention_mask(key_valid, start, t, end, window if needs_window else None, device)
-
-
-def attention_mask(key_valid: torch.Tensor | None, start: int, t: int, end: int, window: int | None,
-                   device: torch.device) -> torch.Tensor:
-    """Boolean mask [B, 1, T, S] (True = attend; B = 1 without key_valid) for queries at slots
-    start..start+T over keys at slots 0..end: causal, within `window` slots if given, and only
-    keys that key_valid [B, S] marks. A query still sees itself, so attention stays finite for
-    padding."""
-    q_slot = torch.arange(start, start + t, device=device)[:, None]  # [T, 1]
-    k_slot = torch.arange(end, device=device)[None, :]  # [1, S]
-    allowed = k_slot <= q_slot
-    if window is not None:
-        allowed = allowed & (k_slot > q_slot - window)
-    mask = allowed[None] if key_valid is None else allowed[None] & key_valid[:, None, :]  # [B, T, S]
-    return (mask | (k_slot == q_slot)[None])[:, None]
-
-
-def with_key_bias(mask: torch.Tensor, bias: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """Boolean mask [B or 1, 1, T, S] (True = attend) and bias [B, S] added to every query's
-    logit for each key -> additive mask [B, 1, T, S] of `dtype` (-inf where not attended)."""
-    return torch.where(mask, bias[:, None, None, :].to(dtype), float("-inf"))
+    def run(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, mask: torch.Tensor | None,
+            cache: "StaticKVCache | None", slot: int | torch.Tensor, span: int, first: int, stop: int,
+            read: Read = None) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+        """The layer loop: x [B, T, D] through layers first..stop-1, all with the same mask, cache
+        slots and span (see Attention) -> (x [B, T, D], then the probs that `read` asks for and
+        the keys [B, Hkv, S, Dh] of the last layer run)."""
+        probs = keys = None
+        for i in range(first, stop):
+            x, probs, keys = self.layers[i](x, cos, sin, mask, cache, i, slot, span, read if i == stop - 1 else None)
+        return x, probs, keys

@@ -1,20 +1,26 @@
-"""LLaVA: encode the image, select and project its features, splice them into the prompt
-where the image tokens stand, and run the language model."""
+"""LLaVA: a vision tower, a projector and a language model. `encode_images` turns pixels into
+projected features, `embed` writes them into the prompt where the image tokens stand, the
+language model's `run` is the layer loop, `head` gives the logits. The model holds weights and
+config only: caches, decode modes and compiled functions live in fastllava.generation."""
 
 from __future__ import annotations
+
+from typing import Callable
 
 import torch
 from torch import nn
 
 from ..config import LlavaConfig
 from ..errors import UserError
-from ..kvcache import StaticKVCache
+from ..ops import attention_mask
 from .language import LanguageModel
-from ..quant.kvcache import new_kv_cache
 from .projector import Projector
-from ..reduction.base import Method, VisionContext
-from ..reduction.runtime import Reduction
 from .vision import ClsInfo, VisionTower, absolute_layer
+
+# (pixel_values [N, C, H, W], vision blocks) -> (vision [N, P, Dv], features [N, P, D], then the
+# class-token attention [N, P] and keys [N, P, Dv] of each block): LlavaModel.encode_tower, or a
+# compiled version of it.
+Tower = Callable[[torch.Tensor, tuple], tuple]
 
 
 class LlavaModel(nn.Module):
@@ -32,11 +38,6 @@ class LlavaModel(nn.Module):
         self.lm_head = nn.Linear(cfg.text.hidden_size, cfg.text.vocab_size, bias=False)
         if cfg.tie_word_embeddings:
             self.lm_head.weight = self.language_model.embed_tokens.weight
-        self.kv_cache = None  # the KV-cache layout (fastllava.quant.KVSpec); None: full precision
-        self.decode_mode = "eager"  # how decode steps run: eager, static or compiled (fastllava.fastpath)
-        self._compiled = {}  # fastpath's torch.compile'd prefill and decode step, made on first use
-        self._compiled_caches = {}  # fastpath's reused caches for compiled decoding, by (batch, slots)
-        self.weights = None  # the weight quantization applied (fastllava.quant.WeightSpec); None: none
 
     @property
     def device(self) -> torch.device:
@@ -64,45 +65,33 @@ class LlavaModel(nn.Module):
         """pixel_values [N, C, H, W] -> projected image features [N, P, D]."""
         return self.multi_modal_projector(self.vision_features(pixel_values))
 
-    def encode_pixels(self, pixel_values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """pixel_values [N, C, H, W] -> (vision features [N, P, Dv], projected features [N, P, D])."""
-        vision = self.vision_features(pixel_values)
-        return vision, self.multi_modal_projector(vision)
-
-    def encode_with_cls(self, pixel_values: torch.Tensor,
-                        blocks: tuple[int, ...]) -> tuple[torch.Tensor, ...]:
+    def encode_tower(self, pixel_values: torch.Tensor, blocks: tuple[int, ...] = ()) -> tuple[torch.Tensor, ...]:
         """pixel_values [N, C, H, W] -> (vision features [N, P, Dv], projected features [N, P, D],
         then the class-token attention [N, P] and keys [N, P, Dv] of each vision block in `blocks`):
-        a flat tuple of tensors, as fastpath's compiled encoder returns it."""
+        a flat tuple of tensors, so that a compiled version returns the same."""
+        if not blocks:
+            vision = self.vision_features(pixel_values)
+            return vision, self.multi_modal_projector(vision)
         vision, infos = self.vision_features(pixel_values, blocks)
         return (vision, self.multi_modal_projector(vision), *[t for info in infos for t in (info.attention, info.keys)])
 
+    def cls_blocks(self, early_block: int | None) -> tuple[int, ...]:
+        """The vision blocks whose class-token attention a reader of `early_block` (1-based, or
+        None: the selected layer only) needs: the selected features' block, then that one."""
+        return (self.feature_block,) + ((early_block,) if early_block is not None else ())
+
     def encode_images(self, pixel_values: torch.Tensor, image_sizes: torch.Tensor | None = None,
-                      method: Method | None = None, early_block: int | None = None) -> dict:
-        """pixel_values [N, C, H, W] -> VisionContext's fields about the images: `vision` [N, P, Dv]
-        and `features` [N, P, D]; for a method before the LLM that needs them, `cls_attention`,
-        `keys` and `early_attention` [N, P] (None otherwise). `image_sizes` is for LLaVA-NeXT.
-        `early_block` (1-based, as Method.early_layer) asks for those fields without a method (training)."""
-        needs_cls = method is not None and method.where == "vision" and method.needs_cls
-        if needs_cls:
-            early_block = method.early_layer()
-        blocks = ()
-        if needs_cls or early_block is not None:
-            blocks = (self.feature_block,) + ((early_block,) if early_block is not None else ())
-        if blocks:
-            vision, features, *flat = self._encoder(self.encode_with_cls)(pixel_values, blocks)
-            infos = [ClsInfo(attention, keys) for attention, keys in zip(flat[0::2], flat[1::2])]
-        else:
-            vision, features = self._encoder(self.encode_pixels)(pixel_values)
-            infos = []
+                      blocks: tuple[int, ...] = (), tower: Tower | None = None) -> dict:
+        """pixel_values [N, C, H, W] -> the images' fields of a reduction's VisionContext: `vision`
+        [N, P, Dv] and `features` [N, P, D]; with `blocks` (see cls_blocks) also `cls_attention`,
+        `keys` (of the first block) and `early_attention` (of the second) [N, P], else None.
+        `image_sizes` is for LLaVA-NeXT. `tower` replaces encode_tower (a compiled version)."""
+        vision, features, *flat = (tower or self.encode_tower)(pixel_values, blocks)
+        infos = [ClsInfo(attention, keys) for attention, keys in zip(flat[0::2], flat[1::2])]
         sel, early = (infos + [None, None])[:2]
         return dict(vision=vision, features=features,
                     cls_attention=sel.attention if sel else None, keys=sel.keys if sel else None,
                     early_attention=early.attention if early else None)
-
-    def _encoder(self, fn):
-        """fastpath's compiled version of `fn` (encode_pixels or encode_with_cls) in compiled mode, else fn."""
-        return self._compiled.get(fn.__name__, fn) if self.decode_mode == "compiled" else fn
 
     def embed(self, input_ids: torch.Tensor, image_features: torch.Tensor | None) -> torch.Tensor:
         """Token embeddings [B, T, D] with image features ([N, P, D], or [F, D] one image after
@@ -120,41 +109,19 @@ class LlavaModel(nn.Module):
             x = x.masked_scatter(is_image[..., None], image_features.reshape(-1, x.shape[-1]).to(x.dtype))
         return x
 
-    def prepare(self, input_ids: torch.Tensor, pixel_values: torch.Tensor | None, valid: torch.Tensor,
-                positions: torch.Tensor, reduction: Reduction | None = None, image_sizes: torch.Tensor | None = None):
-        """Encode the images, splice them into the prompt input_ids [B, T] (real tokens `valid`
-        [B, T]) and, with a reduction, call its hook before the language model. `image_sizes`
-        [N, 2] is for LLaVA-NeXT (as in transformers' LlavaForConditionalGeneration, unused here).
-        -> (embeds [B, T', D], positions [B, T'], valid [B, T'])."""
-        method = reduction.method if reduction is not None else None
-        images = None if pixel_values is None else self.encode_images(pixel_values, image_sizes, method)
-        real = None if images is None else images.get("valid")  # [N, P] on LLaVA-NeXT (rows padded), else None
-        feats = None if images is None else images["features"] if real is None else images["features"][real]
-        x = self.embed(input_ids, feats)
-        if reduction is None:
-            return x, positions, valid
-        is_image = (input_ids == self.cfg.image_token_index) & valid  # [B, T]
-        reduction.start(is_image, None if real is None else real.sum(1))
-        if method.where != "vision" or images is None:
-            return x, positions, valid
-        rows = reduction.rows  # [N] the row of each image
-        ctx = VisionContext(**images, text=x[rows], text_valid=(valid & ~is_image)[rows], grid=self.cfg.vision.grid,
-                            budget=method.keep, project=self.multi_modal_projector)
-        return reduction.vision(ctx, x, is_image, valid, positions)
+    def head(self, h: torch.Tensor) -> torch.Tensor:
+        """Final hidden states [B, T, D] -> logits [B, T, V]."""
+        return self.lm_head(self.language_model.norm(h))
 
-    def forward(self, embeds: torch.Tensor, positions: torch.Tensor, key_valid: torch.Tensor | None,
-                cache: StaticKVCache | None = None, last_only: bool = False,
-                reduction: Reduction | None = None) -> torch.Tensor:
-        """embeds [B, T, D] -> logits [B, T, V] (or [B, 1, V] with last_only); with a reduction
-        that cuts inside the language model, T is the length after the last cut."""
-        pruner = reduction if reduction is not None and reduction.cuts else None
-        bias = reduction.key_bias if reduction is not None else None  # [B, T] merged before the LLM
-        h = self.language_model(embeds, positions, key_valid, cache, pruner, bias)
-        if last_only:
-            h = h[:, -1:]
-        return self.lm_head(h)
-
-    def new_cache(self, batch: int, max_len: int) -> StaticKVCache:
-        t = self.cfg.text
-        return new_kv_cache(self.kv_cache, t.num_hidden_layers, batch, t.num_key_value_heads, max_len, t.head_dim,
-                            self.dtype, self.device)
+    def forward(self, embeds: torch.Tensor, positions: torch.Tensor,
+                key_valid: torch.Tensor | None = None) -> torch.Tensor:
+        """embeds [B, T, D] at positions [B, T], real tokens key_valid [B, T] (None: all) -> logits
+        [B, T, V], without a cache or a reduction (fastllava.generation.prefill has both)."""
+        lm, t = self.language_model, embeds.shape[1]
+        window = self.cfg.text.sliding_window
+        mask = None
+        if key_valid is not None or (window is not None and t > window):
+            mask = attention_mask(key_valid, 0, t, t, window if window is not None and t > window else None,
+                                  device=embeds.device)
+        cos, sin = lm.rotary(positions, embeds.dtype)
+        return self.head(lm.run(embeds, cos, sin, mask, None, 0, t, 0, len(lm.layers))[0])

@@ -29,13 +29,13 @@ class LlavaNextModel(LlavaModel):
         images = self.encode_images(pixel_values, image_sizes)
         return images["features"][images["valid"]]
 
-    def encode_images(self, pixel_values: torch.Tensor, image_sizes: torch.Tensor | None = None, method=None,
-                      early_block: int | None = None) -> dict:
+    def encode_images(self, pixel_values: torch.Tensor, image_sizes: torch.Tensor | None = None,
+                      blocks: tuple[int, ...] = (), tower=None) -> dict:
         """As LlavaModel.encode_images, one row per image in the order the language model receives its
         tokens (base features, then the unpadded tile grid row by row, each row ended by
         image_newline), rows padded to the longest image; adds `valid`, `part` and `where` [N, F]."""
         tiles, sizes, grids = self._tiles(pixel_values, image_sizes)
-        per_tile = super().encode_images(tiles, None, method, early_block)  # [sum of tiles, g*g, ...] each
+        per_tile = super().encode_images(tiles, None, blocks, tower)  # [sum of tiles, g*g, ...] each
         layouts = [self.token_layout(s, grid) for s, grid in zip(sizes, grids)]  # (src [F], where [F, 2]) per image
         counts = [rows * cols + 1 for rows, cols in grids]
         out = {}

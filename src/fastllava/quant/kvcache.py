@@ -1,6 +1,6 @@
 """A KV cache that stores keys and values quantized (KIVI or VidKV), with the slot bookkeeping
-and interface of StaticKVCache: attention writes a step with `write` and gets back every key and
-value so far, dequantized (the store) or as written (the full-precision residual), ready for SDPA.
+and interface of StaticKVCache: attention writes a step with `update` and gets back the keys and
+values of the slots it attends to, dequantized (the store) or as written (the full-precision residual), ready for SDPA.
 """
 
 from __future__ import annotations
@@ -56,8 +56,12 @@ class QuantizedKVCache(StaticKVCache):
             self.salient = [vidkv.SalientValues(slots, self.spec.group, h, d, self.dtype)
                             for _ in self.layers]
 
-    def write(self, layer: int, start: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Append k, v [B, Hkv, T, Dh] at slots start.. and return all keys/values so far."""
+    def update(self, layer: int, slot: int | torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+               span: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """StaticKVCache.update: append k, v [B, Hkv, T, Dh] at slots slot.. (the next ones: codes
+        are packed in order) and return the keys/values of the first `span` slots, read back from
+        the store (zeros past the slots written, which `valid` masks)."""
+        start = int(slot) if isinstance(slot, int) else int(slot.reshape(-1)[0])
         keys, values = self.layers[layer]
         held = keys.n_quantized + keys.n_residual
         if start != held:
@@ -71,7 +75,7 @@ class QuantizedKVCache(StaticKVCache):
             salient.keep(v)
         if salient is not None and n_quantized:
             v_all = salient.apply(v_all, n_quantized)
-        return k_all, v_all
+        return _to_span(k_all, span), _to_span(v_all, span)
 
     def insert_row(self, row: int, src: StaticKVCache, src_row: int = 0, reset: bool = False) -> None:
         """StaticKVCache.insert_row for quantized layouts: src (the same layout) row `src_row` is
@@ -92,6 +96,13 @@ class QuantizedKVCache(StaticKVCache):
     @property
     def nbytes(self) -> int:
         return sum(k.nbytes + v.nbytes for k, v in self.layers) + sum(s.store.nbytes for s in self.salient)
+
+
+def _to_span(x: torch.Tensor, span: int) -> torch.Tensor:
+    """x [B, H, S, D] cut or zero-padded to `span` slots."""
+    if x.shape[2] >= span:
+        return x[:, :, :span]
+    return torch.cat([x, x.new_zeros(*x.shape[:2], span - x.shape[2], x.shape[3])], dim=2)
 
 
 def new_kv_cache(spec: str | KVSpec | None, num_layers: int, batch: int, kv_heads: int, max_len: int,

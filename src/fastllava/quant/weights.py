@@ -27,18 +27,28 @@ FUSED_MAX_ROWS = 4
 
 
 def unpack_cpu_int4(packed: torch.Tensor, n: int, k: int) -> torch.Tensor:
-    """Codes [N, K] (uint8) from the layout of `_convert_weight_to_int4pack_for_cpu`: blocks of 64
-    output rows, each k-major with row j in the low and row j + 32 in the high nibble of byte j;
-    a last, shorter block pairs rows 2j (low) and 2j + 1 (high). Tested against the converter."""
+    """Codes [N, K] (uint8) from the layout of `_convert_weight_to_int4pack_for_cpu`: blocks of
+    `block` output rows (cpu_int4_block: 64 with AVX-512, 32 with AVX2), each k-major, with row j in
+    the low and row j + block/2 in the high nibble of byte j; a last, shorter block pairs rows 2j
+    (low) and 2j + 1 (high). Tested against the converter."""
+    block = cpu_int4_block()
     flat = packed.reshape(-1)
-    full = n // 64
-    head = flat[:full * 32 * k].view(full, k, 32)  # [blocks, K, 32]
-    rows = torch.cat([head & 15, head >> 4], dim=2).permute(0, 2, 1).reshape(full * 64, k)  # [64 * blocks, K]
-    tail = n - full * 64
+    full = n // block
+    head = flat[:full * block // 2 * k].view(full, k, block // 2)  # [blocks, K, block/2]
+    rows = torch.cat([head & 15, head >> 4], dim=2).permute(0, 2, 1).reshape(full * block, k)  # [block * blocks, K]
+    tail = n - full * block
     if tail:
-        t = flat[full * 32 * k:].view(k, tail // 2)  # [K, tail/2]
+        t = flat[full * block // 2 * k:].view(k, tail // 2)  # [K, tail/2]
         rows = torch.cat([rows, torch.stack([t & 15, t >> 4], dim=2).reshape(k, tail).T])
     return rows
+
+
+def cpu_int4_block() -> int:
+    """The rows per block of this CPU's `_convert_weight_to_int4pack_for_cpu` (its layout follows
+    the kernel PyTorch dispatches to): found by packing a probe whose rows 16i..16i+15 hold the
+    code i, so that the first byte pairs row 0 with row block/2, whose code is block/32."""
+    probe = (torch.arange(64, dtype=torch.int32) // 16)[:, None].expand(64, 64).contiguous()
+    return 32 * (int(torch.ops.aten._convert_weight_to_int4pack_for_cpu(probe, 1).reshape(-1)[0]) >> 4)
 
 
 def _cpu_int4_kernel(w: torch.Tensor, group: int) -> bool:
@@ -133,7 +143,6 @@ def quantize_weights(model: nn.Module, spec: str | WeightSpec | None) -> nn.Modu
     roots = ["language_model"] + (["vision_tower", "multi_modal_projector"] if spec.vision else [])
     for root in roots:
         _replace(model.get_submodule(root), spec)
-    model.weights = spec
     return model
 
 

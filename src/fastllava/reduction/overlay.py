@@ -15,7 +15,7 @@ import torch
 from PIL import Image, ImageDraw
 
 from .. import anyres
-from ..generation import positions_from_mask
+from ..ops import positions_from_mask
 from ..images import load_image
 from .runtime import make_reduction
 

@@ -11,6 +11,7 @@ import torch
 
 from ..errors import UserError
 from ..models.vision import absolute_layer
+from ..ops import positions_from_mask
 from .base import LayerContext, Method, Selection, VisionContext, candidates, take
 from .registry import parse_spec
 
@@ -87,8 +88,6 @@ class Reduction:
         x, positions, valid = self._apply(_to_rows(sel, cand_valid, ctx.valid, self.starts), cand, cand_valid, x,
                                           valid, positions)
         if self.method.positions == "compact":  # the shortened prompt numbered 0, 1, 2, ...
-            from ..generation import positions_from_mask  # at call time: generation imports this module
-
             positions = positions_from_mask(valid)
         return x, positions, valid
 

@@ -8,6 +8,7 @@ from pathlib import Path
 
 from ..cli_args import add_model_args, add_quant_args, load_options, positive_int
 from ..errors import UserError
+from ..extras import require
 from .settings import Limits, Settings
 
 
@@ -47,7 +48,8 @@ def settings_from_args(args: argparse.Namespace, model_dir: Path) -> Settings:
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
-    import uvicorn
+    require("fastapi", "serve", "fastllava serve")  # a missing extra fails before loading weights
+    uvicorn = require("uvicorn", "serve", "fastllava serve")
 
     from .. import load
     from ..quant.spec import parse_kv_cache

@@ -3,7 +3,7 @@
 Requests admitted together are prefilled as one left-padded batch (as `Llava.generate` does
 it) and their cache rows are copied into free rows of the shared cache, right-aligned at the
 shared length (see `StaticKVCache.insert_row`). Each decode step then runs every active row
-together, each at its own position, through the model's decode mode (`fastpath.decode_step`: in
+together, each at its own position, through the runner's decode step (`Runner.step`: in
 the static and compiled modes a fixed-shape step over the first slots in use); a row that
 finishes (EOS, stop string, max_tokens, client gone) frees its slot for the next waiting request.
 A request is admitted only while every active row still has room to finish; otherwise it waits
@@ -22,10 +22,11 @@ from typing import Callable
 
 import torch
 
-from .. import fastpath
 from ..engine import Llava
 from ..errors import UserError
-from ..generation import SamplingParams, new_generator, prefill, sample
+from ..generation import SamplingParams, TextState, new_generator, sample, step_span
+from ..generation.step import Step
+from ..ops import left_pad
 from ..reduction.runtime import make_reduction
 from .errors import APIError
 
@@ -60,50 +61,33 @@ class Busy(Exception):
 class _Row:
     """One sequence being decoded in row `index` of the shared cache."""
 
-    def __init__(self, index: int, job: Job, generator: torch.Generator | None, llava: Llava, eos: set[int],
-                 pos: int, visual_tokens: list[int] | None):
-        self.index, self.job, self.generator, self.llava, self.eos = index, job, generator, llava, eos
+    def __init__(self, index: int, job: Job, generator: torch.Generator | None, text: TextState, pos: int,
+                 visual_tokens: list[int] | None):
+        self.index, self.job, self.generator, self.text = index, job, generator, text
         self.pos = pos  # position of the last token fed to the model
         self.visual_tokens = visual_tokens
         self.last = 0  # the last sampled token
-        self.ids: list[int] = []  # generated ids, EOS excluded
-        self.count = 0  # generated tokens, EOS included
-        self.streamed = ""
-        self.reason = "length"
 
     def push(self, tok: int) -> bool:
         """Take a sampled token; emit what text it adds; True when the sequence is finished."""
-        self.count, self.last = self.count + 1, tok
-        p = self.job.params
-        if tok in self.eos:
-            self.reason = "stop"
-            return True
-        self.ids.append(tok)
-        if self.job.stream or p.stop:
-            text, stopped = self.llava.visible_text(self.ids, p.stop)
-            if self.job.stream and not text.endswith("\ufffd") and text.startswith(self.streamed):
-                self._delta(text)
-            if stopped:
-                self.reason = "stop"
-                return True
-        return self.count >= p.max_new_tokens
+        self.last = tok
+        delta, done = self.text.push(tok)
+        if delta:
+            self.job.emit(("delta", delta))
+        return done
 
     def finish(self) -> Finish:
-        text = self.llava.visible_text(self.ids, self.job.params.stop)[0]
-        if self.job.stream and text.startswith(self.streamed):
-            self._delta(text)  # what was held back (an incomplete character at the end)
-        return Finish(text, self.reason, self.count, self.visual_tokens)
-
-    def _delta(self, text: str) -> None:
-        if text != self.streamed:
-            self.job.emit(("delta", text[len(self.streamed):]))
-            self.streamed = text
+        text, held = self.text.finish()
+        if held:
+            self.job.emit(("delta", held))  # what was held back (an incomplete character at the end)
+        return Finish(text, self.text.reason, self.text.count, self.visual_tokens)
 
 
 class Scheduler:
     def __init__(self, llava: Llava, max_batch_size: int, max_queue: int, max_len: int):
         self.llava, self.model = llava, llava.model
-        self.cache = fastpath.lasting_cache(self.model, max_batch_size, max_len)
+        self.runner = llava.runner
+        self.cache = self.runner.lasting_cache(max_batch_size, max_len)
         self._decoder, self._decoder_key = None, None  # the decode step, and the cache layout it was made for
         self.rows: list[_Row | None] = [None] * max_batch_size
         self.waiting: deque[Job] = deque()
@@ -194,24 +178,20 @@ class Scheduler:
     def _fits(self, jobs: list[Job]) -> bool:
         """Whether, with these prompts inserted now, every row still has the slots to finish."""
         active = self._active()
-        end = max([self.cache.length if active else 0] + [fastpath.prompt_slots(self.model, len(j.ids)) for j in jobs])
-        need = [r.job.params.max_new_tokens - r.count for r in active] + [j.params.max_new_tokens - 1 for j in jobs]
+        end = max([self.cache.length if active else 0] + [self.runner.prompt_slots(len(j.ids)) for j in jobs])
+        need = [r.job.params.max_new_tokens - r.text.count for r in active] + [j.params.max_new_tokens - 1 for j in jobs]
         return end + max(need) <= self.cache.max_len
 
     def _start(self, jobs: list[Job]) -> None:
         """Prefill the jobs as one left-padded batch (as `Llava.generate` does), sample each
         one's first token with its own parameters, copy their cache rows into free rows."""
-        b, t = len(jobs), max(len(j.ids) for j in jobs)
-        ids = torch.full((b, t), self.llava.config.text.pad_token_id or 0, dtype=torch.long)  # [B', T]
-        valid = torch.zeros(b, t, dtype=torch.bool)
-        for i, job in enumerate(jobs):
-            ids[i, t - len(job.ids):], valid[i, t - len(job.ids):] = torch.tensor(job.ids), True
+        ids, valid = left_pad([j.ids for j in jobs], self.llava.config.text.pad_token_id or 0)  # [B', T]
         pixels = _cat([j.pixel_values for j in jobs])  # [N, 3, H, W] or NeXT tiles [ΣP, 3, H, W], row by row
         sizes = _cat([j.image_sizes for j in jobs])  # [N, 2] (LLaVA-NeXT) or None
         try:
             reduction = make_reduction(jobs[0].reduce, self.llava.config)
-            logits, positions, small = prefill(self.model, ids, valid, pixels, 0, reduction,
-                                               image_sizes=sizes)  # [B', V], [B', T']
+            logits, positions, small = self.runner.prefill(ids, valid, pixels, 0, reduction,
+                                                           image_sizes=sizes)  # [B', V], [B', T']
         except UserError as e:
             for job in jobs:
                 job.emit(("error", APIError(400, str(e), "messages", "invalid_prompt")))
@@ -224,8 +204,9 @@ class Scheduler:
             index = self.rows.index(None)
             self.cache.insert_row(index, small, i, reset=reset and i == 0)
             kept = [int(c[i]) for c in reduction.counts] if reduction is not None else None
-            eos = set() if job.ignore_eos else self.eos
-            row = self.rows[index] = _Row(index, job, generator, self.llava, eos, int(positions[i, -1]), kept)
+            text = TextState(self.llava.prompts.decode, set() if job.ignore_eos else self.eos, p.stop,
+                             p.max_new_tokens, job.stream)
+            row = self.rows[index] = _Row(index, job, generator, text, int(positions[i, -1]), kept)
             if row.push(first):
                 self._finish(row)
 
@@ -246,15 +227,14 @@ class Scheduler:
             if r.push(tok):
                 self._finish(r)
 
-    def _decode_step(self) -> fastpath.Step:
-        """The model's decode step (fastpath.decode_step: eager, or fixed-shape in the static and
-        compiled modes) for the cache's current stage layout, attending to the first slots that may
-        hold keys (a power-of-two bucket, so that a compiled step has a few shapes); made anew
-        when these change."""
-        span = fastpath.step_span(self.cache.length + 1, self.cache.max_len)
+    def _decode_step(self) -> Step:
+        """The runner's decode step (eager, or fixed-shape in the static and compiled modes) for
+        the cache's current stage layout, attending to the first slots that may hold keys (a
+        power-of-two bucket, so that a compiled step has a few shapes); made anew when these change."""
+        span = step_span(self.cache.length + 1, self.cache.max_len)
         key = (tuple(self.cache.stages), span)
         if key != self._decoder_key:
-            self._decoder, self._decoder_key = fastpath.decode_step(self.model, self.cache, span), key
+            self._decoder, self._decoder_key = self.runner.step(self.cache, span), key
         return self._decoder
 
     def _sample(self, logits: torch.Tensor, rows: list[_Row]) -> list[int]:

@@ -1,5 +1,6 @@
-"""The fixed-shape prefill and decode step (fastllava.fastpath) give the eager path's tokens: plain,
-with padding, with reduction inside the language model (several cache stages), compiled."""
+"""The decode modes: the fixed-shape prefill and decode step (static, compiled) run, and give the
+eager mode's tokens: plain, with padding, with reduction inside the language model (several cache
+stages), with merged tokens' attention bias, compiled."""
 
 import json
 
@@ -11,8 +12,7 @@ from PIL import Image
 import fastllava
 from fastllava.errors import UserError
 from fastllava.evaluation.tokenizer import build_word_tokenizer
-from fastllava.fastpath import CACHE_BUCKET, PREFILL_BUCKET, cache_size
-from fastllava.generation import prefill
+from fastllava.generation import CACHE_BUCKET, PREFILL_BUCKET, Runner
 from fastllava.reduction.runtime import make_reduction
 from hf_reference import IMAGE_TOKEN, VOCAB, save_checkpoint, tiny_llava
 
@@ -36,9 +36,15 @@ def _images():
 
 
 def _tokens(model, mode: str, reduce=None, n: int = 12) -> list[list[int]]:
-    model.model.decode_mode = mode
+    """Greedy tokens in `mode`, checking that the mode's prefill and n - 1 steps ran."""
+    if model.decode != mode:
+        model.set_decode(mode)
     ids, mask, pixels = model.encode(_images(), PROMPTS)  # left-padded batch, one row without image
-    return model.generate_ids(ids, pixels, mask, max_new_tokens=n, eos_token_id=None, reduce=reduce).tolist()
+    before = model.runner.calls.copy()
+    out = model.generate_ids(ids, pixels, mask, max_new_tokens=n, eos_token_id=None, reduce=reduce).tolist()
+    kind = "fixed" if model.runner.fixed else "eager"
+    assert model.runner.calls - before == {f"{kind}_prefill": 1, f"{kind}_step": n - 1}
+    return out
 
 
 @pytest.mark.parametrize("reduce", [None, "fastv:keep=5,layer=1", "pdrop:keep=8,layers=1-2",
@@ -55,7 +61,7 @@ def test_static_decode_logits_match_eager(ckpt):
     ids, mask, pixels = model.encode(_images(), PROMPTS)
     out = {}
     for mode in ("eager", "static"):
-        model.model.decode_mode = mode
+        model.set_decode(mode)
         out[mode] = model.generate_ids(ids, pixels, mask, max_new_tokens=6, eos_token_id=None,
                                        temperature=1.0, seed=7)  # sampled: any logit error shifts the draws
     assert torch.equal(out["eager"], out["static"])
@@ -71,10 +77,10 @@ def test_fixed_prefill_runs_cuts_inside_the_language_model(ckpt, reduce, rows):
     ids, mask, pixels = model.encode(_images()[:rows], PROMPTS[:rows])
     out = {}
     for mode in ("eager", "static"):
-        model.model.decode_mode = mode
+        runner = Runner(model.model, mode)
         reduction = make_reduction(reduce, model.model.cfg)
         with torch.inference_mode():
-            logits, _, cache = prefill(model.model, ids, mask, pixels, 4, reduction)
+            logits, _, cache = runner.prefill(ids, mask, pixels, 4, reduction)
         out[mode] = logits, cache, reduction
     (eager, eager_cache, eager_red), (static, static_cache, static_red) = out["eager"], out["static"]
     assert static_cache.stages == eager_cache.stages and len(static_cache.stages) > 1
@@ -88,19 +94,28 @@ def test_fixed_prefill_runs_cuts_inside_the_language_model(ckpt, reduce, rows):
 
 def test_quantized_cache_decodes_eagerly_in_any_mode(ckpt):
     model = fastllava.load(ckpt, device="cpu", kv_cache="kivi:bits=4,group=8,residual=8")
-    assert _tokens(model, "static") == _tokens(model, "eager")
+    static = _tokens(model, "static")
+    assert not model.runner.fixed and model.runner.calls["fixed_step"] == 0
+    assert static == _tokens(model, "eager")
 
 
 def test_compiled_decode_gives_the_eager_tokens(ckpt):
+    from torch._dynamo.utils import counters
+
     model = fastllava.load(ckpt, device="cpu", decode="compiled")
-    assert cache_size(model.model, CACHE_BUCKET + 1) == 2 * CACHE_BUCKET
+    assert model.runner.cache_size(CACHE_BUCKET + 1) == 2 * CACHE_BUCKET
+    frames = counters["frames"]["ok"]
     compiled = _tokens(model, "compiled", n=6)
+    assert set(model.runner.compiled) == {"encode_tower", "run_stage", "decode_step"}
+    assert counters["frames"]["ok"] > frames  # torch.compile really compiled them (no silent eager fallback)
+    runner = model.runner
     assert compiled == _tokens(model, "eager", n=6)
+    model.runner = runner
     again = _tokens(model, "compiled", reduce="fastv:keep=5,layer=1", n=6)  # the same cache, reused and split
-    assert len(model.model._compiled_caches) == 1
-    assert again == _tokens(model, "eager", reduce="fastv:keep=5,layer=1", n=6)
+    assert len(runner._caches) == 1
     merged = "fastervlm:keep=5,merge=prop"  # proportional attention in the compiled prefill and step
     assert _tokens(model, "compiled", reduce=merged, n=6) == _tokens(model, "eager", reduce=merged, n=6)
+    assert again == _tokens(model, "eager", reduce="fastv:keep=5,layer=1", n=6)
 
 
 def test_unknown_decode_mode_is_a_clear_error(ckpt):

@@ -1,9 +1,11 @@
 #!/usr/bin/env python
 """Train the embedded default model and write it as a HF LLaVA checkpoint.
 
-    python scripts/train_default_model.py --out src/fastllava/assets/default_model [--device cuda]
+    python -m training.train_default_model --out src/fastllava/assets/default_model [--device cuda]
 
-Every TrainSpec field is a flag (--steps, --align-steps, --batch-size, --lr, --seed, sizes...).
+(from the repository root). Every TrainSpec field is a flag (--steps, --align-steps, --batch-size,
+--lr, --seed, sizes...). The training-only heads go to training.trainer.heads_path(--out):
+training/heads/<name>.safetensors for an embedded model's directory, else beside the checkpoint.
 """
 
 import argparse
@@ -11,7 +13,7 @@ import dataclasses
 import sys
 
 from fastllava.errors import UserError
-from fastllava.training import TrainSpec, train
+from training.trainer import TrainSpec, train
 
 
 def main() -> int:

@@ -5,7 +5,8 @@ pretrained CLIP). An answer gives it a weak, sparse signal; a per-patch label gi
 ones per image. For every patch of the grid we know from the scene what covers its centre: the
 shape, the colour and the size of the object there (or background), and whether the object's
 centre lies in this patch (so that objects can be counted). A linear head on the features that
-LLaVA reads predicts them; the head is used in training only and never saved.
+LLaVA reads predicts them; the head is used in training only and is no part of the saved model
+(the trainer keeps it at trainer.heads_path).
 
 The language model must also learn where to look: a question about "the red object" is answered
 from the few patches of that object among 576. `looked_at` reads off the scene which objects a
@@ -27,8 +28,8 @@ import torch.nn.functional as F
 from PIL import Image, ImageDraw
 from torch import nn
 
-from .evaluation.questions import directions, nearest
-from .evaluation.scenes import COLORS, PLURALS, SHAPES, SIZES, Scene, draw_object
+from fastllava.evaluation.questions import directions, nearest
+from fastllava.evaluation.scenes import COLORS, PLURALS, SHAPES, SIZES, Scene, draw_object
 
 # label group -> number of classes (0 = background / no)
 # and (row, col): the patch's own place on a CELLS x CELLS grid, so that the features keep where they are

@@ -21,22 +21,25 @@ import torch
 import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 
-from .checkpoint import load_model, save_model
-from .config import LlavaConfig, RopeConfig, TextConfig, VisionConfig
-from .errors import UserError
-from .evaluation.progress import Progress
-from .evaluation.questions import ASK, FAMILIES, STRATEGIES, all_pairs, ask_exist, prompt
-from .evaluation.scenes import caption, random_scene, render
-from .evaluation.tokenizer import build_word_tokenizer, default_words, write_preprocessor_config
-from . import anyres
-from .images import AnyresProcessor, ImageProcessor
-from .models.llava import LlavaModel
-from .models.llava_next import LlavaNextModel
-from .prompts import PromptEncoder
-from .training_aux import (WHOLE, Guidance, PatchHead, cls_guide_loss, looked_at, object_attributes, patch_labels,
-                           patch_objects, relative_direction, SIDES)
+from fastllava import anyres
+from fastllava.assets import EMBEDDED
+from fastllava.checkpoint import load_model, save_model
+from fastllava.config import LlavaConfig, RopeConfig, TextConfig, VisionConfig
+from fastllava.errors import UserError
+from fastllava.evaluation.progress import Progress
+from fastllava.evaluation.questions import ASK, FAMILIES, STRATEGIES, all_pairs, ask_exist, prompt
+from fastllava.evaluation.scenes import caption, random_scene, render
+from fastllava.evaluation.tokenizer import build_word_tokenizer, default_words, write_preprocessor_config
+from fastllava.images import AnyresProcessor, ImageProcessor
+from fastllava.models.llava import LlavaModel
+from fastllava.models.llava_next import LlavaNextModel
+from fastllava.prompts import PromptEncoder
 
-HEADS_FILE = "training_heads.safetensors"  # the training-only heads, beside a checkpoint this module writes
+from training.guidance import (WHOLE, Guidance, PatchHead, cls_guide_loss, looked_at, object_attributes, patch_labels,
+                               patch_objects, relative_direction, SIDES)
+
+HEADS_FILE = "training_heads.safetensors"  # the training-only heads beside a checkpoint (see heads_path)
+HEADS_DIR = Path(__file__).parent / "heads"  # the embedded models' heads, kept out of the installed package
 TRAIN_SEED_BASE = 10_000_000  # training streams use seeds >= this; evaluation sets use small seeds
 IMAGE_TOKEN_ID = 3
 EOS_ID = 2
@@ -64,9 +67,9 @@ class TrainSpec:
     batch_size: int = 32
     lr: float = 2e-3
     aux_weight: float = 0.5  # weight of the patch-label loss during instruction tuning
-    guide_weight: float = 0.5  # weight of the attention-guidance and object-probe losses (training_aux)
-    guide_layer: int = 1  # the first of the two language-model layers guided (training_aux.Guidance)
-    cls_weight: float = 0.0  # weight of the class-token attention loss (training_aux.cls_guide_loss), in
+    guide_weight: float = 0.5  # weight of the attention-guidance and object-probe losses (training.guidance)
+    guide_layer: int = 1  # the first of the two language-model layers guided (training.guidance.Guidance)
+    cls_weight: float = 0.0  # weight of the class-token attention loss (training.guidance.cls_guide_loss), in
     # the selected vision layer and in block cls_early_block (the early layer HiRED reads)
     cls_early_block: int = 1
     questions: int = 8  # question/answer segments sharing one image per training row
@@ -124,7 +127,7 @@ class Batches:
         self.popular = all_pairs()  # frequency order is learned from data; any order trains all pairs
         # sampling weights (see `reweight`), in shared memory so that worker processes see updates
         self.family_weights = torch.ones(len(FAMILIES), dtype=torch.float64).share_memory_()
-        self.side_ids = [encoder.tokenizer.token_to_id(w) for w in SIDES]  # the words of training_aux.SIDES
+        self.side_ids = [encoder.tokenizer.token_to_id(w) for w in SIDES]  # the words of training.guidance.SIDES
 
     def reweight(self, family_losses: dict[str, float]) -> None:
         """Ask more often from the families the model still gets wrong (weights ~ loss + floor)."""
@@ -165,7 +168,7 @@ class Batches:
         """(prefix ids, [(segment ids, segment targets, family, visual tokens looked at [3, P] bool,
         attributes [3, A] of the one object looked at or -100s, relative direction (2 ints),
         asked side (index in the segment or -1, SIDES class or -100))], image, labels of the visual
-        tokens [P, 6] (-100 on newlines)); the 3 are training_aux.looked_at's first, second and
+        tokens [P, 6] (-100 on newlines)); the 3 are training.guidance.looked_at's first, second and
         answer objects; P the visual tokens of the image, drawn on `canvas` (tiles) if given."""
         qas = []
         while not qas:  # a scene may allow no question of the families drawn: take another
@@ -272,9 +275,9 @@ class Packed:
     [B, P, 4] for the auxiliary head, the family of each target (None for EOS), and for attention
     guidance the (row, position) of N answer-predicting positions [N, 2], the patches of the
     objects their questions look at [N, 3, P] and those objects' attributes [N, 3, A] (-100: not
-    one object) for training_aux.looked_at's (first, second, answer), where the first is relative
-    to the second [N, 2] (training_aux.relative_direction), the (position in the row, class) of
-    the side word a position question asks about [N, 2] ((-1, -100) where none; training_aux.SIDES),
+    one object) for training.guidance.looked_at's (first, second, answer), where the first is relative
+    to the second [N, 2] (training.guidance.relative_direction), the (position in the row, class) of
+    the side word a position question asks about [N, 2] ((-1, -100) where none; training.guidance.SIDES),
     where the P image tokens start in every row, and for LLaVA-NeXT the image_sizes [B, 2]
     (pixels [B, K, 3, H, W] then hold each image's K pieces)."""
 
@@ -316,18 +319,17 @@ def packed_logits(model: LlavaModel, batch: Packed, taps: tuple[int, ...] = (), 
     the attention probabilities of the N guided queries (batch.guide_at) [N, H, T] and the hidden
     states after it [B, T, D]: {layer: (probs, hidden)})."""
     lm = model.language_model
-    images = model.encode_images(batch.pixels, batch.image_sizes, early_block=early_block)
+    blocks = model.cls_blocks(early_block) if early_block is not None else ()
+    images = model.encode_images(batch.pixels, batch.image_sizes, blocks)
     x = model.embed(batch.ids, images["features"])  # [B, T, D]
     cos, sin = lm.rotary(batch.positions, x.dtype)
-    mask = segment_mask(batch.segments)
-    tapped = {}
-    for i, layer in enumerate(lm.layers):
-        if i in taps:
-            x, probs, _ = layer.forward_with_attention(x, cos, sin, mask, None, i, 0, False, batch.guide_at.unbind(-1))
-            tapped[i] = (probs, x)
-        else:
-            x = layer(x, cos, sin, mask, None, i, 0)
-    return model.lm_head(lm.norm(x)), images, tapped
+    mask, t = segment_mask(batch.segments), x.shape[1]
+    tapped, first = {}, 0
+    for tap in sorted(taps):  # the layers up to each tapped one, in one call of the layer loop
+        x, probs, _ = lm.run(x, cos, sin, mask, None, 0, t, first, tap + 1, batch.guide_at.unbind(-1))
+        tapped[tap], first = (probs, x), tap + 1
+    x = lm.run(x, cos, sin, mask, None, 0, t, first, len(lm.layers))[0]
+    return model.head(x), images, tapped
 
 
 def loss_on(model: LlavaModel, head: PatchHead | None, batch: Packed, aux_weight: float = 0.0,
@@ -366,7 +368,7 @@ def train(out_dir: str | Path, spec: TrainSpec, device: str = "cpu", log=print,
     """Train and save to out_dir (also every `spec.save_every` steps, so a long run can be
     evaluated or resumed while it goes); `init` continues from a checkpoint this function wrote.
 
-    Stages: `vision_steps` of the vision tower alone on the dense patch labels (training_aux),
+    Stages: `vision_steps` of the vision tower alone on the dense patch labels (training.guidance),
     `align_steps` of the projector on captions, `steps` of everything on questions (with the
     patch labels as an auxiliary loss weighted by `aux_weight`)."""
     torch.manual_seed(spec.seed)
@@ -388,7 +390,7 @@ def train(out_dir: str | Path, spec: TrainSpec, device: str = "cpu", log=print,
     if spec.guide_weight > 0 and not 0 <= spec.guide_layer < cfg.text.num_hidden_layers - 1:
         raise UserError(f"--guide-layer must be in [0, {cfg.text.num_hidden_layers - 2}] (two layers are guided)")
     guidance = Guidance(cfg.text.hidden_size, spec.guide_layer).to(device)
-    heads = {"patch": head, "guidance": guidance}  # training-only modules, saved beside the model
+    heads = {"patch": head, "guidance": guidance}  # training-only modules, saved to heads_path(out_dir)
     if init is not None:
         _load_heads(heads, Path(init), log)
     tokenizer = build_word_tokenizer(default_words(), IMAGE_TOKEN_ID, VOCAB_SIZE)
@@ -458,13 +460,25 @@ def _as_next(model: LlavaModel, pinpoints: list[tuple[int, int]]) -> LlavaNextMo
     return out.train()
 
 
+def heads_path(checkpoint_dir: str | Path) -> Path:
+    """Where the training-only heads (patch head, guidance probes) of a checkpoint live: for the
+    embedded models (fastllava.assets.EMBEDDED, which the package ships without them)
+    training/heads/<directory name>.safetensors, e.g. training/heads/default_model.safetensors;
+    for any other checkpoint HEADS_FILE beside it. `train` reads them from and writes them to here."""
+    path = Path(checkpoint_dir).expanduser().resolve()
+    for embedded in EMBEDDED.values():
+        if path == embedded.resolve():
+            return HEADS_DIR / f"{embedded.name}.safetensors"
+    return path / HEADS_FILE
+
+
 def _load_heads(heads: dict, init: Path, log) -> None:
-    """Continue the training-only heads from `init`'s HEADS_FILE where it has one (else they
+    """Continue the training-only heads from `init`'s heads_path where it has one (else they
     start afresh, and their first steps disturb the model); parameters the file lacks (a probe
     added since) start afresh."""
-    path = init / HEADS_FILE
+    path = heads_path(init)
     if not path.is_file():
-        log(f"{init} has no {HEADS_FILE}: the training heads start from random weights")
+        log(f"no {path} for {init}: the training heads start from random weights")
         return
     saved = load_file(str(path))
     for name, module in heads.items():
@@ -498,7 +512,7 @@ def _save(model: LlavaModel, tokenizer, out_dir: str | Path, image_size: int, he
     out = save_model(model.eval(), out_dir)
     model.train(was_training)
     save_file({f"{name}.{k}": v.detach().contiguous().cpu() for name, m in heads.items()
-               for k, v in m.state_dict().items()}, str(out / HEADS_FILE))
+               for k, v in m.state_dict().items()}, str(heads_path(out)))
     tokenizer.save(str(out / "tokenizer.json"))
     write_preprocessor_config(out, image_size, model.cfg.image_grid_pinpoints)
     return out
