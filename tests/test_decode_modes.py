@@ -92,6 +92,25 @@ def test_fixed_prefill_runs_cuts_inside_the_language_model(ckpt, reduce, rows):
     torch.testing.assert_close(static, eager, atol=1e-4, rtol=1e-4)
 
 
+def test_sliding_window_decodes_eagerly_in_any_mode(tmp_path):
+    """A Mistral decoder whose window (12) is shorter than the prompts (~24 tokens) and the answer:
+    its window is a mask over slot positions (tests/test_parity.py checks it against transformers'),
+    so the static mode runs it eagerly (bucket padding would put padding slots inside the window)
+    and gives the same tokens."""
+    hf = tiny_llava(text="mistral", kv_heads=2, seed=8, sliding_window=12)
+    path = save_checkpoint(hf, tmp_path / "window", "new")
+    build_word_tokenizer(WORDS, image_token_id=IMAGE_TOKEN, vocab_size=VOCAB).save(str(path / "tokenizer.json"))
+    (path / "preprocessor_config.json").write_text(json.dumps(
+        {"size": {"shortest_edge": 32}, "crop_size": {"height": 32, "width": 32}}))
+    model = fastllava.load(path, device="cpu")
+    assert model.config.text.sliding_window == 12
+    eager = _tokens(model, "eager", n=16)
+    assert len(set(map(tuple, eager))) > 1
+    assert _tokens(model, "static", n=16) == eager and not model.runner.fixed
+    assert _tokens(model, "static", reduce="fastv:keep=5,layer=1", n=16) == _tokens(model, "eager",
+                                                                                 reduce="fastv:keep=5,layer=1", n=16)
+
+
 def test_quantized_cache_decodes_eagerly_in_any_mode(ckpt):
     model = fastllava.load(ckpt, device="cpu", kv_cache="kivi:bits=4,group=8,residual=8")
     static = _tokens(model, "static")

@@ -12,7 +12,9 @@ Decode modes (`fastllava.load(..., decode=...)`, `--decode`):
             projector too: the same functions (prefill.run_stage, step.decode_step,
             LlavaModel.encode_tower), compiled once per shape. Cache sizes are rounded up to
             CACHE_BUCKET slots so that prompts of different lengths share a compiled step.
-Quantized KV caches (KIVI, VidKV) always run eagerly: their writes pack codes in Python.
+Quantized KV caches (KIVI, VidKV) always run eagerly: their writes pack codes in Python. So does a
+sliding-window decoder (Mistral): its window is a mask over slot positions, and bucket padding
+would put padding slots inside the window.
 """
 
 from __future__ import annotations
@@ -70,8 +72,9 @@ class Runner:
 
     @property
     def fixed(self) -> bool:
-        """Whether prefill and steps run with fixed shapes (static and compiled modes, full-precision cache)."""
-        return self.decode != "eager" and self.kv_cache is None
+        """Whether prefill and steps run with fixed shapes: static and compiled modes, with a
+        full-precision cache and no sliding window (see the module's docstring)."""
+        return self.decode != "eager" and self.kv_cache is None and self.model.cfg.text.sliding_window is None
 
     @property
     def graphs(self) -> bool:
