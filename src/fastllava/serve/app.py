@@ -26,6 +26,7 @@ from .scheduler import Busy, Job, Scheduler
 from .settings import Settings
 
 PREPARE_AT_ONCE = 4  # requests whose images are decoded at the same time (bounds their memory)
+CHARS_PER_TOKEN = 64  # prompt text refused, before tokenizing, past this many characters per token of context
 
 
 def create_app(llava: Llava, settings: Settings) -> FastAPI:
@@ -88,15 +89,15 @@ def create_app(llava: Llava, settings: Settings) -> FastAPI:
     @app.post("/v1/chat/completions")
     async def chat(request: Request):
         authorize(request)
-        req = parse_chat(parse_json(await _read_body(request, settings.limits.max_body_bytes)),
-                         settings.limits.max_images)
+        body = await _read_body(request, settings.limits.max_body_bytes)
+        req = await run_in_threadpool(_parse, body, settings, ctx)  # a large body parses off the event loop
         check_model(req.model, settings.model_id)
         reduce = req.reduce or settings.reduce
         check_reduce(reduce, llava.config)  # the spec; each image's budget once it is decoded (_prepare)
         _busy(scheduler.check_room)  # before decoding images: a flood is refused cheaply
         async with preparing:
-            ids, pixel_values, image_sizes, params = await run_in_threadpool(_prepare, llava, settings, ctx, req,
-                                                                             reduce)
+            ids, pixel_values, image_sizes, params = await run_in_threadpool(_prepare, llava, settings, scheduler,
+                                                                             req, reduce)
         info = Completion(settings.model_id, len(ids), ids.count(llava.config.image_token_index))
         loop, events = asyncio.get_running_loop(), asyncio.Queue()
 
@@ -123,10 +124,20 @@ def _busy(fn, *args) -> None:
         raise APIError(e.status, str(e), None, "server_busy" if e.status == 429 else "shutting_down") from None
 
 
-def _prepare(llava: Llava, settings: Settings, ctx: int, req: ChatRequest, reduce: str | None):
+def _parse(body: bytes, settings: Settings, ctx: int) -> ChatRequest:
+    """The request in a body, its text bounded before anything tokenizes it (on a worker thread)."""
+    req = parse_chat(parse_json(body), settings.limits.max_images)
+    most = CHARS_PER_TOKEN * ctx
+    if len(req.prompt) > most:
+        raise invalid(f"the prompt is {len(req.prompt)} characters, over the limit of {most} ({CHARS_PER_TOKEN} per "
+                      f"token of the {ctx}-token context)", "messages", "context_length_exceeded")
+    return req
+
+
+def _prepare(llava: Llava, settings: Settings, scheduler: Scheduler, req: ChatRequest, reduce: str | None):
     """Prompt ids, pixel values, image sizes (LLaVA-NeXT) and sampling parameters of a request,
     within the limits (on a worker thread)."""
-    limits = settings.limits
+    limits, ctx = settings.limits, scheduler.context
     images = load_images(req.images, settings)
     image_tokens = [llava.config.image_tokens(im.height, im.width) for im in images]  # one count per image
     check_reduce(reduce, llava.config, image_tokens)
@@ -145,7 +156,14 @@ def _prepare(llava: Llava, settings: Settings, ctx: int, req: ChatRequest, reduc
     if t + max_tokens > ctx:
         raise invalid(f"the prompt ({t} tokens) plus max_tokens ({max_tokens}) is over the context of {ctx} tokens",
                       "max_tokens", "context_length_exceeded")
-    params = SamplingParams(max_tokens, req.temperature, req.top_p, req.top_k, req.seed, req.stop).validate()
+    if not scheduler.admissible(t, max_tokens):  # the admission's arithmetic: every request in the context fits
+        raise invalid(f"the prompt ({t} tokens) and max_tokens ({max_tokens}) need "
+                      f"{scheduler.slots_needed(t, max_tokens)} cache slots, over the {scheduler.cache.max_len} there are",
+                      "max_tokens", "context_length_exceeded")
+    try:
+        params = SamplingParams(max_tokens, req.temperature, req.top_p, req.top_k, req.seed, req.stop).validate()
+    except UserError as e:
+        raise invalid(str(e), None) from None
     try:
         pixel_values, image_sizes = _pixels(llava, images) if images else (None, None)
     except UserError as e:  # preprocessing would make an image over its limit

@@ -85,9 +85,13 @@ class _Row:
 
 class Scheduler:
     def __init__(self, llava: Llava, max_batch_size: int, max_queue: int, max_len: int):
+        """max_len: the context in positions (prompt + answer). The shared cache has that many
+        slots plus the fixed-shape prefill's padding, so that every request that fits the context
+        can be admitted (admissible)."""
         self.llava, self.model = llava, llava.model
         self.runner = llava.runner
-        self.cache = self.runner.lasting_cache(max_batch_size, max_len)
+        self.context = max_len
+        self.cache = self.runner.lasting_cache(max_batch_size, max_len + self.runner.prompt_slots(1) - 1)
         self._decoder, self._decoder_key = None, None  # the decode step, and the cache layout it was made for
         self.rows: list[_Row | None] = [None] * max_batch_size
         self.waiting: deque[Job] = deque()
@@ -127,6 +131,16 @@ class Scheduler:
         job.cancelled = True
         with self._cond:
             self._cond.notify()
+
+    def slots_needed(self, prompt_tokens: int, max_new_tokens: int) -> int:
+        """Cache slots a request needs: its prompt as the prefill lays it out (padded to a bucket
+        with fixed shapes), then max_new_tokens - 1 (the first token comes from the prefill)."""
+        return self.runner.prompt_slots(prompt_tokens) + max_new_tokens - 1
+
+    def admissible(self, prompt_tokens: int, max_new_tokens: int) -> bool:
+        """Whether a request can ever be admitted (alone, into the empty cache): the same
+        arithmetic as admission. Every request within the context is."""
+        return self.slots_needed(prompt_tokens, max_new_tokens) <= self.cache.max_len
 
     @property
     def alive(self) -> bool:
@@ -168,6 +182,13 @@ class Scheduler:
                 job = self.waiting[0]
                 if job.cancelled:
                     self.waiting.popleft()
+                    self.cancelled += 1
+                    continue
+                if not self.admissible(len(job.ids), job.params.max_new_tokens):  # never: refused, not waiting
+                    self.waiting.popleft()
+                    job.emit(("error", APIError(400, f"the request needs {self.slots_needed(len(job.ids), job.params.max_new_tokens)} "
+                                                f"cache slots, over the {self.cache.max_len} there are", "max_tokens",
+                                                "context_length_exceeded")))
                     continue
                 if (group and job.reduce != group[0].reduce) or not self._fits(group + [job]):
                     break
@@ -180,11 +201,13 @@ class Scheduler:
         active = self._active()
         end = max([self.cache.length if active else 0] + [self.runner.prompt_slots(len(j.ids)) for j in jobs])
         need = [r.job.params.max_new_tokens - r.text.count for r in active] + [j.params.max_new_tokens - 1 for j in jobs]
-        return end + max(need) <= self.cache.max_len
+        return end + max(need) <= self.cache.max_len  # with no active row: slots_needed of each job
 
     def _start(self, jobs: list[Job]) -> None:
         """Prefill the jobs as one left-padded batch (as `Llava.generate` does), sample each
-        one's first token with its own parameters, copy their cache rows into free rows."""
+        one's first token with its own parameters, copy their cache rows into free rows. A group
+        whose prefill fails is tried again job by job, so that only the job at fault is answered
+        with the error (400 for a user error, 500 otherwise)."""
         ids, valid = left_pad([j.ids for j in jobs], self.llava.config.text.pad_token_id or 0)  # [B', T]
         pixels = _cat([j.pixel_values for j in jobs])  # [N, 3, H, W] or NeXT tiles [ΣP, 3, H, W], row by row
         sizes = _cat([j.image_sizes for j in jobs])  # [N, 2] (LLaVA-NeXT) or None
@@ -192,23 +215,48 @@ class Scheduler:
             reduction = make_reduction(jobs[0].reduce, self.llava.config)
             logits, positions, small = self.runner.prefill(ids, valid, pixels, 0, reduction,
                                                            image_sizes=sizes)  # [B', V], [B', T']
-        except UserError as e:
-            for job in jobs:
-                job.emit(("error", APIError(400, str(e), "messages", "invalid_prompt")))
+        except Exception as e:  # noqa: BLE001 - contained: see the docstring
+            if len(jobs) > 1:
+                for job in jobs:
+                    self._start([job])
+                return
+            self._fail(jobs[0], e)
             return
         reset = not self._active()
         self.restarts += reset
         for i, job in enumerate(jobs):
-            p, generator = job.params, new_generator(job.params, self.model.device)
-            first = int(sample(logits[i:i + 1], p, generator)[0])
+            try:
+                p, generator = job.params, new_generator(job.params, self.model.device)
+                first = int(sample(logits[i:i + 1], p, generator)[0])
+            except Exception as e:  # noqa: BLE001 - this job alone fails
+                self._fail(job, e)
+                continue
             index = self.rows.index(None)
-            self.cache.insert_row(index, small, i, reset=reset and i == 0)
+            self.cache.insert_row(index, small, i, reset=reset)
+            reset = False
             kept = [int(c[i]) for c in reduction.counts] if reduction is not None else None
             text = TextState(self.llava.prompts.decode, set() if job.ignore_eos else self.eos, p.stop,
                              p.max_new_tokens, job.stream)
             row = self.rows[index] = _Row(index, job, generator, text, int(positions[i, -1]), kept)
-            if row.push(first):
+            self._push(row, first)
+
+    def _push(self, row: _Row, token: int) -> None:
+        """Give a row its next token; finish it when done; a failure (text decoding, the client's
+        callback) fails this row alone."""
+        try:
+            if row.push(token):
                 self._finish(row)
+        except Exception as e:  # noqa: BLE001
+            self.rows[row.index] = None
+            self._fail(row.job, e)
+
+    def _fail(self, job: Job, e: Exception) -> None:
+        """Answer one job with its error: 400 for a user error, else 500 (with the traceback logged)."""
+        if isinstance(e, UserError):
+            job.emit(("error", APIError(400, str(e), "messages", "invalid_prompt")))
+            return
+        traceback.print_exception(e, file=sys.stderr)
+        job.emit(("error", APIError(500, "internal error while generating", None, "internal_error")))
 
     def _step(self) -> None:
         """One decode step for all rows. A free row computes on a dummy token that it attends to
@@ -224,8 +272,10 @@ class Scheduler:
         logits = self._decode_step()(tokens.to(device), pos.to(device))  # [B, V]
         for r, tok in zip(active, self._sample(logits, active)):
             r.pos += 1
-            if r.push(tok):
-                self._finish(r)
+            if tok is None:  # its sampling failed
+                self.rows[r.index] = None
+                continue
+            self._push(r, tok)
 
     def _decode_step(self) -> Step:
         """The runner's decode step (eager, or fixed-shape in the static and compiled modes) for
@@ -237,16 +287,23 @@ class Scheduler:
             self._decoder, self._decoder_key = self.runner.step(self.cache, span), key
         return self._decoder
 
-    def _sample(self, logits: torch.Tensor, rows: list[_Row]) -> list[int]:
+    def _sample(self, logits: torch.Tensor, rows: list[_Row]) -> list[int | None]:
         """Each row's next token from its own logits row [1, V]: greedy rows in one argmax,
-        sampled rows with their own seeded generator (as a batch-1 generate would)."""
+        sampled rows with their own seeded generator (as a batch-1 generate would). A row whose
+        sampling fails is answered with the error and gets None."""
         greedy = [r.index for r in rows if r.job.params.greedy]
         picked = {}
         if greedy:
             idx = torch.tensor(greedy, device=logits.device)
             picked = dict(zip(greedy, logits.index_select(0, idx).argmax(-1).tolist()))
-        return [picked[r.index] if r.index in picked else int(sample(logits[r.index:r.index + 1], r.job.params,
-                                                                     r.generator)[0]) for r in rows]
+        for r in rows:
+            if r.index not in picked:
+                try:
+                    picked[r.index] = int(sample(logits[r.index:r.index + 1], r.job.params, r.generator)[0])
+                except Exception as e:  # noqa: BLE001 - this row alone fails
+                    self._fail(r.job, e)
+                    picked[r.index] = None
+        return [picked[r.index] for r in rows]
 
     def _finish(self, row: _Row) -> None:
         self.rows[row.index] = None
