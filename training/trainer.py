@@ -87,7 +87,7 @@ def build_config(spec: TrainSpec) -> LlavaConfig:
     text = TextConfig(vocab_size=VOCAB_SIZE, hidden_size=spec.text_hidden, intermediate_size=3 * spec.text_hidden,
                       num_hidden_layers=spec.text_layers, num_attention_heads=spec.text_heads,
                       num_key_value_heads=spec.text_kv_heads, head_dim=spec.text_hidden // spec.text_heads,
-                      max_position_embeddings=1024, rms_norm_eps=1e-6, bos_token_id=1, eos_token_id=[2],
+                      max_position_embeddings=4096 if spec.anyres else 1024, rms_norm_eps=1e-6, bos_token_id=1, eos_token_id=[2],
                       pad_token_id=0, rope=RopeConfig())
     pinpoints = [(h * spec.image_size, w * spec.image_size) for h, w in NEXT_CANVASES] if spec.anyres else None
     return LlavaConfig(vision=vision, text=text, image_token_index=IMAGE_TOKEN_ID,

@@ -96,6 +96,7 @@ class Llava:
             attention_mask = torch.ones_like(input_ids)
         check_left_padded(attention_mask)
         params = SamplingParams(max_new_tokens=max_new_tokens, **sampling).validate()
+        self.check_context(int(attention_mask.sum(1).max()), params.max_new_tokens)
         eos = self._eos_ids(eos_token_id)
         finished = torch.zeros(input_ids.shape[0], dtype=torch.bool)
         done_before = finished.clone()
@@ -132,6 +133,7 @@ class Llava:
             raise UserError(f"{len(images)} images for {len(prompts)} prompts; give one image (or None) per prompt")
         inputs = self.inputs(images, prompts)
         input_ids, mask, pixel_values = inputs["input_ids"], inputs["attention_mask"], inputs["pixel_values"]
+        self.check_context(int(mask.sum(1).max()), params.max_new_tokens)
         b = len(prompts)
         finished = torch.zeros(b, dtype=torch.bool)
         texts = [TextState(self.prompts.decode, self._eos_ids(-1), params.stop, params.max_new_tokens, stream)
@@ -168,6 +170,17 @@ class Llava:
             }
             results.append(Result(finals[row][0], texts[row].ids, texts[row].reason, stats))
         yield results
+
+    def check_context(self, prompt_tokens: int, max_new_tokens: int) -> None:
+        """UserError when a prompt of `prompt_tokens` tokens (images included) and `max_new_tokens`
+        more do not fit the model's context (max_position_embeddings): the policy of generate,
+        `run`, `eval` and the server alike, checked before anything is allocated."""
+        ctx = self.config.text.max_position_embeddings
+        if prompt_tokens + max_new_tokens > ctx:
+            raise UserError(f"the prompt ({prompt_tokens} tokens, images included) plus max_new_tokens "
+                            f"({max_new_tokens}) is over the model's context of {ctx} tokens; ask for at most "
+                            f"{max(ctx - prompt_tokens, 0)} new tokens" + (" or a shorter prompt"
+                                                                          if prompt_tokens >= ctx else ""))
 
     def encode(self, images, prompts: list[str]):
         """Prompt ids left-padded into [B, T], their mask, and pixel_values [N, 3, H, W] (or None);
