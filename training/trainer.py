@@ -326,9 +326,9 @@ def packed_logits(model: LlavaModel, batch: Packed, taps: tuple[int, ...] = (), 
     mask, t = segment_mask(batch.segments), x.shape[1]
     tapped, first = {}, 0
     for tap in sorted(taps):  # the layers up to each tapped one, in one call of the layer loop
-        x, probs, _ = lm.run(x, cos, sin, mask, None, 0, t, first, tap + 1, batch.guide_at.unbind(-1))
+        x, probs, _ = lm.run(x, cos, sin, mask, None, 0, t, range(first, tap + 1), batch.guide_at.unbind(-1))
         tapped[tap], first = (probs, x), tap + 1
-    x = lm.run(x, cos, sin, mask, None, 0, t, first, len(lm.layers))[0]
+    x = lm.run(x, cos, sin, mask, None, 0, t, range(first, len(lm.layers)))[0]
     return model.head(x), images, tapped
 
 

@@ -14,6 +14,7 @@ from .checkpoint import load_model, resolve_device
 from .errors import UserError
 from .generation import (Runner, SamplingParams, StepTimes, TextState, check_decode_mode, check_left_padded,
                          decode_steps, visible_text)
+from .generation.speculate import SpecStats, Speculation, parse_speculate, speculative_steps
 from .images import AnyresProcessor, ImageInput, ImageProcessor
 from .models.llava import LlavaModel
 from .ops import left_pad
@@ -87,50 +88,72 @@ class Llava:
     def generate_ids(self, input_ids: torch.Tensor, pixel_values: torch.Tensor | None,
                      attention_mask: torch.Tensor | None = None, max_new_tokens: int = 64,
                      eos_token_id: int | list[int] | None = -1, reduce=None, image_sizes: torch.Tensor | None = None,
-                     **sampling) -> torch.Tensor:
+                     speculate=None, **sampling) -> torch.Tensor:
         """New token ids [B, N] (greedy unless sampling is asked for). Rows that end early are
         padded with the pad id after their EOS, as transformers does. eos_token_id=-1 uses the
         config's; None never stops early. `reduce`: a visual token reduction spec, Method or
-        Reduction (whose trace is then filled in). `image_sizes`: as for logits (LLaVA-NeXT)."""
+        Reduction (whose trace is then filled in). `image_sizes`: as for logits (LLaVA-NeXT).
+        `speculate`: a speculative decoding spec (see fastllava.generation.speculate)."""
         if attention_mask is None:
             attention_mask = torch.ones_like(input_ids)
         check_left_padded(attention_mask)
         params = SamplingParams(max_new_tokens=max_new_tokens, **sampling).validate()
+        spec = parse_speculate(speculate, self.config.text.num_hidden_layers)
         self.check_context(int(attention_mask.sum(1).max()), params.max_new_tokens)
         eos = self._eos_ids(eos_token_id)
-        finished = torch.zeros(input_ids.shape[0], dtype=torch.bool)
-        done_before = finished.clone()
+        b = input_ids.shape[0]
         pad = self.config.text.pad_token_id if self.config.text.pad_token_id is not None else (eos or [0])[0]
-        steps = []
-        reduction = make_reduction(reduce, self.config)
-        for token in decode_steps(self.runner, input_ids, attention_mask, pixel_values, params, eos,
-                                  finished, StepTimes(), reduction, image_sizes):
-            steps.append(torch.where(done_before, torch.full_like(token, pad), token))
-            done_before = finished.clone()
-        return torch.stack(steps, dim=1)
+        rows, done = [[] for _ in range(b)], [False] * b
+        for new in self._token_rows(input_ids, attention_mask, pixel_values, params, eos, StepTimes(),
+                                    make_reduction(reduce, self.config), image_sizes, spec):
+            for r, tokens in enumerate(new):
+                for t in tokens:
+                    if not done[r]:
+                        rows[r].append(t)
+                        done[r] = t in eos
+        longest = max(len(r) for r in rows)
+        return torch.tensor([r + [pad] * (longest - len(r)) for r in rows], dtype=torch.long)
+
+    def _token_rows(self, input_ids, attention_mask, pixel_values, params: SamplingParams, eos: list[int],
+                    times: StepTimes, reduction, image_sizes, spec: Speculation | None,
+                    spec_stats: SpecStats | None = None, finished: torch.Tensor | None = None) -> Iterator[list[list[int]]]:
+        """The new tokens of each row, step by step (lists: a speculative round gives several).
+        `finished` [B] (bool, CPU) may be marked by the caller (stop strings) to end rows early."""
+        if finished is None:
+            finished = torch.zeros(input_ids.shape[0], dtype=torch.bool)
+        if spec is not None:
+            yield from speculative_steps(self.runner, spec, input_ids, attention_mask, pixel_values, params, eos,
+                                         finished, times, spec_stats or SpecStats([], [], []), reduction, image_sizes)
+            return
+        for token in decode_steps(self.runner, input_ids, attention_mask, pixel_values, params, eos, finished, times,
+                                  reduction, image_sizes):
+            yield [[t] for t in token.tolist()]
 
     # ---- text in, text out ----
 
     def generate(self, images: Sequence[ImageInput] | None = None, prompts: Sequence[str] | str = (),
                  max_new_tokens: int = 64, temperature: float = 0.0, top_p: float = 1.0, top_k: int = 0,
-                 seed: int | None = None, stop: Sequence[str] = (), reduce=None) -> list[Result]:
+                 seed: int | None = None, stop: Sequence[str] = (), reduce=None, speculate=None) -> list[Result]:
         """One answer per prompt; `images[i]` goes with `prompts[i]` (None for a text-only prompt).
-        `reduce`: visual token reduction, a spec such as "visionzip:keep=64" or a Method."""
+        `reduce`: visual token reduction, a spec such as "visionzip:keep=64" or a Method.
+        `speculate`: speculative decoding, a spec such as "ngram" or "layerskip:k=4"."""
         params = SamplingParams(max_new_tokens, temperature, top_p, top_k, seed, list(stop)).validate()
-        return list(self._run(images, prompts, params, stream=False, reduce=reduce))[-1]
+        return list(self._run(images, prompts, params, stream=False, reduce=reduce, speculate=speculate))[-1]
 
-    def stream(self, image: ImageInput | None = None, prompt: str = "", reduce=None, **kwargs) -> "TextStream":
+    def stream(self, image: ImageInput | None = None, prompt: str = "", reduce=None, speculate=None,
+               **kwargs) -> "TextStream":
         """Text deltas of one answer as they are produced; `.result` holds the Result afterwards."""
         params = SamplingParams(**kwargs).validate()
-        return TextStream(self._run([image], [prompt], params, stream=True, reduce=reduce))
+        return TextStream(self._run([image], [prompt], params, stream=True, reduce=reduce, speculate=speculate))
 
-    def _run(self, images, prompts, params: SamplingParams, stream: bool, reduce=None):
+    def _run(self, images, prompts, params: SamplingParams, stream: bool, reduce=None, speculate=None):
         prompts = [prompts] if isinstance(prompts, str) else list(prompts)
         images = [None] * len(prompts) if images is None else list(images)
         if not prompts:
             raise UserError("give at least one prompt")
         if len(images) != len(prompts):
             raise UserError(f"{len(images)} images for {len(prompts)} prompts; give one image (or None) per prompt")
+        spec = parse_speculate(speculate, self.config.text.num_hidden_layers)
         inputs = self.inputs(images, prompts)
         input_ids, mask, pixel_values = inputs["input_ids"], inputs["attention_mask"], inputs["pixel_values"]
         self.check_context(int(mask.sum(1).max()), params.max_new_tokens)
@@ -140,12 +163,14 @@ class Llava:
                  for _ in range(b)]
         times = StepTimes()
         reduction = make_reduction(reduce, self.config)
-        for token in decode_steps(self.runner, input_ids, mask, pixel_values, params, list(texts[0].eos), finished,
-                                  times, reduction, inputs["image_sizes"]):
+        spec_stats = SpecStats([], [], [])
+        for new in self._token_rows(input_ids, mask, pixel_values, params, list(texts[0].eos), times, reduction,
+                                    inputs["image_sizes"], spec, spec_stats, finished):
             for row, text in enumerate(texts):
-                delta, finished[row] = text.push(int(token[row]))
-                if delta and row == 0:
-                    yield delta
+                for token in new[row]:
+                    delta, finished[row] = text.push(token)
+                    if delta and row == 0:
+                        yield delta
         finals = [text.finish() for text in texts]
         if stream and finals[0][1]:
             yield finals[0][1]  # what was held back (an incomplete character at the end)
@@ -168,6 +193,8 @@ class Llava:
                 **self._prefill_stats(reduction, row, stats_text=int(mask[row].sum()) - image_tokens,
                                       image_tokens=image_tokens),
             }
+            if spec is not None:
+                stats["speculate"] = {"spec": spec.spec(), **spec_stats.row(row)}
             results.append(Result(finals[row][0], texts[row].ids, texts[row].reason, stats))
         yield results
 

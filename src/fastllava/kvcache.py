@@ -68,6 +68,22 @@ class StaticKVCache:
             self.lengths[i] = end
         return start, end
 
+    def rewind(self, first: int, start: int) -> None:
+        """Forget slots start.. of the stage starting at layer `first`: its layers' length becomes
+        `start` and those slots invalid (a speculation's drafts, written and then rejected)."""
+        layers = self.stage_layers(first)
+        self.valid[layers.start:layers.stop, :, start:] = False
+        for i in layers:
+            self.lengths[i] = start
+
+    def keep_only(self, first: int, start: int, keep: torch.Tensor) -> None:
+        """Of the T slots start.. of the stage starting at `first`, keep per row those keep [B, T]
+        marks (invalid otherwise), and rewind the stage past the last slot any row keeps."""
+        layers = self.stage_layers(first)
+        self.valid[layers.start:layers.stop, :, start:start + keep.shape[1]] &= keep
+        used = keep.any(0).nonzero()
+        self.rewind(first, start + (int(used.max()) + 1 if len(used) else 0))
+
     def set_bias(self, first: int, start: int, bias: torch.Tensor) -> None:
         """Give the keys at slots start.. of the stage starting at layer `first` the attention
         bias [B, T]."""

@@ -70,7 +70,7 @@ def run_stage(model: LlavaModel, cache, x: torch.Tensor, positions: torch.Tensor
     lm = model.language_model
     cos, sin = lm.rotary(positions, x.dtype)
     mask = stage_mask(model, key_valid, key_bias, causal, x.dtype)
-    x = lm.run(x, cos, sin, mask, cache, 0, x.shape[1], first, stop)[0]
+    x = lm.run(x, cos, sin, mask, cache, 0, x.shape[1], range(first, stop))[0]
     if head == "last":
         slots = torch.arange(x.shape[1], device=x.device)
         last = torch.where(key_valid, slots, -1).amax(1)  # [B] (found on the device: no host wait)
@@ -120,7 +120,7 @@ def prefill(model: LlavaModel, embeds: torch.Tensor, positions: torch.Tensor, va
         key_valid, key_bias = valid, bias
         cos, sin = lm.rotary(positions, x.dtype)
         mask = stage_mask(model, key_valid, key_bias, causal, x.dtype)
-        x, probs, keys = lm.run(x, cos, sin, mask, cache, 0, t, cut, nxt, pruner.attention)
+        x, probs, keys = lm.run(x, cos, sin, mask, cache, 0, t, range(cut, nxt), pruner.attention)
         x, positions, valid = pruner(cut, x, probs, keys, valid, positions)  # [B, T', D], [B, T'], [B, T']
         bias = pruner.key_bias
 

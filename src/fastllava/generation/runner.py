@@ -193,8 +193,8 @@ class Runner:
             def eager(token: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
                 ranges = [cache.reserve(first, ones) for first in firsts]  # marks the new slot valid
                 self.calls["eager_step"] += 1
-                return decode_step(model, cache, token, positions, [s for s, _ in ranges],
-                                   tuple(e for _, e in ranges), firsts)
+                return decode_step(model, cache, token[:, None], positions, [s for s, _ in ranges],
+                                   tuple(e for _, e in ranges), firsts)[:, -1]
 
             return eager
         fn = self._compile(decode_step)
@@ -212,9 +212,27 @@ class Runner:
                 slot = torch.tensor(slots, dtype=torch.long, device=token.device)
             expected = [s + 1 for s in slots]
             self.calls["fixed_step"] += 1
-            return fn(model, cache, token, positions, slot, spans, firsts)
+            return fn(model, cache, token[:, None], positions, slot, spans, firsts)[:, -1]
 
         return fixed
+
+
+    def multi_step(self, cache: StaticKVCache, tokens: torch.Tensor, positions: torch.Tensor,
+                   skip: frozenset = frozenset()) -> torch.Tensor:
+        """The decode step for T tokens per row at once: tokens [B, T] at positions [B, T] into the
+        next T slots of every stage -> logits [B, T, V]. Verifies a speculation's drafts (T = 1 + k)
+        or, with layers to `skip`, runs a self-speculative draft step. With fixed shapes it is the
+        same (compiled) decode_step as `step`, once per T, attending to the whole cache."""
+        firsts = tuple(cache.stages)
+        valid = torch.ones(tokens.shape, dtype=torch.bool, device=cache.valid.device)  # [B, T]
+        ranges = [cache.reserve(first, valid) for first in firsts]
+        self.calls[("fixed" if self.fixed else "eager") + "_multi_step"] += 1
+        if not self.fixed:
+            return decode_step(self.model, cache, tokens, positions, [s for s, _ in ranges],
+                               tuple(e for _, e in ranges), firsts, skip)
+        slots = torch.tensor([s for s, _ in ranges], dtype=torch.long, device=tokens.device)
+        return self._compile(decode_step)(self.model, cache, tokens, positions, slots,
+                                          (cache.max_len,) * len(firsts), firsts, skip)
 
 
 def step_span(needed: int, size: int) -> int:

@@ -46,23 +46,28 @@ def _number_in(x, low: float, high: float) -> bool:
     return isinstance(x, (int, float)) and not isinstance(x, bool) and low <= x <= high
 
 
-def sample(logits: torch.Tensor, p: SamplingParams, generator: torch.Generator | None) -> torch.Tensor:
-    """logits [B, V] -> token ids [B]: greedy below MIN_TEMPERATURE, else temperature, top-k, top-p."""
-    if p.greedy:
-        return logits.argmax(-1)
+def probabilities(logits: torch.Tensor, p: SamplingParams) -> torch.Tensor:
+    """logits [..., V] -> the distribution [..., V] (float32) sampling draws from: temperature,
+    then top-k, then top-p (always keeping the most likely token). Not for greedy parameters."""
     logits = logits.float() / p.temperature
     if p.top_k:
-        kth = logits.topk(min(p.top_k, logits.shape[-1]), dim=-1).values[:, -1:]
+        kth = logits.topk(min(p.top_k, logits.shape[-1]), dim=-1).values[..., -1:]
         logits = logits.masked_fill(logits < kth, float("-inf"))
     if p.top_p < 1:
         sorted_logits, order = logits.sort(dim=-1, descending=True)
         cum = sorted_logits.softmax(-1).cumsum(-1)
         drop = cum - sorted_logits.softmax(-1) >= p.top_p  # keep the smallest prefix reaching top_p
-        drop[:, 0] = False  # and always the most likely token (a top_p that rounds to 0 in float32)
+        drop[..., 0] = False  # and always the most likely token (a top_p that rounds to 0 in float32)
         sorted_logits = sorted_logits.masked_fill(drop, float("-inf"))
         logits = torch.full_like(logits, float("-inf")).scatter(-1, order, sorted_logits)
-    probs = logits.softmax(-1)
-    return torch.multinomial(probs, 1, generator=generator)[:, 0]
+    return logits.softmax(-1)
+
+
+def sample(logits: torch.Tensor, p: SamplingParams, generator: torch.Generator | None) -> torch.Tensor:
+    """logits [B, V] -> token ids [B]: greedy below MIN_TEMPERATURE, else temperature, top-k, top-p."""
+    if p.greedy:
+        return logits.argmax(-1)
+    return torch.multinomial(probabilities(logits, p), 1, generator=generator)[:, 0]
 
 
 def new_generator(params: SamplingParams, device: torch.device) -> torch.Generator | None:

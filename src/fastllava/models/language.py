@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Union
+from typing import TYPE_CHECKING, Sequence, Union
 
 import torch
 import torch.nn.functional as F
@@ -169,12 +169,13 @@ class LanguageModel(nn.Module):
         self.rotary = Rotary(cfg)
 
     def run(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, mask: torch.Tensor | None,
-            cache: "StaticKVCache | None", slot: int | torch.Tensor, span: int, first: int, stop: int,
+            cache: "StaticKVCache | None", slot: int | torch.Tensor, span: int, layers: Sequence[int],
             read: Read = None) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
-        """The layer loop: x [B, T, D] through layers first..stop-1, all with the same mask, cache
-        slots and span (see Attention) -> (x [B, T, D], then the probs that `read` asks for and
-        the keys [B, Hkv, S, Dh] of the last layer run)."""
+        """The layer loop: x [B, T, D] through `layers` (indices, in order), all with the same mask,
+        cache slots and span (see Attention) -> (x [B, T, D], then the probs that `read` asks for
+        and the keys [B, Hkv, S, Dh] of the last layer run)."""
         probs = keys = None
-        for i in range(first, stop):
-            x, probs, keys = self.layers[i](x, cos, sin, mask, cache, i, slot, span, read if i == stop - 1 else None)
+        for n, i in enumerate(layers):
+            x, probs, keys = self.layers[i](x, cos, sin, mask, cache, i, slot, span,
+                                            read if n == len(layers) - 1 else None)
         return x, probs, keys

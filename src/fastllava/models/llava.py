@@ -124,4 +124,4 @@ class LlavaModel(nn.Module):
             mask = attention_mask(key_valid, 0, t, t, window if window is not None and t > window else None,
                                   device=embeds.device)
         cos, sin = lm.rotary(positions, embeds.dtype)
-        return self.head(lm.run(embeds, cos, sin, mask, None, 0, t, 0, len(lm.layers))[0])
+        return self.head(lm.run(embeds, cos, sin, mask, None, 0, t, range(len(lm.layers)))[0])
