@@ -39,6 +39,9 @@ def add_bench_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--new-tokens", type=positive_int, default=32, help="tokens to generate (default 32)")
     p.add_argument("--repeats", type=positive_int, default=5, help="timed runs per case; medians are reported")
     p.add_argument("--warmup", type=int, default=2, help="untimed runs per case first (default 2)")
+    p.add_argument("--speculate", action="append", default=[], metavar="SPEC",
+                   help="also time each decode mode with this speculative decoding (repeatable; e.g. ngram, "
+                        "layerskip:k=4): decode tok/s with and without it, same tokens checked, drafts accepted")
     p.add_argument("--compare", choices=["hf"], help="also time transformers on the same weights and inputs")
     p.add_argument("--seed", type=int, default=0, help="seed of the random weights and inputs")
     p.add_argument("--profile", action="store_true", help="also run each case once under torch.profiler and "
@@ -53,6 +56,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
     import torch
 
     from ..generation import Runner, check_decode_mode
+    from ..generation.speculate import parse_speculate
     from ..quant import parse_kv_cache, parse_weights
     from ..reduction.registry import parse_spec
     from ..reduction.runtime import make_reduction
@@ -70,6 +74,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
     if args.compare and (weights or kv_cache):
         raise UserError("--compare hf times transformers on the same weights: leave out --weights and --kv-cache")
     model, name = _model(args, weights)
+    speculations = [None] + [parse_speculate(sp, model.cfg.text.num_hidden_layers) for sp in args.speculate]
     n_img = image_tokens(model)
     keeps = args.keep or [n_img]
     too_many = [k for k in keeps if k > n_img]
@@ -86,18 +91,20 @@ def cmd_bench(args: argparse.Namespace) -> int:
               "settings": {"text_tokens": args.text_tokens, "new_tokens": args.new_tokens, "repeats": args.repeats,
                            "warmup": args.warmup, "reduce": args.reduce, "seed": args.seed,
                            "weights": str(weights or "fp"), "kv_cache": str(kv_cache or "fp"),
-                           "decode": ",".join(modes)},
+                           "decode": ",".join(modes), "speculate": args.speculate},
               "cases": cases}
-    with Progress("bench", len(modes) * len(keeps) * len(args.batch_size)) as bar:
-        for mode in modes:
+    variants = [(mode, spec) for mode in modes for spec in speculations]
+    with Progress("bench", len(variants) * len(keeps) * len(args.batch_size)) as bar:
+        for mode, spec in variants:
             runner = Runner(model, mode, kv_cache)
+            label = mode if spec is None else f"{mode} {spec.spec()}"
             for batch in args.batch_size:
                 for keep in sorted(set(keeps), reverse=True):
                     case = Case(batch, None if keep == n_img else keep, args.text_tokens, args.new_tokens)
                     reduce = specs[keep]
-                    ours = time_ours(runner, case, reduce, args.repeats, args.warmup)
-                    row = {"batch": batch, "visual_tokens": keep, "decode": mode, "reduce": reduce, "ours": _plain(ours)}
-                    if len(modes) > 1:  # the greedy tokens of the first mode, for the same case
+                    ours = time_ours(runner, case, reduce, args.repeats, args.warmup, spec)
+                    row = {"batch": batch, "visual_tokens": keep, "decode": label, "reduce": reduce, "ours": _plain(ours)}
+                    if len(variants) > 1:  # the greedy tokens of the first mode, for the same case
                         first = first_tokens.setdefault((batch, keep), ours["tokens"])
                         row["same_tokens_as_first_decode"] = bool(torch.equal(ours["tokens"], first))
                     if hf is not None and case.keep is None:
@@ -107,7 +114,8 @@ def cmd_bench(args: argparse.Namespace) -> int:
                     cases.append(row)
                     write(out, report, plot=False)  # what is done survives an interrupted run
                     if args.profile:
-                        (out / f"profile-{mode}-b{batch}-v{keep}.txt").write_text(_profile(runner, case, reduce))
+                        name = f"profile-{mode}{'-spec' + str(speculations.index(spec)) if spec else ''}-b{batch}-v{keep}"
+                        (out / f"{name}.txt").write_text(_profile(runner, case, reduce, spec))
                     bar.update(1)
     files = write(out, report)
     print(table(cases))
@@ -143,12 +151,12 @@ def _comparison(ours: dict, theirs: dict) -> dict:
             "same_tokens": bool(torch.equal(ours["tokens"], theirs["tokens"]))}
 
 
-def _profile(runner, case, reduce) -> str:
+def _profile(runner, case, reduce, spec=None) -> str:
     """profile_ours' table, or why the profiler failed (a diagnostic extra must not end the run)."""
     from .measure import profile_ours
 
     try:
-        return profile_ours(runner, case, reduce)
+        return profile_ours(runner, case, reduce, speculate=spec)
     except Exception as e:  # noqa: BLE001 - e.g. a profiler without device support: say so, keep timing
         return f"profiling failed: {type(e).__name__}: {e}\n"
 

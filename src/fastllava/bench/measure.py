@@ -11,6 +11,7 @@ import torch
 
 from .. import anyres
 from ..generation import Runner, SamplingParams, StepTimes, decode_steps, sync
+from ..generation.speculate import SpecStats, Speculation, speculative_steps
 from ..models.llava import LlavaModel
 from ..reduction.runtime import make_reduction
 
@@ -61,7 +62,8 @@ def _peak(device: torch.device) -> int | None:
 
 
 @torch.inference_mode()
-def time_ours(runner: Runner, case: Case, reduce: str | None, repeats: int, warmup: int) -> dict:
+def time_ours(runner: Runner, case: Case, reduce: str | None, repeats: int, warmup: int,
+              speculate: Speculation | None = None) -> dict:
     """Medians of: vision tower, projector (in compiled mode: both in the compiled call that
     generation makes, projector None), prefill (embedding + language model + first sample),
     time to first token, decode speed per sequence, end-to-end time; peak memory, KV bytes; the
@@ -90,24 +92,31 @@ def time_ours(runner: Runner, case: Case, reduce: str | None, repeats: int, warm
             t2 = time.perf_counter()
         _reset_peak(device)
         times = StepTimes()
-        steps = _generate(runner, (ids, mask, pixels, sizes), params, reduce, times)
+        spec_stats = SpecStats([], [], [])
+        tokens = _generate(runner, (ids, mask, pixels, sizes), params, reduce, times, speculate, spec_stats)
         if first_run is None:
             first_run = time.perf_counter() - t0
         if i < warmup:
             continue
-        tokens = torch.stack(steps, dim=1)
         runs.append({
             "vision_s": t1 - t0, "projector_s": None if compiled is not None else t2 - t1,
             "prefill_s": times.first_token_s - times.vision_s,
             "ttft_s": times.first_token_s, "e2e_s": times.end_s,
-            "decode_tok_s": (len(steps) - 1) / (times.end_s - times.first_token_s),
+            "decode_tok_s": (tokens.shape[1] - 1) / (times.end_s - times.first_token_s),
             "peak_bytes": _peak(device), "kv_cache_bytes": times.kv_cache_bytes,
         })
-    return {**_medians(runs), "first_run_s": first_run, "tokens": tokens}
+    out = {**_medians(runs), "first_run_s": first_run, "tokens": tokens}
+    if speculate is not None:  # the last run's drafts over the batch
+        drafted, kept = sum(spec_stats.draft_tokens), sum(spec_stats.accepted_tokens)
+        out["speculate"] = {"spec": speculate.spec(), "draft_tokens": drafted, "accepted_tokens": kept,
+                            "acceptance": kept / drafted if drafted else 0.0,
+                            "tokens_per_step": (tokens.numel() - tokens.shape[0]) / max(sum(spec_stats.rounds), 1)}
+    return out
 
 
 @torch.inference_mode()
-def profile_ours(runner: Runner, case: Case, reduce: str | None, rows: int = 30) -> str:
+def profile_ours(runner: Runner, case: Case, reduce: str | None, rows: int = 30,
+                 speculate: Speculation | None = None) -> str:
     """One more generation of the case under torch.profiler -> the table of its `rows` costliest
     operators and kernels by time on the device (by CPU time on the CPU)."""
     from torch.profiler import ProfilerActivity, profile
@@ -118,20 +127,29 @@ def profile_ours(runner: Runner, case: Case, reduce: str | None, rows: int = 30)
     params = SamplingParams(max_new_tokens=case.new_tokens).validate()
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
     with profile(activities=activities) as prof:
-        _generate(runner, (ids, mask, pixels.to(device), sizes), params, reduce, StepTimes())
+        _generate(runner, (ids, mask, pixels.to(device), sizes), params, reduce, StepTimes(), speculate)
         sync(device)
     key = "self_device_time_total" if device.type == "cuda" else "self_cpu_time_total"
     return prof.key_averages().table(sort_by=key, row_limit=rows)
 
 
-def _generate(runner: Runner, inputs: tuple, params: SamplingParams, reduce: str | None,
-              times: StepTimes) -> list[torch.Tensor]:
+def _generate(runner: Runner, inputs: tuple, params: SamplingParams, reduce: str | None, times: StepTimes,
+              speculate: Speculation | None = None, spec_stats: SpecStats | None = None) -> torch.Tensor:
     """One greedy generation of inputs (ids, mask, pixels, image sizes from bench_inputs) under
-    a fresh reduction of `reduce` -> the tokens [B] of each step; `times` gets its marks."""
+    a fresh reduction of `reduce` (and `speculate`, if given) -> the tokens [B, N] (no EOS: every
+    row runs to N); `times` gets its marks."""
     ids, mask, pixels, sizes = inputs
     finished = torch.zeros(ids.shape[0], dtype=torch.bool)
-    return list(decode_steps(runner, ids, mask, pixels, params, [], finished, times,
-                             make_reduction(reduce, runner.model.cfg), sizes))
+    reduction = make_reduction(reduce, runner.model.cfg)
+    if speculate is None:
+        steps = list(decode_steps(runner, ids, mask, pixels, params, [], finished, times, reduction, sizes))
+        return torch.stack(steps, dim=1)
+    rows = [[] for _ in range(ids.shape[0])]
+    for new in speculative_steps(runner, speculate, ids, mask, pixels, params, [], finished, times,
+                                 spec_stats or SpecStats([], [], []), reduction, sizes):
+        for r, tokens in enumerate(new):
+            rows[r] += tokens
+    return torch.tensor(rows, dtype=torch.long)
 
 
 def _medians(runs: list[dict]) -> dict:

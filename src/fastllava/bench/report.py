@@ -52,6 +52,9 @@ def table(cases: list[dict]) -> str:
         "vision ms", "projector ms", "prefill ms", "TTFT ms", "decode tok/s", "e2e ms", "peak MiB", "KV MiB"]
     if len(modes) > 1:
         head.append(f"same tokens as {modes[0]}")
+    speculated = any("speculate" in c["ours"] for c in cases)
+    if speculated:
+        head.append("drafts kept / tokens per step")
     compare = any("hf" in c for c in cases)
     if compare:
         head += ["HF TTFT ms", "HF decode tok/s", "HF e2e ms", "TTFT x", "decode x", "e2e x", "same tokens"]
@@ -63,6 +66,9 @@ def table(cases: list[dict]) -> str:
             f"{o['decode_tok_s']:.1f}", _ms(o["e2e_s"]), _mib(o["peak_bytes"]), _mib(o["kv_cache_bytes"])]
         if len(modes) > 1:
             row.append(str(c["same_tokens_as_first_decode"]))
+        if speculated:
+            sp = o.get("speculate")
+            row.append("-" if sp is None else f"{sp['acceptance']:.0%} / {sp['tokens_per_step']:.2f}")
         if compare:
             h, r = c.get("hf"), c.get("ratios", {})
             row += ["-"] * 7 if h is None else [
