@@ -128,3 +128,32 @@ def test_quantized_kv_cache_is_refused_for_speculation(model):
     q = fastllava.load(model.path, device="cpu", kv_cache="kivi:bits=4,group=8,residual=8")
     with pytest.raises(UserError, match="full-precision KV cache"):
         q.generate(images=[None], prompts=["red red"], max_new_tokens=4, speculate="ngram")
+
+
+@pytest.mark.parametrize("spec", ["ngram:k=3", "layerskip:k=2,adaptive=1"])
+def test_the_server_speculates_and_answers_as_generate(model, spec):
+    """Continuous batching with speculation: rows of different lengths come and go, greedy rows
+    answer exactly as plain generate, a sampled row as generate with the same seed would only
+    in distribution (so it is only checked to finish)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from fastllava.serve.settings import Settings
+    from serve_helpers import raw_request, running_server
+
+    prompts = ["blue blue", "what color is the circle ? red red", "red red blue red red", "what is the red square ?"]
+    jobs = [(prompts[i % 4], 6 + (i * 7) % 30) for i in range(8)]
+    refs = [model.generate(images=[None], prompts=[p], max_new_tokens=n)[0] for p, n in jobs]
+    body = lambda p, n: {"model": "tiny", "messages": [{"role": "user", "content": p}], "max_tokens": n,  # noqa: E731
+                         "temperature": 0}
+    before = model.runner.calls["eager_multi_step"]
+    with running_server(model, Settings(model_id="tiny", max_batch_size=3, max_len=256, speculate=spec)) as base:
+        with ThreadPoolExecutor(8) as pool:
+            answers = list(pool.map(lambda j: raw_request(base, "POST", "/v1/chat/completions", body(*j)), jobs))
+        status, sampled = raw_request(base, "POST", "/v1/chat/completions",
+                                      {**body("blue blue", 20), "temperature": 1.0, "seed": 3})
+    assert status == 200 and sampled["choices"][0]["finish_reason"] in ("stop", "length")
+    for (status, out), ref in zip(answers, refs):
+        assert status == 200, out
+        assert (out["choices"][0]["message"]["content"], out["choices"][0]["finish_reason"]) == (ref.text,
+                                                                                                ref.finish_reason)
+    assert model.runner.calls["eager_multi_step"] > before  # verify passes ran in the server

@@ -199,7 +199,7 @@ def speculative_steps(runner: Runner, spec: Speculation, input_ids: torch.Tensor
         yield out
         if bool(finished.all()):
             break
-        drafts, lengths = _draft(runner, spec, cache, cur, pos, history, k)  # [B, K], [B]
+        drafts, lengths = draft_tokens(runner, spec, cache, cur, pos, history, k)  # [B, K], [B]
         if drafts.shape[1] == 0:  # nothing to verify: a plain step
             logits = runner.multi_step(cache, cur[:, None], pos[:, None])[:, 0]
             nxt, kept = sample(logits, params, generator), torch.zeros_like(cur)
@@ -232,7 +232,7 @@ def speculative_steps(runner: Runner, spec: Speculation, input_ids: torch.Tensor
     times.end_s = time.perf_counter() - times.start
 
 
-def _draft(runner: Runner, spec: Speculation, cache: StaticKVCache, cur: torch.Tensor, pos: torch.Tensor,
+def draft_tokens(runner: Runner, spec: Speculation, cache: StaticKVCache, cur: torch.Tensor, pos: torch.Tensor,
            history: list[list[int]], k: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Each row's draft of up to k tokens after `cur` (at positions pos [B]) -> (drafts [B, K],
     their lengths [B]); K = 0 when no row has one. Rows with fewer are padded (never kept)."""

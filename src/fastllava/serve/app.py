@@ -17,6 +17,7 @@ from starlette.exceptions import HTTPException
 from ..engine import Llava
 from ..errors import UserError
 from ..generation import SamplingParams
+from ..generation.speculate import parse_speculate
 from .content import load_images
 from .errors import APIError, invalid
 from .protocol import ChatRequest, check_model, parse_chat, parse_json
@@ -33,7 +34,8 @@ def create_app(llava: Llava, settings: Settings) -> FastAPI:
     if llava.prompts is None:
         raise UserError("this checkpoint has no tokenizer.json, so it cannot serve chat requests")
     ctx = min(settings.max_len, llava.config.text.max_position_embeddings)
-    scheduler = Scheduler(llava, settings.max_batch_size, settings.max_queue, ctx)
+    speculate = parse_speculate(settings.speculate, llava.config.text.num_hidden_layers)
+    scheduler = Scheduler(llava, settings.max_batch_size, settings.max_queue, ctx, speculate)
     created = int(time.time())
     preparing = asyncio.Semaphore(PREPARE_AT_ONCE)
 

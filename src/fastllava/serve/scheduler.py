@@ -25,6 +25,7 @@ import torch
 from ..engine import Llava
 from ..errors import UserError
 from ..generation import SamplingParams, TextState, new_generator, sample, step_span
+from ..generation.speculate import Speculation, accept, draft_tokens
 from ..generation.step import Step
 from ..ops import left_pad
 from ..reduction.runtime import make_reduction
@@ -84,11 +85,15 @@ class _Row:
 
 
 class Scheduler:
-    def __init__(self, llava: Llava, max_batch_size: int, max_queue: int, max_len: int):
+    def __init__(self, llava: Llava, max_batch_size: int, max_queue: int, max_len: int,
+                 speculate: Speculation | None = None):
         """max_len: the context in positions (prompt + answer). The shared cache has that many
         slots plus the fixed-shape prefill's padding, so that every request that fits the context
-        can be admitted (admissible)."""
+        can be admitted (admissible). `speculate`: speculative decoding for every row (greedy rows
+        get exactly their plain tokens, sampled rows their distribution)."""
         self.llava, self.model = llava, llava.model
+        self.spec = speculate
+        self.spec_k = speculate.k if speculate is not None else 0  # adaptive k, shared by the rows
         self.runner = llava.runner
         self.context = max_len
         self.cache = self.runner.lasting_cache(max_batch_size, max_len + self.runner.prompt_slots(1) - 1)
@@ -259,6 +264,16 @@ class Scheduler:
         job.emit(("error", APIError(500, "internal error while generating", None, "internal_error")))
 
     def _step(self) -> None:
+        """One decode step for all rows (a speculative round where there is room for it)."""
+        active = self._active()
+        need = max(r.job.params.max_new_tokens - r.text.count for r in active)
+        # a round writes 1 + k slots: speculate only while every row could still finish plainly after it
+        if self.spec is not None and self.cache.length + self.spec_k + 1 + need <= self.cache.max_len:
+            if self._speculative_step(active):
+                return
+        self._plain_step()
+
+    def _plain_step(self) -> None:
         """One decode step for all rows. A free row computes on a dummy token that it attends to
         (its slots are made invalid when a request takes the row): a row with no key to attend
         to would be all masked, which some attention kernels answer with NaN, and a NaN value
@@ -276,6 +291,55 @@ class Scheduler:
                 self.rows[r.index] = None
                 continue
             self._push(r, tok)
+
+    def _speculative_step(self, active: list[_Row]) -> bool:
+        """One speculative round for all rows (free rows verify their dummy token alone); False
+        when no row has a draft (then a plain step runs instead)."""
+        device, b = self.model.device, len(self.rows)
+        cur = torch.zeros(b, dtype=torch.long, device=device)  # [B]
+        pos = torch.zeros(b, dtype=torch.long, device=device)  # [B]
+        history: list[list[int]] = [[] for _ in range(b)]
+        for r in active:
+            cur[r.index], pos[r.index] = r.last, r.pos + 1
+            history[r.index] = r.job.ids + r.text.ids
+        drafts, lengths = draft_tokens(self.runner, self.spec, self.cache, cur, pos, history, self.spec_k)
+        free = torch.ones(b, dtype=torch.bool, device=device)
+        free[[r.index for r in active]] = False
+        lengths = lengths.masked_fill(free, 0)
+        if drafts.shape[1] == 0 or not bool(lengths.any()):
+            return False
+        tokens = torch.cat([cur[:, None], drafts], 1)  # [B, 1 + K]
+        starts = [self.cache.lengths[f] for f in self.cache.stages]
+        logits = self.runner.multi_step(self.cache, tokens, pos[:, None] + torch.arange(tokens.shape[1], device=device))
+        kept = torch.zeros(b, dtype=torch.long, device=device)
+        nxt = {}
+        for r in active:  # each row with its own sampling parameters and generator
+            i = r.index
+            try:
+                n, t = accept(logits[i:i + 1], drafts[i:i + 1], lengths[i:i + 1], r.job.params, r.generator)
+                kept[i], nxt[i] = n[0], int(t[0])
+            except Exception as e:  # noqa: BLE001 - this row alone fails
+                self._fail(r.job, e)
+        keep = torch.arange(tokens.shape[1], device=device)[None] <= kept[:, None]  # [B, 1 + K]
+        for first, start in zip(self.cache.stages, starts):
+            self.cache.keep_only(first, start, keep)
+        for r in active:
+            if r.index not in nxt:
+                self.rows[r.index] = None
+                continue
+            new = drafts[r.index, :int(kept[r.index])].tolist() + [nxt[r.index]]
+            r.pos += len(new)
+            for t in new:
+                if self.rows[r.index] is None:  # finished (or failed) within this round
+                    break
+                self._push(r, t)
+        if self.spec.adaptive:
+            live = lengths > 0
+            if bool((kept[live] == 0).all()):
+                self.spec_k = max(1, self.spec_k - 1)
+            elif bool((kept[live] == lengths[live]).all()):
+                self.spec_k = min(self.spec.k, self.spec_k + 1)
+        return True
 
     def _decode_step(self) -> Step:
         """The runner's decode step (eager, or fixed-shape in the static and compiled modes) for

@@ -28,6 +28,7 @@ class Settings:
     max_queue: int = 64  # requests waiting for a row beyond the batch; more are answered 429
     max_len: int = 4096  # KV-cache slots (capped by the model's max_position_embeddings)
     reduce: str | None = None  # the default token-reduction spec
+    speculate: str | None = None  # speculative decoding for every request (fastllava.generation.speculate)
 
     def __post_init__(self):
         if self.limits is None:
