@@ -54,6 +54,8 @@ def add_eval_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--reduce", help="visual token reduction spec; several (fastv,visionzip:contextual=8) "
                                     "or --keep run a sweep against the unreduced model")
     p.add_argument("--keep", type=_budgets, help="budgets for a sweep, e.g. 192,128,64,32,16")
+    p.add_argument("--speculate", help="speculative decoding spec, e.g. ngram or layerskip:k=4 (same answers "
+                                       "when greedy; see docs/speculative.md)")
     p.set_defaults(func=cmd_eval)
     return p
 
@@ -90,6 +92,10 @@ def cmd_eval(args: argparse.Namespace) -> int:
     if args.keep and not args.reduce:
         raise UserError("--keep needs --reduce with the methods to sweep, e.g. --reduce fastv,visionzip")
     methods = parse_list(args.reduce) if args.reduce else []  # fail on a bad spec before loading weights
+    if args.speculate:
+        from ..generation.speculate import parse_speculate
+
+        parse_speculate(args.speculate, None)  # the spec's form now; its layers once the model is loaded
     out = Path(args.out) if args.out else Path("runs") / f"eval-{time.strftime('%Y%m%d-%H%M%S')}"
     sweeping = bool(args.keep) or len(methods) > 1
     if sweeping:
@@ -97,13 +103,13 @@ def cmd_eval(args: argparse.Namespace) -> int:
     model = load(args.model, **load_options(args))
     if sweeping:
         result = sweep(model, data, methods, args.keep, args.batch_size, args.limit, out, not args.quiet,
-                       {"max_new_tokens": args.max_new_tokens})
+                       {"max_new_tokens": args.max_new_tokens, "speculate": args.speculate})
         print((out / "sweep.md").read_text(), end="")
         print(f"sweep: {out / 'sweep.json'}, {out / 'sweep.md'}, {out / 'sweep.png'}", file=sys.stderr)
         return 0 if result else 1
     results = evaluate(model, data, batch_size=args.batch_size, limit=args.limit, out_dir=out,
                        progress=not args.quiet, generate_kwargs={"max_new_tokens": args.max_new_tokens,
-                                                                 "reduce": args.reduce})
+                                                                 "reduce": args.reduce, "speculate": args.speculate})
     overall = results["overall"]
     print(f"accuracy {overall['accuracy']:.4f} on {overall['n']} questions"
           + (f" ({len(results['errors'])} skipped)" if results["errors"] else ""))

@@ -76,9 +76,9 @@ class SpecStats:
                 "verify_steps": n, "tokens_per_step": round((self.generated[r] - 1) / n, 3) if n else 0.0}
 
 
-def parse_speculate(spec: str | Speculation | None, num_layers: int) -> Speculation | None:
+def parse_speculate(spec: str | Speculation | None, num_layers: int | None) -> Speculation | None:
     """A speculation spec (see the module's docstring) checked against a model of `num_layers`
-    language-model layers; None stays None."""
+    language-model layers (None: its form only, before a model is loaded); None stays None."""
     if spec is None or isinstance(spec, Speculation):
         return spec
     name, rest = split_spec(spec)
@@ -93,14 +93,14 @@ def parse_speculate(spec: str | Speculation | None, num_layers: int) -> Speculat
 
     types = {"k": int, "adaptive": _flag, **({"n": int} if name == "ngram" else {"skip": _layers})}
     opts = parse_options(rest, types, message)
-    if "skip" not in opts and name == "layerskip":
+    if "skip" not in opts and name == "layerskip" and num_layers is not None:
         opts["skip"] = tuple(range(num_layers // 4 + 1, num_layers - 1, 2)) or ((1,) if num_layers > 2 else ())
     s = Speculation(name, **opts)
     if not 1 <= s.k <= MAX_K:
         raise UserError(f"{spec}: k must be in 1..{MAX_K}, got {s.k}")
     if not 1 <= s.n <= 64:
         raise UserError(f"{spec}: n must be in 1..64, got {s.n}")
-    if name == "layerskip":
+    if name == "layerskip" and num_layers is not None:
         if not s.skip:
             raise UserError(f"{spec}: a {num_layers}-layer model has no layer to skip; use ngram")
         bad = [i for i in s.skip if not 0 < i < num_layers - 1]
