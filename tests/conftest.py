@@ -31,6 +31,7 @@ SLOW: tuple[str, ...] = (  # seconds measured at d1ae4c2
     "tests/test_quant_cache.py::test_decode_logits_close_to_fp[kivi:bits=4,group=8,residual=16]",  # 14
     "tests/test_quant_cache.py::test_embedded_model_kivi4_decode_close_to_fp",  # 14
     "tests/test_parity.py::test_greedy_tokens_match_transformers[llama-rope-linear-theta]",  # 11
+    "tests/test_checkpoint_limits.py::test_cli_refusals_are_fast_one_line_and_small",  # 7-20 (4 processes)
 )
 
 _REFERENCE = re.compile(r"\btransformers\b|\bhf(_\w+)?\b")

@@ -98,7 +98,8 @@ def test_sampling_seeded_and_validated(model):
     img = _image(5)
     kw = dict(images=[img], prompts=["describe it ."], max_new_tokens=12, temperature=1.0, top_p=0.95)
     assert model.generate(seed=1, **kw)[0].token_ids == model.generate(seed=1, **kw)[0].token_ids
-    for bad in (dict(temperature=-1), dict(top_p=0), dict(top_k=-2), dict(max_new_tokens=0)):
+    for bad in (dict(temperature=-1), dict(temperature=float("nan")), dict(top_p=-0.1), dict(top_p=1.5),
+                dict(top_k=-2), dict(max_new_tokens=0), dict(seed=2**70), dict(seed=True)):
         with pytest.raises(fastllava.UserError):
             model.generate(images=[img], prompts=["x"], **{"max_new_tokens": 4, **bad})
     with pytest.raises(fastllava.UserError, match="one image"):
@@ -106,11 +107,14 @@ def test_sampling_seeded_and_validated(model):
 
 
 def test_tiny_temperatures_are_greedy(model):
-    """Below MIN_TEMPERATURE sampling is greedy: dividing logits by 1e-300 would give inf and NaN."""
+    """Below MIN_TEMPERATURE sampling is greedy: dividing logits by 1e-300 would give inf and NaN.
+    So is top_p 0, and a top_p that rounds to 0 in float32 keeps the most likely token."""
     kw = dict(images=[_image(5)], prompts=["describe it ."], max_new_tokens=12)
     greedy = model.generate(**kw)[0].token_ids
     for t in (1e-300, MIN_TEMPERATURE / 2):
         assert model.generate(temperature=t, seed=3, **kw)[0].token_ids == greedy
+    for p in (0.0, 1e-300):
+        assert model.generate(temperature=1.0, top_p=p, seed=3, **kw)[0].token_ids == greedy
 
 
 def test_chat_template_is_used_when_shipped(ckpt, tmp_path):

@@ -5,14 +5,19 @@ Two key layouts exist in the wild: the original one (`language_model.model.*`,
 transformers >= 4.52 saves (`model.language_model.*`, `model.vision_tower.*`,
 `model.multi_modal_projector.*`, `lm_head.*`). Both map onto the same module names here.
 
-The model is first built on the `meta` device, then allocated once on the target device in the
-target dtype; each checkpoint tensor is read on its own and copied into place, so memory never
-holds a second full copy of the weights. Pickled checkpoints (`.bin`, `.pt`) are refused.
+Loading never allocates for a checkpoint that cannot load: the config is validated (config.py),
+the model is built on the `meta` device (shapes only), its size checked against the free memory
+of the target device, and the safetensors headers against its shapes (every tensor expected, of
+its shape, in a float dtype), all before the model is allocated, once, on the target device in
+the target dtype. Each checkpoint tensor is then read on its own, copied into place and checked
+finite, so memory never holds a second full copy of the weights. Pickled checkpoints (`.bin`,
+`.pt`) are refused.
 """
 
 from __future__ import annotations
 
 import json
+import os
 import re
 from pathlib import Path
 from typing import Callable
@@ -21,7 +26,7 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
-from .config import LlavaConfig, to_hf_dict
+from .config import LlavaConfig, check_regular_file, read_json_file, to_hf_dict
 from .errors import UserError
 from .models.llava import LlavaModel
 from .models.llava_next import build_model
@@ -56,6 +61,11 @@ _FUSED = {
 }
 
 _PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
+
+# The safetensors dtypes a weight may be stored in (cast to the model's dtype while loading).
+_WEIGHT_DTYPES = ("F32", "F16", "BF16")
+
+_MAX_INDEX_BYTES = 64 << 20  # model.safetensors.index.json: ~100 bytes per tensor name
 
 
 def resolve_device(device: str | torch.device | None) -> torch.device:
@@ -93,16 +103,18 @@ def checkpoint_files(path: Path) -> list[Path]:
     index = path / "model.safetensors.index.json"
     single = path / "model.safetensors"
     if index.exists():
-        try:
-            weight_map = json.loads(index.read_text())["weight_map"]
-        except (json.JSONDecodeError, KeyError, TypeError, UnicodeDecodeError):
-            raise UserError(f"{index} is not a valid safetensors index (no weight_map)") from None
+        weight_map = read_json_file(index, _MAX_INDEX_BYTES)
+        weight_map = weight_map.get("weight_map") if isinstance(weight_map, dict) else None
+        if not (isinstance(weight_map, dict) and all(isinstance(v, str) for v in weight_map.values())):
+            raise UserError(f"{index} is not a valid safetensors index (no weight_map)")
         files = [path / name for name in dict.fromkeys(weight_map.values())]
         for f in files:
             if not f.exists():
                 raise UserError(f"shard {f.name} named in {index.name} is missing from {path}")
+            check_regular_file(f)
         return files
     if single.exists():
+        check_regular_file(single)
         return [single]
     pickles = sorted(p.name for p in path.iterdir() if p.suffix in _PICKLE_SUFFIXES)
     if pickles:
@@ -161,6 +173,100 @@ def _is_unused(name: str, model: LlavaModel) -> bool:
     return bool(m) and int(m.group(1)) >= len(model.vision_tower.layers)
 
 
+def _open(file: Path):
+    """A safetensors reader of `file` (parses its header only; tensors are read on request)."""
+    try:
+        return safe_open(str(file), framework="pt", device="cpu")
+    except (SafetensorError, ValueError) as e:
+        raise UserError(f"cannot read {file}: not a valid safetensors file ({e})") from None
+    except (OSError, RuntimeError) as e:  # e.g. "unable to mmap": a file larger than memory
+        raise UserError(f"cannot read {file}: {e}") from None
+
+
+def _plan(path: Path, files: list[Path], model: LlavaModel) -> list[tuple[Path, list[tuple[str, str]]]]:
+    """From the safetensors headers alone (no tensor data read): per file, the (checkpoint key, our
+    name) pairs to load. Unexpected, mis-shaped, non-float and missing tensors are refused here,
+    before the model is allocated. `model` may live on the meta device."""
+    targets = _targets(model)
+    plan, loaded = [], set()
+    for file in files:
+        pairs = []
+        with _open(file) as reader:
+            for key in reader.keys():
+                name = _our_name(key)
+                if name is not None and name not in targets and _is_unused(name, model):
+                    continue
+                if name is None or name not in targets:
+                    raise UserError(f"unexpected tensor {key!r} in {file}: no such weight in a "
+                                    f"LLaVA model with this config.json")
+                param, rows = targets[name]
+                expected = list(param.shape if rows is None else param[rows].shape)
+                header = reader.get_slice(key)
+                if header.get_shape() != expected:
+                    raise UserError(f"tensor {key!r} in {file} has shape {header.get_shape()}, "
+                                    f"the config expects {expected}")
+                if header.get_dtype() not in _WEIGHT_DTYPES:
+                    raise UserError(f"tensor {key!r} in {file} has dtype {header.get_dtype()}; LLaVA weights "
+                                    f"must be floats ({', '.join(_WEIGHT_DTYPES)})")
+                pairs.append((key, name))
+                loaded.add(name)
+        plan.append((file, pairs))
+    missing = sorted(set(targets) - loaded)
+    if missing:
+        more = f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""
+        raise UserError(f"checkpoint {path} lacks tensor {missing[0]!r}{more}")
+    return plan
+
+
+def free_memory(device: torch.device) -> int | None:
+    """Bytes free for new tensors on `device`, None where unknown: CUDA's free memory; on the CPU
+    /proc/meminfo's MemAvailable (else sysconf's available pages), capped by a cgroup v2 memory
+    limit (a container's)."""
+    if device.type == "cuda":
+        return torch.cuda.mem_get_info(device)[0]
+    if device.type != "cpu":
+        return None
+    free = []
+    try:
+        meminfo = Path("/proc/meminfo").read_text()
+        free += [int(line.split()[1]) * 1024 for line in meminfo.splitlines() if line.startswith("MemAvailable:")]
+    except (OSError, ValueError, IndexError):
+        pass
+    if not free:
+        try:
+            free.append(os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE"))
+        except (OSError, ValueError, AttributeError):
+            pass
+    try:
+        free.append(int(Path("/sys/fs/cgroup/memory.max").read_text()))  # "max" (no limit) fails int()
+    except (OSError, ValueError):
+        pass
+    return min(free) if free else None
+
+
+def _check_fits(model: LlavaModel, dtype: torch.dtype, device: torch.device, config: Path) -> None:
+    """Refuse a model (on meta) whose weights alone exceed the free memory of `device`."""
+    need = sum(p.numel() for p in model.parameters()) * dtype.itemsize  # parameters(): a tied head once
+    free = free_memory(device)
+    if free is not None and need > free:
+        raise UserError(f"{config}: this model needs {need / 1e9:,.1f} GB for its weights in "
+                        f"{str(dtype).removeprefix('torch.')}, but {device} has only {free / 1e9:,.1f} GB free")
+
+
+def _check_finite(dest: torch.Tensor, source: torch.Tensor, key: str, file: Path) -> None:
+    """NaN or infinite weights (in the file, or after the cast to the model's dtype) would make
+    every answer garbage, or fail much later in sampling."""
+    # A NaN or an infinity anywhere makes the sum NaN or infinite: one fast reduction (~10x faster
+    # than isfinite on the CPU) clears almost every tensor; the exact check runs only if it does
+    # not (a sum can also overflow, e.g. in float16).
+    if bool(torch.isfinite(dest.sum())) or bool(torch.isfinite(dest).all()):
+        return
+    if bool(torch.isfinite(source).all()):
+        raise UserError(f"tensor {key!r} in {file} holds values too large for "
+                        f"{str(dest.dtype).removeprefix('torch.')}; load it in float32 or bfloat16")
+    raise UserError(f"tensor {key!r} in {file} holds NaN or infinite values")
+
+
 def load_model(path: str | Path, device: str | torch.device = "cpu",
                dtype: str | torch.dtype | None = None) -> LlavaModel:
     path = Path(path).expanduser()
@@ -169,41 +275,29 @@ def load_model(path: str | Path, device: str | torch.device = "cpu",
     device = torch.device(device)
     dtype = resolve_dtype(dtype, device)
     with torch.device("meta"):
-        model = build_model(cfg)
-    model = model.to(dtype).to_empty(device=device)
+        model = build_model(cfg)  # shapes only, no memory: sizes bounded by the config's validation
+    _check_fits(model, dtype, device, path / "config.json")
+    plan = _plan(path, files, model)
+    try:
+        model = model.to(dtype).to_empty(device=device)
+    except (RuntimeError, MemoryError) as e:  # torch.OutOfMemoryError is a RuntimeError
+        reason = (str(e).splitlines() or [type(e).__name__])[0]
+        raise UserError(f"{path}: cannot allocate the model on {device}: {reason}") from None
     if cfg.tie_word_embeddings:
         model.lm_head.weight = model.language_model.embed_tokens.weight
     targets = _targets(model)
-    loaded: set[str] = set()
-    for file in files:
-        try:
-            reader = safe_open(str(file), framework="pt", device="cpu")
-        except (SafetensorError, OSError, ValueError) as e:
-            raise UserError(f"cannot read {file}: not a valid safetensors file ({e})") from None
-        with reader:
-            for key in reader.keys():
-                name = _our_name(key)
-                if name is not None and name not in targets and _is_unused(name, model):
-                    continue
-                if name is None or name not in targets:
-                    raise UserError(f"unexpected tensor {key!r} in {file.name}: no such weight in a "
-                                    f"LLaVA model with this config.json")
+    for file, pairs in plan:
+        with _open(file) as reader:
+            for key, name in pairs:
                 param, rows = targets[name]
                 dest = param.data if rows is None else param.data[rows]
                 try:
                     tensor = reader.get_tensor(key)
                 except (SafetensorError, OSError, ValueError) as e:
                     raise UserError(f"cannot read tensor {key!r} from {file}: {e}") from None
-                if tuple(tensor.shape) != tuple(dest.shape):
-                    raise UserError(f"tensor {key!r} in {file.name} has shape {list(tensor.shape)}, "
-                                    f"the config expects {list(dest.shape)}")
                 with torch.no_grad():
                     dest.copy_(tensor)
-                loaded.add(name)
-    missing = sorted(set(targets) - loaded)
-    if missing:
-        more = f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""
-        raise UserError(f"checkpoint {path} lacks tensor {missing[0]!r}{more}")
+                _check_finite(dest, tensor, key, file)
     return model.eval()
 
 

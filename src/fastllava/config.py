@@ -2,16 +2,38 @@
 
 Missing keys take the defaults that transformers' own config classes use, because real
 checkpoints (e.g. llava-hf/llava-1.5-7b-hf) store only the values that differ from them.
+
+Every value is checked before anything is built from it: sizes are integers within the bounds
+below, floats finite and positive, flags booleans, names among the supported ones; a bad one is a
+UserError naming the field (`text_config.num_attention_heads must be a positive integer, got 0`),
+which `from_file` prefixes with the file.
 """
 
 from __future__ import annotations
 
 import json
+import stat
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from . import anyres
 from .errors import UserError
+from .models.activations import ACTIVATIONS
+
+# config.json is read whole; a bigger file is not a model config (real ones are a few KB).
+MAX_CONFIG_BYTES = 1 << 20
+
+# Generous upper bounds on the sizes a config.json may ask for: far above every released LLaVA
+# (CLIP ViT-L/336 towers, 7B-110B decoders) yet low enough that a typo fails here, at once, rather
+# than in the allocator. Whether the model fits in memory is checked when loading (checkpoint.py).
+MAX_LAYERS = 1024
+MAX_HIDDEN = 65536  # hidden sizes, head counts, head_dim
+MAX_INTERMEDIATE = 4 * MAX_HIDDEN
+MAX_VOCAB = 1_000_000
+MAX_CHANNELS = 64
+MAX_IMAGE = 16384  # pixels: image_size, patch_size, the sides of image_grid_pinpoints
+MAX_POSITIONS = 1 << 26
 
 # transformers' LlavaConfig fills a missing vision_config with these CLIP ViT-L/14-336 values.
 _LLAVA_VISION_DEFAULTS = {
@@ -79,15 +101,21 @@ class VisionConfig:
         return self.grid * self.grid
 
     @classmethod
-    def from_dict(cls, d: dict) -> "VisionConfig":
+    def from_dict(cls, d: dict, where: str = "vision_config") -> "VisionConfig":
         model_type = d.get("model_type", "clip_vision_model")
         if model_type not in ("clip_vision_model", "clip"):
-            raise UserError(f"unsupported vision tower {model_type!r}; fastllava supports CLIP-style towers")
+            raise UserError(f"unsupported vision tower {_shown(model_type)}; fastllava supports CLIP-style towers")
         merged = {**_LLAVA_VISION_DEFAULTS, **d}
         image_size, patch_size = merged.get("image_size", 224), merged.get("patch_size", 32)
         if isinstance(image_size, (list, tuple)) or isinstance(patch_size, (list, tuple)):
             raise UserError("non-square vision image_size/patch_size is not supported")
-        return cls(**_pick(cls, merged))
+        cfg = cls(**_pick(cls, merged))
+        _check_sizes(cfg, _VISION_SIZES, where)
+        _check_multiple(cfg, "hidden_size", "num_attention_heads", where)
+        _check_multiple(cfg, "image_size", "patch_size", where)
+        _choice(cfg.hidden_act, f"{where}.hidden_act", ACTIVATIONS)
+        cfg.layer_norm_eps = _positive_float(cfg.layer_norm_eps, f"{where}.layer_norm_eps")
+        return cfg
 
 
 @dataclass
@@ -122,38 +150,52 @@ class TextConfig:
     rope: RopeConfig = field(default_factory=RopeConfig)
 
     @classmethod
-    def from_dict(cls, d: dict) -> "TextConfig":
+    def from_dict(cls, d: dict, where: str = "text_config") -> "TextConfig":
         model_type = d.get("model_type", "llama")
-        if model_type not in _TEXT_DEFAULTS:
+        if not isinstance(model_type, str) or model_type not in _TEXT_DEFAULTS:
             raise UserError(
-                f"unsupported text model {model_type!r}; supported: {', '.join(sorted(_TEXT_DEFAULTS))}"
+                f"unsupported text model {_shown(model_type)}; supported: {', '.join(sorted(_TEXT_DEFAULTS))}"
             )
         merged = {**_TEXT_DEFAULTS[model_type], **d}
         merged["model_type"] = model_type
-        if merged.get("num_key_value_heads") is None:
-            merged["num_key_value_heads"] = merged["num_attention_heads"]
-        if merged.get("head_dim") is None:
-            merged["head_dim"] = merged["hidden_size"] // merged["num_attention_heads"]
-        eos = merged.get("eos_token_id", 2)
-        merged["eos_token_id"] = [] if eos is None else ([eos] if isinstance(eos, int) else list(eos))
         if merged.get("hidden_act", "silu") != "silu":
-            raise UserError(f"unsupported text hidden_act {merged['hidden_act']!r}; only 'silu' is supported")
+            raise UserError(f"unsupported text hidden_act {_shown(merged['hidden_act'])}; only 'silu' is supported")
+        # None until checked: as many key/value heads as attention heads, head_dim hidden_size / heads
+        merged.setdefault("num_key_value_heads", None)
+        merged.setdefault("head_dim", None)
+        merged["eos_token_id"] = _token_ids(merged.get("eos_token_id", 2), f"{where}.eos_token_id")
         cfg = cls(**_pick(cls, merged, exclude={"rope"}))
-        cfg.rope = _read_rope(d)
+        _check_sizes(cfg, _TEXT_SIZES, where)
+        if cfg.num_key_value_heads is None:
+            cfg.num_key_value_heads = cfg.num_attention_heads
+        if cfg.head_dim is None:
+            _check_multiple(cfg, "hidden_size", "num_attention_heads", where)
+            cfg.head_dim = cfg.hidden_size // cfg.num_attention_heads
+        _check_multiple(cfg, "num_attention_heads", "num_key_value_heads", where)  # grouped-query attention
+        if cfg.head_dim % 2:
+            raise UserError(f"{where}.head_dim must be even (rotary embeddings rotate pairs), got {cfg.head_dim}")
+        cfg.rms_norm_eps = _positive_float(cfg.rms_norm_eps, f"{where}.rms_norm_eps")
+        for name in ("attention_bias", "mlp_bias"):
+            _check_bool(getattr(cfg, name), f"{where}.{name}")
+        for name in ("bos_token_id", "pad_token_id"):
+            if getattr(cfg, name) is not None:
+                _check_int(getattr(cfg, name), f"{where}.{name}", lo=None)
+        cfg.rope = _read_rope(d, where)
         return cfg
 
 
-def _read_rope(d: dict) -> RopeConfig:
+def _read_rope(d: dict, where: str) -> RopeConfig:
     """RoPE settings from either the legacy (`rope_theta` + `rope_scaling`) or the
     transformers >= 5 (`rope_parameters`) form."""
-    params = dict(d.get("rope_parameters") or {})
-    legacy = d.get("rope_scaling") or {}
+    params = _section(d.get("rope_parameters"), f"{where}.rope_parameters")
+    legacy = _section(d.get("rope_scaling"), f"{where}.rope_scaling")
     theta = params.get("rope_theta", d.get("rope_theta", 10000.0))
     kind = params.get("rope_type") or legacy.get("rope_type") or legacy.get("type") or "default"
     factor = params.get("factor", legacy.get("factor", 1.0))
-    if kind not in ("default", "linear", "dynamic"):
-        raise UserError(f"unsupported RoPE scaling {kind!r}; supported: default, linear, dynamic")
-    return RopeConfig(theta=float(theta), kind=kind, factor=float(factor))
+    if not isinstance(kind, str) or kind not in ("default", "linear", "dynamic"):
+        raise UserError(f"unsupported RoPE scaling {_shown(kind)}; supported: default, linear, dynamic")
+    return RopeConfig(theta=_positive_float(theta, f"{where}.rope_theta"), kind=kind,
+                      factor=_positive_float(factor, f"{where}.rope_scaling.factor"))
 
 
 @dataclass
@@ -192,33 +234,30 @@ class LlavaConfig:
     def from_dict(cls, d: dict) -> "LlavaConfig":
         model_type = d.get("model_type", "llava")
         if model_type not in ("llava", "llava_next"):
-            raise UserError(f"unsupported model_type {model_type!r} in config.json; expected 'llava' or 'llava_next'")
-        vision = VisionConfig.from_dict(d.get("vision_config") or {})
-        text = TextConfig.from_dict(d.get("text_config") or {})
-        layer = d.get("vision_feature_layer", -2)
-        layers = [layer] if isinstance(layer, int) else list(layer)
-        n = vision.num_hidden_layers
-        for idx in layers:
-            if not -(n + 1) <= idx <= n:
-                raise UserError(f"vision_feature_layer {idx} is out of range for a {n}-layer vision tower")
+            raise UserError(f"unsupported model_type {_shown(model_type)}; expected 'llava' or 'llava_next'")
+        vision = VisionConfig.from_dict(_section(d.get("vision_config"), "vision_config"))
+        text_dict = _section(d.get("text_config"), "text_config")
+        text = TextConfig.from_dict(text_dict)
+        layers = _feature_layers(d.get("vision_feature_layer", -2), vision.num_hidden_layers)
         strategy = d.get("vision_feature_select_strategy", "default")
         if strategy not in ("default", "full"):
-            raise UserError(f"unknown vision_feature_select_strategy {strategy!r}; expected default or full")
-        tie = bool(d.get("tie_word_embeddings", False)) or bool(
-            (d.get("text_config") or {}).get("tie_word_embeddings", False)
-        )
+            raise UserError(f"unknown vision_feature_select_strategy {_shown(strategy)}; expected default or full")
+        tie = _check_bool(d.get("tie_word_embeddings", False), "tie_word_embeddings") or _check_bool(
+            text_dict.get("tie_word_embeddings", False), "text_config.tie_word_embeddings")
         text.tie_word_embeddings = tie
         pinpoints = None
         if model_type == "llava_next":
-            pinpoints = _read_pinpoints(d.get("image_grid_pinpoints") or _NEXT_PINPOINTS, vision.image_size)
+            pinpoints = d.get("image_grid_pinpoints")
+            pinpoints = _read_pinpoints(_NEXT_PINPOINTS if pinpoints is None else pinpoints, vision.image_size)
             if strategy != "default":
                 raise UserError("LLaVA-NeXT needs vision_feature_select_strategy 'default' (tiles without the class token)")
         return cls(
             vision=vision,
             text=text,
-            image_token_index=d.get("image_token_index", d.get("image_token_id", 32000)),
-            projector_hidden_act=d.get("projector_hidden_act", "gelu"),
-            projector_bias=d.get("multimodal_projector_bias", True),
+            image_token_index=_check_int(d.get("image_token_index", d.get("image_token_id", 32000)),
+                                         "image_token_index", lo=0),
+            projector_hidden_act=_choice(d.get("projector_hidden_act", "gelu"), "projector_hidden_act", ACTIVATIONS),
+            projector_bias=_check_bool(d.get("multimodal_projector_bias", True), "multimodal_projector_bias"),
             vision_feature_select_strategy=strategy,
             vision_feature_layers=layers,
             tie_word_embeddings=tie,
@@ -229,32 +268,158 @@ class LlavaConfig:
     @classmethod
     def from_file(cls, path: str | Path) -> "LlavaConfig":
         path = Path(path)
-        try:
-            d = json.loads(path.read_text())
-        except FileNotFoundError:
-            raise UserError(f"no config.json in {path.parent}") from None
-        except (json.JSONDecodeError, UnicodeDecodeError) as e:
-            raise UserError(f"{path} is not valid JSON: {e}") from None
+        d = read_json_file(path)
         if not isinstance(d, dict):
-            raise UserError(f"{path} must hold a JSON object")
+            raise UserError(f"{path} must hold a JSON object, got {type(d).__name__}")
         try:
             return cls.from_dict(d)
-        except (TypeError, ValueError) as e:
+        except UserError as e:
+            raise UserError(f"{path}: {e}") from None
+        except (TypeError, ValueError) as e:  # a value no check above foresaw
             raise UserError(f"{path}: bad model configuration: {e}") from None
+
+
+def check_regular_file(path: Path) -> None:
+    """Refuse a path that is not a regular file (a directory, a FIFO, a device such as /dev/zero),
+    before anything opens it: opening a FIFO blocks, reading a device may never end."""
+    try:
+        mode = path.stat().st_mode  # follows symlinks: a link to /dev/zero is a device
+    except FileNotFoundError:
+        raise UserError(f"no {path.name} in {path.parent}") from None
+    except OSError as e:
+        raise UserError(f"cannot read {path}: {e.strerror}") from None
+    if not stat.S_ISREG(mode):
+        kind = ("a directory" if stat.S_ISDIR(mode) else "a FIFO" if stat.S_ISFIFO(mode)
+                else "a device" if stat.S_ISCHR(mode) or stat.S_ISBLK(mode) else "a special file")
+        raise UserError(f"{path} is {kind}, not a regular file")
+
+
+def read_json_file(path: Path, limit: int = MAX_CONFIG_BYTES):
+    """The JSON value in the regular file `path`, which must hold at most `limit` bytes."""
+    check_regular_file(path)
+    try:
+        with open(path, "rb") as f:
+            data = f.read(limit + 1)
+    except OSError as e:
+        raise UserError(f"cannot read {path}: {e.strerror}") from None
+    if len(data) > limit:
+        raise UserError(f"{path} is larger than {limit >> 20} MiB, too large for a JSON file of a checkpoint")
+    try:
+        return json.loads(data)
+    except (ValueError, RecursionError) as e:  # bad syntax or encoding, a 5000-digit number, deep nesting
+        raise UserError(f"{path} is not valid JSON: {e}") from None
 
 
 def _read_pinpoints(value, tile: int) -> list[tuple[int, int]]:
     """image_grid_pinpoints as (height, width) pairs, each a multiple of the tile size."""
     if not isinstance(value, list) or not value:
-        raise UserError(f"image_grid_pinpoints must be a non-empty list of [height, width] pairs, got {value!r}")
+        raise UserError(f"image_grid_pinpoints must be a non-empty list of [height, width] pairs, got {_shown(value)}")
     out = []
     for p in value:
-        if not (isinstance(p, (list, tuple)) and len(p) == 2 and all(isinstance(v, int) and v > 0 for v in p)):
-            raise UserError(f"image_grid_pinpoints entry {p!r} is not a [height, width] pair of positive integers")
+        if not (isinstance(p, (list, tuple)) and len(p) == 2 and all(_is_int(v) and 0 < v <= MAX_IMAGE for v in p)):
+            raise UserError(f"image_grid_pinpoints entry {_shown(p)} is not a [height, width] pair of positive "
+                            f"integers (at most {MAX_IMAGE})")
         if p[0] % tile or p[1] % tile:
             raise UserError(f"image_grid_pinpoints entry {list(p)} is not a multiple of the {tile}-pixel tile")
         out.append((p[0], p[1]))
     return out
+
+
+# Integer sizes of each part and their upper bounds; all must be positive.
+_VISION_SIZES = {"hidden_size": MAX_HIDDEN, "intermediate_size": MAX_INTERMEDIATE, "num_hidden_layers": MAX_LAYERS,
+                 "num_attention_heads": MAX_HIDDEN, "num_channels": MAX_CHANNELS, "image_size": MAX_IMAGE,
+                 "patch_size": MAX_IMAGE}
+_TEXT_SIZES = {"vocab_size": MAX_VOCAB, "hidden_size": MAX_HIDDEN, "intermediate_size": MAX_INTERMEDIATE,
+               "num_hidden_layers": MAX_LAYERS, "num_attention_heads": MAX_HIDDEN, "num_key_value_heads": MAX_HIDDEN,
+               "head_dim": MAX_HIDDEN, "max_position_embeddings": MAX_POSITIONS, "sliding_window": MAX_POSITIONS}
+_OPTIONAL_SIZES = ("num_key_value_heads", "head_dim", "sliding_window")  # None: derived, or no window
+
+
+def _shown(value) -> str:
+    """value as config.json spells it (true, "64", NaN), cut short: a message stays one short line
+    whatever the file holds."""
+    try:
+        r = json.dumps(value)
+    except (TypeError, ValueError, RecursionError):
+        r = repr(value)
+    return r if len(r) <= 40 else r[:37] + "..."
+
+
+def _is_int(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)  # JSON true is no size, nor is 64.0
+
+
+def _check_int(value, name: str, hi: int | None = None, lo: int | None = 1) -> int:
+    """value, an integer in [lo, hi] (None: no bound)."""
+    if not (_is_int(value) and (lo is None or value >= lo)):
+        kind = {None: "an integer", 0: "a non-negative integer", 1: "a positive integer"}[lo]
+        raise UserError(f"{name} must be {kind}, got {_shown(value)}")
+    if hi is not None and value > hi:
+        raise UserError(f"{name} must be at most {hi}, got {_shown(value)}")
+    return value
+
+
+def _check_sizes(cfg, bounds: dict[str, int], where: str) -> None:
+    """Each field of `bounds` a positive integer up to its bound (those of _OPTIONAL_SIZES may be None)."""
+    for name, hi in bounds.items():
+        value = getattr(cfg, name)
+        if not (value is None and name in _OPTIONAL_SIZES):
+            _check_int(value, f"{where}.{name}", hi)
+
+
+def _check_multiple(cfg, whole: str, part: str, where: str) -> None:
+    """cfg.<whole> split evenly into cfg.<part>-sized pieces (both already checked positive)."""
+    if getattr(cfg, whole) % getattr(cfg, part):
+        raise UserError(f"{where}.{whole} ({getattr(cfg, whole)}) must be a multiple of {where}.{part} "
+                        f"({getattr(cfg, part)})")
+
+
+def _positive_float(value, name: str) -> float:
+    """value as a float, finite and > 0 (NaN and Infinity parse from JSON, so they are refused here)."""
+    if not ((_is_int(value) or isinstance(value, float)) and 0 < value <= sys.float_info.max):
+        raise UserError(f"{name} must be a positive finite number, got {_shown(value)}")
+    return float(value)
+
+
+def _check_bool(value, name: str) -> bool:
+    if not isinstance(value, bool):
+        raise UserError(f"{name} must be true or false, got {_shown(value)}")
+    return value
+
+
+def _choice(value, name: str, choices) -> str:
+    if not (isinstance(value, str) and value in choices):
+        raise UserError(f"{name} must be one of {', '.join(sorted(choices))}, got {_shown(value)}")
+    return value
+
+
+def _section(value, name: str) -> dict:
+    """A nested object of config.json (absent or null: empty)."""
+    if value is None:
+        return {}
+    if not isinstance(value, dict):
+        raise UserError(f"{name} must be a JSON object, got {_shown(value)}")
+    return value
+
+
+def _token_ids(value, name: str) -> list[int]:
+    """eos_token_id: null, one id or a list of ids -> a list."""
+    ids = [] if value is None else value if isinstance(value, list) else [value]
+    for i in ids:
+        _check_int(i, name, lo=None)
+    return ids
+
+
+def _feature_layers(value, num_layers: int) -> list[int]:
+    """vision_feature_layer (an index or a non-empty list of them, negative from the end) -> a list."""
+    layers = value if isinstance(value, list) else [value]
+    if not layers:
+        raise UserError("vision_feature_layer must be an integer or a non-empty list of integers, got []")
+    for idx in layers:
+        _check_int(idx, "vision_feature_layer", lo=None)
+        if not -(num_layers + 1) <= idx <= num_layers:
+            raise UserError(f"vision_feature_layer {idx} is out of range for a {num_layers}-layer vision tower")
+    return layers
 
 
 def _pick(cls, d: dict, exclude: set[str] = frozenset()) -> dict:

@@ -201,9 +201,10 @@ class Llava:
     def check_context(self, prompt_tokens: int, max_new_tokens: int) -> None:
         """UserError when a prompt of `prompt_tokens` tokens (images included) and `max_new_tokens`
         more do not fit the model's context (max_position_embeddings): the policy of generate,
-        `run`, `eval` and the server alike, checked before anything is allocated."""
+        `run`, `eval` and the server alike, checked before anything is allocated. Dynamic-NTK
+        RoPE scaling is made to run past it, and is not limited."""
         ctx = self.config.text.max_position_embeddings
-        if prompt_tokens + max_new_tokens > ctx:
+        if prompt_tokens + max_new_tokens > ctx and self.config.text.rope.kind != "dynamic":
             raise UserError(f"the prompt ({prompt_tokens} tokens, images included) plus max_new_tokens "
                             f"({max_new_tokens}) is over the model's context of {ctx} tokens; ask for at most "
                             f"{max(ctx - prompt_tokens, 0)} new tokens" + (" or a shorter prompt"
