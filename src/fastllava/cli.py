@@ -7,7 +7,7 @@ import json
 import os
 import sys
 
-from .cli_args import add_model_args, add_quant_args, load_options, positive_int
+from .cli_args import add_model_args, add_quant_args, load_options, positive_int, utf8_text
 from .errors import UserError
 from .bench.commands import add_bench_parser
 from .evaluation.commands import add_data_parser, add_eval_parser
@@ -30,13 +30,13 @@ def build_parser() -> argparse.ArgumentParser:
     add_model_args(run)
     add_quant_args(run)
     run.add_argument("--image", help="image file (omit for a text-only prompt)")
-    run.add_argument("--prompt", required=True, help="the question or instruction")
+    run.add_argument("--prompt", type=utf8_text, required=True, help="the question or instruction")
     run.add_argument("--max-new-tokens", type=positive_int, default=64)
     run.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
     run.add_argument("--top-p", type=float, default=1.0)
     run.add_argument("--top-k", type=int, default=0)
     run.add_argument("--seed", type=int, help="seed for sampling")
-    run.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
+    run.add_argument("--stop", type=utf8_text, action="append", default=[], help="stop string (repeatable)")
     run.add_argument("--json", action="store_true", help="print one JSON object instead of streaming")
     run.add_argument("--reduce", help="visual token reduction, NAME[:key=value,...] (see `fastllava methods`)")
     run.set_defaults(func=cmd_run)
@@ -51,16 +51,19 @@ def build_parser() -> argparse.ArgumentParser:
 
 def cmd_run(args: argparse.Namespace) -> int:
     from . import load
+    from .generation import SamplingParams
     from .images import load_image
 
+    sampling = dict(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p,
+                    top_k=args.top_k, seed=args.seed, stop=args.stop)
+    SamplingParams(**sampling).validate()  # fail on bad sampling options, a bad spec or image before loading weights
     if args.reduce:
         from .reduction import parse_spec
 
-        parse_spec(args.reduce)  # fail on a bad spec before loading weights
-    image = load_image(args.image) if args.image else None  # fail on a bad image before loading weights
+        parse_spec(args.reduce)
+    image = load_image(args.image) if args.image else None
     model = load(args.model, **load_options(args))
-    kwargs = dict(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p,
-                  top_k=args.top_k, seed=args.seed, stop=args.stop, reduce=args.reduce)
+    kwargs = dict(**sampling, reduce=args.reduce)
     if args.json:
         result = model.generate(images=[image], prompts=[args.prompt], **kwargs)[0]
         print(json.dumps({"model": str(model.path), "prompt": args.prompt, "text": result.text,

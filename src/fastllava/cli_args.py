@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 
 
 def positive_int(text: str) -> int:
@@ -15,6 +16,26 @@ def positive_int(text: str) -> int:
     return value
 
 
+def utf8_text(value: str) -> str:
+    """A string argument that is valid UTF-8: bytes that are not arrive from argv as lone
+    surrogates (os.fsdecode), which a tokenizer or a JSON answer would choke on."""
+    try:
+        value.encode()
+    except UnicodeEncodeError:
+        raise argparse.ArgumentTypeError(f"{os.fsencode(value)!r} is not valid UTF-8") from None
+    return value
+
+
+DEVICES = ("cpu", "cuda")  # what fastllava runs on (torch also parses meta, xla, mps, ...)
+
+
+def device(value: str) -> str:
+    kind, colon, index = value.strip().partition(":")
+    if kind not in DEVICES or (colon and not index.isdigit()):
+        raise argparse.ArgumentTypeError(f"expected cpu, cuda or cuda:N, got {value!r}")
+    return value
+
+
 DECODE_HELP = ("decode steps: eager (default), static (fixed shapes) or compiled (torch.compile; CUDA graphs on a "
                "GPU); see fastllava.generation.runner")
 
@@ -23,7 +44,7 @@ def add_model_args(p: argparse.ArgumentParser, decode_help: str = DECODE_HELP) -
     """--model, --device, --dtype, --decode (with its help text)."""
     p.add_argument("--model", help="checkpoint directory (HF LLaVA format), or default-next for the embedded "
                    "LLaVA-NeXT model; default: the embedded LLaVA-1.5 model")
-    p.add_argument("--device", help="cpu, cuda, cuda:1, ... (default: cuda when available)")
+    p.add_argument("--device", type=device, help="cpu, cuda, cuda:1, ... (default: cuda when available)")
     p.add_argument("--dtype", choices=["float32", "float16", "bfloat16"],
                    help="default: float32 on the CPU, bfloat16 on a GPU")
     p.add_argument("--decode", help=decode_help)  # checked by fastllava.load (generation.check_decode_mode)

@@ -75,6 +75,10 @@ class PromptEncoder:
         """Ids of one user turn with `num_images` images; `image_tokens`: each image's visual
         features when they differ by image (LLaVA-NeXT), else features_per_image each."""
         counts = [self.features_per_image] * num_images if image_tokens is None else list(image_tokens)
+        try:
+            prompt.encode()
+        except UnicodeEncodeError:  # a lone surrogate: bytes that were not UTF-8
+            raise UserError("the prompt is not valid UTF-8 text (it holds a lone surrogate)") from None
         return self.encode(self.format(prompt, len(counts)), counts)
 
     def decode(self, ids: list[int]) -> str:

@@ -42,6 +42,8 @@ class WeightSpec:
 
 def _options(text: str, allowed: dict[str, type], what: str, help_text: str) -> dict:
     def message(problem, item, key, value):
+        if problem == "duplicate":
+            return f"bad {what}: {key!r} is given twice; allowed: {help_text}"
         bad = "option" if problem == "unknown" or value is None else "value"  # a wrong name or no '='
         return f"bad {what} {bad} {item!r}; allowed: {help_text}"
     return parse_options(text, allowed, message)

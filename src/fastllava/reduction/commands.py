@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 
-from ..cli_args import add_model_args
+from ..cli_args import add_model_args, utf8_text
 
 
 def add_reduction_parsers(subparsers) -> None:
@@ -15,7 +15,7 @@ def add_reduction_parsers(subparsers) -> None:
     p = subparsers.add_parser("inspect", help="draw which image patches a reduction method keeps")
     add_model_args(p)
     p.add_argument("--image", required=True, help="image file")
-    p.add_argument("--prompt", required=True, help="the question (in-LLM methods depend on it)")
+    p.add_argument("--prompt", required=True, type=utf8_text, help="the question (in-LLM methods depend on it)")
     p.add_argument("--reduce", required=True, help="method spec, NAME[:key=value,...] (see `fastllava methods`)")
     p.add_argument("--out", required=True, help="PNG file to write")
     p.set_defaults(func=cmd_inspect)

@@ -44,7 +44,7 @@ class DART(Method):
 
     def pivot_count(self) -> int:
         """Pivots per image."""
-        return max(1, self.keep // 2) if self.pivots == -1 else self.pivots
+        return max(1, self.keep // 2) if self.pivots == -1 else min(self.pivots, self.keep)  # more change nothing
 
     def cuts(self) -> list[int]:
         return [self.layer - 1]

@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import fields
 
 from ..errors import UserError
-from ..specs import parse_options, split_spec
+from ..specs import finite_float, int64, parse_options, split_spec
 from .base import Method, field_default
 
 METHODS: dict[str, type[Method]] = {}
@@ -22,8 +22,10 @@ def _kind(f) -> str:
     return "ints" if t.startswith("list") or t.startswith("tuple") else t
 
 
-_CONVERT = {"int": int, "float": float, "ints": lambda text: [int(v) for v in text.split("-")]}  # others: str
-_WANT = {"int": "an integer", "float": "a number", "ints": "integers joined by '-', e.g. 8-16-24"}
+# the converter of each kind (the other kinds: str)
+_CONVERT = {"int": int64, "float": finite_float, "ints": lambda text: [int64(v) for v in text.split("-")]}
+_WANT = {"int": "an integer in [-2**63, 2**63)", "float": "a finite number",
+         "ints": "integers in [-2**63, 2**63) joined by '-', e.g. 8-16-24"}
 
 
 def params(cls: type[Method]) -> list[tuple[str, str, object]]:
@@ -48,6 +50,8 @@ def parse_spec(spec: str | Method) -> Method:
             return f"{name}: unknown parameter {key!r}; parameters: {', '.join(kinds)}"
         if problem == "missing":
             return f"{name}: parameter {key!r} needs a value ({key}=...)"
+        if problem == "duplicate":
+            return f"{name}: parameter {key!r} is given twice"
         return f"{name}: {key}={value!r} is not {_WANT[kinds[key]]}"
     return cls(**parse_options(rest, {n: _CONVERT.get(k, str) for n, k in kinds.items()}, message))
 

@@ -46,15 +46,17 @@ class SparseVLM(Method):
     knn: int = 5
 
     def recycled(self) -> int:
-        return self.keep // 8 if self.recycle < 0 else self.recycle
+        return self.keep // 8 if self.recycle == -1 else self.recycle
 
     def cuts(self) -> list[int]:
         return [self.layer - 1]
 
     def check(self, tokens: int, num_layers: int, grid: int) -> None:
         super().check(tokens, num_layers, grid)
-        if self.recycled() >= self.keep or not 0 < self.tau <= 1 or self.knn < 1:
-            raise UserError(f"{self.spec()}: needs recycle < keep (or -1), 0 < tau <= 1 and knn >= 1")
+        if self.recycle < -1 or self.recycled() >= self.keep:
+            raise UserError(f"{self.spec()}: recycle must be in 0..keep-1 ({self.keep - 1}), or -1 for keep // 8")
+        if not 0 < self.tau <= 1 or self.knn < 1:
+            raise UserError(f"{self.spec()}: needs 0 < tau <= 1 and knn >= 1")
 
     def select(self, ctx: LayerContext) -> Selection:
         h = ctx.hidden.float()  # [B, T, D]

@@ -44,14 +44,14 @@ class VisionZip(VisionMethod):
 
     def split(self) -> tuple[int, int]:
         """(dominant, contextual) token counts."""
-        ctx = self.keep * 10 // 64 if self.contextual < 0 else self.contextual
+        ctx = self.keep * 10 // 64 if self.contextual == -1 else self.contextual
         return self.keep - ctx, ctx
 
     def check(self, tokens: int, num_layers: int, grid: int) -> None:
         super().check(tokens, num_layers, grid)
-        if self.contextual >= self.keep:
-            raise UserError(f"{self.spec()}: contextual must be below keep (at least one dominant token), "
-                            f"or -1 for the paper's split")
+        if self.contextual < -1 or self.contextual >= self.keep:
+            raise UserError(f"{self.spec()}: contextual must be in 0..keep-1 ({self.keep - 1}: at least one dominant "
+                            f"token), or -1 for the paper's split")
 
     def select(self, ctx: VisionContext) -> Selection:
         n, p, _ = ctx.vision.shape

@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import argparse
+import socket
 import sys
 from pathlib import Path
 
-from ..cli_args import add_model_args, add_quant_args, load_options, positive_int
+from ..cli_args import add_model_args, add_quant_args, load_options, positive_int, utf8_text
 from ..errors import UserError
 from ..extras import require
 from .settings import Limits, Settings
@@ -18,8 +19,9 @@ def add_serve_parser(sub) -> None:
     add_quant_args(p)
     p.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1, this machine only)")
     p.add_argument("--port", type=int, default=8000)
-    p.add_argument("--api-key", help="require 'Authorization: Bearer KEY' (default: no key)")
-    p.add_argument("--served-model-name", help="the `model` name clients use (default: the folder's name)")
+    p.add_argument("--api-key", type=utf8_text, help="require 'Authorization: Bearer KEY' (default: no key)")
+    p.add_argument("--served-model-name", type=utf8_text,
+                   help="the `model` name clients use (default: the folder's name)")
     p.add_argument("--reduce", help="token-reduction spec used when a request does not give one")
     p.add_argument("--max-batch-size", type=positive_int, default=8, help="sequences decoded together")
     p.add_argument("--max-queue", type=positive_int, default=64, help="waiting requests beyond the batch (then 429)")
@@ -47,6 +49,18 @@ def settings_from_args(args: argparse.Namespace, model_dir: Path) -> Settings:
                     reduce=args.reduce)
 
 
+def check_listen(host: str, port: int) -> None:
+    """Bind (host, port) as uvicorn will, and let go: an address this machine does not have, a name
+    that does not resolve or a port in use is one line before the weights load."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    try:
+        with socket.socket(family, socket.SOCK_STREAM) as sock:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as uvicorn: a closing port is free
+            sock.bind((host, port))
+    except (OSError, UnicodeError) as e:  # socket.gaierror is an OSError; a bad name can be a UnicodeError
+        raise UserError(f"cannot listen on --host {host} --port {port}: {getattr(e, 'strerror', None) or e}") from None
+
+
 def cmd_serve(args: argparse.Namespace) -> int:
     require("fastapi", "serve", "fastllava serve")  # a missing extra fails before loading weights
     uvicorn = require("uvicorn", "serve", "fastllava serve")
@@ -58,6 +72,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
     if not 0 < args.port < 65536:
         raise UserError(f"--port must be in 1..65535, got {args.port}")
+    check_listen(args.host, args.port)
     if args.allow_file_images and not Path(args.allow_file_images).expanduser().is_dir():
         raise UserError(f"--allow-file-images: {args.allow_file_images} is not a folder")
     parse_kv_cache(args.kv_cache)  # a bad spec fails before loading weights

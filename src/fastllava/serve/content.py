@@ -5,7 +5,11 @@ from __future__ import annotations
 
 import base64
 import binascii
+import http.client
 import io
+import socket
+import threading
+import time
 import urllib.error
 import urllib.parse
 import urllib.request
@@ -19,7 +23,7 @@ from .errors import APIError, invalid, too_large
 from .protocol import ImageRef
 from .settings import Settings
 
-FETCH_TIMEOUT_S = 10
+FETCH_TIMEOUT_S = 10  # the whole download of one http(s):// image
 
 
 def load_images(refs: list[ImageRef], settings: Settings) -> list[Image.Image]:
@@ -63,22 +67,102 @@ def _data_url(ref: ImageRef, limit: int) -> bytes:
 
 
 def _fetch(ref: ImageRef, limit: int) -> bytes:
+    """The bytes at an http(s):// URL, within the byte limit and FETCH_TIMEOUT_S seconds for the
+    whole download (connecting, redirects, headers, body): a server that sends a byte now and then
+    cannot hold an image-preparation slot for longer."""
+    deadline = _Deadline(FETCH_TIMEOUT_S)
     try:
-        with urllib.request.urlopen(ref.url, timeout=FETCH_TIMEOUT_S) as response:  # noqa: S310 (operator opted in)
+        with deadline, deadline.opener().open(ref.url) as response:
+            declared = response.headers.get("Content-Length", "")
+            if declared.isdigit():
+                _check_size(int(declared), limit, ref.param)
             data = response.read(limit + 1)
-    except (urllib.error.URLError, OSError, ValueError) as e:
-        raise invalid(f"cannot fetch the image: {str(e)[:200]}", ref.param, "image_fetch_failed") from None
+    except (urllib.error.URLError, http.client.HTTPException, OSError, ValueError) as e:
+        if not deadline.expired:
+            raise invalid(f"cannot fetch the image: {str(e)[:200]}", ref.param, "image_fetch_failed") from None
+    if deadline.expired:  # the sockets were shut down: an error above, or a body cut short
+        raise invalid(f"fetching the image took over {FETCH_TIMEOUT_S} s", ref.param, "image_fetch_timeout")
     _check_size(len(data), limit, ref.param)
     return data
 
 
+class _Deadline:
+    """Shuts down the sockets of one download when `seconds` have passed (from `with`), which ends
+    any read waiting on them; each connection gets the time left as its connect timeout."""
+
+    def __init__(self, seconds: float):
+        self.end, self.expired, self.sockets = time.monotonic() + seconds, False, []
+        self.timer = threading.Timer(seconds, self._expire)
+
+    def opener(self) -> urllib.request.OpenerDirector:
+        """http(s) with redirects between them, and nothing else (no ftp:// or file:// redirects)."""
+        opener = urllib.request.OpenerDirector()
+        r = urllib.request
+        for handler in (r.ProxyHandler(), _HTTP(self), _HTTPS(self), r.HTTPRedirectHandler(), r.HTTPErrorProcessor(),
+                        r.HTTPDefaultErrorHandler(), r.UnknownHandler()):
+            opener.add_handler(handler)
+        return opener
+
+    def connection(self, http_class):
+        """http_class (an http.client connection) whose sockets are watched."""
+        def make(host, timeout=None, **kwargs):
+            if self.expired:
+                raise TimeoutError("the deadline has passed")
+            conn = http_class(host, timeout=max(self.end - time.monotonic(), 0.01), **kwargs)
+            connect = conn.connect
+
+            def watched_connect():  # urllib drops conn.sock once the headers are in: keep our own
+                connect()
+                self.sockets.append(conn.sock)
+            conn.connect = watched_connect
+            return conn
+        return make
+
+    def _expire(self) -> None:
+        self.expired = True
+        for sock in self.sockets:
+            try:
+                socket.socket.shutdown(sock, socket.SHUT_RDWR)  # the plain socket's, also under TLS
+            except OSError:  # already closed
+                pass
+
+    def __enter__(self):
+        self.timer.start()
+        return self
+
+    def __exit__(self, *exc):
+        self.timer.cancel()
+
+
+class _Watched:
+    """An http(s) handler whose connections a _Deadline watches."""
+
+    def __init__(self, deadline: _Deadline):
+        super().__init__()
+        self.deadline = deadline
+
+    def do_open(self, http_class, req, **kwargs):
+        return super().do_open(self.deadline.connection(http_class), req, **kwargs)
+
+
+class _HTTP(_Watched, urllib.request.HTTPHandler):
+    pass
+
+
+class _HTTPS(_Watched, urllib.request.HTTPSHandler):
+    pass
+
+
 def _file(ref: ImageRef, root: Path, limit: int) -> bytes:
-    path = Path(urllib.parse.unquote(urllib.parse.urlparse(ref.url).path)).resolve()
-    if not path.is_relative_to(root.resolve()) or not path.is_file():
-        raise invalid("file:// image URLs must name an existing file under the served folder", ref.param,
-                      "url_not_allowed")
-    _check_size(path.stat().st_size, limit, ref.param)
-    return path.read_bytes()
+    try:
+        path = Path(urllib.parse.unquote(urllib.parse.urlparse(ref.url).path)).resolve()
+        if not path.is_relative_to(root.resolve()) or not path.is_file():
+            raise invalid("file:// image URLs must name an existing file under the served folder", ref.param,
+                          "url_not_allowed")
+        _check_size(path.stat().st_size, limit, ref.param)
+        return path.read_bytes()
+    except (OSError, ValueError) as e:  # a NUL in the path, a file that cannot be read
+        raise invalid(f"cannot read the file: {str(e)[:200]}", ref.param, "invalid_image_url") from None
 
 
 def _check_size(n: int, limit: int, param: str) -> None:

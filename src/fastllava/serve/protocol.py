@@ -12,13 +12,15 @@ from .errors import APIError, invalid
 # Accepted and ignored (they do not change the answer).
 IGNORED = {"user", "metadata", "store", "service_tier", "safety_identifier", "prompt_cache_key",
            "parallel_tool_calls", "stream_options"}
-# Accepted only at the value that means "off".
-OFF_VALUES = {"n": (1,), "frequency_penalty": (0,), "presence_penalty": (0,), "logprobs": (False,),
-              "top_logprobs": (0,), "logit_bias": ({},), "tools": ([],), "tool_choice": ("none", "auto"),
-              "functions": ([],), "modalities": (["text"],)}
+# Accepted only at the value that means "off": key -> (its type, the values allowed).
+OFF_VALUES = {"n": (int, (1,)), "frequency_penalty": (float, (0,)), "presence_penalty": (float, (0,)),
+              "logprobs": (bool, (False,)), "top_logprobs": (int, (0,)), "logit_bias": (dict, ({},)),
+              "tools": (list, ([],)), "tool_choice": (object, ("none", "auto")), "functions": (list, ([],)),
+              "modalities": (list, (["text"],))}
 HANDLED = {"model", "messages", "max_tokens", "max_completion_tokens", "temperature", "top_p", "top_k",
            "seed", "stop", "stream", "reduce", "response_format", "ignore_eos"}
 MAX_STOPS, MAX_STOP_CHARS = 4, 256
+MAX_TEMPERATURE = 100  # as generate (SamplingParams); 0, or below 1e-4, is greedy
 
 
 @dataclass
@@ -30,7 +32,7 @@ class ImageRef:
 @dataclass
 class ChatRequest:
     model: str | None
-    prompt: str  # system text and the user's text parts, joined by newlines
+    prompt: str  # the system messages' text, then the user's text parts, joined by newlines
     images: list[ImageRef]
     max_tokens: int | None  # None: the server's default
     temperature: float = 1.0
@@ -51,15 +53,51 @@ def parse_json(body: bytes) -> dict:
         raise invalid(f"the body is not valid JSON: {str(e)[:200]}", None, "invalid_json") from None
     if not isinstance(data, dict):
         raise invalid(f"the body must be a JSON object, got {_kind(data)}", None, "invalid_type")
+    _check_unicode(data)
     return data
+
+
+def _check_unicode(data) -> None:
+    """Refuse a string or key that UTF-8 cannot encode: JSON's escapes allow a lone surrogate
+    ("\\ud800"), which the tokenizer and the JSON of an answer refuse."""
+    stack = [(data, ())]  # (value, its place: a chain (parent's chain, key or index))
+    while stack:
+        value, chain = stack.pop()
+        bad = isinstance(value, str) and not _utf8(value)
+        if isinstance(value, dict):
+            bad = not all(_utf8(key) for key in value)
+            stack.extend((item, (chain, key)) for key, item in value.items())
+        elif isinstance(value, list):
+            stack.extend((item, (chain, i)) for i, item in enumerate(value))
+        if bad:
+            raise invalid("the body is not valid JSON: a string holds a lone surrogate (an escape such as "
+                          "\\ud800 without its pair), which is not a character", _param(chain), "invalid_json")
+
+
+def _utf8(text: str) -> bool:
+    if text.isascii():  # at once (a flag of the string): a data: URL is not copied
+        return True
+    try:
+        text.encode()
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
+def _param(chain: tuple) -> str | None:
+    keys = []
+    while chain:
+        chain, key = chain
+        keys.append(f"[{key}]" if isinstance(key, int) else f".{key}")
+    return "".join(reversed(keys)).removeprefix(".") or None
 
 
 def parse_chat(d: dict, max_images: int) -> ChatRequest:
     for key in d:
         if key not in HANDLED | IGNORED | set(OFF_VALUES):
-            raise invalid(f"unrecognized request argument supplied: {key}", key, "unknown_parameter")
-    for key, allowed in OFF_VALUES.items():
-        if d.get(key) is not None and d[key] not in allowed:
+            raise invalid(f"unrecognized request argument supplied: {key[:80]}", key[:80], "unknown_parameter")
+    for key, (kind, allowed) in OFF_VALUES.items():
+        if _get(d, key, kind) is not None and d[key] not in allowed:
             raise invalid(f"{key}={json.dumps(d[key])[:80]} is not supported by this server", key, "unsupported_value")
     fmt = _get(d, "response_format", dict)
     if fmt is not None and fmt.get("type") != "text":
@@ -76,10 +114,8 @@ def parse_chat(d: dict, max_images: int) -> ChatRequest:
     name = "max_completion_tokens" if d.get("max_completion_tokens") is not None else "max_tokens"
     if max_tokens is not None and max_tokens < 1:
         raise invalid(f"{name} must be at least 1, got {max_tokens}", name)
-    temperature = _number(d, "temperature", 0, 2, 1.0)
-    top_p = _number(d, "top_p", 0, 1, 1.0)
-    if top_p == 0:
-        raise invalid("top_p must be greater than 0", "top_p")
+    temperature = _number(d, "temperature", 0, MAX_TEMPERATURE, 1.0)
+    top_p = _number(d, "top_p", 0, 1, 1.0)  # 0 keeps only the most likely token (greedy)
     top_k = _get(d, "top_k", int) or 0
     if top_k < 0:
         raise invalid(f"top_k must be at least 0, got {top_k}", "top_k")
@@ -93,11 +129,13 @@ def parse_chat(d: dict, max_images: int) -> ChatRequest:
 
 
 def _messages(messages, max_images: int) -> tuple[str, list[ImageRef]]:
-    """The prompt text and images of a conversation of system messages and one user message."""
+    """The prompt text and images of a conversation of system messages and one user message: the
+    system (and developer) messages' text comes first, wherever they stand, as LLaVA's prompt has
+    one user turn."""
     if not isinstance(messages, list) or not messages:
         what = "nothing" if messages is None else "an empty array" if messages == [] else _kind(messages)
         raise invalid(f"messages must be a non-empty array of messages, got {what}", "messages")
-    texts, images, users = [], [], 0
+    system, user, images, users = [], [], [], 0
     for i, m in enumerate(messages):
         where = f"messages[{i}]"
         if not isinstance(m, dict):
@@ -113,14 +151,14 @@ def _messages(messages, max_images: int) -> tuple[str, list[ImageRef]]:
         if users > 1:
             raise invalid("only one user message is supported", where, "unsupported_value")
         text, refs = _content(m.get("content"), f"{where}.content", allow_images=role == "user")
-        texts.append(text)
+        (user if role == "user" else system).append(text)
         images += refs
     if users == 0:
         raise invalid("messages must hold a user message", "messages")
     if len(images) > max_images:
         raise invalid(f"{len(images)} images in the request; at most {max_images} are allowed",
                       "messages", "too_many_images")
-    return "\n".join(t for t in texts if t), images
+    return "\n".join(t for t in system + user if t), images
 
 
 def _content(content, where: str, allow_images: bool) -> tuple[str, list[ImageRef]]:
@@ -159,30 +197,33 @@ def _stops(d: dict) -> list[str]:
 
 
 def _number(d: dict, key: str, lo: float, hi: float, default: float) -> float:
-    value = d.get(key)
+    value = _get(d, key, float)
     if value is None:
         return default
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
-        raise invalid(f"{key} must be a number, got {_kind(value)}", key, "invalid_type")
+    if not math.isfinite(value):  # JSON's NaN and Infinity, or a number past a double's range (1e400)
+        raise invalid(f"{key} must be a finite number, got {json.dumps(value)}", key)
     if not lo <= value <= hi:
-        raise invalid(f"{key} must be in [{lo}, {hi}], got {value}", key)
+        raise invalid(f"{key} must be in [{lo}, {hi}], got {json.dumps(value)[:40]}", key)
     return float(value)
 
 
 def _get(d: dict, key: str, kind: type, param: str | None = None, required: bool = False):
-    """d[key] checked to be of `kind` (bools are not ints); None when absent unless required."""
+    """d[key] checked to be of `kind` (bools are not ints; a float is any number); None when absent
+    unless required."""
     value = d.get(key)
     param = param or key
     if value is None:
         if required:
             raise invalid(f"{param} is required", param, "missing_required_parameter")
         return None
-    if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
+    kinds = (int, float) if kind is float else kind
+    if not isinstance(value, kinds) or (kind in (int, float) and isinstance(value, bool)):
         raise invalid(f"{param} must be {_NAMES[kind]}, got {_kind(value)}", param, "invalid_type")
     return value
 
 
-_NAMES = {str: "a string", int: "an integer", bool: "a boolean", dict: "an object", list: "an array"}
+_NAMES = {str: "a string", int: "an integer", float: "a number", bool: "a boolean", dict: "an object",
+          list: "an array"}
 
 
 def _kind(value) -> str:
