@@ -157,3 +157,16 @@ def test_the_server_speculates_and_answers_as_generate(model, spec):
         assert (out["choices"][0]["message"]["content"], out["choices"][0]["finish_reason"]) == (ref.text,
                                                                                                 ref.finish_reason)
     assert model.runner.calls["eager_multi_step"] > before  # verify passes ran in the server
+
+
+def test_cli_run_speculates_and_reports_its_drafts(capsys):
+    from fastllava.cli import main
+
+    args = ["run", "--image", "examples/shapes_2.png", "--prompt", "What shape is the purple object? Answer with one "
+            "word.", "--reduce", "dart:keep=64", "--speculate", "ngram:k=3"]
+    assert main(args + ["--json"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out["stats"]["speculate"]["spec"] == "ngram:n=3,k=3" and out["stats"]["visual_tokens"] == [576, 64]
+    assert main(args) == 0
+    assert "(576 -> 64 in the LLM)" in capsys.readouterr().err
+    assert main(args[:-1] + ["ngram:k=0"]) == 2 and "k must be in 1..16" in capsys.readouterr().err

@@ -39,6 +39,8 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--stop", type=utf8_text, action="append", default=[], help="stop string (repeatable)")
     run.add_argument("--json", action="store_true", help="print one JSON object instead of streaming")
     run.add_argument("--reduce", help="visual token reduction, NAME[:key=value,...] (see `fastllava methods`)")
+    run.add_argument("--speculate", help="speculative decoding: ngram[:n=3,k=4] or layerskip[:skip=A-B,k=4] "
+                                         "(greedy output unchanged; see docs/speculative.md)")
     run.set_defaults(func=cmd_run)
 
     add_data_parser(sub)
@@ -61,9 +63,13 @@ def cmd_run(args: argparse.Namespace) -> int:
         from .reduction import parse_spec
 
         parse_spec(args.reduce)
+    if args.speculate:
+        from .generation.speculate import parse_speculate
+
+        parse_speculate(args.speculate, None)
     image = load_image(args.image) if args.image else None
     model = load(args.model, **load_options(args))
-    kwargs = dict(**sampling, reduce=args.reduce)
+    kwargs = dict(**sampling, reduce=args.reduce, speculate=args.speculate)
     if args.json:
         result = model.generate(images=[image], prompts=[args.prompt], **kwargs)[0]
         print(json.dumps({"model": str(model.path), "prompt": args.prompt, "text": result.text,
@@ -74,8 +80,13 @@ def cmd_run(args: argparse.Namespace) -> int:
         print(delta, end="", flush=True)
     print(flush=True)
     s = stream.result.stats
-    print(f"[{s['prompt_tokens']} prompt + {s['image_tokens']} image tokens, {s['generated_tokens']} generated"
-          f" | TTFT {s['ttft_s'] * 1000:.1f} ms | decode {s['decode_tok_s']:.1f} tok/s"
+    kept = s.get("visual_tokens", [s["image_tokens"]])
+    reduced = f" ({' -> '.join(map(str, kept))} in the LLM)" if args.reduce and s["image_tokens"] else ""
+    spec = s.get("speculate")
+    drafts = (f" | drafts kept {spec['accepted_tokens']}/{spec['draft_tokens']}, {spec['tokens_per_step']:.2f} tokens "
+              f"per step" if spec else "")
+    print(f"[{s['prompt_tokens']} prompt + {s['image_tokens']} image tokens{reduced}, {s['generated_tokens']} generated"
+          f" | TTFT {s['ttft_s'] * 1000:.1f} ms | decode {s['decode_tok_s']:.1f} tok/s{drafts}"
           f" | {stream.result.finish_reason}"
           + (" | compiled mode: these times include the compilation of a first run]"
              if model.decode == "compiled" else "]"), file=sys.stderr)
