@@ -169,3 +169,20 @@ def test_health_answers_while_a_huge_prompt_is_refused(path):
     assert polls >= 1
     assert status == 400 and body["error"]["code"] == "context_length_exceeded" and "characters" in body["error"]["message"]
     assert slowest < 1.0
+
+
+def test_images_over_the_context_are_refused_before_they_are_decoded(path):
+    """Four images of 16 visual tokens each do not fit a 48-token context: the request is refused
+    from the images' headers, before any is decoded (a corrupt body after a valid PNG header would
+    otherwise answer 422 'not an image')."""
+    llava = fastllava.load(path, device="cpu")
+    good = png_bytes(random_image(7))
+    broken = good[:60] + b"\0" * 200  # a valid header, then no image data
+    body = {"model": "tiny", "max_tokens": 4,
+            "messages": user_message("describe it .", *[data_url(broken)] * 4)}
+    with running_server(llava, Settings(model_id="tiny", max_len=48)) as base:
+        status, out = raw_request(base, "POST", "/v1/chat/completions", body)
+        assert status == 400 and out["error"]["code"] == "context_length_exceeded", out
+        status, out = raw_request(base, "POST", "/v1/chat/completions",
+                                  {**body, "messages": user_message("describe it .", data_url(broken))})
+        assert status == 422 and out["error"]["code"] == "invalid_image", out  # it fits: decoded, and refused

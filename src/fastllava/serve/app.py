@@ -18,7 +18,7 @@ from ..engine import Llava
 from ..errors import UserError
 from ..generation import SamplingParams
 from ..generation.speculate import parse_speculate
-from .content import load_images
+from .content import decode_image, image_bytes, image_size
 from .errors import APIError, invalid
 from .protocol import ChatRequest, check_model, parse_chat, parse_json
 from .reduce import check_reduce
@@ -140,11 +140,13 @@ def _prepare(llava: Llava, settings: Settings, scheduler: Scheduler, req: ChatRe
     """Prompt ids, pixel values, image sizes (LLaVA-NeXT) and sampling parameters of a request,
     within the limits (on a worker thread)."""
     limits, ctx = settings.limits, scheduler.context
-    images = load_images(req.images, settings)
-    image_tokens = [llava.config.image_tokens(im.height, im.width) for im in images]  # one count per image
+    max_pixels = limits.max_image_pixels
+    encoded = [image_bytes(ref, settings) for ref in req.images]
+    sizes = [image_size(data, ref.param, max_pixels) for data, ref in zip(encoded, req.images)]  # headers only
+    image_tokens = [llava.config.image_tokens(h, w) for h, w in sizes]  # one count per image
     check_reduce(reduce, llava.config, image_tokens)
     try:
-        ids = llava.prompts.prompt_ids(req.prompt, len(images), image_tokens)
+        ids = llava.prompts.prompt_ids(req.prompt, len(encoded), image_tokens)
     except UserError as e:
         raise invalid(str(e), "messages", "invalid_prompt") from None
     t = len(ids)
@@ -166,6 +168,8 @@ def _prepare(llava: Llava, settings: Settings, scheduler: Scheduler, req: ChatRe
         params = SamplingParams(max_tokens, req.temperature, req.top_p, req.top_k, req.seed, req.stop).validate()
     except UserError as e:
         raise invalid(str(e), None) from None
+    # only now, with every limit checked, are the images decoded
+    images = [decode_image(data, ref.param, max_pixels) for data, ref in zip(encoded, req.images)]
     try:
         pixel_values, image_sizes = _pixels(llava, images) if images else (None, None)
     except UserError as e:  # preprocessing would make an image over its limit

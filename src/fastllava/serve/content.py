@@ -26,10 +26,6 @@ from .settings import Settings
 FETCH_TIMEOUT_S = 10  # the whole download of one http(s):// image
 
 
-def load_images(refs: list[ImageRef], settings: Settings) -> list[Image.Image]:
-    return [decode_image(image_bytes(ref, settings), ref.param, settings.limits.max_image_pixels) for ref in refs]
-
-
 def image_bytes(ref: ImageRef, settings: Settings) -> bytes:
     """The encoded image a URL points to, within the byte limit."""
     url, limit = ref.url, settings.limits.max_image_bytes
@@ -170,9 +166,9 @@ def _check_size(n: int, limit: int, param: str) -> None:
         raise too_large(f"the image is {n} bytes, over the limit of {limit}", param, "image_too_large")
 
 
-def decode_image(data: bytes, param: str, max_pixels: int) -> Image.Image:
-    """Refuse too many pixels (413) from the header alone, then decode (422 when it cannot be, or
-    load_image refuses it: sides more than images.MAX_ASPECT-fold apart)."""
+def image_size(data: bytes, param: str, max_pixels: int) -> tuple[int, int]:
+    """(height, width) of an encoded image from its header alone (nothing decoded): 422 when PIL
+    cannot read it, 413 for too many pixels."""
     try:
         with Image.open(io.BytesIO(data)) as probe:
             w, h = probe.size
@@ -182,6 +178,13 @@ def decode_image(data: bytes, param: str, max_pixels: int) -> Image.Image:
         raise APIError(422, "the image data is not an image PIL can read", param, "invalid_image") from None
     if w * h > max_pixels:
         raise too_large(f"the image is {w}x{h} pixels, over the limit of {max_pixels}", param, "image_too_large")
+    return h, w
+
+
+def decode_image(data: bytes, param: str, max_pixels: int) -> Image.Image:
+    """Check the header (image_size), then decode (422 when it cannot be, or load_image refuses
+    it: sides more than images.MAX_ASPECT-fold apart)."""
+    image_size(data, param, max_pixels)
     try:
         return load_image(data, max_pixels)
     except UserError as e:
