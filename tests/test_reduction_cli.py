@@ -65,4 +65,7 @@ def test_inspect_draws_kept_patches(ckpt, tmp_path, capsys, spec, kept, merged):
     summary = json.loads(capsys.readouterr().out)
     assert summary["kept"] == kept and summary["merged"] == merged
     assert summary["kept"] + summary["merged"] + summary["dropped"] == 16
-    assert Image.open(out).size == (448, 448)
+    picture = np.asarray(Image.open(out).convert("L"))
+    assert picture.shape == (448 + 56, 448)  # the 448-pixel image under a band: title, counts, legend
+    band = picture[:56]
+    assert (band < 128).any(axis=1)[4:14].any() and (band < 128).any(axis=1)[20:30].any()  # two lines of text

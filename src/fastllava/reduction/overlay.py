@@ -12,7 +12,7 @@ import math
 
 import numpy as np
 import torch
-from PIL import Image, ImageDraw
+from PIL import Image, ImageDraw, ImageFont
 
 from .. import anyres
 from ..ops import positions_from_mask
@@ -100,6 +100,25 @@ def draw_next(model, image: Image.Image, owner: torch.Tensor) -> tuple[Image.Ima
     return out, part
 
 
+def annotate(picture: Image.Image, title: list[str]) -> Image.Image:
+    """picture under a band with the `title` lines and a legend of the marks `shade` draws."""
+    font = ImageFont.load_default()
+    band = 16 * len(title) + 24
+    out = Image.new("RGB", (max(picture.width, 420), picture.height + band), (255, 255, 255))
+    out.paste(picture, (0, band))
+    pen = ImageDraw.Draw(out)
+    for i, line in enumerate(title):
+        pen.text((6, 4 + 16 * i), line, fill=(0, 0, 0), font=font)
+    x, y = 6, band - 18
+    for label, outline, fill in (("kept", (255, 200, 0), None), ("kept, others merged into it", _colour(3), None),
+                                 ("merged", None, tuple(int(0.35 * c + 0.65 * 255) for c in _colour(3))),
+                                 ("dropped", None, (80, 80, 80))):
+        pen.rectangle((x, y, x + 12, y + 12), outline=outline, fill=fill, width=2)
+        pen.text((x + 16, y), label, fill=(0, 0, 0), font=font)
+        x += 22 + int(pen.textlength(label, font=font))
+    return out
+
+
 def inspect(model, image, prompt: str, spec, out_path) -> dict:
     """Write the overlay PNG to out_path; -> a summary (kept, merged groups, dropped; on LLaVA-NeXT
     also the kept tokens of the base thumbnail, of the tiles and image_newline tokens)."""
@@ -114,8 +133,14 @@ def inspect(model, image, prompt: str, spec, out_path) -> dict:
     else:
         proc = model.processor
         picture = draw(inputs["pixel_values"][0], owner, model.config.vision.grid, proc.mean, proc.std)
-    picture.save(out_path)
     merged_into = owner[(owner >= 0) & ~kept]
-    return {"reduce": reduction.method.spec(), "visual_tokens": owner.shape[0], "kept": int(kept.sum()),
-            "groups": int(merged_into.unique().numel()), "merged": int(merged_into.numel()),
-            "dropped": int((owner < 0).sum()), **parts, "out": str(out_path)}
+    summary = {"reduce": reduction.method.spec(), "visual_tokens": owner.shape[0], "kept": int(kept.sum()),
+               "groups": int(merged_into.unique().numel()), "merged": int(merged_into.numel()),
+               "dropped": int((owner < 0).sum()), **parts, "out": str(out_path)}
+    title = [summary["reduce"], f"{summary['kept']} of {summary['visual_tokens']} visual tokens kept, "
+                                f"{summary['merged']} merged into {summary['groups']}, {summary['dropped']} dropped"]
+    if parts:
+        title.append(f"base thumbnail's tokens ({parts['kept_base']} kept) | tiles' tokens ({parts['kept_tiles']} "
+                     f"kept; {parts['kept_newlines']} image_newline tokens kept, not drawn)")
+    annotate(picture, title).save(out_path)
+    return summary
