@@ -20,6 +20,8 @@ from hf_reference import IMAGE_TOKEN, VOCAB, batch_inputs, save_checkpoint, tiny
 
 P = 16  # visual tokens per image of the tiny model
 FULL = {  # a spec keeping every visual token, per method
+    "divprune": "divprune:keep=16", "vispruner": "vispruner:keep=16", "cdpruner": "cdpruner:keep=16",
+    "mmtok": "mmtok:keep=16",
     "random": "random:keep=16,seed=3", "pool": "pool:keep=16", "fastervlm": "fastervlm:keep=16",
     "visionzip": "visionzip:keep=16", "fastv": "fastv:keep=16", "pdrop": "pdrop:keep=16,ratio=1",
     "sparsevlm": "sparsevlm:keep=16", "dart": "dart:keep=16,pivots=3",
@@ -28,6 +30,8 @@ FULL = {  # a spec keeping every visual token, per method
     "visionzip+compact": "visionzip:keep=16,positions=compact",
 }
 SMALL = {  # a real reduction, per method
+    "divprune": "divprune:keep=5", "vispruner": "vispruner:keep=6", "cdpruner": "cdpruner:keep=5",
+    "mmtok": "mmtok:keep=5",
     "random": "random:keep=5", "pool": "pool:keep=6", "fastervlm": "fastervlm:keep=5",
     "visionzip": "visionzip:keep=6,contextual=2", "fastv": "fastv:keep=5,layer=1",
     "pdrop": "pdrop:keep=8,layers=1-2", "sparsevlm": "sparsevlm:keep=6,recycle=2",

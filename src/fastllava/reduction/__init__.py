@@ -2,13 +2,17 @@
 that applies them at the model's hook points."""
 
 # registration order is the listing order
-from . import random, pool, fastervlm, visionzip, hired, globalcom2, fastv, pdrop, sparsevlm, dart  # noqa: F401,I001
+from . import random, pool, fastervlm, visionzip, hired, globalcom2, divprune, vispruner, cdpruner, mmtok  # noqa: F401,I001
+from . import fastv, pdrop, sparsevlm, dart  # noqa: F401,I001
 from .base import LayerContext, Method, Selection, VisionContext
+from .cdpruner import CDPruner
 from .dart import DART
+from .divprune import DivPrune
 from .fastervlm import FasterVLM
 from .fastv import FastV
 from .globalcom2 import GlobalCom2
 from .hired import HiRED
+from .mmtok import MMTok
 from .pdrop import PDrop
 from .pool import Pool
 from .random import Random
@@ -16,7 +20,8 @@ from .registry import METHODS, describe, parse_list, parse_spec
 from .runtime import Reduction
 from .sparsevlm import SparseVLM
 from .visionzip import VisionZip
+from .vispruner import VisPruner
 
-__all__ = ["METHODS", "DART", "FastV", "FasterVLM", "GlobalCom2", "HiRED", "LayerContext", "Method", "PDrop", "Pool", "Random",
-           "Reduction", "Selection", "SparseVLM", "VisionContext", "VisionZip", "describe", "parse_list",
-           "parse_spec"]
+__all__ = ["METHODS", "CDPruner", "DART", "DivPrune", "FastV", "FasterVLM", "GlobalCom2", "HiRED", "LayerContext",
+           "MMTok", "Method", "PDrop", "Pool", "Random", "Reduction", "Selection", "SparseVLM", "VisPruner",
+           "VisionContext", "VisionZip", "describe", "parse_list", "parse_spec"]
