@@ -118,3 +118,35 @@ def batch_inputs(features: int, seed: int = 1):
         mask[i, longest - len(r):] = 1
     pixels = torch.randn(len(rows), 3, 32, 32, generator=g)
     return ids, mask, pixels
+
+
+VIDEO_TOKEN = 101
+
+# LLaVA-OneVision canvases for the tiny 32-pixel tower: transformers' defaults (1 x 1 to 6 x 6
+# tiles of 384) scaled from 384 to 32
+ONEVISION_PINPOINTS = [[32 * r, 32 * c] for r in range(1, 7) for c in range(1, 7)]
+
+
+def tiny_onevision(kv_heads: int = 2, feature_layer=-1, tie: bool = False, seed: int = 0, pinpoints=None,
+                   aspect: str = "anyres_max_9", **text_overrides):
+    """A tiny random LlavaOnevisionForConditionalGeneration: SigLIP tower (32-pixel images, 8-pixel
+    patches: 4 x 4 features per piece), Qwen2 decoder with q/k/v biases and a large RoPE theta."""
+    from transformers import (LlavaOnevisionConfig, LlavaOnevisionForConditionalGeneration, Qwen2Config,
+                              SiglipVisionConfig)
+
+    torch.manual_seed(seed)
+    vision = SiglipVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=3, num_attention_heads=4,
+                                image_size=32, patch_size=8, vision_use_head=False)
+    text = dict(vocab_size=VOCAB, hidden_size=64, intermediate_size=112, num_hidden_layers=3, num_attention_heads=4,
+                num_key_value_heads=kv_heads, max_position_embeddings=1024, tie_word_embeddings=tie, pad_token_id=0,
+                rope_theta=1e6, bos_token_id=1, eos_token_id=2)
+    text.update(text_overrides)
+    cfg = LlavaOnevisionConfig(vision_config=vision, text_config=Qwen2Config(**text), image_token_index=IMAGE_TOKEN,
+                               video_token_index=VIDEO_TOKEN, vision_feature_layer=feature_layer,
+                               vision_feature_select_strategy="full", tie_word_embeddings=tie,
+                               image_grid_pinpoints=pinpoints or ONEVISION_PINPOINTS, vision_aspect_ratio=aspect)
+    model = LlavaOnevisionForConditionalGeneration(cfg).eval()
+    with torch.no_grad():  # random init leaves some tensors at exact constants; perturb all of them
+        for p in model.parameters():
+            p.add_(torch.randn_like(p) * 0.02)
+    return model

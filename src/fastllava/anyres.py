@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import math
 
+from .errors import UserError
+
 Size = tuple[int, int]  # (height, width)
 
 
@@ -60,13 +62,27 @@ def unpadded_box(size: Size, grid: Size) -> tuple[slice, slice]:
     return slice(0, gh), slice(pad, gw - pad)
 
 
-def image_tokens(size: Size, pinpoints: list[Size], tile: int, patches: int) -> int:
+def image_tokens(size: Size, pinpoints: list[Size], tile: int, patches: int, max_tiles: int | None = None) -> int:
     """Visual tokens one image of `size` gives the language model: the base image's
-    patches x patches features, then the unpadded tile features with one newline per row."""
+    patches x patches features, then the unpadded tile features with one newline per row
+    (with `max_tiles`, LLaVA-OneVision's anyres_max_N, scaled down as `scaled_grid` says)."""
     rows, cols = tile_grid(size, pinpoints, tile)
     ys, xs = unpadded_box(size, (rows * patches, cols * patches))
     height, width = ys.stop - ys.start, xs.stop - xs.start
+    if max_tiles is not None:
+        height, width = scaled_grid((height, width), patches, max_tiles)
     return patches * patches + height * (width + 1)
+
+
+def scaled_grid(grid: Size, patches: int, max_tiles: int) -> Size:
+    """LLaVA-OneVision's anyres_max_N: an unpadded feature grid (height, width) of more than
+    1.1² times N tiles' patches x patches features is scaled down (bilinearly, by the model) to
+    about N tiles' worth, aspect ratio kept; a smaller one stays as it is."""
+    h, w = grid
+    ratio = math.sqrt(h * w / (max_tiles * patches ** 2))
+    if ratio > 1.1:
+        return int(h // ratio), int(w // ratio)
+    return h, w
 
 
 def token_sources(size: Size, grid: Size, patches: int) -> tuple[list[int], Size]:
@@ -99,3 +115,15 @@ def piece_boxes(size: Size, pinpoints: list[Size], tile: int) -> list[tuple[floa
         for x in range(0, canvas[1], tile):
             boxes.append(((y - top) / inner[0], (x - left) / inner[1], tile / inner[0], tile / inner[1]))
     return boxes
+
+
+def image_tiling(n: int, batch_num_images: list[int] | None) -> list[bool]:
+    """Whether each of n images is tiled: those of prompts with one image (LLaVA-OneVision's
+    batch_num_images: images per prompt, in order; None: one each)."""
+    if batch_num_images is None:
+        return [True] * n
+    if hasattr(batch_num_images, "tolist"):  # a tensor, as transformers' processor returns it
+        batch_num_images = batch_num_images.tolist()
+    if any(not isinstance(k, int) or k < 0 for k in batch_num_images) or sum(batch_num_images) != n:
+        raise UserError(f"batch_num_images {list(batch_num_images)} does not count the {n} images")
+    return [k == 1 for k in batch_num_images for _ in range(k)]

@@ -4,6 +4,8 @@ Two key layouts exist in the wild: the original one (`language_model.model.*`,
 `language_model.lm_head.*`, `vision_tower.*`, `multi_modal_projector.*`) and the one that
 transformers >= 4.52 saves (`model.language_model.*`, `model.vision_tower.*`,
 `model.multi_modal_projector.*`, `lm_head.*`). Both map onto the same module names here.
+LLaVA-OneVision checkpoints (SigLIP tower, Qwen2 decoder) use the same prefixes; their SigLIP
+post-layernorm and attention-pooling head are never read.
 
 Loading never allocates for a checkpoint that cannot load: the config is validated (config.py),
 the model is built on the `meta` device (shapes only), its size checked against the free memory
@@ -50,6 +52,7 @@ _PREFIXES = [
 # Tensors that checkpoints carry but LLaVA never reads.
 _UNUSED = [
     re.compile(r"vision_tower\.post_layernorm\..*"),
+    re.compile(r"vision_tower\.head\..*"),  # SigLIP's attention-pooling head (LLaVA-OneVision reads patches)
     re.compile(r"vision_tower\.embeddings\.position_ids"),
     re.compile(r".*rotary_emb\.inv_freq"),
 ]
@@ -320,6 +323,8 @@ def save_model(model: LlavaModel, path: str | Path) -> Path:
     """Write `model` as a Hugging Face LLaVA checkpoint (config.json + model.safetensors, the
     original key layout) that transformers' LlavaForConditionalGeneration (LlavaNext... for a
     LLaVA-NeXT model) loads as it is."""
+    if model.cfg.is_onevision:
+        raise UserError("writing LLaVA-OneVision checkpoints is not supported yet")
     if len(model.vision_tower.layers) != model.cfg.vision.num_hidden_layers:
         raise UserError("save_model needs a vision tower with all its layers (use vision_feature_layer -1)")
     path = Path(path)

@@ -48,7 +48,34 @@ _LLAVA_VISION_DEFAULTS = {
 # transformers' LlavaNextConfig default (height, width) canvases for AnyRes tiling.
 _NEXT_PINPOINTS = [[336, 672], [672, 336], [672, 672], [1008, 336], [336, 1008]]
 
-# Per text model type: the defaults of transformers' LlamaConfig / MistralConfig.
+# transformers' SiglipVisionConfig defaults (a vision_config of model_type siglip_vision_model).
+_SIGLIP_DEFAULTS = {
+    "hidden_size": 768,
+    "intermediate_size": 3072,
+    "num_hidden_layers": 12,
+    "num_attention_heads": 12,
+    "num_channels": 3,
+    "image_size": 224,
+    "patch_size": 16,
+    "hidden_act": "gelu_pytorch_tanh",
+    "layer_norm_eps": 1e-6,
+}
+
+# transformers' LlavaOnevisionConfig fills a missing vision_config with this SigLIP so400m tower
+# (its last layer dropped), a missing text_config with Qwen2Config's defaults.
+_ONEVISION_VISION_DEFAULTS = {
+    "hidden_size": 1152,
+    "intermediate_size": 4304,
+    "patch_size": 14,
+    "image_size": 384,
+    "num_hidden_layers": 26,
+    "num_attention_heads": 16,
+}
+
+# transformers' LlavaOnevisionConfig default (height, width) canvases: 1 x 1 to 6 x 6 tiles of 384.
+_ONEVISION_PINPOINTS = [[384 * r, 384 * c] for r in range(1, 7) for c in range(1, 7)]
+
+# Per text model type: the defaults of transformers' LlamaConfig / MistralConfig / Qwen2Config.
 _TEXT_DEFAULTS = {
     "llama": {
         "vocab_size": 32000,
@@ -71,13 +98,28 @@ _TEXT_DEFAULTS = {
         "rms_norm_eps": 1e-6,
         "sliding_window": 4096,
     },
+    "qwen2": {
+        "vocab_size": 151936,
+        "hidden_size": 4096,
+        "intermediate_size": 22016,
+        "num_hidden_layers": 32,
+        "num_attention_heads": 32,
+        "num_key_value_heads": 32,
+        "max_position_embeddings": 32768,
+        "rms_norm_eps": 1e-6,
+        "sliding_window": None,  # only with use_sliding_window, which is refused
+        "bos_token_id": None,
+        "eos_token_id": None,
+    },
 }
 
 
 @dataclass
 class VisionConfig:
-    """CLIP-style vision transformer."""
+    """CLIP-style vision transformer, or SigLIP's (model_type "siglip": no class token, no
+    pre-layernorm, a bias on the patch embedding)."""
 
+    model_type: str = "clip"  # clip | siglip
     hidden_size: int = 768
     intermediate_size: int = 3072
     num_hidden_layers: int = 12
@@ -100,19 +142,42 @@ class VisionConfig:
     def num_patches(self) -> int:
         return self.grid * self.grid
 
+    @property
+    def class_token(self) -> bool:
+        """Whether the tower prepends a class token (CLIP) or not (SigLIP)."""
+        return self.model_type == "clip"
+
     @classmethod
-    def from_dict(cls, d: dict, where: str = "vision_config") -> "VisionConfig":
+    def from_dict(cls, d: dict, where: str = "vision_config", siglip: bool = False) -> "VisionConfig":
+        """`siglip`: a LLaVA-OneVision vision_config, which must be SigLIP's (CLIP's otherwise)."""
+        if siglip:
+            model_type = d.get("model_type", "siglip_vision_model")
+            if model_type not in ("siglip_vision_model", "siglip"):
+                raise UserError(f"unsupported vision tower {_shown(model_type)} for LLaVA-OneVision; "
+                                "fastllava supports SigLIP towers there")
+            merged = {**_SIGLIP_DEFAULTS, **(d or _ONEVISION_VISION_DEFAULTS)}
+            _check_bool(d.get("vision_use_head", False), f"{where}.vision_use_head")  # its head is never read
+            merged["model_type"] = "siglip"
+            return cls._checked(merged, where)
         model_type = d.get("model_type", "clip_vision_model")
         if model_type not in ("clip_vision_model", "clip"):
             raise UserError(f"unsupported vision tower {_shown(model_type)}; fastllava supports CLIP-style towers")
-        merged = {**_LLAVA_VISION_DEFAULTS, **d}
+        merged = {**_LLAVA_VISION_DEFAULTS, **d, "model_type": "clip"}
+        return cls._checked(merged, where)
+
+    @classmethod
+    def _checked(cls, merged: dict, where: str) -> "VisionConfig":
         image_size, patch_size = merged.get("image_size", 224), merged.get("patch_size", 32)
         if isinstance(image_size, (list, tuple)) or isinstance(patch_size, (list, tuple)):
             raise UserError("non-square vision image_size/patch_size is not supported")
         cfg = cls(**_pick(cls, merged))
         _check_sizes(cfg, _VISION_SIZES, where)
         _check_multiple(cfg, "hidden_size", "num_attention_heads", where)
-        _check_multiple(cfg, "image_size", "patch_size", where)
+        if cfg.model_type == "clip":  # SigLIP's 384-pixel images in 14-pixel patches: the conv drops the rest
+            _check_multiple(cfg, "image_size", "patch_size", where)
+        elif cfg.patch_size > cfg.image_size:
+            raise UserError(f"{where}.patch_size ({cfg.patch_size}) must be at most {where}.image_size "
+                            f"({cfg.image_size})")
         _choice(cfg.hidden_act, f"{where}.hidden_act", ACTIVATIONS)
         cfg.layer_norm_eps = _positive_float(cfg.layer_norm_eps, f"{where}.layer_norm_eps")
         return cfg
@@ -127,7 +192,7 @@ class RopeConfig:
 
 @dataclass
 class TextConfig:
-    """Llama / Mistral decoder."""
+    """Llama / Mistral / Qwen2 decoder."""
 
     model_type: str = "llama"
     vocab_size: int = 32000
@@ -141,6 +206,7 @@ class TextConfig:
     max_position_embeddings: int = 2048
     rms_norm_eps: float = 1e-6
     attention_bias: bool = False
+    qkv_bias: bool = False  # biases on q, k, v only (Qwen2); attention_bias puts them on o_proj too
     mlp_bias: bool = False
     sliding_window: int | None = None
     tie_word_embeddings: bool = False
@@ -158,6 +224,11 @@ class TextConfig:
             )
         merged = {**_TEXT_DEFAULTS[model_type], **d}
         merged["model_type"] = model_type
+        if model_type == "qwen2":
+            if _check_bool(merged.get("use_sliding_window", False), f"{where}.use_sliding_window"):
+                raise UserError(f"{where}.use_sliding_window: Qwen2's per-layer sliding windows are not supported")
+            merged["sliding_window"] = None
+        merged["qkv_bias"] = model_type == "qwen2"  # Qwen2: biases on q, k and v (not on o_proj)
         if merged.get("hidden_act", "silu") != "silu":
             raise UserError(f"unsupported text hidden_act {_shown(merged['hidden_act'])}; only 'silu' is supported")
         # None until checked: as many key/value heads as attention heads, head_dim hidden_size / heads
@@ -175,7 +246,7 @@ class TextConfig:
         if cfg.head_dim % 2:
             raise UserError(f"{where}.head_dim must be even (rotary embeddings rotate pairs), got {cfg.head_dim}")
         cfg.rms_norm_eps = _positive_float(cfg.rms_norm_eps, f"{where}.rms_norm_eps")
-        for name in ("attention_bias", "mlp_bias"):
+        for name in ("attention_bias", "qkv_bias", "mlp_bias"):
             _check_bool(getattr(cfg, name), f"{where}.{name}")
         for name in ("bos_token_id", "pad_token_id"):
             if getattr(cfg, name) is not None:
@@ -210,43 +281,75 @@ class LlavaConfig:
     tie_word_embeddings: bool = False
     torch_dtype: str | None = None
     image_grid_pinpoints: list[tuple[int, int]] | None = None  # LLaVA-NeXT (AnyRes) canvases; None for LLaVA-1.5
+    model_type: str = "llava"  # llava | llava_next | llava_onevision
+    max_tiles: int | None = None  # LLaVA-OneVision's vision_aspect_ratio anyres_max_N: N
+    video_token_index: int | None = None  # LLaVA-OneVision
 
     @property
     def is_next(self) -> bool:
-        """A LLaVA-NeXT model: images are tiled (AnyRes), their token count depends on their size."""
+        """A LLaVA-NeXT or LLaVA-OneVision model: images are tiled (AnyRes), their token count
+        depends on their size."""
         return self.image_grid_pinpoints is not None
+
+    @property
+    def is_onevision(self) -> bool:
+        """A LLaVA-OneVision model: SigLIP tower, Qwen2 decoder, AnyRes with large tile grids
+        scaled down (anyres_max_N), videos."""
+        return self.model_type == "llava_onevision"
 
     @property
     def image_features_per_image(self) -> int:
         """Visual tokens one image gives the language model (576 for LLaVA-1.5); for LLaVA-NeXT,
         those of one tile (see image_tokens)."""
-        extra = 1 if self.vision_feature_select_strategy == "full" else 0
+        extra = 1 if self.vision_feature_select_strategy == "full" and self.vision.class_token else 0
         return self.vision.num_patches + extra
 
-    def image_tokens(self, height: int, width: int) -> int:
-        """Visual tokens an image of height x width pixels (before preprocessing) gives."""
+    def image_tokens(self, height: int, width: int, tiled: bool = True) -> int:
+        """Visual tokens an image of height x width pixels (before preprocessing) gives; `tiled`
+        False: a LLaVA-OneVision image sharing its prompt with others (its thumbnail and one newline)."""
+        if self.is_onevision and not tiled:
+            return self.vision.num_patches + 1
         if not self.is_next:
             return self.image_features_per_image
         return anyres.image_tokens((height, width), self.image_grid_pinpoints, self.vision.image_size,
-                                   self.vision.grid)
+                                   self.vision.grid, self.max_tiles)
+
+    def video_tokens(self, frames: int) -> int:
+        """Visual tokens a video of `frames` frames gives LLaVA-OneVision: each frame's feature
+        grid pooled 2 x 2 (rounded up), then one image_newline after the last frame."""
+        side = -(-self.vision.grid // 2)
+        return frames * side * side + 1
 
     @classmethod
     def from_dict(cls, d: dict) -> "LlavaConfig":
         model_type = d.get("model_type", "llava")
-        if model_type not in ("llava", "llava_next"):
-            raise UserError(f"unsupported model_type {_shown(model_type)}; expected 'llava' or 'llava_next'")
-        vision = VisionConfig.from_dict(_section(d.get("vision_config"), "vision_config"))
+        if model_type not in ("llava", "llava_next", "llava_onevision"):
+            raise UserError(f"unsupported model_type {_shown(model_type)}; expected 'llava', 'llava_next' or "
+                            "'llava_onevision'")
+        onevision = model_type == "llava_onevision"
+        vision = VisionConfig.from_dict(_section(d.get("vision_config"), "vision_config"), siglip=onevision)
         text_dict = _section(d.get("text_config"), "text_config")
+        if onevision and not text_dict:
+            text_dict = {"model_type": "qwen2"}  # transformers' default text_config for OneVision
         text = TextConfig.from_dict(text_dict)
-        layers = _feature_layers(d.get("vision_feature_layer", -2), vision.num_hidden_layers)
-        strategy = d.get("vision_feature_select_strategy", "default")
+        layers = _feature_layers(d.get("vision_feature_layer", -1 if onevision else -2), vision.num_hidden_layers)
+        strategy = d.get("vision_feature_select_strategy", "full" if onevision else "default")
         if strategy not in ("default", "full"):
             raise UserError(f"unknown vision_feature_select_strategy {_shown(strategy)}; expected default or full")
         tie = _check_bool(d.get("tie_word_embeddings", False), "tie_word_embeddings") or _check_bool(
             text_dict.get("tie_word_embeddings", False), "text_config.tie_word_embeddings")
         text.tie_word_embeddings = tie
-        pinpoints = None
-        if model_type == "llava_next":
+        pinpoints = max_tiles = video_token = None
+        if onevision:
+            pinpoints = d.get("image_grid_pinpoints")
+            pinpoints = _read_pinpoints(_ONEVISION_PINPOINTS if pinpoints is None else pinpoints, vision.image_size)
+            max_tiles = _max_tiles(d.get("vision_aspect_ratio", "anyres_max_9"))
+            if strategy != "full":
+                raise UserError("LLaVA-OneVision needs vision_feature_select_strategy 'full' "
+                                "(SigLIP has no class token)")
+            video_token = _check_int(d.get("video_token_index", d.get("video_token_id", 151647)), "video_token_index",
+                                     lo=0)
+        elif model_type == "llava_next":
             pinpoints = d.get("image_grid_pinpoints")
             pinpoints = _read_pinpoints(_NEXT_PINPOINTS if pinpoints is None else pinpoints, vision.image_size)
             if strategy != "default":
@@ -254,7 +357,8 @@ class LlavaConfig:
         return cls(
             vision=vision,
             text=text,
-            image_token_index=_check_int(d.get("image_token_index", d.get("image_token_id", 32000)),
+            image_token_index=_check_int(d.get("image_token_index", d.get("image_token_id",
+                                                                         151646 if onevision else 32000)),
                                          "image_token_index", lo=0),
             projector_hidden_act=_choice(d.get("projector_hidden_act", "gelu"), "projector_hidden_act", ACTIVATIONS),
             projector_bias=_check_bool(d.get("multimodal_projector_bias", True), "multimodal_projector_bias"),
@@ -263,6 +367,9 @@ class LlavaConfig:
             tie_word_embeddings=tie,
             torch_dtype=d.get("torch_dtype") or d.get("dtype"),
             image_grid_pinpoints=pinpoints,
+            model_type=model_type,
+            max_tiles=max_tiles,
+            video_token_index=video_token,
         )
 
     @classmethod
@@ -323,6 +430,15 @@ def _read_pinpoints(value, tile: int) -> list[tuple[int, int]]:
             raise UserError(f"image_grid_pinpoints entry {list(p)} is not a multiple of the {tile}-pixel tile")
         out.append((p[0], p[1]))
     return out
+
+
+def _max_tiles(value) -> int:
+    """LLaVA-OneVision's vision_aspect_ratio, "anyres_max_N" -> N: tile grids of more than about N
+    tiles' features are scaled down to about N tiles' worth."""
+    if not (isinstance(value, str) and value.startswith("anyres_max_") and value[len("anyres_max_"):].isdigit()
+            and 0 < int(value[len("anyres_max_"):]) <= 1024):
+        raise UserError(f"unsupported vision_aspect_ratio {_shown(value)}; expected anyres_max_N (N from 1 to 1024)")
+    return int(value[len("anyres_max_"):])
 
 
 # Integer sizes of each part and their upper bounds; all must be positive.
@@ -429,6 +545,8 @@ def _pick(cls, d: dict, exclude: set[str] = frozenset()) -> dict:
 
 def to_hf_dict(cfg: LlavaConfig) -> dict:
     """A transformers-style LLaVA config.json for `cfg` (vision tower with all its layers)."""
+    if cfg.is_onevision:
+        raise UserError("writing LLaVA-OneVision checkpoints is not supported yet")
     v, t = cfg.vision, cfg.text
     layers = cfg.vision_feature_layers
     next_keys = {"image_grid_pinpoints": [list(p) for p in cfg.image_grid_pinpoints]} if cfg.is_next else {}

@@ -15,7 +15,7 @@ from .errors import UserError
 from .generation import (Runner, SamplingParams, StepTimes, TextState, check_decode_mode, check_left_padded,
                          decode_steps, visible_text)
 from .generation.speculate import SpecStats, Speculation, parse_speculate, speculative_steps
-from .images import AnyresProcessor, ImageInput, ImageProcessor
+from .images import AnyresProcessor, ImageInput, ImageProcessor, OnevisionProcessor
 from .models.llava import LlavaModel
 from .ops import left_pad
 from .prompts import PromptEncoder
@@ -304,7 +304,8 @@ def load(path: str | Path | None = None, device: str | torch.device | None = Non
     if cfg.is_next and pad_to_square:
         raise UserError("pad_to_square does not apply to LLaVA-NeXT checkpoints (their images are tiled)")
     if cfg.is_next:
-        processor = AnyresProcessor.from_dir(path, cfg.image_grid_pinpoints, cfg.vision.image_size)
+        kind = OnevisionProcessor if cfg.is_onevision else AnyresProcessor
+        processor = kind.from_dir(path, cfg.image_grid_pinpoints, cfg.vision.image_size)
     else:
         processor = ImageProcessor.from_dir(path, cfg.vision.image_size)
         if pad_to_square is not None:

@@ -221,6 +221,68 @@ class AnyresProcessor:
         return torch.stack([self.pieces.one(p) for p in pieces])
 
 
+@dataclass
+class OnevisionProcessor(AnyresProcessor):
+    """LLaVA-OneVision preprocessing with transformers' LlavaOnevisionImageProcessor semantics: as
+    LLaVA-NeXT's, but the base thumbnail and every tile are resized to exactly `size` (height x
+    width; a shortest_edge means a square) and never center-cropped unless do_center_crop is true.
+    An image that shares its prompt with other images is not tiled: it is padded to a square with
+    the mean colour and resized to `size`, one piece (transformers' batch_num_images)."""
+
+    @classmethod
+    def from_dir(cls, path: Path, pinpoints: list[tuple[int, int]], tile: int) -> "OnevisionProcessor":
+        """From preprocessor_config.json (`tile`, the tower's image size, when it says nothing)."""
+        file = path / "preprocessor_config.json"
+        d = {}
+        if file.exists():
+            try:
+                d = json.loads(file.read_text())
+            except json.JSONDecodeError as e:
+                raise UserError(f"{file} is not a valid image processor config: {e}") from None
+            if not isinstance(d, dict):
+                raise UserError(f"{file} is not a valid image processor config: not a JSON object")
+        d = dict(d)
+        size = d.get("size") or {"height": tile, "width": tile}
+        if isinstance(size, int):
+            size = {"shortest_edge": size}
+        if isinstance(size, dict) and "height" not in size and "shortest_edge" in size:
+            size = {"height": size["shortest_edge"], "width": size["shortest_edge"]}
+        d["size"] = size
+        if not d.get("do_center_crop") or not d.get("crop_size"):
+            d["do_center_crop"] = False
+            d.pop("crop_size", None)
+        try:
+            pieces = ImageProcessor.from_config(d, tile)
+        except (AttributeError, KeyError, TypeError) as e:
+            raise UserError(f"{file} is not a valid image processor config: {e}") from None
+        pieces.pad_to_square = False  # do_pad pads the batch's tile counts, which always happens
+        return cls(pieces, pinpoints, tile, pieces.size_hw)
+
+    def __call__(self, images: list[ImageInput], batch_num_images: list[int] | None = None
+                 ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Images -> (pixel_values [N, P, 3, tile, tile], image_sizes [N, 2]) as AnyresProcessor's;
+        `batch_num_images`: how many images each prompt holds, in order (None: one each); the
+        images of a prompt with several are not tiled (one piece each)."""
+        tiles, image_sizes = self.tiles(images, batch_num_images)
+        most = max(t.shape[0] for t in tiles)
+        pixel_values = torch.stack([torch.cat([t, t.new_zeros(most - t.shape[0], *t.shape[1:])]) for t in tiles])
+        return pixel_values, image_sizes
+
+    def tiles(self, images: list[ImageInput], batch_num_images: list[int] | None = None
+              ) -> tuple[list[torch.Tensor], torch.Tensor]:
+        """Images -> (each image's pieces, unpadded; image_sizes [N, 2] (height, width) int64)."""
+        tiled = anyres.image_tiling(len(images), batch_num_images)
+        loaded = [load_image(im) for im in images]
+        return ([self.one(img) if t else self.single(img) for img, t in zip(loaded, tiled)],
+                torch.tensor([[img.height, img.width] for img in loaded], dtype=torch.long))
+
+    def single(self, img: Image.Image) -> torch.Tensor:
+        """An untiled image -> [1, 3, H, W]: padded to a square with the mean colour, resized to `size`."""
+        fill = tuple(int(m * 255) for m in (self.pieces.mean or CLIP_MEAN))
+        _check_made(img.size, (max(img.size),) * 2, "padded to a square")
+        return self.pieces.one(expand_to_square(img, fill))[None]
+
+
 def _check_made(source: tuple[int, int], size: tuple[int, int], how: str) -> None:
     w, h = size
     if w * h > DEFAULT_MAX_PIXELS:

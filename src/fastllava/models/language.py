@@ -1,4 +1,4 @@
-"""Llama / Mistral decoder: RMSNorm, rotary positions, grouped-query attention, SiLU MLP."""
+"""Llama / Mistral / Qwen2 decoder: RMSNorm, rotary positions, grouped-query attention, SiLU MLP."""
 
 from __future__ import annotations
 
@@ -75,7 +75,8 @@ class Attention(nn.Module):
         super().__init__()
         self.heads, self.kv_heads, self.head_dim = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
         q_dim, kv_dim = self.heads * self.head_dim, self.kv_heads * self.head_dim
-        self.qkv = FusedLinear(cfg.hidden_size, [q_dim, kv_dim, kv_dim], bias=cfg.attention_bias)  # q, k, v
+        # q, k, v; Qwen2 (qkv_bias) has biases on these three only
+        self.qkv = FusedLinear(cfg.hidden_size, [q_dim, kv_dim, kv_dim], bias=cfg.attention_bias or cfg.qkv_bias)
         self.o_proj = nn.Linear(q_dim, cfg.hidden_size, bias=cfg.attention_bias)
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, mask: torch.Tensor | None,

@@ -15,6 +15,7 @@ from ..errors import UserError
 from ..ops import attention_mask
 from .language import LanguageModel
 from .projector import Projector
+from .siglip import SiglipTower
 from .vision import ClsInfo, VisionTower, absolute_layer
 
 # (pixel_values [N, C, H, W], vision blocks) -> (vision [N, P, Dv], features [N, P, D], then the
@@ -29,7 +30,7 @@ class LlavaModel(nn.Module):
         self.cfg = cfg
         depth = max(absolute_layer(i, cfg.vision.num_hidden_layers) for i in cfg.vision_feature_layers)
         self.feature_block = depth  # the vision block producing the deepest selected layer
-        self.vision_tower = VisionTower(cfg.vision, depth)
+        self.vision_tower = (VisionTower if cfg.vision.class_token else SiglipTower)(cfg.vision, depth)
         in_dim = cfg.vision.hidden_size * len(cfg.vision_feature_layers)
         self.multi_modal_projector = Projector(
             in_dim, cfg.text.hidden_size, cfg.projector_hidden_act, cfg.projector_bias

@@ -92,5 +92,9 @@ def _centres(rows: int, cols: int, width: int) -> torch.Tensor:
 
 
 def build_model(cfg: LlavaConfig) -> LlavaModel:
-    """The model class a config asks for: LLaVA-NeXT or LLaVA-1.5."""
+    """The model class a config asks for: LLaVA-OneVision, LLaVA-NeXT or LLaVA-1.5."""
+    if cfg.is_onevision:
+        from .onevision import OnevisionModel  # it builds on LlavaNextModel
+
+        return OnevisionModel(cfg)
     return LlavaNextModel(cfg) if cfg.is_next else LlavaModel(cfg)

@@ -183,6 +183,9 @@ def make_reduction(spec, cfg) -> Reduction | None:
     if method.images == "tiled" and not cfg.is_next:
         raise UserError(f"{method.name} shares the budget among the tiles of LLaVA-NeXT images; this LLaVA-1.5 "
                         f"model has none (fastervlm makes the same choice within one image)")
+    if method.needs_cls and not cfg.vision.class_token:
+        raise UserError(f"{method.name} reads the vision tower's class-token attention; this model's tower "
+                        f"({cfg.vision.model_type}) has no class token (try divprune, cdpruner, mmtok or an in-LLM method)")
     early, depth = method.early_layer(), max(absolute_layer(i, cfg.vision.num_hidden_layers)
                                              for i in cfg.vision_feature_layers)
     if early is not None and not 1 <= early <= depth:
