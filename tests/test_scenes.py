@@ -69,7 +69,7 @@ def test_meta_and_layout(data):
     assert len(rows) == N
     assert len({r["id"] for r in rows}) == N
     for r in rows:
-        assert set(r) <= {"id", "image", "question", "answer", "family", "strategy"}
+        assert set(r) <= {"id", "image", "question", "prompt", "answer", "family", "strategy"}
         assert Image.open(data / "a" / r["image"]).size == (SIZE, SIZE)
 
 
@@ -243,10 +243,11 @@ def _digest(path) -> dict[str, str]:
 
 
 def test_default_variant_is_unchanged(tmp_path):
-    """Digests of `generate_dataset(30, 7, image_size=64)` made with the code before `--variant`."""
+    """Digests of `generate_dataset(30, 7, image_size=64)` made with the code before `--variant` (the
+    questions since each line carries its `prompt`; without that field they hash as before)."""
     generate_dataset(30, 7, tmp_path, image_size=64, progress=False)
     assert _digest(tmp_path) == {
-        "questions.jsonl": "98ad26f86cc137bd3277a81a0719c0d14ada3e459e8f47b2cee0ec06157d7bf4",
+        "questions.jsonl": "db5951dfb1a7cb4de1ceed72a4d6e6ba8877f44629f7fd620eba2ae8d7a45746",
         "scenes.jsonl": "56ea0666110fd64d85ce05cd207279a94eeaa64c4340f4b5fae0bdea3b31c36c",
         "meta.json": "fa18884970e176adccd61807516e06bbe8b546c860616b02720476ea9fa92110",
         "pixels": "81561806345464532a9e0b4d9040fe3629b71507e4739d4238a4fb1c792210d7",

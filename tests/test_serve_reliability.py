@@ -52,11 +52,17 @@ def test_a_request_that_fits_the_context_is_admitted_with_fixed_shapes(path, mod
     assert body1["choices"][0]["message"]["content"] == eager.prompts.decode(ref)
 
 
-def test_a_request_over_the_context_is_refused_at_once(path):
+def test_a_request_over_the_context_is_clamped_at_once(path):
+    """max_tokens past the context is cut to what fits (finish_reason "length"), at once; a prompt
+    that does not fit itself is refused at once."""
     fixed = fastllava.load(path, device="cpu", decode="static")
     with running_server(fixed, Settings(model_id="tiny", max_batch_size=2, max_len=96)) as base:
+        status, body = raw_request(base, "POST", "/v1/chat/completions",
+                                   _body(1, "describe it .", max_tokens=90, ignore_eos=True))
+        assert status == 200 and body["choices"][0]["finish_reason"] == "length", body
+        assert body["usage"]["prompt_tokens"] + body["usage"]["completion_tokens"] == 96
         t0 = time.perf_counter()
-        status, body = raw_request(base, "POST", "/v1/chat/completions", _body(1, "describe it .", max_tokens=90))
+        status, body = raw_request(base, "POST", "/v1/chat/completions", _body(1, "what " * 120))
         assert status == 400 and body["error"]["code"] == "context_length_exceeded"
         assert time.perf_counter() - t0 < 5
 

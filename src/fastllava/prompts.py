@@ -4,13 +4,59 @@ through `tokenizer.json`, and expansion of the image token to one id per visual 
 from __future__ import annotations
 
 import json
+from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 from tokenizers import Tokenizer
 
 from .errors import UserError
 
-LLAVA15_TEMPLATE = "USER: {image}\n{prompt} ASSISTANT:"
+LLAVA15_TEMPLATE = "USER: {image}\n{prompt} ASSISTANT:"  # one turn with one image (see format_turns)
+ROLES = ("user", "assistant")
+
+
+@dataclass(frozen=True)
+class Turn:
+    """One message of a conversation: its role, its text, and how many images come before the text."""
+
+    role: str  # "user" or "assistant"
+    text: str
+    images: int = 0
+
+
+class Conversation(str):
+    """A conversation's text (its turns' texts joined by newlines: what length limits count) that
+    carries its turns: `PromptEncoder.prompt_ids` renders the turns, so a Conversation goes where
+    a one-turn prompt string went."""
+
+    turns: tuple[Turn, ...]
+
+    def __new__(cls, turns: Sequence[Turn]):
+        turns = check_turns(turns)
+        self = super().__new__(cls, "\n".join(t.text for t in turns if t.text))
+        self.turns = turns
+        return self
+
+
+def check_turns(turns: Sequence[Turn]) -> tuple[Turn, ...]:
+    """The turns as a tuple, or UserError unless they alternate user/assistant from a user turn
+    to a user turn, with images in user turns only."""
+    turns = tuple(turns)
+    if not turns:
+        raise UserError("a conversation needs at least one user turn")
+    for i, t in enumerate(turns):
+        want = ROLES[i % 2]
+        if t.role != want:
+            raise UserError(f"turn {i} is {t.role!r}, expected {want!r}: turns alternate user and assistant, "
+                            "starting with user")
+        if t.images < 0 or (t.images and t.role != "user"):
+            raise UserError(f"turn {i}: images are only allowed in user turns, got {t.images}")
+        if not isinstance(t.text, str):
+            raise UserError(f"turn {i}: the text must be a string, got {type(t.text).__name__}")
+    if turns[-1].role != "user":
+        raise UserError("a conversation must end with a user turn (the model answers it)")
+    return turns
 
 
 class PromptEncoder:
@@ -43,17 +89,30 @@ class PromptEncoder:
 
     def format(self, prompt: str, num_images: int = 1) -> str:
         """The full model input text for one user turn with `num_images` images before the prompt."""
+        return self.format_turns([Turn("user", prompt, num_images)])
+
+    def format_turns(self, turns: Sequence[Turn]) -> str:
+        """The full model input text of a conversation (user and assistant turns, ending with a
+        user turn), then the assistant's generation prompt. Each turn's images come before its
+        text. With the checkpoint's chat template: `messages` with one {"type": "image"} part per
+        image; else LLaVA-1.5's format as transformers' llava-1.5 chat template renders it:
+        "USER: <image>\\nQ1 ASSISTANT: A1 USER: Q2 ASSISTANT:"."""
+        turns = check_turns(turns)
         if self._template is not None:
-            content = [{"type": "image"} for _ in range(num_images)] + [{"type": "text", "text": prompt}]
+            messages = [{"role": t.role, "content": [{"type": "image"} for _ in range(t.images)]
+                         + [{"type": "text", "text": t.text}]} for t in turns]
             try:
                 return self._template.render(
-                    messages=[{"role": "user", "content": content}], add_generation_prompt=True,
+                    messages=messages, add_generation_prompt=True,
                     **{k: v for k, v in self.special.items() if v is not None},
                 )
             except Exception as e:  # jinja2 errors and raise_exception() calls in the template
                 raise UserError(f"the checkpoint's chat template failed: {e}") from None
-        images = "\n".join([self.image_token] * num_images)
-        return LLAVA15_TEMPLATE.format(image=images, prompt=prompt) if num_images else f"USER: {prompt} ASSISTANT:"
+        parts = []
+        for t in turns:
+            images = "".join(f"{self.image_token}\n" for _ in range(t.images))
+            parts.append(f"{t.role.upper()}: {images}{t.text} ")
+        return "".join(parts) + "ASSISTANT:"
 
     def encode(self, text: str, image_tokens: list[int] | None = None) -> list[int]:
         """Token ids of a formatted text, the i-th image token repeated image_tokens[i] times (its
@@ -73,13 +132,29 @@ class PromptEncoder:
 
     def prompt_ids(self, prompt: str, num_images: int = 1, image_tokens: list[int] | None = None) -> list[int]:
         """Ids of one user turn with `num_images` images; `image_tokens`: each image's visual
-        features when they differ by image (LLaVA-NeXT), else features_per_image each."""
-        counts = [self.features_per_image] * num_images if image_tokens is None else list(image_tokens)
-        try:
-            prompt.encode()
-        except UnicodeEncodeError:  # a lone surrogate: bytes that were not UTF-8
-            raise UserError("the prompt is not valid UTF-8 text (it holds a lone surrogate)") from None
-        return self.encode(self.format(prompt, len(counts)), counts)
+        features when they differ by image (LLaVA-NeXT), else features_per_image each. A
+        `Conversation` (a str carrying its turns) gives the ids of its turns (`chat_ids`)."""
+        turns = getattr(prompt, "turns", None)
+        if turns is None:
+            turns = [Turn("user", prompt, num_images if image_tokens is None else len(image_tokens))]
+        elif image_tokens is None and num_images != sum(t.images for t in turns):
+            raise UserError(f"{num_images} image(s) for a conversation that holds {sum(t.images for t in turns)}")
+        return self.chat_ids(turns, image_tokens)
+
+    def chat_ids(self, turns: Sequence[Turn], image_tokens: list[int] | None = None) -> list[int]:
+        """Ids of a conversation (see format_turns), the images' tokens expanded in order:
+        image_tokens[i] ids for the i-th image (default features_per_image each)."""
+        turns = check_turns(turns)
+        n = sum(t.images for t in turns)
+        counts = [self.features_per_image] * n if image_tokens is None else list(image_tokens)
+        if len(counts) != n:
+            raise UserError(f"{len(counts)} image token count(s) for {n} image(s) in the conversation")
+        for t in turns:
+            try:
+                t.text.encode()
+            except UnicodeEncodeError:  # a lone surrogate: bytes that were not UTF-8
+                raise UserError("the prompt is not valid UTF-8 text (it holds a lone surrogate)") from None
+        return self.encode(self.format_turns(turns), counts)
 
     def decode(self, ids: list[int]) -> str:
         return self.tokenizer.decode(ids, skip_special_tokens=True)

@@ -2,7 +2,10 @@
 
 Layout of a dataset directory:
     images/000123.png     one rendered scene each
-    questions.jsonl       {"id", "image", "question", "answer", "family"[, "strategy"]} per line
+    questions.jsonl       {"id", "image", "question", "prompt", "answer", "family"[, "strategy"]} per line
+                          ("prompt": the exact text the model is asked, the question and the answer
+                          instruction; sets written before it lack it, and eval asks
+                          questions.prompt(question), the same text)
     scenes.jsonl          {"image", "caption", "scene"} per image (for captioning / alignment)
     meta.json             {"name", "version", "seed", "n", "image_size", ...[, "variant"]}
 
@@ -23,7 +26,7 @@ import numpy as np
 
 from ..errors import UserError
 from .progress import Progress
-from .questions import ANSWER_SUFFIX, ASK, FAMILIES, STRATEGIES, Question, all_pairs, ask_exist
+from .questions import ANSWER_SUFFIX, ASK, FAMILIES, STRATEGIES, Question, all_pairs, ask_exist, prompt
 from .scenes import VARIANTS, Scene, caption, random_scene, render
 
 DATASET_NAME = "shapes"
@@ -74,8 +77,8 @@ def generate_dataset(n: int, seed: int, out_dir: str | Path, image_size: int = 3
             render(scene, image_size).save(out / image)
             scene_lines.append({"image": image, "caption": caption(scene), "scene": scene.to_dict()})
             for k, q in enumerate(picked):
-                row = {"id": f"{index:06d}-{k}", "image": image, "question": q.question, "answer": q.answer,
-                       "family": q.family}
+                row = {"id": f"{index:06d}-{k}", "image": image, "question": q.question,
+                       "prompt": prompt(q.question), "answer": q.answer, "family": q.family}
                 if q.strategy is not None:
                     row["strategy"] = q.strategy
                 questions.append(row)
@@ -140,6 +143,13 @@ class Sample:
     family: str
     strategy: str | None
     line: int  # 1-based line in questions.jsonl
+    prompt: str | None = None  # the exact text asked (questions.jsonl's "prompt"); None: prompt(question)
+
+    @property
+    def asked(self) -> str:
+        """What the model is asked: the line's "prompt", or for older sets the question and the
+        answer instruction (questions.prompt)."""
+        return self.prompt if self.prompt is not None else prompt(self.question)
 
 
 @dataclass
@@ -212,6 +222,8 @@ def _parse(raw: bytes, number: int, root: Path) -> Sample | None:
     image = root / row["image"]
     if not image.is_file():
         raise ValueError(f"image {row['image']} not found")
+    if row.get("prompt") is not None and not isinstance(row["prompt"], str):
+        raise ValueError(f"field 'prompt' must be a string, got {type(row['prompt']).__name__}")
     strategy = row.get("strategy")
     return Sample(str(row["id"]), image.resolve(), row["question"], row["answer"], row["family"],
-                  strategy if isinstance(strategy, str) else None, number)
+                  strategy if isinstance(strategy, str) else None, number, row.get("prompt"))

@@ -33,7 +33,9 @@ class Question:
 
 
 def prompt(question: str) -> str:
-    """What the model is asked: the question and the one-word instruction."""
+    """What the model is asked: the question and the one-word instruction. `fastllava data shapes`
+    writes it as each questions.jsonl line's "prompt", which eval (and the lmms-eval plugin, and
+    any OpenAI client) asks as it is, so that every client asks the same text."""
     return f"{question} {ANSWER_SUFFIX}"
 
 

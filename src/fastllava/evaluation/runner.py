@@ -14,7 +14,7 @@ from ..errors import UserError
 from ..reduction.runtime import check_fits, make_reduction
 from .dataset import Dataset, Sample, load_dataset
 from .progress import Progress
-from .questions import ANSWER_SUFFIX, prompt
+from .questions import ANSWER_SUFFIX
 from .scoring import accuracy, is_correct
 
 DEFAULT_MAX_NEW_TOKENS = 8
@@ -93,7 +93,7 @@ def _answers(model, batch: list[Sample], kwargs: dict, errors: list[str]) -> lis
     """Results (engine.Result) for a batch; if an image cannot be read, retry one by one so that
     only the bad sample is lost (None, recorded in `errors`)."""
     def ask(items):
-        return model.generate(images=[s.image for s in items], prompts=[prompt(s.question) for s in items], **kwargs)
+        return model.generate(images=[s.image for s in items], prompts=[s.asked for s in items], **kwargs)
 
     try:
         return ask(batch)

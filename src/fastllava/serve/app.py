@@ -22,7 +22,7 @@ from .content import decode_image, image_bytes, image_size
 from .errors import APIError, invalid
 from .protocol import ChatRequest, check_model, parse_chat, parse_json
 from .reduce import check_reduce
-from .responses import DONE, Completion, model_card, sse
+from .responses import DONE, Completion, model_card, model_list, sse
 from .scheduler import Busy, Job, Scheduler
 from .settings import Settings
 
@@ -80,20 +80,20 @@ def create_app(llava: Llava, settings: Settings) -> FastAPI:
     @app.get("/v1/models")
     async def models(request: Request):
         authorize(request)
-        return {"object": "list", "data": [model_card(settings.model_id, created)]}
+        return model_list(settings.served_names, created)
 
     @app.get("/v1/models/{name:path}")
     async def model(name: str, request: Request):
         authorize(request)
-        check_model(name, settings.model_id)
-        return model_card(settings.model_id, created)
+        check_model(name, settings.served_names)
+        return model_card(name, created)
 
     @app.post("/v1/chat/completions")
     async def chat(request: Request):
         authorize(request)
         body = await _read_body(request, settings.limits.max_body_bytes)
         req = await run_in_threadpool(_parse, body, settings, ctx)  # a large body parses off the event loop
-        check_model(req.model, settings.model_id)
+        check_model(req.model, settings.served_names)
         reduce = req.reduce or settings.reduce
         check_reduce(reduce, llava.config)  # the spec; each image's budget once it is decoded (_prepare)
         _busy(scheduler.check_room)  # before decoding images: a flood is refused cheaply
@@ -156,14 +156,13 @@ def _prepare(llava: Llava, settings: Settings, scheduler: Scheduler, req: ChatRe
                       "context_length_exceeded")
     if req.max_tokens is not None and req.max_tokens > limits.max_tokens:
         raise invalid(f"max_tokens is {req.max_tokens}, over the limit of {limits.max_tokens}", "max_tokens")
-    max_tokens = req.max_tokens or min(limits.default_max_tokens, ctx - t)
-    if t + max_tokens > ctx:
-        raise invalid(f"the prompt ({t} tokens) plus max_tokens ({max_tokens}) is over the context of {ctx} tokens",
-                      "max_tokens", "context_length_exceeded")
-    if not scheduler.admissible(t, max_tokens):  # the admission's arithmetic: every request in the context fits
-        raise invalid(f"the prompt ({t} tokens) and max_tokens ({max_tokens}) need "
-                      f"{scheduler.slots_needed(t, max_tokens)} cache slots, over the {scheduler.cache.max_len} there are",
-                      "max_tokens", "context_length_exceeded")
+    # max_tokens is clamped to what fits: the context's positions and the cache slots the prefill's
+    # layout leaves (the admission's arithmetic, scheduler.admissible); the answer then ends "length"
+    room = min(ctx - t, scheduler.cache.max_len - scheduler.slots_needed(t, 1) + 1)
+    if room < 1:
+        raise invalid(f"the prompt ({t} tokens, images included) leaves no room for an answer in the context of "
+                      f"{ctx} tokens", "messages", "context_length_exceeded")
+    max_tokens = min(req.max_tokens or limits.default_max_tokens, room)
     try:
         params = SamplingParams(max_tokens, req.temperature, req.top_p, req.top_k, req.seed, req.stop).validate()
     except UserError as e:

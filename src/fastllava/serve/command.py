@@ -20,8 +20,10 @@ def add_serve_parser(sub) -> None:
     p.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1, this machine only)")
     p.add_argument("--port", type=int, default=8000)
     p.add_argument("--api-key", type=utf8_text, help="require 'Authorization: Bearer KEY' (default: no key)")
-    p.add_argument("--served-model-name", type=utf8_text,
-                   help="the `model` name clients use (default: the folder's name)")
+    p.add_argument("--served-model-name", type=utf8_text, nargs="+", action="extend", metavar="NAME",
+                   help="the `model` name clients use (default: the folder's name); several names (space- or "
+                        "comma-separated, or the option repeated) are aliases: the first is the id answers carry, "
+                        "all are accepted and listed by /v1/models")
     p.add_argument("--reduce", help="token-reduction spec used when a request does not give one")
     p.add_argument("--max-batch-size", type=positive_int, default=8, help="sequences decoded together")
     p.add_argument("--max-queue", type=positive_int, default=64, help="waiting requests beyond the batch (then 429)")
@@ -43,10 +45,24 @@ def settings_from_args(args: argparse.Namespace, model_dir: Path) -> Settings:
     limits = Limits(max_body_bytes=args.max_body_bytes, max_image_bytes=args.max_image_bytes,
                     max_image_pixels=args.max_image_pixels, max_images=args.max_images,
                     max_prompt_tokens=args.max_prompt_tokens, max_tokens=args.max_tokens)
-    return Settings(model_id=args.served_model_name or model_dir.name, api_key=args.api_key, limits=limits,
+    names = served_names(args.served_model_name) or [model_dir.name]
+    return Settings(model_id=names[0], aliases=tuple(names[1:]), api_key=args.api_key, limits=limits,
                     allow_http_images=args.allow_http_images, file_image_dir=files,
                     max_batch_size=args.max_batch_size, max_queue=args.max_queue, max_len=args.max_len,
                     reduce=args.reduce)
+
+
+def served_names(values: list[str] | None) -> list[str]:
+    """--served-model-name's values (each may be a comma-separated list) as distinct names, in order."""
+    names = [n.strip() for v in values or [] for n in v.split(",")]
+    if any(not n for n in names):
+        raise UserError(f"--served-model-name: an empty name in {','.join(values)!r}")
+    return list(dict.fromkeys(names))
+
+
+def base_url(host: str, port: int) -> str:
+    """The server's URL (an IPv6 address in brackets)."""
+    return f"http://[{host}]:{port}" if ":" in host else f"http://{host}:{port}"
 
 
 def check_listen(host: str, port: int) -> None:
@@ -73,6 +89,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     if not 0 < args.port < 65536:
         raise UserError(f"--port must be in 1..65535, got {args.port}")
     check_listen(args.host, args.port)
+    served_names(args.served_model_name)  # a bad name fails before loading weights
     if args.allow_file_images and not Path(args.allow_file_images).expanduser().is_dir():
         raise UserError(f"--allow-file-images: {args.allow_file_images} is not a folder")
     parse_kv_cache(args.kv_cache)  # a bad spec fails before loading weights
@@ -85,5 +102,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
     if args.host not in ("127.0.0.1", "localhost", "::1") and args.api_key is None:
         print(f"fastllava: warning: serving on {args.host} without --api-key: anyone who can reach it can use it",
               file=sys.stderr)
+    aliases = f" (also as {', '.join(settings.aliases)})" if settings.aliases else ""
+    url = base_url(args.host, args.port)
+    print(f"fastllava: serving {settings.model_id}{aliases} on {url} (OpenAI base URL {url}/v1)", flush=True)
     uvicorn.run(create_app(llava, settings), host=args.host, port=args.port, log_level="info")
     return 0

@@ -5,8 +5,10 @@ from __future__ import annotations
 
 import json
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
+from ..prompts import Conversation, Turn
 from .errors import APIError, invalid
 
 # Accepted and ignored (they do not change the answer).
@@ -32,7 +34,7 @@ class ImageRef:
 @dataclass
 class ChatRequest:
     model: str | None
-    prompt: str  # the system messages' text, then the user's text parts, joined by newlines
+    prompt: Conversation  # a str: the turns' text (system messages' first), carrying the turns themselves
     images: list[ImageRef]
     max_tokens: int | None  # None: the server's default
     temperature: float = 1.0
@@ -95,7 +97,8 @@ def _param(chain: tuple) -> str | None:
 def parse_chat(d: dict, max_images: int) -> ChatRequest:
     for key in d:
         if key not in HANDLED | IGNORED | set(OFF_VALUES):
-            raise invalid(f"unrecognized request argument supplied: {key[:80]}", key[:80], "unknown_parameter")
+            shown = json.dumps(key[:80], ensure_ascii=False)[1:-1]  # one line: a newline in a key is escaped
+            raise invalid(f"unrecognized request argument supplied: {shown}", key[:80], "unknown_parameter")
     for key, (kind, allowed) in OFF_VALUES.items():
         if _get(d, key, kind) is not None and d[key] not in allowed:
             raise invalid(f"{key}={json.dumps(d[key])[:80]} is not supported by this server", key, "unsupported_value")
@@ -128,37 +131,50 @@ def parse_chat(d: dict, max_images: int) -> ChatRequest:
                        ignore_eos=bool(_get(d, "ignore_eos", bool)))
 
 
-def _messages(messages, max_images: int) -> tuple[str, list[ImageRef]]:
-    """The prompt text and images of a conversation of system messages and one user message: the
-    system (and developer) messages' text comes first, wherever they stand, as LLaVA's prompt has
-    one user turn."""
+def _messages(messages, max_images: int) -> tuple[Conversation, list[ImageRef]]:
+    """The conversation and images of a request: user and assistant turns (images in user turns),
+    ending with a user turn. The system (and developer) messages' text goes first in the first
+    user turn, wherever they stand (LLaVA has no system turn); consecutive messages of one role
+    make one turn (texts joined by newlines, images before the text)."""
     if not isinstance(messages, list) or not messages:
         what = "nothing" if messages is None else "an empty array" if messages == [] else _kind(messages)
         raise invalid(f"messages must be a non-empty array of messages, got {what}", "messages")
-    system, user, images, users = [], [], [], 0
+    system, turns, images = [], [], []  # turns: [role, texts, image count, where it started]
     for i, m in enumerate(messages):
         where = f"messages[{i}]"
         if not isinstance(m, dict):
             raise invalid(f"{where} must be an object, got {_kind(m)}", where, "invalid_type")
         role = m.get("role")
-        if role not in ("system", "developer", "user", "assistant", "tool"):
-            raise invalid(f"{where}.role must be system, developer or user, got {json.dumps(role)[:40]}",
-                          f"{where}.role")
-        if role in ("assistant", "tool"):
-            raise invalid("only one user turn is supported (with optional system messages); "
-                          f"{where} has role {role}", f"{where}.role", "unsupported_value")
-        users += role == "user"
-        if users > 1:
-            raise invalid("only one user message is supported", where, "unsupported_value")
+        if role not in ("system", "developer", "user", "assistant"):
+            what = "tool messages (and tool calls) are not supported" if role == "tool" else \
+                f"got {json.dumps(role)[:40]}"
+            raise invalid(f"{where}.role must be system, developer, user or assistant; {what}", f"{where}.role",
+                          "unsupported_value" if role == "tool" else "invalid_value")
+        if role == "assistant" and m.get("tool_calls"):
+            raise invalid(f"{where}: tool calls are not supported", f"{where}.tool_calls", "unsupported_value")
         text, refs = _content(m.get("content"), f"{where}.content", allow_images=role == "user")
-        (user if role == "user" else system).append(text)
+        if role in ("system", "developer"):
+            system.append(text)
+            continue
+        if not turns and role == "assistant":
+            raise invalid(f"{where}: the conversation must start with a user message (after any system "
+                          "messages), not an assistant one", f"{where}.role", "invalid_value")
+        if turns and turns[-1][0] == role:
+            turns[-1][1].append(text)
+            turns[-1][2] += len(refs)
+        else:
+            turns.append([role, [text], len(refs), where])
         images += refs
-    if users == 0:
+    if not turns:
         raise invalid("messages must hold a user message", "messages")
+    if turns[-1][0] != "user":
+        raise invalid("the last message must be a user message (the model answers it); continuing an "
+                      "assistant message is not supported", f"{turns[-1][3]}.role", "unsupported_value")
     if len(images) > max_images:
         raise invalid(f"{len(images)} images in the request; at most {max_images} are allowed",
                       "messages", "too_many_images")
-    return "\n".join(t for t in system + user if t), images
+    turns[0][1][:0] = system
+    return Conversation([Turn(role, "\n".join(t for t in texts if t), n) for role, texts, n, _ in turns]), images
 
 
 def _content(content, where: str, allow_images: bool) -> tuple[str, list[ImageRef]]:
@@ -231,7 +247,11 @@ def _kind(value) -> str:
             float: "a number", type(None): "null"}.get(type(value), type(value).__name__)
 
 
-def check_model(name: str | None, model_id: str) -> None:
-    if name is not None and name != model_id:
-        raise APIError(404, f"the model {name!r} does not exist; this server serves {model_id!r}", "model",
+def check_model(name: str | None, served: str | Sequence[str]) -> None:
+    """404 unless `name` is None or one of the served names (a name, or several: the first is the
+    model's id, the others aliases)."""
+    names = (served,) if isinstance(served, str) else tuple(served)
+    if name is not None and name not in names:
+        listed = " or ".join(repr(n) for n in names)
+        raise APIError(404, f"the model {name[:200]!r} does not exist; this server serves {listed}", "model",
                        "model_not_found")

@@ -61,3 +61,9 @@ DONE = "data: [DONE]\n\n"
 
 def model_card(model_id: str, created: int) -> dict:
     return {"id": model_id, "object": "model", "created": created, "owned_by": "fastllava"}
+
+
+def model_list(names, created: int) -> dict:
+    """GET /v1/models: one card per served name (the model's id, then its aliases)."""
+    names = (names,) if isinstance(names, str) else names
+    return {"object": "list", "data": [model_card(n, created) for n in names]}

@@ -19,7 +19,7 @@ class Limits:
 
 @dataclass
 class Settings:
-    model_id: str  # the name clients pass as `model`
+    model_id: str  # the name clients pass as `model` (and the one answers carry)
     api_key: str | None = None  # None: no authentication
     limits: Limits = None  # type: ignore[assignment]
     allow_http_images: bool = False  # fetch http(s):// image URLs
@@ -29,7 +29,14 @@ class Settings:
     max_len: int = 4096  # KV-cache slots (capped by the model's max_position_embeddings)
     reduce: str | None = None  # the default token-reduction spec
     speculate: str | None = None  # speculative decoding for every request (fastllava.generation.speculate)
+    aliases: tuple[str, ...] = ()  # more names accepted as `model` (and listed by /v1/models)
 
     def __post_init__(self):
         if self.limits is None:
             self.limits = Limits()
+        self.aliases = tuple(a for a in dict.fromkeys(self.aliases) if a != self.model_id)
+
+    @property
+    def served_names(self) -> tuple[str, ...]:
+        """Every name a request's `model` may give: model_id first, then the aliases."""
+        return (self.model_id, *self.aliases)

@@ -1,0 +1,1 @@
+"""Adapters that let other tools drive fastllava (each imports its tool lazily)."""
