@@ -170,3 +170,13 @@ def test_cli_run_speculates_and_reports_its_drafts(capsys):
     assert main(args) == 0
     assert "(576 -> 64 in the LLM)" in capsys.readouterr().err
     assert main(args[:-1] + ["ngram:k=0"]) == 2 and "k must be in 1..16" in capsys.readouterr().err
+
+
+def test_serve_checks_its_speculation_before_serving(capsys):
+    from fastllava.cli import main
+
+    assert main(["serve", "--speculate", "medusa", "--port", "18931"]) == 2
+    assert "unknown speculation 'medusa'" in capsys.readouterr().err
+    assert main(["serve", "--speculate", "ngram", "--kv-cache", "kivi", "--port", "18931"]) == 2
+    err = capsys.readouterr().err
+    assert "full-precision KV cache" in err and "serving" not in err

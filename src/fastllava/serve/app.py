@@ -35,6 +35,9 @@ def create_app(llava: Llava, settings: Settings) -> FastAPI:
         raise UserError("this checkpoint has no tokenizer.json, so it cannot serve chat requests")
     ctx = min(settings.max_len, llava.config.text.max_position_embeddings)
     speculate = parse_speculate(settings.speculate, llava.config.text.num_hidden_layers)
+    if speculate is not None and llava.runner.kv_cache is not None:
+        raise UserError(f"speculative decoding needs a full-precision KV cache; {llava.runner.kv_cache} cannot rewind "
+                        f"rejected drafts")
     scheduler = Scheduler(llava, settings.max_batch_size, settings.max_queue, ctx, speculate)
     created = int(time.time())
     preparing = asyncio.Semaphore(PREPARE_AT_ONCE)

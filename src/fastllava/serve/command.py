@@ -25,6 +25,8 @@ def add_serve_parser(sub) -> None:
                         "comma-separated, or the option repeated) are aliases: the first is the id answers carry, "
                         "all are accepted and listed by /v1/models")
     p.add_argument("--reduce", help="token-reduction spec used when a request does not give one")
+    p.add_argument("--speculate", help="speculative decoding for every request: ngram[:n=3,k=4] or "
+                                       "layerskip[:skip=A-B,k=4] (greedy answers unchanged; see docs/speculative.md)")
     p.add_argument("--max-batch-size", type=positive_int, default=8, help="sequences decoded together")
     p.add_argument("--max-queue", type=positive_int, default=64, help="waiting requests beyond the batch (then 429)")
     p.add_argument("--max-len", type=positive_int, default=4096, help="KV-cache slots per row (capped by the model)")
@@ -49,7 +51,7 @@ def settings_from_args(args: argparse.Namespace, model_dir: Path) -> Settings:
     return Settings(model_id=names[0], aliases=tuple(names[1:]), api_key=args.api_key, limits=limits,
                     allow_http_images=args.allow_http_images, file_image_dir=files,
                     max_batch_size=args.max_batch_size, max_queue=args.max_queue, max_len=args.max_len,
-                    reduce=args.reduce)
+                    reduce=args.reduce, speculate=args.speculate)
 
 
 def served_names(values: list[str] | None) -> list[str]:
@@ -82,6 +84,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     uvicorn = require("uvicorn", "serve", "fastllava serve")
 
     from .. import load
+    from ..generation.speculate import parse_speculate
     from ..quant.spec import parse_kv_cache
     from ..reduction.runtime import make_reduction
     from .app import create_app
@@ -93,17 +96,19 @@ def cmd_serve(args: argparse.Namespace) -> int:
     if args.allow_file_images and not Path(args.allow_file_images).expanduser().is_dir():
         raise UserError(f"--allow-file-images: {args.allow_file_images} is not a folder")
     parse_kv_cache(args.kv_cache)  # a bad spec fails before loading weights
+    parse_speculate(args.speculate, None)
     llava = load(args.model, **load_options(args))
     try:
         make_reduction(args.reduce, llava.config)
     except UserError as e:
         raise UserError(f"--reduce: {e}") from None
     settings = settings_from_args(args, llava.path)
+    app = create_app(llava, settings)  # checks what needs the model (a speculation's layers and cache)
     if args.host not in ("127.0.0.1", "localhost", "::1") and args.api_key is None:
         print(f"fastllava: warning: serving on {args.host} without --api-key: anyone who can reach it can use it",
               file=sys.stderr)
     aliases = f" (also as {', '.join(settings.aliases)})" if settings.aliases else ""
     url = base_url(args.host, args.port)
     print(f"fastllava: serving {settings.model_id}{aliases} on {url} (OpenAI base URL {url}/v1)", flush=True)
-    uvicorn.run(create_app(llava, settings), host=args.host, port=args.port, log_level="info")
+    uvicorn.run(app, host=args.host, port=args.port, log_level="info")
     return 0
