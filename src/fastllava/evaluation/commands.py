@@ -60,6 +60,48 @@ def add_eval_parser(subparsers) -> argparse.ArgumentParser:
     return p
 
 
+def add_analyze_parser(subparsers) -> argparse.ArgumentParser:
+    """`analyze [--model M] --data DIR [--reduce SPEC] [--limit N] --out DIR`: text dominance (MDI, AEI)."""
+    p = subparsers.add_parser("analyze", help="text dominance of the answer's attention: MDI and AEI per layer "
+                                              "(see docs/analysis.md)")
+    add_model_args(p)
+    add_quant_args(p)
+    p.add_argument("--data", required=True, help="dataset directory holding questions.jsonl")
+    p.add_argument("--reduce", help="a visual token reduction before the LLM, e.g. fastervlm:keep=64")
+    p.add_argument("--limit", type=positive_int, help="analyze only the first N questions")
+    p.add_argument("--out", required=True, help="output directory (analysis.json, analysis.png)")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.set_defaults(func=cmd_analyze)
+    return p
+
+
+def cmd_analyze(args: argparse.Namespace) -> int:
+    from .. import load
+    from ..extras import require
+    from ..reduction import parse_spec
+    from .analysis import analyze, check_reduction
+    from .dataset import load_dataset
+
+    data = load_dataset(args.data)  # fail on a bad data directory, spec or missing extra before loading weights
+    if args.reduce:
+        spec = parse_spec(args.reduce)
+        if spec.where != "vision":
+            raise UserError(f"analyze measures a fixed set of tokens through every layer; {args.reduce} cuts inside "
+                            f"the LLM: use a reduction before the LLM (e.g. fastervlm:keep=64)")
+    require("matplotlib", "plots", "fastllava analyze")
+    model = load(args.model, **load_options(args))
+    check_reduction(args.reduce, model.config)
+    out = Path(args.out)
+    result = analyze(model, data, reduce=args.reduce, limit=args.limit, out_dir=out, progress=not args.quiet)
+    o = result["overall"]
+    print(f"MDI {o['mdi']:.4f}  AEI {o['aei']:.4f} on {o['n']} questions "
+          f"({o['text_tokens']:g} text, {o['visual_tokens']:g} visual tokens per question)")
+    for name, r in result["families"].items():
+        print(f"  {name:<10} MDI {r['mdi']:.4f}  AEI {r['aei']:.4f}  (n={r['n']})")
+    print(f"analysis: {out / 'analysis.json'}, {out / 'analysis.png'}", file=sys.stderr)
+    return 0
+
+
 def cmd_data_shapes(args: argparse.Namespace) -> int:
     from .dataset import generate_dataset
 
