@@ -10,7 +10,7 @@ import sys
 from .cli_args import add_model_args, add_quant_args, load_options, positive_int, utf8_text
 from .errors import UserError
 from .bench.commands import add_bench_parser
-from .evaluation.commands import add_data_parser, add_eval_parser
+from .evaluation.commands import add_analyze_parser, add_data_parser, add_eval_parser
 from .reduction.commands import add_reduction_parsers
 from .serve.command import add_serve_parser
 
@@ -30,6 +30,11 @@ def build_parser() -> argparse.ArgumentParser:
     add_model_args(run)
     add_quant_args(run)
     run.add_argument("--image", help="image file (omit for a text-only prompt)")
+    run.add_argument("--video", help="video (LLaVA-OneVision): a folder of frame images (sorted by name), a .npy "
+                                     "array [frames, height, width, 3], or an mp4/webm/gif file (needs PyAV: "
+                                     "fastllava[video])")
+    run.add_argument("--num-frames", type=positive_int, help="frames sampled uniformly from the video (default: "
+                                                             "the checkpoint's video processor's, else 8)")
     run.add_argument("--prompt", type=utf8_text, required=True, help="the question or instruction")
     run.add_argument("--max-new-tokens", type=positive_int, default=64)
     run.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
@@ -45,6 +50,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     add_data_parser(sub)
     add_eval_parser(sub)
+    add_analyze_parser(sub)
     add_reduction_parsers(sub)
     add_bench_parser(sub)
     add_serve_parser(sub)
@@ -54,7 +60,7 @@ def build_parser() -> argparse.ArgumentParser:
 def cmd_run(args: argparse.Namespace) -> int:
     from . import load
     from .generation import SamplingParams
-    from .images import load_image
+    from .images import check_num_frames, check_video_path, load_image
 
     sampling = dict(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p,
                     top_k=args.top_k, seed=args.seed, stop=args.stop)
@@ -68,14 +74,25 @@ def cmd_run(args: argparse.Namespace) -> int:
 
         parse_speculate(args.speculate, None)
     image = load_image(args.image) if args.image else None
+    if args.num_frames is not None and not args.video:
+        raise UserError("--num-frames goes with --video")
+    video = None
+    if args.video:
+        video = str(check_video_path(args.video))
+        if args.num_frames is not None:
+            check_num_frames(args.num_frames)
     model = load(args.model, **load_options(args))
     kwargs = dict(**sampling, reduce=args.reduce, speculate=args.speculate)
+    if video is not None:
+        kwargs["num_frames"] = args.num_frames
     if args.json:
+        if video is not None:
+            kwargs["videos"] = [video]
         result = model.generate(images=[image], prompts=[args.prompt], **kwargs)[0]
         print(json.dumps({"model": str(model.path), "prompt": args.prompt, "text": result.text,
                           "finish_reason": result.finish_reason, "stats": result.stats}))
         return 0
-    stream = model.stream(image=image, prompt=args.prompt, **kwargs)
+    stream = model.stream(image=image, prompt=args.prompt, video=video, **kwargs)
     for delta in stream:
         print(delta, end="", flush=True)
     print(flush=True)
@@ -85,7 +102,9 @@ def cmd_run(args: argparse.Namespace) -> int:
     spec = s.get("speculate")
     drafts = (f" | drafts kept {spec['accepted_tokens']}/{spec['draft_tokens']}, {spec['tokens_per_step']:.2f} tokens "
               f"per step" if spec else "")
-    print(f"[{s['prompt_tokens']} prompt + {s['image_tokens']} image tokens{reduced}, {s['generated_tokens']} generated"
+    videos = f" + {s['video_tokens']} video tokens" if s.get("video_tokens") else ""
+    print(f"[{s['prompt_tokens']} prompt + {s['image_tokens']} image tokens{videos}{reduced}, "
+          f"{s['generated_tokens']} generated"
           f" | TTFT {s['ttft_s'] * 1000:.1f} ms | decode {s['decode_tok_s']:.1f} tok/s{drafts}"
           f" | {stream.result.finish_reason}"
           + (" | compiled mode: these times include the compilation of a first run]"

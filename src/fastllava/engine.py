@@ -15,7 +15,8 @@ from .errors import UserError
 from .generation import (Runner, SamplingParams, StepTimes, TextState, check_decode_mode, check_left_padded,
                          decode_steps, visible_text)
 from .generation.speculate import SpecStats, Speculation, parse_speculate, speculative_steps
-from .images import AnyresProcessor, ImageInput, ImageProcessor, OnevisionProcessor
+from .images import (AnyresProcessor, ImageInput, ImageProcessor, OnevisionProcessor, VideoInput, VideoProcessor,
+                     check_num_frames)
 from .models.llava import LlavaModel
 from .ops import left_pad
 from .prompts import PromptEncoder
@@ -38,9 +39,11 @@ class Llava:
     compiled callables); `weights` is the weight quantization applied (None: none)."""
 
     def __init__(self, model: LlavaModel, processor: ImageProcessor | AnyresProcessor, prompts: PromptEncoder | None,
-                 path: Path | None = None, runner: Runner | None = None, weights=None):
+                 path: Path | None = None, runner: Runner | None = None, weights=None,
+                 video_processor: VideoProcessor | None = None):
         self.model = model
         self.processor = processor
+        self.video_processor = video_processor  # LLaVA-OneVision; None: the checkpoint takes no videos
         self.prompts = prompts
         self.path = path
         self.runner = runner or Runner(model)
@@ -69,13 +72,15 @@ class Llava:
     def logits(self, input_ids: torch.Tensor, pixel_values: torch.Tensor | None,
                attention_mask: torch.Tensor | None = None,
                position_ids: torch.Tensor | None = None, reduce=None,
-               image_sizes: torch.Tensor | None = None) -> torch.Tensor:
+               image_sizes: torch.Tensor | None = None, pixel_values_videos=None) -> torch.Tensor:
         """Logits [B, T, V] as `LlavaForConditionalGeneration.forward` returns them: input_ids
         [B, T] already hold one image token per visual feature; positions default to 0..T-1
         like transformers' forward (pass position_ids to count real tokens only). With `reduce`
         (a spec, Method or Reduction) T is the sequence left after the reduction's last cut.
         LLaVA-NeXT takes pixel_values [N, P, C, H, W] and image_sizes [N, 2] as
-        `LlavaNextForConditionalGeneration.forward` does."""
+        `LlavaNextForConditionalGeneration.forward` does; LLaVA-OneVision also pixel_values_videos
+        [V, F, 3, H, W] (or a list of [F_i, 3, H, W]) for its video tokens."""
+        self._check_videos(pixel_values_videos)
         device = self.device
         input_ids = input_ids.to(device)
         if position_ids is None:
@@ -83,17 +88,20 @@ class Llava:
         valid = torch.ones_like(input_ids, dtype=torch.bool) if attention_mask is None else attention_mask.to(device).bool()
         reduction = make_reduction(reduce, self.config)
         pixels = pixel_values.to(device) if pixel_values is not None else None
-        return self.runner.logits(input_ids, pixels, valid, position_ids.to(device), reduction, image_sizes).float()
+        return self.runner.logits(input_ids, pixels, valid, position_ids.to(device), reduction, image_sizes,
+                                  pixel_values_videos).float()
 
     def generate_ids(self, input_ids: torch.Tensor, pixel_values: torch.Tensor | None,
                      attention_mask: torch.Tensor | None = None, max_new_tokens: int = 64,
                      eos_token_id: int | list[int] | None = -1, reduce=None, image_sizes: torch.Tensor | None = None,
-                     speculate=None, **sampling) -> torch.Tensor:
+                     speculate=None, pixel_values_videos=None, **sampling) -> torch.Tensor:
         """New token ids [B, N] (greedy unless sampling is asked for). Rows that end early are
         padded with the pad id after their EOS, as transformers does. eos_token_id=-1 uses the
         config's; None never stops early. `reduce`: a visual token reduction spec, Method or
         Reduction (whose trace is then filled in). `image_sizes`: as for logits (LLaVA-NeXT).
-        `speculate`: a speculative decoding spec (see fastllava.generation.speculate)."""
+        `speculate`: a speculative decoding spec (see fastllava.generation.speculate).
+        `pixel_values_videos`: as for logits (LLaVA-OneVision)."""
+        self._check_videos(pixel_values_videos)
         if attention_mask is None:
             attention_mask = torch.ones_like(input_ids)
         check_left_padded(attention_mask)
@@ -105,7 +113,8 @@ class Llava:
         pad = self.config.text.pad_token_id if self.config.text.pad_token_id is not None else (eos or [0])[0]
         rows, done = [[] for _ in range(b)], [False] * b
         for new in self._token_rows(input_ids, attention_mask, pixel_values, params, eos, StepTimes(),
-                                    make_reduction(reduce, self.config), image_sizes, spec):
+                                    make_reduction(reduce, self.config), image_sizes, spec,
+                                    videos=pixel_values_videos):
             for r, tokens in enumerate(new):
                 for t in tokens:
                     if not done[r]:
@@ -116,45 +125,63 @@ class Llava:
 
     def _token_rows(self, input_ids, attention_mask, pixel_values, params: SamplingParams, eos: list[int],
                     times: StepTimes, reduction, image_sizes, spec: Speculation | None,
-                    spec_stats: SpecStats | None = None, finished: torch.Tensor | None = None) -> Iterator[list[list[int]]]:
+                    spec_stats: SpecStats | None = None, finished: torch.Tensor | None = None,
+                    videos=None) -> Iterator[list[list[int]]]:
         """The new tokens of each row, step by step (lists: a speculative round gives several).
         `finished` [B] (bool, CPU) may be marked by the caller (stop strings) to end rows early."""
         if finished is None:
             finished = torch.zeros(input_ids.shape[0], dtype=torch.bool)
+        if videos is not None and reduction is not None:
+            raise UserError("visual token reduction does not apply to prompts with videos yet")
         if spec is not None:
+            if videos is not None:
+                raise UserError("speculative decoding does not take prompts with videos yet")
             yield from speculative_steps(self.runner, spec, input_ids, attention_mask, pixel_values, params, eos,
                                          finished, times, spec_stats or SpecStats([], [], []), reduction, image_sizes)
             return
         for token in decode_steps(self.runner, input_ids, attention_mask, pixel_values, params, eos, finished, times,
-                                  reduction, image_sizes):
+                                  reduction, image_sizes, videos):
             yield [[t] for t in token.tolist()]
 
     # ---- text in, text out ----
 
     def generate(self, images: Sequence[ImageInput] | None = None, prompts: Sequence[str] | str = (),
                  max_new_tokens: int = 64, temperature: float = 0.0, top_p: float = 1.0, top_k: int = 0,
-                 seed: int | None = None, stop: Sequence[str] = (), reduce=None, speculate=None) -> list[Result]:
+                 seed: int | None = None, stop: Sequence[str] = (), reduce=None, speculate=None,
+                 videos: Sequence[VideoInput | None] | None = None, num_frames: int | None = None) -> list[Result]:
         """One answer per prompt; `images[i]` goes with `prompts[i]` (None for a text-only prompt).
         `reduce`: visual token reduction, a spec such as "visionzip:keep=64" or a Method.
-        `speculate`: speculative decoding, a spec such as "ngram" or "layerskip:k=4"."""
+        `speculate`: speculative decoding, a spec such as "ngram" or "layerskip:k=4".
+        `videos[i]` (LLaVA-OneVision; None for none) goes with `prompts[i]`, after its image: a list
+        of frames, a numpy array [T, H, W, 3] or a path (see images.load_video), `num_frames`
+        sampled uniformly (default: the checkpoint's video processor's, else 8)."""
         params = SamplingParams(max_new_tokens, temperature, top_p, top_k, seed, list(stop)).validate()
-        return list(self._run(images, prompts, params, stream=False, reduce=reduce, speculate=speculate))[-1]
+        return list(self._run(images, prompts, params, stream=False, reduce=reduce, speculate=speculate,
+                              videos=videos, num_frames=num_frames))[-1]
 
     def stream(self, image: ImageInput | None = None, prompt: str = "", reduce=None, speculate=None,
-               **kwargs) -> "TextStream":
-        """Text deltas of one answer as they are produced; `.result` holds the Result afterwards."""
+               video: VideoInput | None = None, num_frames: int | None = None, **kwargs) -> "TextStream":
+        """Text deltas of one answer as they are produced; `.result` holds the Result afterwards.
+        `video`: as in generate."""
         params = SamplingParams(**kwargs).validate()
-        return TextStream(self._run([image], [prompt], params, stream=True, reduce=reduce, speculate=speculate))
+        return TextStream(self._run([image], [prompt], params, stream=True, reduce=reduce, speculate=speculate,
+                                    videos=None if video is None else [video], num_frames=num_frames))
 
-    def _run(self, images, prompts, params: SamplingParams, stream: bool, reduce=None, speculate=None):
+    def _run(self, images, prompts, params: SamplingParams, stream: bool, reduce=None, speculate=None,
+             videos=None, num_frames=None):
         prompts = [prompts] if isinstance(prompts, str) else list(prompts)
         images = [None] * len(prompts) if images is None else list(images)
         if not prompts:
             raise UserError("give at least one prompt")
         if len(images) != len(prompts):
             raise UserError(f"{len(images)} images for {len(prompts)} prompts; give one image (or None) per prompt")
+        has_videos = videos is not None and any(v is not None for v in videos)
+        if has_videos and reduce is not None:
+            raise UserError("visual token reduction does not apply to prompts with videos yet")
+        if has_videos and speculate is not None:
+            raise UserError("speculative decoding does not take prompts with videos yet")
         spec = parse_speculate(speculate, self.config.text.num_hidden_layers)
-        inputs = self.inputs(images, prompts)
+        inputs = self.inputs(images, prompts, videos, num_frames)
         input_ids, mask, pixel_values = inputs["input_ids"], inputs["attention_mask"], inputs["pixel_values"]
         self.check_context(int(mask.sum(1).max()), params.max_new_tokens)
         b = len(prompts)
@@ -165,7 +192,8 @@ class Llava:
         reduction = make_reduction(reduce, self.config)
         spec_stats = SpecStats([], [], [])
         for new in self._token_rows(input_ids, mask, pixel_values, params, list(texts[0].eos), times, reduction,
-                                    inputs["image_sizes"], spec, spec_stats, finished):
+                                    inputs["image_sizes"], spec, spec_stats, finished,
+                                    videos=inputs.get("pixel_values_videos")):
             for row, text in enumerate(texts):
                 for token in new[row]:
                     delta, finished[row] = text.push(token)
@@ -179,9 +207,12 @@ class Llava:
         for row in range(b):
             gen = texts[row].count
             image_tokens = int((input_ids[row] == self.config.image_token_index).sum())
+            video_tokens = 0 if inputs.get("pixel_values_videos") is None else int(
+                (input_ids[row] == self.config.video_token_index).sum())
             stats = {
-                "prompt_tokens": int(mask[row].sum()) - image_tokens,
+                "prompt_tokens": int(mask[row].sum()) - image_tokens - video_tokens,
                 "image_tokens": image_tokens,
+                "video_tokens": video_tokens,
                 "generated_tokens": gen,
                 "batch_size": b,
                 "images_in_batch": n_images,
@@ -190,8 +221,8 @@ class Llava:
                 "total_s": round(times.end_s, 6),
                 "decode_tok_s": _rate(gen - 1, times.end_s - times.first_token_s),
                 "kv_cache_bytes": times.kv_cache_bytes,  # the whole batch's cache, as allocated
-                **self._prefill_stats(reduction, row, stats_text=int(mask[row].sum()) - image_tokens,
-                                      image_tokens=image_tokens),
+                **self._prefill_stats(reduction, row, stats_text=int(mask[row].sum()) - image_tokens - video_tokens,
+                                      image_tokens=image_tokens + video_tokens),
             }
             if spec is not None:
                 stats["speculate"] = {"spec": spec.spec(), **spec_stats.row(row)}
@@ -218,13 +249,28 @@ class Llava:
             raise UserError("LLaVA-NeXT inputs need their image sizes: use Llava.inputs() instead of encode()")
         return inputs["input_ids"], inputs["attention_mask"], inputs["pixel_values"]
 
-    def inputs(self, images, prompts: list[str]) -> dict:
+    def inputs(self, images, prompts: list[str], videos=None, num_frames: int | None = None) -> dict:
         """The model inputs for images (one or None per prompt) and prompts, as transformers'
         processors name them: input_ids [B, T] left-padded, attention_mask [B, T], pixel_values
         ([N, 3, H, W]; LLaVA-NeXT: [N, P, 3, H, W] tiles) or None, image_sizes ([N, 2] (height,
-        width), LLaVA-NeXT only) or None. `model.logits(**inputs)` takes them as they are."""
+        width), LLaVA-NeXT only) or None, pixel_values_videos (LLaVA-OneVision: `videos`, one or
+        None per prompt, as [V, F, 3, H, W], or a list of [F_i, 3, H, W] when the videos' sampled
+        frame counts differ; the key is absent without videos). `model.logits(**inputs)` takes them
+        as they are."""
         if self.prompts is None:
             raise UserError("this checkpoint has no tokenizer.json, so it cannot take text prompts")
+        videos = [None] * len(prompts) if videos is None else list(videos)
+        if len(videos) != len(prompts):
+            raise UserError(f"{len(videos)} videos for {len(prompts)} prompts; give one video (or None) per prompt")
+        if num_frames is not None:
+            check_num_frames(num_frames)
+        pixel_values_videos, video_counts = None, iter([])
+        if any(v is not None for v in videos):
+            self._check_videos(True)
+            clips = self.video_processor([v for v in videos if v is not None], num_frames)
+            video_counts = iter([self.config.video_tokens(c.shape[0]) for c in clips])
+            same = len({c.shape for c in clips}) == 1
+            pixel_values_videos = torch.stack(clips) if same else clips
         present = [im for im in images if im is not None]
         pixel_values, image_sizes, counts = None, None, iter([])
         if present and self.config.is_next:
@@ -237,11 +283,23 @@ class Llava:
             if not isinstance(prompt, str):
                 raise UserError(f"prompts must be strings, got {type(prompt).__name__}")
             tokens = None if image is None or image_sizes is None else [next(counts)]
-            rows.append(self.prompts.prompt_ids(prompt, 0 if image is None else 1, tokens))
+            video = None if videos[len(rows)] is None else [next(video_counts)]
+            if video is not None and tokens is None:
+                tokens = [] if image is None else [self.config.image_features_per_image]
+            rows.append(self.prompts.prompt_ids(prompt, 0 if image is None else 1, tokens, video))
         input_ids, mask = left_pad(rows, self.config.text.pad_token_id or 0)
         mask = mask.long()
-        return {"input_ids": input_ids, "attention_mask": mask, "pixel_values": pixel_values,
-                "image_sizes": image_sizes}
+        out = {"input_ids": input_ids, "attention_mask": mask, "pixel_values": pixel_values,
+               "image_sizes": image_sizes}
+        if pixel_values_videos is not None:  # absent without videos: transformers' forward refuses None
+            out["pixel_values_videos"] = pixel_values_videos
+        return out
+
+    def _check_videos(self, videos) -> None:
+        """UserError unless the checkpoint takes videos (when `videos` is not None)."""
+        if videos is not None and (not self.config.is_onevision or self.video_processor is None):
+            raise UserError(f"this checkpoint (model_type {self.config.model_type!r}) takes no videos; "
+                            "LLaVA-OneVision checkpoints do")
 
     def _prefill_stats(self, reduction, row: int, stats_text: int, image_tokens: int) -> dict:
         """Visual tokens entering the LLM and after each cut, their layer-weighted mean, prefill FLOPs."""
@@ -310,7 +368,9 @@ def load(path: str | Path | None = None, device: str | torch.device | None = Non
         processor = ImageProcessor.from_dir(path, cfg.vision.image_size)
         if pad_to_square is not None:
             processor.pad_to_square = pad_to_square
+    video_processor = VideoProcessor.from_dir(path, processor.pieces) if cfg.is_onevision else None
     prompts = None
     if (path / "tokenizer.json").exists():
-        prompts = PromptEncoder.from_dir(path, model.cfg.image_token_index, model.cfg.image_features_per_image)
-    return Llava(model, processor, prompts, path, Runner(model, decode, kv_spec), weight_spec)
+        prompts = PromptEncoder.from_dir(path, model.cfg.image_token_index, model.cfg.image_features_per_image,
+                                         cfg.video_token_index if cfg.is_onevision else None)
+    return Llava(model, processor, prompts, path, Runner(model, decode, kv_spec), weight_spec, video_processor)

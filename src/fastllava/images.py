@@ -321,3 +321,171 @@ def expand_to_square(img: Image.Image, fill: tuple[int, ...]) -> Image.Image:
     canvas.paste(img, ((side - w) // 2, (side - h) // 2))
     return canvas
 
+
+
+# ---- videos (LLaVA-OneVision) ----
+
+VideoInput = Union[list, tuple, np.ndarray, str, Path]
+DEFAULT_NUM_FRAMES = 8  # frames sampled from a video when the checkpoint's video processor says nothing
+MAX_NUM_FRAMES = 256  # refuse to sample more frames than this from one video
+MAX_SOURCE_FRAMES = 1_000_000  # refuse videos (or frame folders) with more frames than this
+VIDEO_SUFFIXES = (".mp4", ".webm", ".gif", ".mkv", ".mov", ".avi")
+
+
+def sample_indices(total: int, num_frames: int) -> list[int]:
+    """Uniformly spaced frame indices, as transformers' default_sample_indices_fn: i * total //
+    num_frames for i < num_frames (every frame when the video has no more than num_frames)."""
+    if total <= num_frames:
+        return list(range(total))
+    return [i * total // num_frames for i in range(num_frames)]
+
+
+def check_num_frames(num_frames) -> int:
+    integer = isinstance(num_frames, (int, np.integer)) and not isinstance(num_frames, bool)
+    if not integer or not 1 <= num_frames <= MAX_NUM_FRAMES:
+        raise UserError(f"num_frames must be an integer from 1 to {MAX_NUM_FRAMES}, got {num_frames!r}")
+    return int(num_frames)
+
+
+def load_video(video: VideoInput, num_frames: int, max_pixels: int = DEFAULT_MAX_PIXELS) -> list[Image.Image]:
+    """The sampled frames (RGB PIL images) of a video given as a list of frames (PIL images,
+    HxWx3 arrays, paths or bytes), a numpy array [T, H, W, 3], a folder of frame images (sorted by
+    name), a .npy file [T, H, W, 3], or a video file (mp4, webm, gif, ...: needs PyAV, the extra
+    fastllava[video]). `num_frames` frames are sampled uniformly (see sample_indices); only those
+    are decoded. Bad input raises UserError with one line."""
+    num_frames = check_num_frames(num_frames)
+    if isinstance(video, (str, Path)):
+        return _load_video_path(Path(video).expanduser(), num_frames, max_pixels)
+    if isinstance(video, np.ndarray):
+        if video.ndim != 4 or video.shape[-1] not in (1, 3, 4):
+            raise UserError(f"a numpy video must be [frames, height, width, 3], got shape {list(video.shape)}")
+        frames = list(video)
+    elif isinstance(video, (list, tuple)):
+        frames = list(video)
+    else:
+        raise UserError(f"unsupported video type {type(video).__name__}; give a list of frames, a numpy array "
+                        "[frames, height, width, 3] or a path")
+    _check_frame_count(len(frames), "video")
+    return [load_image(frames[i], max_pixels) for i in sample_indices(len(frames), num_frames)]
+
+
+def _check_frame_count(n: int, what: str) -> None:
+    if n == 0:
+        raise UserError(f"{what} has no frames")
+    if n > MAX_SOURCE_FRAMES:
+        raise UserError(f"{what} has {n} frames, over the limit of {MAX_SOURCE_FRAMES}")
+
+
+def check_video_path(path: str | Path) -> Path:
+    """A video path's cheap checks (it exists; a video file needs PyAV), before loading a model."""
+    path = Path(path).expanduser()
+    if not path.exists():
+        raise UserError(f"video {path} does not exist")
+    if path.is_file() and path.suffix.lower() in VIDEO_SUFFIXES:
+        _import_av(path)
+    return path
+
+
+def _import_av(path: Path):
+    try:
+        import av
+    except ImportError:
+        raise UserError(f"reading {path.suffix} videos needs PyAV: pip install 'fastllava[video]' (or give a folder "
+                        "of frames or a .npy array)") from None
+    return av
+
+
+def _load_video_path(path: Path, num_frames: int, max_pixels: int) -> list[Image.Image]:
+    if not path.exists():
+        raise UserError(f"video {path} does not exist")
+    if path.is_dir():
+        files = sorted(p for p in path.iterdir() if p.is_file() and not p.name.startswith("."))
+        _check_frame_count(len(files), f"video folder {path}")
+        return [load_image(files[i], max_pixels) for i in sample_indices(len(files), num_frames)]
+    suffix = path.suffix.lower()
+    if suffix == ".npy":
+        try:
+            arr = np.load(path, mmap_mode="r", allow_pickle=False)
+        except (ValueError, OSError) as e:
+            raise UserError(f"video {path} is not a readable .npy array: {e}") from None
+        if arr.ndim != 4 or arr.shape[-1] not in (1, 3, 4):
+            raise UserError(f"video {path} must hold an array [frames, height, width, 3], got shape {list(arr.shape)}")
+        _check_frame_count(arr.shape[0], f"video {path}")
+        return [load_image(np.asarray(arr[i]), max_pixels) for i in sample_indices(arr.shape[0], num_frames)]
+    if suffix in VIDEO_SUFFIXES:
+        return _decode_video_file(path, num_frames, max_pixels)
+    raise UserError(f"video {path}: give a folder of frame images, a .npy array [frames, height, width, 3] or a "
+                    f"video file ({', '.join(VIDEO_SUFFIXES)})")
+
+
+def _decode_video_file(path: Path, num_frames: int, max_pixels: int) -> list[Image.Image]:
+    av = _import_av(path)
+    try:
+        with av.open(str(path)) as container:  # first pass: the frame count, when the header has none
+            stream = container.streams.video[0]
+            _check_pixels((stream.width, stream.height), max_pixels, f"video {path}")
+            total = stream.frames or sum(1 for _ in container.decode(stream))
+        _check_frame_count(total, f"video {path}")
+        wanted = sample_indices(total, num_frames)
+        keep, frames = set(wanted), []
+        with av.open(str(path)) as container:  # second pass: only the sampled frames become images
+            for i, frame in enumerate(container.decode(container.streams.video[0])):
+                if i in keep:
+                    frames.append(frame.to_image().convert("RGB"))
+                if i >= wanted[-1]:
+                    break
+    except (av.error.FFmpegError, IndexError, OSError) as e:
+        raise UserError(f"video {path} cannot be decoded: {e}") from None
+    if not frames:
+        raise UserError(f"video {path} has no frames")
+    return frames
+
+
+@dataclass
+class VideoProcessor:
+    """LLaVA-OneVision video preprocessing with transformers' LlavaOnevisionVideoProcessor
+    semantics: frames sampled uniformly (`num_frames`), each resized to exactly `size` (bicubic),
+    not cropped, rescaled and normalized (`frames`: an ImageProcessor doing that per frame).
+    transformers resizes with torchvision on tensors, we with PIL, as for the images."""
+
+    frames: ImageProcessor
+    num_frames: int = DEFAULT_NUM_FRAMES
+
+    @classmethod
+    def from_dir(cls, path: Path, image_processor: ImageProcessor) -> "VideoProcessor":
+        """From video_preprocessor_config.json (size, resample, rescale, mean, std, num_frames) if
+        the checkpoint has one, else the image processor's per-piece settings and 8 frames."""
+        file = path / "video_preprocessor_config.json"
+        if not file.exists():
+            return cls(image_processor)
+        try:
+            d = json.loads(file.read_text())
+        except json.JSONDecodeError as e:
+            raise UserError(f"{file} is not a valid video processor config: {e}") from None
+        if not isinstance(d, dict):
+            raise UserError(f"{file} is not a valid video processor config: not a JSON object")
+        d = dict(d)
+        tile = image_processor.size_hw or (image_processor.shortest_edge,) * 2
+        size = d.get("size") or {"height": tile[0], "width": tile[1]}
+        if isinstance(size, int):
+            size = {"height": size, "width": size}
+        if isinstance(size, dict) and "height" not in size and "shortest_edge" in size:
+            size = {"height": size["shortest_edge"], "width": size["shortest_edge"]}
+        d["size"] = size
+        d.setdefault("image_mean", list(image_processor.mean or CLIP_MEAN))
+        d.setdefault("image_std", list(image_processor.std or CLIP_STD))
+        if not d.get("do_center_crop") or not d.get("crop_size"):
+            d["do_center_crop"] = False
+            d.pop("crop_size", None)
+        try:
+            frames = ImageProcessor.from_config(d, tile[0])
+            num_frames = d.get("num_frames") or DEFAULT_NUM_FRAMES
+        except (AttributeError, KeyError, TypeError) as e:
+            raise UserError(f"{file} is not a valid video processor config: {e}") from None
+        frames.pad_to_square = False
+        return cls(frames, check_num_frames(num_frames))
+
+    def __call__(self, videos: list[VideoInput], num_frames: int | None = None) -> list[torch.Tensor]:
+        """Videos -> each one's pixel values [T, 3, H, W] float32 (T: its sampled frames)."""
+        n = self.num_frames if num_frames is None else num_frames
+        return [torch.stack([self.frames.one(f) for f in load_video(v, n)]) for v in videos]

@@ -18,11 +18,13 @@ ROLES = ("user", "assistant")
 
 @dataclass(frozen=True)
 class Turn:
-    """One message of a conversation: its role, its text, and how many images come before the text."""
+    """One message of a conversation: its role, its text, and how many images (then videos) come
+    before the text."""
 
     role: str  # "user" or "assistant"
     text: str
     images: int = 0
+    videos: int = 0  # LLaVA-OneVision
 
 
 class Conversation(str):
@@ -52,6 +54,8 @@ def check_turns(turns: Sequence[Turn]) -> tuple[Turn, ...]:
                             "starting with user")
         if t.images < 0 or (t.images and t.role != "user"):
             raise UserError(f"turn {i}: images are only allowed in user turns, got {t.images}")
+        if t.videos < 0 or (t.videos and t.role != "user"):
+            raise UserError(f"turn {i}: videos are only allowed in user turns, got {t.videos}")
         if not isinstance(t.text, str):
             raise UserError(f"turn {i}: the text must be a string, got {type(t.text).__name__}")
     if turns[-1].role != "user":
@@ -61,16 +65,20 @@ def check_turns(turns: Sequence[Turn]) -> tuple[Turn, ...]:
 
 class PromptEncoder:
     def __init__(self, tokenizer: Tokenizer, image_token_index: int, features_per_image: int,
-                 chat_template: str | None = None, special: dict | None = None):
+                 chat_template: str | None = None, special: dict | None = None, video_token_index: int | None = None):
         self.tokenizer = tokenizer
         self.image_token_index = image_token_index
+        self.video_token_index = video_token_index  # LLaVA-OneVision; None: no videos
+        self.video_token = (tokenizer.id_to_token(video_token_index) if video_token_index is not None else None) \
+            or "<video>"
         self.features_per_image = features_per_image
         self.special = special or {}
         self.image_token = tokenizer.id_to_token(image_token_index) or "<image>"
         self._template = _compile_template(chat_template) if chat_template else None
 
     @classmethod
-    def from_dir(cls, path: Path, image_token_index: int, features_per_image: int) -> "PromptEncoder":
+    def from_dir(cls, path: Path, image_token_index: int, features_per_image: int,
+                 video_token_index: int | None = None) -> "PromptEncoder":
         file = path / "tokenizer.json"
         if not file.exists():
             raise UserError(f"no tokenizer.json in {path}; text prompts need the checkpoint's tokenizer")
@@ -85,7 +93,7 @@ class PromptEncoder:
         if jinja.exists():
             template = jinja.read_text()
         special = {k: _token_text(tok_cfg.get(k)) for k in ("bos_token", "eos_token", "pad_token")}
-        return cls(tokenizer, image_token_index, features_per_image, template, special)
+        return cls(tokenizer, image_token_index, features_per_image, template, special, video_token_index)
 
     def format(self, prompt: str, num_images: int = 1) -> str:
         """The full model input text for one user turn with `num_images` images before the prompt."""
@@ -100,6 +108,7 @@ class PromptEncoder:
         turns = check_turns(turns)
         if self._template is not None:
             messages = [{"role": t.role, "content": [{"type": "image"} for _ in range(t.images)]
+                         + [{"type": "video"} for _ in range(t.videos)]
                          + [{"type": "text", "text": t.text}]} for t in turns]
             try:
                 return self._template.render(
@@ -111,12 +120,15 @@ class PromptEncoder:
         parts = []
         for t in turns:
             images = "".join(f"{self.image_token}\n" for _ in range(t.images))
+            images += "".join(f"{self.video_token}\n" for _ in range(t.videos))
             parts.append(f"{t.role.upper()}: {images}{t.text} ")
         return "".join(parts) + "ASSISTANT:"
 
-    def encode(self, text: str, image_tokens: list[int] | None = None) -> list[int]:
+    def encode(self, text: str, image_tokens: list[int] | None = None,
+               video_tokens: list[int] | None = None) -> list[int]:
         """Token ids of a formatted text, the i-th image token repeated image_tokens[i] times (its
-        image's visual features; default features_per_image for every image token found)."""
+        image's visual features; default features_per_image for every image token found), the
+        i-th video token video_tokens[i] times (None: the text must hold no video token)."""
         bos = self.special.get("bos_token")
         add_special = not (bos and text.startswith(bos))
         ids = self.tokenizer.encode(text, add_special_tokens=add_special).ids
@@ -125,23 +137,38 @@ class PromptEncoder:
         if image_tokens is not None and found != len(image_tokens):
             raise UserError(f"the formatted prompt holds {found} image tokens for {len(image_tokens)} image(s); "
                             f"is {self.image_token!r} (id {self.image_token_index}) in the tokenizer?")
+        video = self.video_token_index
+        found = ids.count(video) if video is not None else 0
+        if found != len(video_tokens or []):
+            raise UserError(f"the formatted prompt holds {found} video tokens for {len(video_tokens or [])} video(s)"
+                            + (f"; is {self.video_token!r} (id {video}) in the tokenizer?" if video_tokens else
+                               f"; give a video for each {self.video_token!r} in the prompt"))
+        video_counts = iter(video_tokens or [])
         out: list[int] = []
         for i in ids:
-            out.extend([i] * next(counts) if i == self.image_token_index else [i])
+            out.extend([i] * next(counts) if i == self.image_token_index else
+                       [i] * next(video_counts) if video is not None and i == video else [i])
         return out
 
-    def prompt_ids(self, prompt: str, num_images: int = 1, image_tokens: list[int] | None = None) -> list[int]:
+    def prompt_ids(self, prompt: str, num_images: int = 1, image_tokens: list[int] | None = None,
+                   video_tokens: list[int] | None = None) -> list[int]:
         """Ids of one user turn with `num_images` images; `image_tokens`: each image's visual
-        features when they differ by image (LLaVA-NeXT), else features_per_image each. A
-        `Conversation` (a str carrying its turns) gives the ids of its turns (`chat_ids`)."""
+        features when they differ by image (LLaVA-NeXT), else features_per_image each;
+        `video_tokens`: each video's visual tokens (LLaVA-OneVision; the videos follow the images).
+        A `Conversation` (a str carrying its turns) gives the ids of its turns (`chat_ids`)."""
         turns = getattr(prompt, "turns", None)
         if turns is None:
-            turns = [Turn("user", prompt, num_images if image_tokens is None else len(image_tokens))]
+            turns = [Turn("user", prompt, num_images if image_tokens is None else len(image_tokens),
+                          len(video_tokens or []))]
+        elif video_tokens and sum(t.videos for t in turns) != len(video_tokens):
+            raise UserError(f"{len(video_tokens)} video(s) for a conversation that holds "
+                            f"{sum(t.videos for t in turns)}")
         elif image_tokens is None and num_images != sum(t.images for t in turns):
             raise UserError(f"{num_images} image(s) for a conversation that holds {sum(t.images for t in turns)}")
-        return self.chat_ids(turns, image_tokens)
+        return self.chat_ids(turns, image_tokens, video_tokens)
 
-    def chat_ids(self, turns: Sequence[Turn], image_tokens: list[int] | None = None) -> list[int]:
+    def chat_ids(self, turns: Sequence[Turn], image_tokens: list[int] | None = None,
+                 video_tokens: list[int] | None = None) -> list[int]:
         """Ids of a conversation (see format_turns), the images' tokens expanded in order:
         image_tokens[i] ids for the i-th image (default features_per_image each)."""
         turns = check_turns(turns)
@@ -154,7 +181,10 @@ class PromptEncoder:
                 t.text.encode()
             except UnicodeEncodeError:  # a lone surrogate: bytes that were not UTF-8
                 raise UserError("the prompt is not valid UTF-8 text (it holds a lone surrogate)") from None
-        return self.encode(self.format_turns(turns), counts)
+        videos = sum(t.videos for t in turns)
+        if videos != len(video_tokens or []):
+            raise UserError(f"{len(video_tokens or [])} video token count(s) for {videos} video(s) in the conversation")
+        return self.encode(self.format_turns(turns), counts, video_tokens or None)
 
     def decode(self, ids: list[int]) -> str:
         return self.tokenizer.decode(ids, skip_special_tokens=True)

@@ -15,6 +15,7 @@ from typing import Callable
 
 import torch
 
+from ..errors import UserError
 from ..models.llava import LlavaModel, Tower
 from ..ops import attention_mask, pad_right, round_up
 from ..reduction.base import VisionContext
@@ -26,11 +27,15 @@ StageFn = Callable[..., torch.Tensor]
 
 def prepare(model: LlavaModel, input_ids: torch.Tensor, pixel_values: torch.Tensor | None, valid: torch.Tensor,
             positions: torch.Tensor, reduction: Reduction | None = None, image_sizes: torch.Tensor | None = None,
-            tower: Tower | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+            tower: Tower | None = None, pixel_values_videos=None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Encode the images (through `tower`, a compiled encoder, if given), splice them into the
     prompt input_ids [B, T] (real tokens `valid` [B, T], at `positions` [B, T]) and, with a
     reduction, start its trace and call its hook before the language model. `image_sizes` [N, 2]
-    is for LLaVA-NeXT. -> (embeds [B, T', D], positions [B, T'], valid [B, T'])."""
+    is for LLaVA-NeXT. `pixel_values_videos` (LLaVA-OneVision): [V, F, C, H, W], or a list of
+    [F_i, C, H, W] when the videos' frame counts differ; their features go where the video
+    tokens stand, after the images' are written. -> (embeds [B, T', D], positions [B, T'], valid [B, T'])."""
+    if pixel_values_videos is not None and reduction is not None:
+        raise UserError("visual token reduction does not apply to prompts with videos yet")
     method = reduction.method if reduction is not None else None
     blocks = ()
     if method is not None and method.where == "vision" and method.needs_cls:
@@ -38,7 +43,10 @@ def prepare(model: LlavaModel, input_ids: torch.Tensor, pixel_values: torch.Tens
     images = None if pixel_values is None else model.encode_images(pixel_values, image_sizes, blocks, tower)
     real = None if images is None else images.get("valid")  # [N, P] on LLaVA-NeXT (rows padded), else None
     feats = None if images is None else images["features"] if real is None else images["features"][real]
-    x = model.embed(input_ids, feats)
+    if pixel_values_videos is None:
+        x = model.embed(input_ids, feats)
+    else:
+        x = model.embed(input_ids, feats, _video_features(model, pixel_values_videos, tower))
     if reduction is None:
         return x, positions, valid
     is_image = (input_ids == model.cfg.image_token_index) & valid  # [B, T]
@@ -49,6 +57,15 @@ def prepare(model: LlavaModel, input_ids: torch.Tensor, pixel_values: torch.Tens
     ctx = VisionContext(**images, text=x[rows], text_valid=(valid & ~is_image)[rows], grid=model.cfg.vision.grid,
                         budget=method.keep, project=model.multi_modal_projector)
     return reduction.vision(ctx, x, is_image, valid, positions)
+
+
+def _video_features(model: LlavaModel, pixel_values_videos, tower: Tower | None) -> torch.Tensor:
+    """The videos' features one after another [sum F, D] (see OnevisionModel.encode_videos)."""
+    if not hasattr(model, "encode_videos"):
+        raise UserError("this checkpoint takes no videos (LLaVA-OneVision checkpoints do)")
+    if isinstance(pixel_values_videos, torch.Tensor):
+        return model.encode_videos(pixel_values_videos, tower).flatten(0, 1)
+    return torch.cat([model.encode_videos(v[None], tower)[0] for v in pixel_values_videos])
 
 
 def stage_mask(model: LlavaModel, key_valid: torch.Tensor, key_bias: torch.Tensor | None, causal: bool,

@@ -150,17 +150,20 @@ class Runner:
 
     def prefill(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, pixel_values: torch.Tensor | None,
                 new_tokens: int, reduction: Reduction | None = None, times: StepTimes | None = None,
-                image_sizes: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor, StaticKVCache]:
+                image_sizes: torch.Tensor | None = None, pixel_values_videos=None
+                ) -> tuple[torch.Tensor, torch.Tensor, StaticKVCache]:
         """Run a left-padded prompt batch input_ids [B, T] into a new cache with room for
         `new_tokens` more -> (logits at each row's last token [B, V], positions [B, T'] (T' after a
         reduction before the language model), the cache). `times`, if given, gets vision_s (since
-        times.start) and kv_cache_bytes. `image_sizes` [N, 2]: LLaVA-NeXT images' (height, width)."""
+        times.start) and kv_cache_bytes. `image_sizes` [N, 2]: LLaVA-NeXT images' (height, width).
+        `pixel_values_videos`: LLaVA-OneVision videos (see prefill.prepare)."""
         model = self.model
         device = model.device
         input_ids, valid = input_ids.to(device), attention_mask.to(device).bool()
         pixels = pixel_values.to(device) if pixel_values is not None else None
+        videos = _to_device(pixel_values_videos, device)
         embeds, positions, valid = prepare(model, input_ids, pixels, valid, positions_from_mask(valid), reduction,
-                                           image_sizes, self.tower())  # [B, T', D]
+                                           image_sizes, self.tower(), videos)  # [B, T', D]
         if times is not None:
             sync(device)
             times.vision_s = time.perf_counter() - times.start
@@ -176,10 +179,11 @@ class Runner:
 
     def logits(self, input_ids: torch.Tensor, pixel_values: torch.Tensor | None, valid: torch.Tensor,
                positions: torch.Tensor, reduction: Reduction | None = None,
-               image_sizes: torch.Tensor | None = None) -> torch.Tensor:
+               image_sizes: torch.Tensor | None = None, pixel_values_videos=None) -> torch.Tensor:
         """Logits [B, T', V] at every token, without a cache (T' after the reduction's last cut)."""
         model = self.model
-        embeds, positions, valid = prepare(model, input_ids, pixel_values, valid, positions, reduction, image_sizes)
+        embeds, positions, valid = prepare(model, input_ids, pixel_values, valid, positions, reduction, image_sizes,
+                                           None, _to_device(pixel_values_videos, model.device))
         return prefill(model, embeds, positions, valid, None, reduction, head="all")
 
     def step(self, cache: StaticKVCache, span: int | None = None) -> Step:
@@ -253,6 +257,13 @@ def check_left_padded(attention_mask: torch.Tensor) -> None:
         raise UserError("every prompt in the batch needs at least one token")
 
 
+def _to_device(videos, device: torch.device):
+    """pixel_values_videos (a tensor, a list of tensors, or None) on `device`."""
+    if videos is None or isinstance(videos, torch.Tensor):
+        return None if videos is None else videos.to(device)
+    return [v.to(device) for v in videos]
+
+
 def sync(device: torch.device) -> None:
     """Wait for the device's queued work (a no-op on the CPU), so wall-clock marks are true."""
     if device.type == "cuda":
@@ -274,13 +285,13 @@ def _to_host(token: torch.Tensor) -> tuple[torch.Tensor, "torch.cuda.Event | Non
 def decode_steps(runner: Runner, input_ids: torch.Tensor, attention_mask: torch.Tensor,
                  pixel_values: torch.Tensor | None, params: SamplingParams, eos_ids: list[int],
                  finished: torch.Tensor, times: StepTimes, reduction: Reduction | None = None,
-                 image_sizes: torch.Tensor | None = None) -> Iterator[torch.Tensor]:
+                 image_sizes: torch.Tensor | None = None, pixel_values_videos=None) -> Iterator[torch.Tensor]:
     """Yield the sampled tokens [B] (on the CPU) after each step.
 
     `finished` [B] (bool, CPU) is shared with the caller: rows that hit EOS are marked here, and
     the caller may mark rows it stopped itself (stop strings); generation ends when all are done.
     `reduction` applies a visual token reduction method at prefill (its trace is filled in);
-    `image_sizes` goes with LLaVA-NeXT pixel_values.
+    `image_sizes` goes with LLaVA-NeXT pixel_values, `pixel_values_videos` are LLaVA-OneVision videos.
 
     After the first token, the next step is queued on the device before the host waits for the
     current token, so the device never idles while the host reads a token; when generation
@@ -288,7 +299,7 @@ def decode_steps(runner: Runner, input_ids: torch.Tensor, attention_mask: torch.
     """
     times.start = time.perf_counter()
     logits, positions, cache = runner.prefill(input_ids, attention_mask, pixel_values, params.max_new_tokens,
-                                              reduction, times, image_sizes)
+                                              reduction, times, image_sizes, pixel_values_videos)
     next_logits = runner.step(cache)
     generator = new_generator(params, runner.model.device)
     eos = torch.tensor(eos_ids or [-1], device="cpu")

@@ -1,0 +1,189 @@
+"""Videos end to end on LLaVA-OneVision: frame sampling and preprocessing, `generate` and
+`stream` with videos against transformers' LlavaOnevisionForConditionalGeneration on a tiny
+random model, the refusals, and `fastllava run --video`."""
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+import fastllava
+from fastllava.cli import main
+from fastllava.images import CLIP_MEAN, CLIP_STD, load_video, sample_indices
+from hf_reference import IMAGE_TOKEN, VIDEO_TOKEN, VOCAB, save_checkpoint, tiny_llava, tiny_onevision
+from test_onevision import WORDS, _hf_processor, _photo
+
+
+def _tokenizer(path, video: bool = True):
+    """The word tokenizer of test_onevision's ov_model, with <video> at VIDEO_TOKEN."""
+    from fastllava.evaluation.tokenizer import build_word_tokenizer
+
+    words = WORDS + [f"w{i}" for i in range(VOCAB - 5 - len(WORDS))]
+    d = json.loads(build_word_tokenizer(words, image_token_id=IMAGE_TOKEN, vocab_size=VOCAB).to_str())
+    if video:
+        vocab = d["model"]["vocab"]
+        taken = next(w for w, i in vocab.items() if i == VIDEO_TOKEN)
+        del vocab[taken]
+        vocab["<video>"] = VIDEO_TOKEN
+        d["added_tokens"].append({"id": VIDEO_TOKEN, "content": "<video>", "single_word": False, "lstrip": False,
+                                  "rstrip": False, "normalized": False, "special": True})
+    (path / "tokenizer.json").write_text(json.dumps(d))
+
+
+@pytest.fixture(scope="module")
+def ov_video(tmp_path_factory):
+    hf = tiny_onevision(seed=7)
+    path = save_checkpoint(hf, tmp_path_factory.mktemp("ov-video"))
+    _tokenizer(path)
+    _hf_processor().save_pretrained(path)
+    return hf, fastllava.load(path, device="cpu")
+
+
+def _clip(frames: int, h: int, w: int, seed: int) -> np.ndarray:
+    rng = np.random.default_rng(seed)
+    y, x = np.mgrid[0:h, 0:w].astype(np.float32)
+    out = [np.stack([x / w * 200 + 5 * t, y / h * 180, (x + y) / (w + h) * 255 - 3 * t], -1)
+           + rng.normal(0, 20, (h, w, 3)) for t in range(frames)]
+    return np.clip(np.stack(out), 0, 255).astype(np.uint8)
+
+
+def _reference_frames(video: np.ndarray, num_frames: int, size: int) -> torch.Tensor:
+    """LlavaOnevisionVideoProcessor's documented steps in numpy: uniform sampling, resize to size x
+    size (bicubic), rescale by 1/255, normalize with the mean and std."""
+    from transformers.video_utils import VideoMetadata, default_sample_indices_fn
+
+    idx = default_sample_indices_fn(VideoMetadata(total_num_frames=len(video)), num_frames=num_frames)
+    out = []
+    for i in idx:
+        arr = np.asarray(Image.fromarray(video[i]).resize((size, size), Image.BICUBIC)).astype(np.float64) / 255
+        out.append(((arr.astype(np.float32) - np.float32(CLIP_MEAN)) / np.float32(CLIP_STD)).transpose(2, 0, 1))
+    return torch.from_numpy(np.stack(out))
+
+
+def _hf_tokens(hf, inputs, n: int) -> list[list[int]]:
+    with torch.no_grad():
+        ref = hf.generate(**{k: v for k, v in inputs.items() if v is not None}, max_new_tokens=n, do_sample=False,
+                          pad_token_id=0)
+    return ref[:, inputs["input_ids"].shape[1]:].tolist()
+
+
+def _same_tokens(results, ref, eos):
+    for r, row in zip(results, ref):
+        cut = next((i for i, t in enumerate(row) if t in eos), len(row))
+        assert r.token_ids == row[:cut]
+
+
+def test_sampling_and_preprocessing_follow_transformers(ov_video):
+    _, ours = ov_video
+    assert sample_indices(10, 4) == [0, 2, 5, 7] and sample_indices(3, 8) == [0, 1, 2]
+    video = _clip(10, 40, 56, 0)
+    clips = ours.video_processor([video, list(video), [Image.fromarray(f) for f in video]], 4)
+    expected = _reference_frames(video, 4, 32)
+    for c in clips:
+        assert c.shape == (4, 3, 32, 32)
+        assert (c - expected).abs().max().item() <= 1e-5
+    assert ours.video_processor.num_frames == 8  # no video_preprocessor_config.json: 8
+
+
+def test_generate_with_videos_matches_transformers(ov_video):
+    """A batch of a video prompt, an image + video prompt and an image prompt: the same greedy
+    tokens as transformers' generate on the same inputs."""
+    hf, ours = ov_video
+    videos = [_clip(10, 40, 56, 1), _clip(6, 50, 30, 2), None]
+    images = [None, _photo(40, 200, 3), _photo(90, 60, 4)]
+    prompts = ["describe it .", "what is in the picture ?", "what is it ?"]
+    out = ours.generate(images=images, prompts=prompts, videos=videos, num_frames=4, max_new_tokens=10)
+    inputs = ours.inputs(images, prompts, videos, num_frames=4)
+    assert inputs["pixel_values_videos"].shape == (2, 4, 3, 32, 32)
+    cfg = ours.config
+    assert [r.stats["video_tokens"] for r in out] == [cfg.video_tokens(4)] * 2 + [0]
+    assert [r.stats["image_tokens"] for r in out] == [0, cfg.image_tokens(40, 200), cfg.image_tokens(90, 60)]
+    _same_tokens(out, _hf_tokens(hf, inputs, 10), cfg.text.eos_token_id)
+    with torch.no_grad():  # the greedy tokens of a tiny random model repeat: compare the logits too
+        ref = hf(**{k: v for k, v in inputs.items() if v is not None}).logits
+    real = inputs["attention_mask"].bool()
+    assert (ours.logits(**inputs)[real] - ref[real]).abs().max().item() <= 1e-4
+    ids = ours.generate_ids(**inputs, max_new_tokens=10)
+    assert [r.token_ids for r in out] == [row[:len(r.token_ids)] for r, row in zip(out, ids.tolist())]
+    stream = ours.stream(video=videos[0], prompt=prompts[0], num_frames=4, max_new_tokens=10)
+    assert "".join(stream) == out[0].text and stream.result.token_ids == out[0].token_ids
+
+
+def test_videos_of_different_frame_counts_and_default_frames(ov_video):
+    """A video shorter than num_frames keeps all its frames; videos of different frame counts in
+    one batch give a list of pixel_values_videos, each matching transformers on its own."""
+    hf, ours = ov_video
+    videos, prompts = [_clip(3, 32, 32, 5), _clip(12, 32, 48, 6)], ["describe it .", "what is it ?"]
+    inputs = ours.inputs([None, None], prompts, videos)
+    assert [v.shape[0] for v in inputs["pixel_values_videos"]] == [3, 8]
+    out = ours.generate(prompts=prompts, videos=videos, max_new_tokens=6)
+    for i in range(2):
+        one = ours.inputs([None], [prompts[i]], [videos[i]])
+        _same_tokens([out[i]], _hf_tokens(hf, one, 6), ours.config.text.eos_token_id)
+
+
+def test_static_decode_matches_eager_with_a_video(ov_video):
+    _, eager = ov_video
+    static = fastllava.load(eager.path, device="cpu", decode="static")
+    kwargs = dict(images=[_photo(40, 60, 0), None], prompts=["describe it .", "what is it ?"],
+                  videos=[_clip(5, 32, 32, 1), _clip(9, 40, 40, 2)], num_frames=4, max_new_tokens=6)
+    assert [r.token_ids for r in static.generate(**kwargs)] == [r.token_ids for r in eager.generate(**kwargs)]
+
+
+def test_refusals(ov_video, tmp_path):
+    _, ours = ov_video
+    video = _clip(4, 32, 32, 7)
+    cases = [
+        (dict(prompts=["a", "b"], videos=[video]), "1 videos for 2 prompts"),
+        (dict(prompts=["a"], videos=[video], num_frames=1000), "num_frames"),
+        (dict(prompts=["a"], videos=[video], num_frames=0), "num_frames"),
+        (dict(prompts=["a"], videos=[np.zeros((2, 1, 200, 3), np.uint8)]), "differ at most"),
+        (dict(prompts=["a"], videos=[np.zeros((0, 32, 32, 3), np.uint8)]), "no frames"),
+        (dict(prompts=["a"], videos=[np.zeros((32, 32, 3), np.uint8)]), "frames, height, width"),
+        (dict(prompts=["a"], videos=[video], reduce="random:keep=4"), "reduction"),
+        (dict(prompts=["a"], videos=[video], speculate="ngram"), "speculative"),
+        (dict(prompts=["<video> a"]), "video"),
+        (dict(prompts=["a"], videos=[str(tmp_path / "missing")]), "does not exist"),
+    ]
+    for kwargs, message in cases:
+        with pytest.raises(fastllava.UserError, match=message) as e:
+            ours.generate(max_new_tokens=2, **kwargs)
+        assert "\n" not in str(e.value)
+    (tmp_path / "clip.mp4").write_bytes(b"\0" * 16)
+    with pytest.raises(fastllava.UserError, match=r"fastllava\[video\]"):
+        load_video(tmp_path / "clip.mp4", 4)
+
+
+def test_checkpoint_without_video_support(tmp_path):
+    path = save_checkpoint(tiny_llava(), tmp_path / "llava")
+    _tokenizer(path, video=False)
+    model = fastllava.load(path, device="cpu")
+    with pytest.raises(fastllava.UserError, match="takes no videos"):
+        model.generate(prompts=["describe it ."], videos=[_clip(2, 32, 32, 0)], max_new_tokens=2)
+    ids = torch.ones(1, 4, dtype=torch.long)
+    with pytest.raises(fastllava.UserError, match="takes no videos"):
+        model.logits(ids, None, pixel_values_videos=torch.zeros(1, 2, 3, 32, 32))
+
+
+def test_cli_run_with_a_folder_of_frames(ov_video, tmp_path, capsys):
+    _, ours = ov_video
+    video = _clip(7, 40, 40, 8)
+    folder = tmp_path / "frames"
+    folder.mkdir()
+    for i, frame in enumerate(video):
+        Image.fromarray(frame).save(folder / f"frame_{i:03d}.png")
+    np.save(tmp_path / "clip.npy", video)
+    expected = ours.generate(prompts=["describe it ."], videos=[video], num_frames=3, max_new_tokens=6)[0]
+    for source in (folder, tmp_path / "clip.npy"):
+        code = main(["run", "--model", str(ours.path), "--device", "cpu", "--video", str(source), "--num-frames", "3",
+                     "--prompt", "describe it .", "--max-new-tokens", "6", "--json"])
+        out = json.loads(capsys.readouterr().out)
+        assert code == 0 and out["text"] == expected.text
+        assert out["stats"]["video_tokens"] == ours.config.video_tokens(3)
+    assert main(["run", "--model", str(ours.path), "--video", str(tmp_path / "clip.webm"), "--prompt", "a"]) == 2
+    (tmp_path / "clip.webm").write_bytes(b"\0")
+    assert main(["run", "--model", str(ours.path), "--video", str(tmp_path / "clip.webm"), "--prompt", "a"]) == 2
+    err = capsys.readouterr().err
+    assert "fastllava[video]" in err and len(err.strip().splitlines()) == 2
