@@ -18,6 +18,7 @@ from .llava import LlavaModel
 
 
 class LlavaNextModel(LlavaModel):
+    kind = "LLaVA-NeXT"  # the family's name in messages
     def __init__(self, cfg: LlavaConfig):
         super().__init__(cfg)
         self.image_newline = nn.Parameter(torch.empty(cfg.text.hidden_size))
@@ -53,13 +54,16 @@ class LlavaNextModel(LlavaModel):
         out["where"] = pad_sequence([w for _, w in layouts], batch_first=True).to(device)
         return out
 
-    def _tiles(self, pixel_values: torch.Tensor, image_sizes: torch.Tensor | None):
-        """-> (every tile of every image [sum of tiles, C, H, W], the image sizes, their tile grids)."""
+    def _tiles(self, pixel_values: torch.Tensor, image_sizes: torch.Tensor | None, tiled: list[bool] | None = None):
+        """-> (every tile of every image [sum of tiles, C, H, W], the image sizes, their tile grids);
+        `tiled` [N] False for an image that is one piece, not tiled (grid (0, 0); OneVision)."""
         if image_sizes is None:
-            raise UserError("LLaVA-NeXT pixel_values need the image_sizes (height, width) of their images")
+            raise UserError(f"{self.kind} pixel_values need the image_sizes (height, width) of their images")
         cfg = self.cfg
         sizes = [(int(h), int(w)) for h, w in image_sizes.tolist()]
-        grids = [anyres.tile_grid(s, cfg.image_grid_pinpoints, cfg.vision.image_size) for s in sizes]
+        tiled = tiled or [True] * len(sizes)
+        grids = [anyres.tile_grid(s, cfg.image_grid_pinpoints, cfg.vision.image_size) if t else (0, 0)
+                 for s, t in zip(sizes, tiled)]
         counts = [rows * cols + 1 for rows, cols in grids]  # tiles + the base image
         if pixel_values.dim() == 5:
             if len(sizes) != pixel_values.shape[0]:

@@ -21,6 +21,7 @@ from .llava_next import LlavaNextModel, _centres
 
 
 class OnevisionModel(LlavaNextModel):
+    kind = "LLaVA-OneVision"
     def encode_images(self, pixel_values: torch.Tensor, image_sizes: torch.Tensor | None = None,
                       blocks: tuple[int, ...] = (), tower=None, batch_num_images: list[int] | None = None) -> dict:
         """As LlavaNextModel.encode_images: one row per image in the language model's order (base
@@ -64,24 +65,8 @@ class OnevisionModel(LlavaNextModel):
                 batch_num_images: list[int] | None):
         """-> (every piece of every image [sum of pieces, C, H, W], the image sizes, their tile
         grids: (0, 0) for an untiled image)."""
-        if image_sizes is None:
-            raise UserError("LLaVA-OneVision pixel_values need the image_sizes (height, width) of their images")
-        cfg = self.cfg
-        sizes = [(int(h), int(w)) for h, w in image_sizes.tolist()]
-        tiled = anyres.image_tiling(len(sizes), batch_num_images)
-        grids = [anyres.tile_grid(s, cfg.image_grid_pinpoints, cfg.vision.image_size) if t else (0, 0)
-                 for s, t in zip(sizes, tiled)]
-        counts = [rows * cols + 1 for rows, cols in grids]  # tiles + the base image
-        if pixel_values.dim() == 5:
-            if len(sizes) != pixel_values.shape[0]:
-                raise UserError(f"{pixel_values.shape[0]} images in pixel_values but {len(sizes)} image_sizes")
-            if max(counts) > pixel_values.shape[1]:
-                raise UserError(f"an image of these image_sizes needs {max(counts)} tiles, pixel_values hold "
-                                f"{pixel_values.shape[1]}")
-            pixel_values = torch.cat([tiles[:n] for tiles, n in zip(pixel_values, counts)])
-        elif pixel_values.shape[0] != sum(counts):
-            raise UserError(f"pixel_values hold {pixel_values.shape[0]} tiles, image_sizes need {sum(counts)}")
-        return pixel_values, sizes, grids
+        n = 0 if image_sizes is None else image_sizes.shape[0]
+        return self._tiles(pixel_values, image_sizes, anyres.image_tiling(n, batch_num_images))
 
     def _grid_box(self, size: tuple[int, int], grid: tuple[int, int]):
         """-> (rows, cols of the unpadded part of the tiles' feature grid, its scaled (height, width))."""
