@@ -417,6 +417,17 @@ def read_json_file(path: Path, limit: int = MAX_CONFIG_BYTES):
         raise UserError(f"{path} is not valid JSON: {e}") from None
 
 
+def read_json_object(path: Path, what: str) -> dict:
+    """The JSON object in the checkpoint file `path` (read as read_json_file does), {} when there
+    is no such file; UserError naming `what` (e.g. "image processor config") when it is not an object."""
+    if not path.exists():
+        return {}
+    d = read_json_file(path)
+    if not isinstance(d, dict):
+        raise UserError(f"{path} is not a valid {what}: not a JSON object")
+    return d
+
+
 def _read_pinpoints(value, tile: int) -> list[tuple[int, int]]:
     """image_grid_pinpoints as (height, width) pairs, each a multiple of the tile size."""
     if not isinstance(value, list) or not value:

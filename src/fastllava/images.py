@@ -9,7 +9,6 @@ pasted centred on a square canvas filled with the mean colour.
 from __future__ import annotations
 
 import io
-import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Union
@@ -19,6 +18,7 @@ import torch
 from PIL import Image, UnidentifiedImageError
 
 from . import anyres
+from .config import read_json_object
 from .errors import UserError
 
 ImageInput = Union[Image.Image, np.ndarray, str, Path, bytes]
@@ -136,8 +136,8 @@ class ImageProcessor:
         if not file.exists():
             return cls(shortest_edge=default_size, crop_hw=(default_size, default_size))
         try:
-            return cls.from_config(json.loads(file.read_text()), default_size)
-        except (json.JSONDecodeError, AttributeError, KeyError, TypeError) as e:
+            return cls.from_config(read_json_object(file, "image processor config"), default_size)
+        except (AttributeError, KeyError, TypeError) as e:
             raise UserError(f"{file} is not a valid image processor config: {e}") from None
 
     def __call__(self, images: list[ImageInput]) -> torch.Tensor:
@@ -232,16 +232,7 @@ class OnevisionProcessor(AnyresProcessor):
     @classmethod
     def from_dir(cls, path: Path, pinpoints: list[tuple[int, int]], tile: int) -> "OnevisionProcessor":
         """From preprocessor_config.json (`tile`, the tower's image size, when it says nothing)."""
-        file = path / "preprocessor_config.json"
-        d = {}
-        if file.exists():
-            try:
-                d = json.loads(file.read_text())
-            except json.JSONDecodeError as e:
-                raise UserError(f"{file} is not a valid image processor config: {e}") from None
-            if not isinstance(d, dict):
-                raise UserError(f"{file} is not a valid image processor config: not a JSON object")
-        d = dict(d)
+        d = read_json_object(path / "preprocessor_config.json", "image processor config")
         size = d.get("size") or {"height": tile, "width": tile}
         if isinstance(size, int):
             size = {"shortest_edge": size}
@@ -458,13 +449,7 @@ class VideoProcessor:
         file = path / "video_preprocessor_config.json"
         if not file.exists():
             return cls(image_processor)
-        try:
-            d = json.loads(file.read_text())
-        except json.JSONDecodeError as e:
-            raise UserError(f"{file} is not a valid video processor config: {e}") from None
-        if not isinstance(d, dict):
-            raise UserError(f"{file} is not a valid video processor config: not a JSON object")
-        d = dict(d)
+        d = read_json_object(file, "video processor config")
         tile = image_processor.size_hw or (image_processor.shortest_edge,) * 2
         size = d.get("size") or {"height": tile[0], "width": tile[1]}
         if isinstance(size, int):

@@ -3,13 +3,13 @@ through `tokenizer.json`, and expansion of the image token to one id per visual 
 
 from __future__ import annotations
 
-import json
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 from tokenizers import Tokenizer
 
+from .config import read_json_file
 from .errors import UserError
 
 LLAVA15_TEMPLATE = "USER: {image}\n{prompt} ASSISTANT:"  # one turn with one image (see format_turns)
@@ -217,12 +217,8 @@ def _compile_template(source: str):
 
 
 def _read_json(path: Path) -> dict:
-    if not path.exists():
-        return {}
-    try:
-        d = json.loads(path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise UserError(f"{path} is not valid JSON: {e}") from None
+    """A tokenizer-side JSON file of the checkpoint (bounded, a regular file), {} when absent or not an object."""
+    d = read_json_file(path) if path.exists() else {}
     return d if isinstance(d, dict) else {}
 
 
