@@ -32,6 +32,7 @@ SLOW: tuple[str, ...] = (  # seconds measured at d1ae4c2
     "tests/test_quant_cache.py::test_embedded_model_kivi4_decode_close_to_fp",  # 14
     "tests/test_parity.py::test_greedy_tokens_match_transformers[llama-rope-linear-theta]",  # 11
     "tests/test_checkpoint_limits.py::test_cli_refusals_are_fast_one_line_and_small",  # 7-20 (4 processes)
+    "tests/test_speculate.py::test_speculation_in_the_compiled_mode_gives_the_plain_tokens",  # 30-74
 )
 
 _REFERENCE = re.compile(r"\btransformers\b|\bhf(_\w+)?\b")

@@ -180,3 +180,17 @@ def test_serve_checks_its_speculation_before_serving(capsys):
     assert main(["serve", "--speculate", "ngram", "--kv-cache", "kivi", "--port", "18931"]) == 2
     err = capsys.readouterr().err
     assert "full-precision KV cache" in err and "serving" not in err
+
+
+def test_speculation_in_the_compiled_mode_gives_the_plain_tokens(model):
+    """The verify pass (and layerskip's draft pass) through the compiled fixed-shape decode step."""
+    ids, mask, pixels = _inputs(model)
+    plain = model.generate_ids(ids, pixels, mask, max_new_tokens=12, eos_token_id=None)
+    model.set_decode("compiled")
+    try:
+        for spec in ("ngram:k=3", "layerskip:k=2"):
+            got = model.generate_ids(ids, pixels, mask, max_new_tokens=12, eos_token_id=None, speculate=spec)
+            assert torch.equal(got, plain), spec
+        assert model.runner.calls["fixed_multi_step"] > 0 and "decode_step" in model.runner.compiled
+    finally:
+        model.set_decode("eager")
