@@ -113,6 +113,7 @@ def test_ngram_draft_continues_the_latest_earlier_match():
     assert ngram_draft([1, 2, 3, 9, 1, 2, 3, 7, 8, 1, 2, 3], 3, 2) == [7, 8]
     assert ngram_draft([5, 6, 7, 5], 3, 4) == [6, 7, 5]  # falls back to a 1-token match
     assert ngram_draft([1, 2, 3], 2, 4) == []
+    assert ngram_draft([4, 2, 2, 2, 2, 2], 2, 3) == [2, 2, 2]  # not the latest match, followed by one token only
 
 
 @pytest.mark.parametrize("spec,message", [

@@ -125,13 +125,21 @@ def _layers(value: str) -> tuple[int, ...]:
 
 
 def ngram_draft(history: list[int], n: int, k: int) -> list[int]:
-    """Up to k tokens that followed the latest earlier occurrence of the last m tokens of history,
-    for the largest m <= n that occurs earlier; [] when none does."""
+    """Up to k tokens that followed an earlier occurrence of the last m tokens of history, for the
+    largest m <= n that occurs earlier: the latest occurrence that is followed by k tokens, else the
+    one followed by the most (in a repeating answer the latest is followed by one token only);
+    [] when none occurs."""
     for m in range(min(n, len(history) - 1), 0, -1):
-        tail = history[-m:]
+        tail, best = history[-m:], []
         for start in range(len(history) - m - 1, -1, -1):  # the latest occurrence first
             if history[start:start + m] == tail:
-                return history[start + m:start + m + k]
+                follow = history[start + m:start + m + k]
+                if len(follow) > len(best):
+                    best = follow
+                if len(best) == k:
+                    break
+        if best:
+            return best
     return []
 
 
