@@ -10,7 +10,7 @@ from contextlib import asynccontextmanager
 
 import torch
 from fastapi import FastAPI, Request
-from fastapi.responses import JSONResponse, StreamingResponse
+from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
 from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException
 
@@ -27,6 +27,7 @@ from .scheduler import Busy, Job, Scheduler
 from .settings import Settings
 
 PREPARE_AT_ONCE = 4  # requests whose images are decoded at the same time (bounds their memory)
+ROUTES = ("/v1/chat/completions", "/v1/models", "/health", "/metrics")  # counted by name; others as "other"
 CHARS_PER_TOKEN = 64  # prompt text refused, before tokenizing, past this many characters per token of context
 
 
@@ -75,6 +76,13 @@ def create_app(llava: Llava, settings: Settings) -> FastAPI:
         if not hmac.compare_digest(given[7:].strip().encode(), settings.api_key.encode()):
             raise APIError(401, "incorrect API key", None, "invalid_api_key")
 
+    app.add_middleware(CountAnswers, metrics=scheduler.metrics)
+
+    @app.get("/metrics")
+    async def metrics():
+        return PlainTextResponse(scheduler.metrics.render(scheduler.gauges()),
+                                 media_type="text/plain; version=0.0.4")
+
     @app.get("/health")
     async def health():
         body = {"status": "ok" if scheduler.alive else "down", "model": settings.model_id, **scheduler.counts()}
@@ -120,6 +128,26 @@ def create_app(llava: Llava, settings: Settings) -> FastAPI:
         return JSONResponse(info.message(await _result(events, job, scheduler, request)))
 
     return app
+
+
+class CountAnswers:
+    """ASGI middleware: counts each HTTP answer by route and status in `metrics.requests` (reading
+    the status as it is sent, so streaming and disconnect detection are untouched)."""
+
+    def __init__(self, app, metrics):
+        self.app, self.metrics = app, metrics
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        route = scope["path"] if scope["path"] in ROUTES else "other"
+
+        async def counting(message):
+            if message["type"] == "http.response.start":
+                self.metrics.requests[(route, message["status"])] += 1
+            await send(message)
+
+        await self.app(scope, receive, counting)
 
 
 def _busy(fn, *args) -> None:

@@ -15,9 +15,10 @@ from __future__ import annotations
 
 import sys
 import threading
+import time
 import traceback
 from collections import deque
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Callable
 
 import torch
@@ -30,6 +31,7 @@ from ..generation.step import Step
 from ..ops import left_pad
 from ..reduction.runtime import make_reduction
 from .errors import APIError
+from .metrics import Metrics
 
 
 @dataclass
@@ -43,6 +45,7 @@ class Job:
     reduce: str | None = None  # a token-reduction spec, applied at prefill
     ignore_eos: bool = False  # run to max_new_tokens (load tests)
     cancelled: bool = False
+    submitted: float = field(default_factory=time.perf_counter)  # for the time-to-first-token metric
 
 
 @dataclass
@@ -68,6 +71,7 @@ class _Row:
         self.pos = pos  # position of the last token fed to the model
         self.visual_tokens = visual_tokens
         self.last = 0  # the last sampled token
+        self.first_at = time.perf_counter()  # when the first token was sampled
 
     def push(self, tok: int) -> bool:
         """Take a sampled token; emit what text it adds; True when the sequence is finished."""
@@ -103,6 +107,7 @@ class Scheduler:
         self.max_queue = max_queue
         self.eos = set(llava.config.text.eos_token_id)
         self.finished = self.cancelled = 0  # requests answered / dropped because the client left
+        self.metrics = Metrics()
         self.restarts = 0  # times the cache was empty and started again at slot 0
         self._cond = threading.Condition()
         self._stopping = False
@@ -150,6 +155,13 @@ class Scheduler:
     @property
     def alive(self) -> bool:
         return self._thread.is_alive()
+
+    def gauges(self) -> dict[str, tuple[str, float]]:
+        """Prometheus gauges read now (metrics.Metrics.render)."""
+        return {"fastllava_queue_length": ("requests waiting for a row", len(self.waiting)),
+                "fastllava_running_rows": ("rows being decoded", len(self._active())),
+                "fastllava_kv_cache_slots_used": ("slots of the shared KV cache in use", self.cache.length),
+                "fastllava_kv_cache_slots": ("slots of the shared KV cache", self.cache.max_len)}
 
     def counts(self) -> dict:
         return {"active": len(self._active()), "waiting": len(self.waiting), "max_batch_size": len(self.rows),
@@ -243,6 +255,8 @@ class Scheduler:
             text = TextState(self.llava.prompts.decode, set() if job.ignore_eos else self.eos, p.stop,
                              p.max_new_tokens, job.stream)
             row = self.rows[index] = _Row(index, job, generator, text, int(positions[i, -1]), kept)
+            self.metrics.ttft.observe(row.first_at - job.submitted)
+            self.metrics.prompt_tokens += len(job.ids)
             self._push(row, first)
 
     def _push(self, row: _Row, token: int) -> None:
@@ -372,6 +386,10 @@ class Scheduler:
     def _finish(self, row: _Row) -> None:
         self.rows[row.index] = None
         self.finished += 1
+        count = row.text.count
+        self.metrics.completion_tokens += count
+        if count > 1:
+            self.metrics.tpot.observe((time.perf_counter() - row.first_at) / (count - 1))
         if not row.job.cancelled:
             row.job.emit(("done", row.finish()))
 
