@@ -1,6 +1,5 @@
 """`fastllava analyze`: the text-dominance indices (MDI, AEI) by hand, then end to end on a tiny random LLaVA."""
 
-import argparse
 import json
 import math
 import sys
@@ -13,7 +12,6 @@ from fastllava import cli
 from fastllava.errors import UserError
 from fastllava.evaluation import generate_dataset
 from fastllava.evaluation.analysis import analyze, indices
-from fastllava.evaluation.commands import add_analyze_parser
 from fastllava.evaluation.tokenizer import build_word_tokenizer, default_words, write_preprocessor_config
 from hf_reference import IMAGE_TOKEN, VOCAB, save_checkpoint, tiny_llava
 
@@ -67,17 +65,8 @@ def dataset(tmp_path_factory):
 
 
 def _main(argv) -> int:
-    """cli.main with `analyze` registered (whether or not cli.py registers it already)."""
-    parser = cli.build_parser()
-    sub = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
-    if "analyze" not in sub.choices:
-        add_analyze_parser(sub)
-    args = parser.parse_args(argv)
-    try:
-        return args.func(args)
-    except UserError as e:
-        print(f"fastllava: error: {e}", file=sys.stderr)
-        return 2
+    """cli.main (which registers `analyze`)."""
+    return cli.main(argv)
 
 
 def _finite(values) -> bool:

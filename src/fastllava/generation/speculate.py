@@ -216,9 +216,7 @@ def speculative_steps(runner: Runner, spec: Speculation, input_ids: torch.Tensor
             at = pos[:, None] + torch.arange(tokens.shape[1], device=device)  # [B, 1 + K]
             starts = [cache.lengths[f] for f in cache.stages]
             kept, nxt = accept(runner.multi_step(cache, tokens, at), drafts, lengths, params, generator)
-            keep = torch.arange(tokens.shape[1], device=device)[None] <= kept[:, None]  # [B, 1 + K]
-            for first, start in zip(cache.stages, starts):
-                cache.keep_only(first, start, keep)
+            keep_accepted(cache, starts, kept, tokens.shape[1])
         out = []
         for r in range(b):
             if not finished[r]:
@@ -229,15 +227,31 @@ def speculative_steps(runner: Runner, spec: Speculation, input_ids: torch.Tensor
                 out.append(drafts[r, :n].tolist() + [int(nxt[r])])
             else:
                 out.append([])
-        if spec.adaptive and drafts.shape[1]:
-            live = ~finished
-            if bool((kept[live] == 0).all()):
-                k = max(1, k - 1)
-            elif bool((kept[live] == lengths[live]).all()):
-                k = min(spec.k, k + 1)
+        if drafts.shape[1]:
+            k = adapt_k(spec, k, kept[~finished], lengths[~finished])
         pos, cur = pos + kept + 1, nxt
     sync(device)
     times.end_s = time.perf_counter() - times.start
+
+
+def keep_accepted(cache: StaticKVCache, starts: list[int], kept: torch.Tensor, width: int) -> None:
+    """After a verify pass of `width` = 1 + K tokens written from starts[s] in each cache stage:
+    keep per row its input token and its kept[r] accepted drafts, mask the rest, rewind."""
+    keep = torch.arange(width, device=kept.device)[None] <= kept[:, None]  # [B, 1 + K]
+    for first, start in zip(cache.stages, starts):
+        cache.keep_only(first, start, keep)
+
+
+def adapt_k(spec: Speculation, k: int, kept: torch.Tensor, lengths: torch.Tensor) -> int:
+    """The next round's k (spec.adaptive): one less after a round whose drafts (lengths [R] per live
+    row) were all rejected, one more (up to spec.k) after one whose drafts were all kept."""
+    if not spec.adaptive:
+        return k
+    if bool((kept == 0).all()):
+        return max(1, k - 1)
+    if bool((kept == lengths).all()):
+        return min(spec.k, k + 1)
+    return k
 
 
 def draft_tokens(runner: Runner, spec: Speculation, cache: StaticKVCache, cur: torch.Tensor, pos: torch.Tensor,

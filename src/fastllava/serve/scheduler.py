@@ -26,7 +26,7 @@ import torch
 from ..engine import Llava
 from ..errors import UserError
 from ..generation import SamplingParams, TextState, new_generator, sample, step_span
-from ..generation.speculate import Speculation, accept, draft_tokens
+from ..generation.speculate import Speculation, accept, adapt_k, draft_tokens, keep_accepted
 from ..generation.step import Step
 from ..ops import left_pad
 from ..reduction.runtime import make_reduction
@@ -334,9 +334,7 @@ class Scheduler:
                 kept[i], nxt[i] = n[0], int(t[0])
             except Exception as e:  # noqa: BLE001 - this row alone fails
                 self._fail(r.job, e)
-        keep = torch.arange(tokens.shape[1], device=device)[None] <= kept[:, None]  # [B, 1 + K]
-        for first, start in zip(self.cache.stages, starts):
-            self.cache.keep_only(first, start, keep)
+        keep_accepted(self.cache, starts, kept, tokens.shape[1])
         for r in active:
             if r.index not in nxt:
                 self.rows[r.index] = None
@@ -347,12 +345,8 @@ class Scheduler:
                 if self.rows[r.index] is None:  # finished (or failed) within this round
                     break
                 self._push(r, t)
-        if self.spec.adaptive:
-            live = lengths > 0
-            if bool((kept[live] == 0).all()):
-                self.spec_k = max(1, self.spec_k - 1)
-            elif bool((kept[live] == lengths[live]).all()):
-                self.spec_k = min(self.spec.k, self.spec_k + 1)
+        live = lengths > 0
+        self.spec_k = adapt_k(self.spec, self.spec_k, kept[live], lengths[live])
         return True
 
     def _decode_step(self) -> Step:
