@@ -16,7 +16,7 @@ from ..ops import attention_mask
 from .language import LanguageModel
 from .projector import Projector
 from .siglip import SiglipTower
-from .vision import ClsInfo, VisionTower, absolute_layer
+from .vision import ClsInfo, TowerPlan, VisionTower, absolute_layer
 
 # (pixel_values [N, C, H, W], vision blocks) -> (vision [N, P, Dv], features [N, P, D], then the
 # class-token attention [N, P] and keys [N, P, Dv] of each block): LlavaModel.encode_tower, or a
@@ -76,9 +76,13 @@ class LlavaModel(nn.Module):
         vision, infos = self.vision_features(pixel_values, blocks)
         return (vision, self.multi_modal_projector(vision), *[t for info in infos for t in (info.attention, info.keys)])
 
-    def cls_blocks(self, early_block: int | None) -> tuple[int, ...]:
+    def cls_blocks(self, early_block) -> tuple:
         """The vision blocks whose class-token attention a reader of `early_block` (1-based, or
-        None: the selected layer only) needs: the selected features' block, then that one."""
+        None: the selected layer only) needs: the selected features' block, then that one. A
+        method that reduces inside the tower gives instead an object with plan(depth, patches) -> TowerPlan
+        (see reduction.base.TowerMethod): -> (that plan,), which encode_images runs the tower with."""
+        if early_block is not None and not isinstance(early_block, int):
+            return (early_block.plan(self.feature_block, self.cfg.vision.num_patches),)
         return (self.feature_block,) + ((early_block,) if early_block is not None else ())
 
     def encode_images(self, pixel_values: torch.Tensor, image_sizes: torch.Tensor | None = None,
@@ -86,13 +90,46 @@ class LlavaModel(nn.Module):
         """pixel_values [N, C, H, W] -> the images' fields of a reduction's VisionContext: `vision`
         [N, P, Dv] and `features` [N, P, D]; with `blocks` (see cls_blocks) also `cls_attention`,
         `keys` (of the first block) and `early_attention` (of the second) [N, P], else None.
-        `image_sizes` is for LLaVA-NeXT. `tower` replaces encode_tower (a compiled version)."""
+        `image_sizes` is for LLaVA-NeXT. `tower` replaces encode_tower (a compiled version).
+        With a TowerPlan in `blocks` (see cls_blocks) see encode_planned (`tower` is not used)."""
+        if blocks and not isinstance(blocks[0], int):
+            return self.encode_planned(pixel_values, blocks[0])
         vision, features, *flat = (tower or self.encode_tower)(pixel_values, blocks)
         infos = [ClsInfo(attention, keys) for attention, keys in zip(flat[0::2], flat[1::2])]
         sel, early = (infos + [None, None])[:2]
         return dict(vision=vision, features=features,
                     cls_attention=sel.attention if sel else None, keys=sel.keys if sel else None,
                     early_attention=early.attention if early else None)
+
+    def encode_planned(self, pixel_values: torch.Tensor, plan: TowerPlan) -> dict:
+        """pixel_values [N, C, H, W] through the tower under `plan` -> encode_images' fields with the
+        tokens the plan left written at their places among the P patches (zeros elsewhere; only those
+        are projected), and `tower_keep` [N, P] (the tokens left), `tower_groups` [N, P] long (the
+        patch each patch now belongs to: itself, the kept one it was merged into, -1 dropped) and
+        `tower_sizes` [N, P] float (patches each kept one stands for). Strategy "default" only."""
+        if self.cfg.vision_feature_select_strategy != "default" or not self.cfg.vision.class_token:
+            raise UserError("reduction inside the vision tower needs a CLIP tower and the 'default' feature selection")
+        selected, tokens = self.vision_tower(pixel_values, self.cfg.vision_feature_layers, plan=plan)
+        feats = torch.cat(selected, dim=-1)  # [N, T', Dv]
+        n, p = feats.shape[0], self.cfg.vision.num_patches
+        place = tokens.index - 1  # [N, T'] place among the patches (-1: the class token)
+        real = tokens.alive & (place >= 0)
+        rows = real.nonzero(as_tuple=True)[0]
+        cols = place[real]
+        projected = self.multi_modal_projector(feats[real])  # [K, D] the kept tokens only
+        vision = feats.new_zeros(n, p, feats.shape[-1])
+        vision[rows, cols] = feats[real]
+        features = projected.new_zeros(n, p, projected.shape[-1])
+        features[rows, cols] = projected
+        keep = torch.zeros(n, p, dtype=torch.bool, device=feats.device)
+        keep[rows, cols] = True
+        sizes = torch.ones(n, p, device=feats.device)
+        sizes[rows, cols] = tokens.sizes[real].float()
+        owner = tokens.owner[:, 1:]  # [N, P] current place of each patch's owner
+        final = place.gather(1, owner.clamp(min=0))  # [N, P] that owner's patch
+        groups = final.masked_fill(owner < 0, -1)
+        return dict(vision=vision, features=features, cls_attention=None, keys=None, early_attention=None,
+                    tower_keep=keep, tower_groups=groups, tower_sizes=sizes)
 
     def embed(self, input_ids: torch.Tensor, image_features: torch.Tensor | None) -> torch.Tensor:
         """Token embeddings [B, T, D] with image features ([N, P, D], or [F, D] one image after

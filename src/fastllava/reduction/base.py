@@ -55,6 +55,10 @@ class VisionContext:
     #   tiles row by row, -1 an image_newline or padding
     where: torch.Tensor | None = None  # [N, P, 2] (y, x) in [0, 1]: centre of each token's patch in the image
     early_attention: torch.Tensor | None = None  # [N, P] class-token attention in Method.early_layer()
+    # TowerMethod only (what the tower left; see LlavaModel.encode_planned):
+    tower_keep: torch.Tensor | None = None  # [N, P] bool: the tokens left after the tower's reduction
+    tower_groups: torch.Tensor | None = None  # [N, P] long: the kept patch each patch belongs to, -1 dropped
+    tower_sizes: torch.Tensor | None = None  # [N, P] float: patches each kept one stands for
 
     @property
     def counts(self) -> torch.Tensor:
@@ -154,9 +158,10 @@ class Method:
         leaves cheap to compute beside it)."""
         return "all"
 
-    def early_layer(self) -> int | None:
+    def early_layer(self):
         """A vision block (1-based) whose class-token attention the method needs besides that of the
-        selected layer (VisionContext.early_attention), or None."""
+        selected layer (VisionContext.early_attention), or None. A TowerMethod returns itself: the
+        model then runs its vision tower under the method's plan (LlavaModel.cls_blocks)."""
         return None
 
     def bind(self, num_layers: int) -> "Method":
@@ -195,6 +200,36 @@ class VisionMethod(Method):
         if self.positions not in self.POSITIONS:
             raise UserError(f"{self.spec()}: positions must be one of {', '.join(self.POSITIONS)}")
         super().check(tokens, num_layers, grid)
+
+
+@dataclass
+class TowerMethod(VisionMethod):
+    """A method that reduces the tokens inside the vision tower (LLaVA-1.5's CLIP tower): the tower
+    runs its blocks under the method's plan(depth) (see models.vision.TowerPlan), which may drop or
+    merge tokens after any block up to `depth`, the block giving the selected features, and ends with
+    exactly `keep` patches per image. Only the tokens left are projected; select() then hands them to
+    the language model (at their original places, see VisionMethod.positions), with the sizes of
+    merged tokens as proportional attention in the LLM when `llm_sizes()` says so."""
+
+    needs_cls: ClassVar[bool] = True  # makes the engine ask for early_layer(), which is the method itself
+    images: ClassVar[str] = "single"
+    reads_cls: ClassVar[bool] = False  # whether its plan reads the class token (no tower without one qualifies)
+
+    def early_layer(self):
+        return self
+
+    def plan(self, depth: int, patches: int):
+        """A fresh TowerPlan for one tower run whose selected features come out of block `depth`, on
+        images of `patches` patch tokens (UserError when the method cannot reach `keep` there)."""
+        raise NotImplementedError
+
+    def llm_sizes(self) -> bool:
+        """Whether merged tokens draw proportional attention in the language model too."""
+        return False
+
+    def select(self, ctx: VisionContext) -> Selection:
+        sizes = ctx.tower_sizes if self.llm_sizes() else None
+        return Selection(ctx.tower_keep, groups=ctx.tower_groups, sizes=sizes)
 
 
 def field_default(f):

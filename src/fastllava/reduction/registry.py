@@ -6,7 +6,7 @@ from dataclasses import fields
 
 from ..errors import UserError
 from ..specs import finite_float, int64, parse_options, split_spec
-from .base import Method, field_default
+from .base import Method, TowerMethod, field_default
 
 METHODS: dict[str, type[Method]] = {}
 
@@ -78,7 +78,7 @@ def describe() -> str:
     for name, cls in METHODS.items():
         args = ", ".join(f"{n}={('-'.join(map(str, d)) or 'auto') if isinstance(d, list) else d}"
                          for n, _, d in params(cls))
-        where = "before the LLM" if cls.where == "vision" else "inside the LLM"
+        where = "in the ViT" if issubclass(cls, TowerMethod) else "before the LLM" if cls.where == "vision" else "inside the LLM"
         only = {"single": "LLaVA-1.5 only; ", "tiled": "LLaVA-NeXT only; "}.get(cls.images, "")
         lines.append(f"{name:<10} {where:<15} {args}\n{'':<10} {only}{cls.paper}")
     return "\n".join(lines)

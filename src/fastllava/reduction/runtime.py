@@ -12,7 +12,7 @@ import torch
 from ..errors import UserError
 from ..models.vision import absolute_layer
 from ..ops import positions_from_mask
-from .base import LayerContext, Method, Selection, VisionContext, candidates, take
+from .base import LayerContext, Method, Selection, TowerMethod, VisionContext, candidates, take
 from .registry import parse_spec
 
 
@@ -168,6 +168,19 @@ def _to_rows(sel: Selection, cand_valid: torch.Tensor, image_valid: torch.Tensor
     return Selection(keep, values, groups, sizes)
 
 
+def _check_tower(method: Method, cfg) -> None:
+    """UserError when a method inside the vision tower cannot run on this model's tower."""
+    if method.reads_cls and not cfg.vision.class_token:
+        raise UserError(f"{method.name} reads the vision tower's class-token attention; this model's tower "
+                        f"({cfg.vision.model_type}) has no class token (try divprune, cdpruner, mmtok or an in-LLM method)")
+    if cfg.is_next:
+        raise UserError(f"{method.name} reduces inside the vision tower, which encodes each LLaVA-NeXT tile on its "
+                        f"own and cannot share the image's budget among them (try fastervlm, hired or globalcom2)")
+    if not cfg.vision.class_token or cfg.vision_feature_select_strategy != "default":
+        raise UserError(f"{method.name} reduces inside the vision tower, which needs a CLIP tower with the 'default' "
+                        f"feature selection")
+
+
 def make_reduction(spec, cfg) -> Reduction | None:
     """A Reduction for one generation from a spec string, a Method or a Reduction (used as is, e.g.
     to replay selections), checked against the model's LlavaConfig `cfg`; None stays None. On
@@ -177,6 +190,8 @@ def make_reduction(spec, cfg) -> Reduction | None:
         return spec
     layers = cfg.text.num_hidden_layers
     method = parse_spec(spec).bind(layers)
+    if isinstance(method, TowerMethod):
+        _check_tower(method, cfg)
     if method.images == "single" and cfg.is_next:
         raise UserError(f"{method.name} needs the single square patch grid of LLaVA-1.5; LLaVA-NeXT images are "
                         f"tiled (try fastervlm, hired or globalcom2)")
@@ -188,11 +203,13 @@ def make_reduction(spec, cfg) -> Reduction | None:
                         f"({cfg.vision.model_type}) has no class token (try divprune, cdpruner, mmtok or an in-LLM method)")
     early, depth = method.early_layer(), max(absolute_layer(i, cfg.vision.num_hidden_layers)
                                              for i in cfg.vision_feature_layers)
-    if early is not None and not 1 <= early <= depth:
+    if isinstance(early, int) and not 1 <= early <= depth:
         raise UserError(f"{method.spec()}: vision layer {early} is outside 1..{depth} (the blocks up to the "
                         f"selected features)")
     tokens = cfg.image_features_per_image
     if cfg.is_next:
         tokens = max(cfg.image_tokens(h, w) for h, w in cfg.image_grid_pinpoints)
     method.check(tokens, layers, cfg.vision.grid)
+    if isinstance(method, TowerMethod):
+        method.plan(depth, cfg.vision.num_patches)  # a UserError when it cannot reach keep by the selected block
     return Reduction(method, cfg.image_features_per_image)
