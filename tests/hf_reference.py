@@ -150,3 +150,30 @@ def tiny_onevision(kv_heads: int = 2, feature_layer=-1, tie: bool = False, seed:
         for p in model.parameters():
             p.add_(torch.randn_like(p) * 0.02)
     return model
+
+
+def tiny_next_video(text: str = "llama", kv_heads: int = 4, feature_layer=-2, tie: bool = False, seed: int = 0,
+                    pool: str = "average", stride: int = 2, image_size: int = 32, **text_overrides):
+    """A tiny random LlavaNextVideoForConditionalGeneration: CLIP tower (`image_size`-pixel images,
+    8-pixel patches), LLaVA-NeXT's canvases scaled to it, frames pooled `pool` with `stride`."""
+    from transformers import (CLIPVisionConfig, LlamaConfig, LlavaNextVideoConfig,
+                              LlavaNextVideoForConditionalGeneration, MistralConfig)
+
+    torch.manual_seed(seed)
+    vision = CLIPVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=3, num_attention_heads=4,
+                              image_size=image_size, patch_size=8, projection_dim=16)
+    common = dict(vocab_size=VOCAB, hidden_size=64, intermediate_size=112, num_hidden_layers=3,
+                  num_attention_heads=4, num_key_value_heads=kv_heads, max_position_embeddings=1024,
+                  tie_word_embeddings=tie, pad_token_id=0)
+    common.update(text_overrides)
+    text_cfg = LlamaConfig(**common) if text == "llama" else MistralConfig(**common)
+    pinpoints = [[h // 32 * image_size, w // 32 * image_size] for h, w in PINPOINTS]
+    cfg = LlavaNextVideoConfig(vision_config=vision, text_config=text_cfg, image_token_index=IMAGE_TOKEN,
+                               video_token_index=VIDEO_TOKEN, vision_feature_layer=feature_layer,
+                               vision_feature_select_strategy="default", tie_word_embeddings=tie,
+                               image_grid_pinpoints=pinpoints, spatial_pool_mode=pool, spatial_pool_stride=stride)
+    model = LlavaNextVideoForConditionalGeneration(cfg).eval()
+    with torch.no_grad():  # random init leaves some tensors at exact constants; perturb all of them
+        for p in model.parameters():
+            p.add_(torch.randn_like(p) * 0.02)
+    return model

@@ -5,7 +5,8 @@ Two key layouts exist in the wild: the original one (`language_model.model.*`,
 transformers >= 4.52 saves (`model.language_model.*`, `model.vision_tower.*`,
 `model.multi_modal_projector.*`, `lm_head.*`). Both map onto the same module names here.
 LLaVA-OneVision checkpoints (SigLIP tower, Qwen2 decoder) use the same prefixes; their SigLIP
-post-layernorm and attention-pooling head are never read.
+post-layernorm and attention-pooling head are never read. LLaVA-NeXT-Video checkpoints add
+`vision_resampler.pool.*` (or `model.vision_resampler.pool.*`) when their frames are pooled by a conv.
 
 Loading never allocates for a checkpoint that cannot load: the config is validated (config.py),
 the model is built on the `meta` device (shapes only), its size checked against the free memory
@@ -31,7 +32,7 @@ from safetensors.torch import save_file
 from .config import LlavaConfig, check_regular_file, read_json_file, to_hf_dict
 from .errors import UserError
 from .models.llava import LlavaModel
-from .models.llava_next import build_model
+from .models import build_model
 
 # checkpoint prefix -> our module prefix
 _PREFIXES = [
@@ -47,6 +48,8 @@ _PREFIXES = [
     ("multi_modal_projector.", "multi_modal_projector."),
     ("model.image_newline", "image_newline"),  # LLaVA-NeXT
     ("image_newline", "image_newline"),
+    ("model.vision_resampler.", "vision_resampler."),  # LLaVA-NeXT-Video's conv pooling
+    ("vision_resampler.", "vision_resampler."),
 ]
 
 # Tensors that checkpoints carry but LLaVA never reads.
@@ -323,8 +326,8 @@ def save_model(model: LlavaModel, path: str | Path) -> Path:
     """Write `model` as a Hugging Face LLaVA checkpoint (config.json + model.safetensors, the
     original key layout) that transformers' LlavaForConditionalGeneration (LlavaNext... for a
     LLaVA-NeXT model) loads as it is."""
-    if model.cfg.is_onevision:
-        raise UserError("writing LLaVA-OneVision checkpoints is not supported yet")
+    if model.cfg.is_onevision or model.cfg.is_next_video:
+        raise UserError(f"writing {model.kind} checkpoints is not supported yet")
     if len(model.vision_tower.layers) != model.cfg.vision.num_hidden_layers:
         raise UserError("save_model needs a vision tower with all its layers (use vision_feature_layer -1)")
     path = Path(path)

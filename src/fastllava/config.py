@@ -283,7 +283,9 @@ class LlavaConfig:
     image_grid_pinpoints: list[tuple[int, int]] | None = None  # LLaVA-NeXT (AnyRes) canvases; None for LLaVA-1.5
     model_type: str = "llava"  # llava | llava_next | llava_onevision
     max_tiles: int | None = None  # LLaVA-OneVision's vision_aspect_ratio anyres_max_N: N
-    video_token_index: int | None = None  # LLaVA-OneVision
+    video_token_index: int | None = None  # LLaVA-OneVision, LLaVA-NeXT-Video
+    spatial_pool_mode: str = "average"  # LLaVA-NeXT-Video: how each frame's grid is pooled (average | max | conv)
+    spatial_pool_stride: int = 2  # LLaVA-NeXT-Video: the pooling window and stride, in features
 
     @property
     def is_next(self) -> bool:
@@ -296,6 +298,17 @@ class LlavaConfig:
         """A LLaVA-OneVision model: SigLIP tower, Qwen2 decoder, AnyRes with large tile grids
         scaled down (anyres_max_N), videos."""
         return self.model_type == "llava_onevision"
+
+    @property
+    def is_next_video(self) -> bool:
+        """A LLaVA-NeXT-Video model: LLaVA-NeXT's images, and videos whose frames' feature grids are
+        pooled (spatial_pool_mode, spatial_pool_stride) before the projector."""
+        return self.model_type == "llava_next_video"
+
+    @property
+    def takes_videos(self) -> bool:
+        """Whether the model takes videos (LLaVA-OneVision, LLaVA-NeXT-Video)."""
+        return self.is_onevision or self.is_next_video
 
     @property
     def image_features_per_image(self) -> int:
@@ -315,17 +328,21 @@ class LlavaConfig:
                                    self.vision.grid, self.max_tiles)
 
     def video_tokens(self, frames: int) -> int:
-        """Visual tokens a video of `frames` frames gives LLaVA-OneVision: each frame's feature
-        grid pooled 2 x 2 (rounded up), then one image_newline after the last frame."""
+        """Visual tokens a video of `frames` frames gives: LLaVA-OneVision pools each frame's
+        feature grid 2 x 2 (rounded up) and ends the video with one image_newline; LLaVA-NeXT-Video
+        pools it spatial_pool_stride x spatial_pool_stride (rounded down), with no newline."""
+        if self.is_next_video:
+            side = self.vision.grid // self.spatial_pool_stride
+            return frames * side * side
         side = -(-self.vision.grid // 2)
         return frames * side * side + 1
 
     @classmethod
     def from_dict(cls, d: dict) -> "LlavaConfig":
         model_type = d.get("model_type", "llava")
-        if model_type not in ("llava", "llava_next", "llava_onevision"):
-            raise UserError(f"unsupported model_type {_shown(model_type)}; expected 'llava', 'llava_next' or "
-                            "'llava_onevision'")
+        if model_type not in ("llava", "llava_next", "llava_onevision", "llava_next_video"):
+            raise UserError(f"unsupported model_type {_shown(model_type)}; expected 'llava', 'llava_next', "
+                            "'llava_onevision' or 'llava_next_video'")
         onevision = model_type == "llava_onevision"
         vision = VisionConfig.from_dict(_section(d.get("vision_config"), "vision_config"), siglip=onevision)
         text_dict = _section(d.get("text_config"), "text_config")
@@ -340,6 +357,7 @@ class LlavaConfig:
             text_dict.get("tie_word_embeddings", False), "text_config.tie_word_embeddings")
         text.tie_word_embeddings = tie
         pinpoints = max_tiles = video_token = None
+        pool_mode, pool_stride = "average", 2
         if onevision:
             pinpoints = d.get("image_grid_pinpoints")
             pinpoints = _read_pinpoints(_ONEVISION_PINPOINTS if pinpoints is None else pinpoints, vision.image_size)
@@ -349,16 +367,19 @@ class LlavaConfig:
                                 "(SigLIP has no class token)")
             video_token = _check_int(d.get("video_token_index", d.get("video_token_id", 151647)), "video_token_index",
                                      lo=0)
-        elif model_type == "llava_next":
+        elif model_type in ("llava_next", "llava_next_video"):
             pinpoints = d.get("image_grid_pinpoints")
             pinpoints = _read_pinpoints(_NEXT_PINPOINTS if pinpoints is None else pinpoints, vision.image_size)
             if strategy != "default":
                 raise UserError("LLaVA-NeXT needs vision_feature_select_strategy 'default' (tiles without the class token)")
+        if model_type == "llava_next_video":
+            video_token = _check_int(d.get("video_token_index", d.get("video_token_id", 32000)), "video_token_index",
+                                     lo=0)
+            pool_mode, pool_stride = _spatial_pool(d, vision, len(layers))
         return cls(
             vision=vision,
             text=text,
-            image_token_index=_check_int(d.get("image_token_index", d.get("image_token_id",
-                                                                         151646 if onevision else 32000)),
+            image_token_index=_check_int(d.get("image_token_index", d.get("image_token_id", _IMAGE_TOKEN[model_type])),
                                          "image_token_index", lo=0),
             projector_hidden_act=_choice(d.get("projector_hidden_act", "gelu"), "projector_hidden_act", ACTIVATIONS),
             projector_bias=_check_bool(d.get("multimodal_projector_bias", True), "multimodal_projector_bias"),
@@ -370,6 +391,8 @@ class LlavaConfig:
             model_type=model_type,
             max_tiles=max_tiles,
             video_token_index=video_token,
+            spatial_pool_mode=pool_mode,
+            spatial_pool_stride=pool_stride,
         )
 
     @classmethod
@@ -441,6 +464,24 @@ def _read_pinpoints(value, tile: int) -> list[tuple[int, int]]:
             raise UserError(f"image_grid_pinpoints entry {list(p)} is not a multiple of the {tile}-pixel tile")
         out.append((p[0], p[1]))
     return out
+
+
+# transformers' default image_token_index per model_type
+_IMAGE_TOKEN = {"llava": 32000, "llava_next": 32000, "llava_onevision": 151646, "llava_next_video": 32001}
+
+
+def _spatial_pool(d: dict, vision: VisionConfig, n_layers: int) -> tuple[str, int]:
+    """LLaVA-NeXT-Video's spatial_pool_mode and spatial_pool_stride (transformers' defaults:
+    average, 2), checked: a stride from 1 to the feature grid's side; a conv pool keeps the
+    tower's width (its output goes to the projector), so it takes one feature layer."""
+    mode = _choice(d.get("spatial_pool_mode", "average"), "spatial_pool_mode", ("average", "max", "conv"))
+    stride = _check_int(d.get("spatial_pool_stride", 2), "spatial_pool_stride", hi=vision.grid)
+    if mode == "conv":
+        out = d.get("spatial_pool_out_channels", vision.hidden_size)
+        if out != vision.hidden_size or n_layers != 1:
+            raise UserError(f"spatial_pool_mode 'conv' needs one vision_feature_layer and spatial_pool_out_channels "
+                            f"equal to vision_config.hidden_size ({vision.hidden_size}), as the projector reads it")
+    return mode, stride
 
 
 def _max_tiles(value) -> int:
@@ -556,8 +597,9 @@ def _pick(cls, d: dict, exclude: set[str] = frozenset()) -> dict:
 
 def to_hf_dict(cfg: LlavaConfig) -> dict:
     """A transformers-style LLaVA config.json for `cfg` (vision tower with all its layers)."""
-    if cfg.is_onevision:
-        raise UserError("writing LLaVA-OneVision checkpoints is not supported yet")
+    if cfg.is_onevision or cfg.is_next_video:
+        raise UserError(f"writing {'LLaVA-OneVision' if cfg.is_onevision else 'LLaVA-NeXT-Video'} checkpoints is "
+                        "not supported yet")
     v, t = cfg.vision, cfg.text
     layers = cfg.vision_feature_layers
     next_keys = {"image_grid_pinpoints": [list(p) for p in cfg.image_grid_pinpoints]} if cfg.is_next else {}

@@ -297,9 +297,9 @@ class Llava:
 
     def _check_videos(self, videos) -> None:
         """UserError unless the checkpoint takes videos (when `videos` is not None)."""
-        if videos is not None and (not self.config.is_onevision or self.video_processor is None):
+        if videos is not None and (not self.config.takes_videos or self.video_processor is None):
             raise UserError(f"this checkpoint (model_type {self.config.model_type!r}) takes no videos; "
-                            "LLaVA-OneVision checkpoints do")
+                            "LLaVA-OneVision and LLaVA-NeXT-Video checkpoints do")
 
     def _prefill_stats(self, reduction, row: int, stats_text: int, image_tokens: int) -> dict:
         """Visual tokens entering the LLM and after each cut, their layer-weighted mean, prefill FLOPs."""
@@ -368,9 +368,10 @@ def load(path: str | Path | None = None, device: str | torch.device | None = Non
         processor = ImageProcessor.from_dir(path, cfg.vision.image_size)
         if pad_to_square is not None:
             processor.pad_to_square = pad_to_square
-    video_processor = VideoProcessor.from_dir(path, processor.pieces) if cfg.is_onevision else None
+    video_processor = (VideoProcessor.from_dir(path, processor.pieces, cfg.is_next_video) if cfg.takes_videos
+                       else None)
     prompts = None
     if (path / "tokenizer.json").exists():
         prompts = PromptEncoder.from_dir(path, model.cfg.image_token_index, model.cfg.image_features_per_image,
-                                         cfg.video_token_index if cfg.is_onevision else None)
+                                         cfg.video_token_index if cfg.takes_videos else None)
     return Llava(model, processor, prompts, path, Runner(model, decode, kv_spec), weight_spec, video_processor)

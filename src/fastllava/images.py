@@ -314,7 +314,7 @@ def expand_to_square(img: Image.Image, fill: tuple[int, ...]) -> Image.Image:
 
 
 
-# ---- videos (LLaVA-OneVision) ----
+# ---- videos (LLaVA-OneVision, LLaVA-NeXT-Video) ----
 
 VideoInput = Union[list, tuple, np.ndarray, str, Path]
 DEFAULT_NUM_FRAMES = 8  # frames sampled from a video when the checkpoint's video processor says nothing
@@ -437,20 +437,25 @@ class VideoProcessor:
     """LLaVA-OneVision video preprocessing with transformers' LlavaOnevisionVideoProcessor
     semantics: frames sampled uniformly (`num_frames`), each resized to exactly `size` (bicubic),
     not cropped, rescaled and normalized (`frames`: an ImageProcessor doing that per frame).
-    transformers resizes with torchvision on tensors, we with PIL, as for the images."""
+    LLaVA-NeXT-Video's (LlavaNextVideoVideoProcessor) resizes the shortest edge and center-crops
+    instead (see next_video_frames). transformers resizes with torchvision on tensors, we with
+    PIL, as for the images."""
 
     frames: ImageProcessor
     num_frames: int = DEFAULT_NUM_FRAMES
 
     @classmethod
-    def from_dir(cls, path: Path, image_processor: ImageProcessor) -> "VideoProcessor":
+    def from_dir(cls, path: Path, image_processor: ImageProcessor, next_video: bool = False) -> "VideoProcessor":
         """From video_preprocessor_config.json (size, resample, rescale, mean, std, num_frames) if
-        the checkpoint has one, else the image processor's per-piece settings and 8 frames."""
+        the checkpoint has one, else the image processor's per-piece settings and 8 frames.
+        `next_video`: LLaVA-NeXT-Video's (see next_video_frames)."""
         file = path / "video_preprocessor_config.json"
         if not file.exists():
             return cls(image_processor)
         d = read_json_object(file, "video processor config")
         tile = image_processor.size_hw or (image_processor.shortest_edge,) * 2
+        if next_video:
+            return cls._from_config(next_video_frames(d, image_processor), d.get("num_frames"), file)
         size = d.get("size") or {"height": tile[0], "width": tile[1]}
         if isinstance(size, int):
             size = {"height": size, "width": size}
@@ -462,15 +467,35 @@ class VideoProcessor:
         if not d.get("do_center_crop") or not d.get("crop_size"):
             d["do_center_crop"] = False
             d.pop("crop_size", None)
+        return cls._from_config(d, d.get("num_frames"), file, tile[0])
+
+    @classmethod
+    def _from_config(cls, d: dict, num_frames, file: Path, default_size: int = 336) -> "VideoProcessor":
         try:
-            frames = ImageProcessor.from_config(d, tile[0])
-            num_frames = d.get("num_frames") or DEFAULT_NUM_FRAMES
+            frames = ImageProcessor.from_config(d, default_size)
         except (AttributeError, KeyError, TypeError) as e:
             raise UserError(f"{file} is not a valid video processor config: {e}") from None
         frames.pad_to_square = False
-        return cls(frames, check_num_frames(num_frames))
+        return cls(frames, check_num_frames(num_frames or DEFAULT_NUM_FRAMES))
 
     def __call__(self, videos: list[VideoInput], num_frames: int | None = None) -> list[torch.Tensor]:
         """Videos -> each one's pixel values [T, 3, H, W] float32 (T: its sampled frames)."""
         n = self.num_frames if num_frames is None else num_frames
         return [torch.stack([self.frames.one(f) for f in load_video(v, n)]) for v in videos]
+
+
+def next_video_frames(d: dict, image_processor: ImageProcessor) -> dict:
+    """A LLaVA-NeXT-Video video_preprocessor_config.json with its missing keys filled in, as
+    transformers' LlavaNextVideoVideoProcessor does per frame: resize the shortest edge (aspect
+    ratio kept, `default_to_square` false), center crop, rescale, normalize with CLIP's mean and
+    std, bicubic. Its class defaults are 224 pixels; here a missing size or crop is the image
+    processor's (the tower's), since frames of another size would not fit the tower."""
+    d = dict(d)
+    edge = image_processor.shortest_edge or (image_processor.size_hw or (336, 336))[0]
+    crop = image_processor.crop_hw or (edge, edge)
+    d["size"] = d.get("size") or {"shortest_edge": edge}
+    d["crop_size"] = d.get("crop_size") or {"height": crop[0], "width": crop[1]}
+    d.setdefault("do_center_crop", True)
+    d.setdefault("image_mean", list(CLIP_MEAN))
+    d.setdefault("image_std", list(CLIP_STD))
+    return d
