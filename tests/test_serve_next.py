@@ -106,7 +106,7 @@ def test_one_prefill_of_images_with_different_tile_counts(llava, spec):
     for i in range(4):
         img, q = _image(i), queue.Queue()
         ids = llava.prompts.prompt_ids(PROMPTS[i], 1, [llava.config.image_tokens(img.height, img.width)])
-        pixel_values, image_sizes = _pixels(llava, [img])  # [P, 3, 32, 32], [1, 2]
+        pixel_values, image_sizes, _ = _pixels(llava, [img])  # [P, 3, 32, 32], [1, 2]
         scheduler.submit(Job(ids, pixel_values, image_sizes, SamplingParams(12), False, q.put, spec))
         events.append(q)
     scheduler.start()

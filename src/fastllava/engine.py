@@ -56,7 +56,9 @@ class Llava:
 
     def set_decode(self, mode: str) -> None:
         """Switch the decode mode on the same weights (a new Runner: compiled callables start afresh)."""
-        self.runner = Runner(self.model, check_decode_mode(mode), self.runner.kv_cache)
+        runner = Runner(self.model, check_decode_mode(mode), self.runner.kv_cache)
+        runner.encoder_cache = self.runner.encoder_cache
+        self.runner = runner
 
     @property
     def config(self):

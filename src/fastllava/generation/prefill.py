@@ -69,38 +69,44 @@ def _video_features(model: LlavaModel, pixel_values_videos, tower: Tower | None)
 
 
 def stage_mask(model: LlavaModel, key_valid: torch.Tensor, key_bias: torch.Tensor | None, causal: bool,
-               dtype: torch.dtype) -> torch.Tensor | None:
-    """The mask [B, 1, T, T] of a prefill stage over its T slots (key_valid [B, T], key_bias [B, T]
-    or None), or None when `causal`: plain causal attention is exact (no padding, no bias, no window)."""
+               dtype: torch.dtype, start: int = 0) -> torch.Tensor | None:
+    """The mask [B, 1, T, S] of a prefill stage whose T queries sit at slots start..S over the S
+    slots key_valid [B, S] marks (key_bias [B, S] or None; start > 0: a cached prefix before them),
+    or None when `causal`: plain causal attention is exact (no prefix, padding, bias or window)."""
     if causal:
         return None
-    t, window = key_valid.shape[1], model.cfg.text.sliding_window
-    return attention_mask(key_valid, 0, t, t, window if window is not None and t > window else None, key_bias, dtype)
+    s, window = key_valid.shape[1], model.cfg.text.sliding_window
+    return attention_mask(key_valid, start, s - start, s, window if window is not None and s > window else None,
+                          key_bias, dtype)
 
 
 def run_stage(model: LlavaModel, cache, x: torch.Tensor, positions: torch.Tensor, key_valid: torch.Tensor,
-              key_bias: torch.Tensor | None, first: int, stop: int, causal: bool, head: str | None) -> torch.Tensor:
-    """x [B, T, D] at positions [B, T] through layers first..stop-1 of a stage whose T slots are
-    key_valid [B, T] (with key_bias [B, T] or None; `causal`: see stage_mask), written to the
-    cache's slots 0..T if there is one -> hidden states [B, T, D] (head None), logits [B, T, V]
-    ("all"), or the logits at each row's last valid slot [B, V] ("last")."""
+              key_bias: torch.Tensor | None, first: int, stop: int, causal: bool, head: str | None,
+              start: int = 0) -> torch.Tensor:
+    """x [B, T, D] at positions [B, T] through layers first..stop-1 of a stage whose slots are
+    key_valid [B, start + T] (with key_bias [B, start + T] or None; `causal`: see stage_mask),
+    written to the cache's slots start..start+T if there is one (slots 0..start: a cached prefix)
+    -> hidden states [B, T, D] (head None), logits [B, T, V] ("all"), or the logits at each row's
+    last valid slot [B, V] ("last")."""
     lm = model.language_model
     cos, sin = lm.rotary(positions, x.dtype)
-    mask = stage_mask(model, key_valid, key_bias, causal, x.dtype)
-    x = lm.run(x, cos, sin, mask, cache, 0, x.shape[1], range(first, stop))[0]
+    mask = stage_mask(model, key_valid, key_bias, causal, x.dtype, start)
+    x = lm.run(x, cos, sin, mask, cache, start, start + x.shape[1], range(first, stop))[0]
     if head == "last":
         slots = torch.arange(x.shape[1], device=x.device)
-        last = torch.where(key_valid, slots, -1).amax(1)  # [B] (found on the device: no host wait)
+        last = torch.where(key_valid[:, start:], slots, -1).amax(1)  # [B] (found on the device: no host wait)
         return model.head(x.gather(1, last[:, None, None].expand(-1, 1, x.shape[2])))[:, -1]  # [B, V]
     return model.head(x) if head == "all" else x
 
 
 def prefill(model: LlavaModel, embeds: torch.Tensor, positions: torch.Tensor, valid: torch.Tensor, cache=None,
             reduction: Reduction | None = None, bucket: int = 1, stage_fn: StageFn = run_stage,
-            head: str = "last") -> torch.Tensor:
+            head: str = "last", start: int = 0) -> torch.Tensor:
     """The staged prefill of embeds [B, T, D] at positions [B, T], real tokens valid [B, T]
     (left-padded), into an empty `cache` (or none) -> run_stage's result for `head` ("last":
-    [B, V]; "all": [B, T', V], T' the length after the last cut).
+    [B, V]; "all": [B, T', V], T' the length after the last cut). With `start`, the cache already
+    holds a prompt's first `start` slots (a cached prefix, without a reduction) and embeds are
+    the rest of it.
 
     Each stage is padded on the right to a multiple of `bucket` (its padding is invalid, and under
     causal attention no real token sees it) and run by `stage_fn` (run_stage or a compiled
@@ -111,9 +117,11 @@ def prefill(model: LlavaModel, embeds: torch.Tensor, positions: torch.Tensor, va
     pruner = reduction if reduction is not None and reduction.cuts else None
     bias = None if reduction is None else reduction.key_bias  # [B, T]
     firsts = [0] + ([c + 1 for c in pruner.cuts] if pruner is not None else [])  # each stage's first layer
+    if start and (reduction is not None or cache is None):
+        raise RuntimeError("a cached prefix is continued in its cache, without a reduction")
     if cache is not None:
-        if cache.length:
-            raise RuntimeError("the prefill runs on an empty cache")
+        if cache.length != start:
+            raise RuntimeError(f"the prefill runs on a cache holding its prefix ({start} slots), not {cache.length}")
         for first in firsts:
             cache.split(first)
     x = embeds
@@ -122,14 +130,16 @@ def prefill(model: LlavaModel, embeds: torch.Tensor, positions: torch.Tensor, va
         pad = round_up(t, bucket) - t
         key_valid = pad_right(valid, pad)  # [B, T + pad]
         key_bias = None if bias is None else pad_right(bias, pad)
-        causal = bias is None and bool(valid.all()) and _no_window(model, t + pad)
+        causal = not start and bias is None and bool(valid.all()) and _no_window(model, t + pad)
         if cache is not None:
             cache.reserve(first, key_valid)
             if key_bias is not None:
                 cache.set_bias(first, 0, key_bias)
         padded = pad_right(x, pad), pad_right(positions, pad)  # [B, T + pad, D], [B, T + pad]
         if nxt is None:
-            out = stage_fn(model, cache, *padded, key_valid, key_bias, first, len(lm.layers), causal, head)
+            if start:
+                key_valid = cache.valid[first][:, :start + t + pad]  # [B, start + T + pad]: the prefix's too
+            out = stage_fn(model, cache, *padded, key_valid, key_bias, first, len(lm.layers), causal, head, start)
             return out if head == "last" or not pad else out[:, :t]
         cut = nxt - 1
         if cut > first:

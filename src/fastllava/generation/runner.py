@@ -33,6 +33,7 @@ from ..ops import positions_from_mask, round_up
 from ..quant.kvcache import new_kv_cache
 from ..quant.spec import KVSpec
 from ..reduction.runtime import Reduction
+from .encoder_cache import EncoderCache
 from .prefill import prefill, prepare, run_stage
 from .sampling import SamplingParams, new_generator, sample
 from .step import Step, decode_step
@@ -69,6 +70,7 @@ class Runner:
         self.compiled: dict = {}  # torch.compile'd run_stage, decode_step, encode_tower, made on first use
         self._caches: dict = {}  # compiled mode: reused caches by (batch, slots)
         self.calls: Counter = Counter()  # prefills and steps run: "fixed_prefill", "eager_prefill", "fixed_step", ...
+        self.encoder_cache: EncoderCache | None = None  # images encoded before, kept (the server sets one)
 
     @property
     def fixed(self) -> bool:
@@ -143,8 +145,12 @@ class Runner:
         return wrapped
 
     def tower(self) -> Tower | None:
-        """The compiled vision tower + projector in compiled mode, else None (the model's own)."""
-        return self._compile(self.model.encode_tower) if self.decode == "compiled" else None
+        """The vision tower + projector: compiled in compiled mode, read through the encoder cache
+        when there is one; None for the model's own."""
+        tower = self._compile(self.model.encode_tower) if self.decode == "compiled" else None
+        if self.encoder_cache is None:
+            return tower
+        return self.encoder_cache.wrap(tower or self.model.encode_tower)
 
     # ---- prefill and steps ----
 
@@ -175,6 +181,29 @@ class Runner:
         bucket = PREFILL_BUCKET if self.fixed else 1
         self.calls["fixed_prefill" if self.fixed else "eager_prefill"] += 1
         logits = prefill(model, embeds, positions, valid, cache, reduction, bucket, self._compile(run_stage))
+        return logits, positions, cache
+
+    def prefill_cached(self, k: torch.Tensor, v: torch.Tensor, input_ids: torch.Tensor,
+                       pixel_values: torch.Tensor | None, new_tokens: int, image_sizes: torch.Tensor | None = None
+                       ) -> tuple[torch.Tensor, torch.Tensor, StaticKVCache]:
+        """As `prefill` for one prompt input_ids [1, T] (no padding, no reduction) whose first M
+        tokens' keys and values k, v [L, Hkv, M, Dh] are known (a cached prefix): only tokens M..T
+        run, eagerly, attending to the prefix -> (logits [1, V], positions [1, T], the cache).
+        The images are still encoded (through the encoder cache when there is one) for the image
+        tokens past the prefix."""
+        model, device = self.model, self.model.device
+        input_ids = input_ids.to(device)
+        valid = torch.ones_like(input_ids, dtype=torch.bool)  # [1, T]
+        pixels = pixel_values.to(device) if pixel_values is not None else None
+        embeds, positions, valid = prepare(model, input_ids, pixels, valid, positions_from_mask(valid), None,
+                                           image_sizes, self.tower())  # [1, T, D]
+        m = k.shape[2]
+        cache = self._cache(1, input_ids.shape[1] + new_tokens)
+        cache.reserve(0, valid[:, :m])
+        for layer in range(k.shape[0]):
+            cache.update(layer, 0, k[layer][None], v[layer][None], m)
+        self.calls["cached_prefill"] += 1
+        logits = prefill(model, embeds[:, m:], positions[:, m:], valid[:, m:], cache, start=m)
         return logits, positions, cache
 
     def logits(self, input_ids: torch.Tensor, pixel_values: torch.Tensor | None, valid: torch.Tensor,

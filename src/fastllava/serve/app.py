@@ -17,9 +17,11 @@ from starlette.exceptions import HTTPException
 from ..engine import Llava
 from ..errors import UserError
 from ..generation import SamplingParams
+from ..generation.encoder_cache import EncoderCache, pixel_digest
 from ..generation.speculate import parse_speculate
 from .content import decode_image, image_bytes, image_size
 from .errors import APIError, invalid
+from .prefix_cache import PrefixCache, token_keys
 from .protocol import ChatRequest, check_model, parse_chat, parse_json
 from .reduce import check_reduce
 from .responses import DONE, Completion, model_card, model_list, sse
@@ -39,7 +41,11 @@ def create_app(llava: Llava, settings: Settings) -> FastAPI:
     if speculate is not None and llava.runner.kv_cache is not None:
         raise UserError(f"speculative decoding needs a full-precision KV cache; {llava.runner.kv_cache} cannot rewind "
                         f"rejected drafts")
-    scheduler = Scheduler(llava, settings.max_batch_size, settings.max_queue, ctx, speculate)
+    llava.runner.encoder_cache = EncoderCache(settings.encoder_cache_mb * 2**20) if settings.encoder_cache_mb else None
+    prefix = None
+    if settings.prefix_cache_mb and llava.runner.kv_cache is None:  # quantized caches are not shared (prefix_cache)
+        prefix = PrefixCache(settings.prefix_cache_mb * 2**20, f"{llava.path}|{llava.weights}|{llava.model.dtype}")
+    scheduler = Scheduler(llava, settings.max_batch_size, settings.max_queue, ctx, speculate, prefix)
     created = int(time.time())
     preparing = asyncio.Semaphore(PREPARE_AT_ONCE)
 
@@ -80,7 +86,7 @@ def create_app(llava: Llava, settings: Settings) -> FastAPI:
 
     @app.get("/metrics")
     async def metrics():
-        return PlainTextResponse(scheduler.metrics.render(scheduler.gauges()),
+        return PlainTextResponse(scheduler.metrics.render(scheduler.gauges(), scheduler.cache_counters()),
                                  media_type="text/plain; version=0.0.4")
 
     @app.get("/health")
@@ -109,8 +115,8 @@ def create_app(llava: Llava, settings: Settings) -> FastAPI:
         check_reduce(reduce, llava.config)  # the spec; each image's budget once it is decoded (_prepare)
         _busy(scheduler.check_room)  # before decoding images: a flood is refused cheaply
         async with preparing:
-            ids, pixel_values, image_sizes, params = await run_in_threadpool(_prepare, llava, settings, scheduler,
-                                                                             req, reduce)
+            ids, pixel_values, image_sizes, params, keys = await run_in_threadpool(_prepare, llava, settings,
+                                                                                   scheduler, req, reduce)
         info = Completion(settings.model_id, len(ids), ids.count(llava.config.image_token_index))
         loop, events = asyncio.get_running_loop(), asyncio.Queue()
 
@@ -120,7 +126,7 @@ def create_app(llava: Llava, settings: Settings) -> FastAPI:
             except RuntimeError:  # the event loop is closed
                 pass
 
-        job = Job(ids, pixel_values, image_sizes, params, req.stream, emit, reduce, req.ignore_eos)
+        job = Job(ids, pixel_values, image_sizes, params, req.stream, emit, reduce, keys, req.ignore_eos)
         _busy(scheduler.submit, job)
         if req.stream:
             return StreamingResponse(_stream(events, job, scheduler, info, req.include_usage),
@@ -168,8 +174,9 @@ def _parse(body: bytes, settings: Settings, ctx: int) -> ChatRequest:
 
 
 def _prepare(llava: Llava, settings: Settings, scheduler: Scheduler, req: ChatRequest, reduce: str | None):
-    """Prompt ids, pixel values, image sizes (LLaVA-NeXT) and sampling parameters of a request,
-    within the limits (on a worker thread)."""
+    """Prompt ids, pixel values, image sizes (LLaVA-NeXT), sampling parameters and the prompt's
+    token keys for the prefix cache (None without one) of a request, within the limits (on a
+    worker thread)."""
     limits, ctx = settings.limits, scheduler.context
     max_pixels = limits.max_image_pixels
     encoded = [image_bytes(ref, settings) for ref in req.images]
@@ -201,19 +208,25 @@ def _prepare(llava: Llava, settings: Settings, scheduler: Scheduler, req: ChatRe
     # only now, with every limit checked, are the images decoded
     images = [decode_image(data, ref.param, max_pixels) for data, ref in zip(encoded, req.images)]
     try:
-        pixel_values, image_sizes = _pixels(llava, images) if images else (None, None)
+        pixel_values, image_sizes, digests = _pixels(llava, images) if images else (None, None, [])
     except UserError as e:  # preprocessing would make an image over its limit
         raise APIError(422, str(e), "messages", "invalid_image") from None
-    return ids, pixel_values, image_sizes, params
+    keys = None
+    if scheduler.prefix is not None and reduce is None:
+        keys = token_keys(ids, llava.config.image_token_index, digests, image_tokens)
+    return ids, pixel_values, image_sizes, params, keys
 
 
-def _pixels(llava: Llava, images: list) -> tuple[torch.Tensor, torch.Tensor | None]:
+def _pixels(llava: Llava, images: list) -> tuple[torch.Tensor, torch.Tensor | None, list[bytes]]:
     """(pixel_values [N, 3, H, W], None), or on LLaVA-NeXT (every image's thumbnail and tiles one
-    after another [ΣP, 3, H, W], image_sizes [N, 2]): requests batched at prefill concatenate both."""
+    after another [ΣP, 3, H, W], image_sizes [N, 2]): requests batched at prefill concatenate both;
+    then a digest of each image as preprocessed (its pixels, and its size on LLaVA-NeXT)."""
     if not llava.config.is_next:
-        return llava.processor(images), None
+        pixel_values = llava.processor(images)
+        return pixel_values, None, [pixel_digest(p) for p in pixel_values]
     tiles, image_sizes = llava.processor.tiles(images)
-    return torch.cat(tiles), image_sizes
+    digests = [pixel_digest(t) + repr(size).encode() for t, size in zip(tiles, image_sizes.tolist())]
+    return torch.cat(tiles), image_sizes, digests
 
 
 async def _read_body(request: Request, limit: int) -> bytes:

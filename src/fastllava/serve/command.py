@@ -7,7 +7,7 @@ import socket
 import sys
 from pathlib import Path
 
-from ..cli_args import add_model_args, add_quant_args, load_options, positive_int, utf8_text
+from ..cli_args import add_model_args, add_quant_args, load_options, nonnegative_int, positive_int, utf8_text
 from ..errors import UserError
 from ..extras import require
 from .settings import Limits, Settings
@@ -30,6 +30,13 @@ def add_serve_parser(sub) -> None:
     p.add_argument("--max-batch-size", type=positive_int, default=8, help="sequences decoded together")
     p.add_argument("--max-queue", type=positive_int, default=64, help="waiting requests beyond the batch (then 429)")
     p.add_argument("--max-len", type=positive_int, default=4096, help="KV-cache slots per row (capped by the model)")
+    p.add_argument("--prefix-cache-mb", type=nonnegative_int, default=Settings.prefix_cache_mb, metavar="MB",
+                   help="keys and values of earlier prompts kept, so that a prompt beginning the same way (a chat's "
+                        "history, a shared system prompt and image) prefills only the rest; 0: off; not used with "
+                        "a reduction or a quantized KV cache (default %(default)s)")
+    p.add_argument("--encoder-cache-mb", type=nonnegative_int, default=Settings.encoder_cache_mb, metavar="MB",
+                   help="encoded images kept (keyed by their preprocessed pixels), so an image sent again is not "
+                        "encoded again; 0: off (default %(default)s)")
     d = Limits()
     p.add_argument("--max-body-bytes", type=positive_int, default=d.max_body_bytes)
     p.add_argument("--max-image-bytes", type=positive_int, default=d.max_image_bytes)
@@ -51,7 +58,8 @@ def settings_from_args(args: argparse.Namespace, model_dir: Path) -> Settings:
     return Settings(model_id=names[0], aliases=tuple(names[1:]), api_key=args.api_key, limits=limits,
                     allow_http_images=args.allow_http_images, file_image_dir=files,
                     max_batch_size=args.max_batch_size, max_queue=args.max_queue, max_len=args.max_len,
-                    reduce=args.reduce, speculate=args.speculate)
+                    reduce=args.reduce, speculate=args.speculate, prefix_cache_mb=args.prefix_cache_mb,
+                    encoder_cache_mb=args.encoder_cache_mb)
 
 
 def served_names(values: list[str] | None) -> list[str]:

@@ -1,6 +1,6 @@
 """The server's metrics in Prometheus' text format (`GET /metrics`): requests by route and status,
-queue length, running rows, KV-cache slots in use, tokens in and out, time to first token and time
-per output token as histograms. Counters are updated on the scheduler's thread and the event loop;
+queue length, running rows, KV-cache slots in use, tokens in and out, encoder and prefix cache
+hits, time to first token and time per output token as histograms. Counters are updated on the scheduler's thread and the event loop;
 each update is one Python operation on an int or a list slot."""
 
 from __future__ import annotations
@@ -45,8 +45,9 @@ class Metrics:
     ttft: Histogram = field(default_factory=lambda: Histogram(TTFT_BUCKETS))  # submit -> first token
     tpot: Histogram = field(default_factory=lambda: Histogram(TPOT_BUCKETS))  # per token after the first
 
-    def render(self, gauges: dict[str, tuple[str, float]]) -> str:
-        """The exposition text; `gauges`: name -> (help, value) read now from the scheduler."""
+    def render(self, gauges: dict[str, tuple[str, float]], counters: dict[str, tuple[str, float]] | None = None) -> str:
+        """The exposition text; `gauges` and `counters`: name -> (help, value) read now from the
+        scheduler (the caches' counters live with the caches)."""
         lines = ["# HELP fastllava_requests_total HTTP answers by route and status",
                  "# TYPE fastllava_requests_total counter"]
         lines += [f'fastllava_requests_total{{route="{route}",status="{status}"}} {n}'
@@ -54,6 +55,8 @@ class Metrics:
         for name, help_text, value in (("fastllava_prompt_tokens_total", "prompt tokens admitted", self.prompt_tokens),
                                        ("fastllava_completion_tokens_total", "tokens generated",
                                         self.completion_tokens)):
+            lines += [f"# HELP {name} {help_text}", f"# TYPE {name} counter", f"{name} {value}"]
+        for name, (help_text, value) in (counters or {}).items():
             lines += [f"# HELP {name} {help_text}", f"# TYPE {name} counter", f"{name} {value}"]
         for name, (help_text, value) in gauges.items():
             lines += [f"# HELP {name} {help_text}", f"# TYPE {name} gauge", f"{name} {value}"]

@@ -25,9 +25,10 @@ class Completion:
         self.created = self.created or int(time.time())
 
     def usage(self, fin: Finish) -> dict:
-        """Token counts; with a reduction, `visual_tokens` lists the visual tokens entering the
-        language model, then left after each cut inside it."""
-        details = {"cached_tokens": 0, "image_tokens": self.image_tokens,
+        """Token counts; `cached_tokens`: prompt tokens taken from the prefix cache; with a
+        reduction, `visual_tokens` lists the visual tokens entering the language model, then left
+        after each cut inside it."""
+        details = {"cached_tokens": fin.cached_tokens, "image_tokens": self.image_tokens,
                    "text_tokens": self.prompt_tokens - self.image_tokens}
         if fin.visual_tokens is not None:
             details["visual_tokens"] = fin.visual_tokens

@@ -32,6 +32,7 @@ from ..ops import left_pad
 from ..reduction.runtime import make_reduction
 from .errors import APIError
 from .metrics import Metrics
+from .prefix_cache import PrefixCache, row_kv
 
 
 @dataclass
@@ -43,6 +44,7 @@ class Job:
     stream: bool  # emit text deltas as they are produced
     emit: Callable[[tuple], None]  # ("delta", str) | ("done", Finish) | ("error", APIError)
     reduce: str | None = None  # a token-reduction spec, applied at prefill
+    keys: list | None = None  # what identifies each prompt token, for the prefix cache (prefix_cache.token_keys)
     ignore_eos: bool = False  # run to max_new_tokens (load tests)
     cancelled: bool = False
     submitted: float = field(default_factory=time.perf_counter)  # for the time-to-first-token metric
@@ -54,6 +56,7 @@ class Finish:
     finish_reason: str  # "stop" or "length"
     completion_tokens: int  # EOS included, as usage counts it
     visual_tokens: list[int] | None = None  # with a reduction: entering the LLM, then after each cut
+    cached_tokens: int = 0  # prompt tokens whose keys and values came from the prefix cache
 
 
 class Busy(Exception):
@@ -66,10 +69,11 @@ class _Row:
     """One sequence being decoded in row `index` of the shared cache."""
 
     def __init__(self, index: int, job: Job, generator: torch.Generator | None, text: TextState, pos: int,
-                 visual_tokens: list[int] | None):
+                 visual_tokens: list[int] | None, cached_tokens: int):
         self.index, self.job, self.generator, self.text = index, job, generator, text
         self.pos = pos  # position of the last token fed to the model
         self.visual_tokens = visual_tokens
+        self.cached_tokens = cached_tokens
         self.last = 0  # the last sampled token
         self.first_at = time.perf_counter()  # when the first token was sampled
 
@@ -85,17 +89,19 @@ class _Row:
         text, held = self.text.finish()
         if held:
             self.job.emit(("delta", held))  # what was held back (an incomplete character at the end)
-        return Finish(text, self.text.reason, self.text.count, self.visual_tokens)
+        return Finish(text, self.text.reason, self.text.count, self.visual_tokens, self.cached_tokens)
 
 
 class Scheduler:
     def __init__(self, llava: Llava, max_batch_size: int, max_queue: int, max_len: int,
-                 speculate: Speculation | None = None):
+                 speculate: Speculation | None = None, prefix_cache: PrefixCache | None = None):
         """max_len: the context in positions (prompt + answer). The shared cache has that many
         slots plus the fixed-shape prefill's padding, so that every request that fits the context
         can be admitted (admissible). `speculate`: speculative decoding for every row (greedy rows
-        get exactly their plain tokens, sampled rows their distribution)."""
+        get exactly their plain tokens, sampled rows their distribution). `prefix_cache`: prompts'
+        keys and values kept for later prompts that begin the same way (jobs with `keys`)."""
         self.llava, self.model = llava, llava.model
+        self.prefix = prefix_cache
         self.spec = speculate
         self.spec_k = speculate.k if speculate is not None else 0  # adaptive k, shared by the rows
         self.runner = llava.runner
@@ -156,12 +162,32 @@ class Scheduler:
     def alive(self) -> bool:
         return self._thread.is_alive()
 
+    def cache_counters(self) -> dict[str, tuple[str, float]]:
+        """Prometheus counters of the encoder and prefix caches (absent when a cache is off)."""
+        out = {}
+        enc = self.runner.encoder_cache
+        if enc is not None:
+            out["fastllava_encoder_cache_hits_total"] = ("images (or tiles, frames) taken from the encoder cache", enc.hits)
+            out["fastllava_encoder_cache_misses_total"] = ("images (or tiles, frames) encoded", enc.misses)
+        if self.prefix is not None:
+            out["fastllava_prefix_cache_hits_total"] = ("prompts that began as a cached one", self.prefix.hits)
+            out["fastllava_prefix_cache_misses_total"] = ("prompts looked up and not found", self.prefix.misses)
+            out["fastllava_prefix_cache_cached_tokens_total"] = ("prompt tokens taken from the prefix cache",
+                                                                 self.prefix.cached_tokens)
+            out["fastllava_prefix_cache_evictions_total"] = ("prefix cache entries evicted", self.prefix.evictions)
+        return out
+
     def gauges(self) -> dict[str, tuple[str, float]]:
         """Prometheus gauges read now (metrics.Metrics.render)."""
-        return {"fastllava_queue_length": ("requests waiting for a row", len(self.waiting)),
+        out = {"fastllava_queue_length": ("requests waiting for a row", len(self.waiting)),
                 "fastllava_running_rows": ("rows being decoded", len(self._active())),
                 "fastllava_kv_cache_slots_used": ("slots of the shared KV cache in use", self.cache.length),
                 "fastllava_kv_cache_slots": ("slots of the shared KV cache", self.cache.max_len)}
+        if self.runner.encoder_cache is not None:
+            out["fastllava_encoder_cache_bytes"] = ("bytes the encoder cache holds", self.runner.encoder_cache.nbytes)
+        if self.prefix is not None:
+            out["fastllava_prefix_cache_bytes"] = ("bytes the prefix cache holds", self.prefix.nbytes)
+        return out
 
     def counts(self) -> dict:
         return {"active": len(self._active()), "waiting": len(self.waiting), "max_batch_size": len(self.rows),
@@ -222,9 +248,21 @@ class Scheduler:
 
     def _start(self, jobs: list[Job]) -> None:
         """Prefill the jobs as one left-padded batch (as `Llava.generate` does), sample each
-        one's first token with its own parameters, copy their cache rows into free rows. A group
-        whose prefill fails is tried again job by job, so that only the job at fault is answered
-        with the error (400 for a user error, 500 otherwise)."""
+        one's first token with its own parameters, copy their cache rows into free rows. A job
+        whose prompt begins as a cached one does is prefilled alone, from the end of that prefix.
+        A group whose prefill fails is tried again job by job, so that only the job at fault is
+        answered with the error (400 for a user error, 500 otherwise)."""
+        if self.prefix is not None and jobs[0].reduce is None:
+            rest = []
+            for job in jobs:
+                entry, reuse = self.prefix.lookup(job.keys) if job.keys is not None else (None, 0)
+                if entry is None:
+                    rest.append(job)
+                else:
+                    self._start_cached(job, entry.k[:, :, :reuse], entry.v[:, :, :reuse])
+            if not rest:
+                return
+            jobs = rest
         ids, valid = left_pad([j.ids for j in jobs], self.llava.config.text.pad_token_id or 0)  # [B', T]
         pixels = _cat([j.pixel_values for j in jobs])  # [N, 3, H, W] or NeXT tiles [ΣP, 3, H, W], row by row
         sizes = _cat([j.image_sizes for j in jobs])  # [N, 2] (LLaVA-NeXT) or None
@@ -239,25 +277,49 @@ class Scheduler:
                 return
             self._fail(jobs[0], e)
             return
+        for i, job in enumerate(jobs):
+            kept = [int(c[i]) for c in reduction.counts] if reduction is not None else None
+            if self._seat(job, logits[i:i + 1], int(positions[i, -1]), small, i, kept, 0) and self._shared(job):
+                slots = small.valid[0, i, :small.length].nonzero()[:, 0]  # the row's real prompt slots
+                self.prefix.store(job.keys, *row_kv(small, i, slots))
+
+    def _shared(self, job: Job) -> bool:
+        """Whether a job's prompt goes to the prefix cache (see prefix_cache: not with a reduction)."""
+        return self.prefix is not None and job.keys is not None and job.reduce is None
+
+    def _start_cached(self, job: Job, k: torch.Tensor, v: torch.Tensor) -> None:
+        """Prefill one job whose first tokens' keys and values k, v [L, Hkv, M, Dh] are cached."""
+        try:
+            ids = torch.tensor([job.ids], dtype=torch.long)  # [1, T]
+            logits, positions, small = self.runner.prefill_cached(k, v, ids, job.pixel_values, 0, job.image_sizes)
+        except Exception as e:  # noqa: BLE001 - this job alone fails
+            self._fail(job, e)
+            return
+        if self._seat(job, logits, int(positions[0, -1]), small, 0, None, k.shape[2]):
+            self.prefix.store(job.keys, *row_kv(small, 0, torch.arange(len(job.ids), device=small.valid.device)))
+
+    def _seat(self, job: Job, logits: torch.Tensor, pos: int, small, i: int, kept: list[int] | None,
+              cached: int) -> bool:
+        """Sample a prefilled job's first token from its logits [1, V], copy row i of its cache
+        `small` into a free row of the shared cache (emptied first when no row is active) and
+        start decoding it; False when its sampling fails (the job is answered with the error)."""
+        try:
+            p, generator = job.params, new_generator(job.params, self.model.device)
+            first = int(sample(logits, p, generator)[0])
+        except Exception as e:  # noqa: BLE001 - this job alone fails
+            self._fail(job, e)
+            return False
         reset = not self._active()
         self.restarts += reset
-        for i, job in enumerate(jobs):
-            try:
-                p, generator = job.params, new_generator(job.params, self.model.device)
-                first = int(sample(logits[i:i + 1], p, generator)[0])
-            except Exception as e:  # noqa: BLE001 - this job alone fails
-                self._fail(job, e)
-                continue
-            index = self.rows.index(None)
-            self.cache.insert_row(index, small, i, reset=reset)
-            reset = False
-            kept = [int(c[i]) for c in reduction.counts] if reduction is not None else None
-            text = TextState(self.llava.prompts.decode, set() if job.ignore_eos else self.eos, p.stop,
-                             p.max_new_tokens, job.stream)
-            row = self.rows[index] = _Row(index, job, generator, text, int(positions[i, -1]), kept)
-            self.metrics.ttft.observe(row.first_at - job.submitted)
-            self.metrics.prompt_tokens += len(job.ids)
-            self._push(row, first)
+        index = self.rows.index(None)
+        self.cache.insert_row(index, small, i, reset=reset)
+        text = TextState(self.llava.prompts.decode, set() if job.ignore_eos else self.eos, p.stop,
+                         p.max_new_tokens, job.stream)
+        row = self.rows[index] = _Row(index, job, generator, text, pos, kept, cached)
+        self.metrics.ttft.observe(row.first_at - job.submitted)
+        self.metrics.prompt_tokens += len(job.ids)
+        self._push(row, first)
+        return True
 
     def _push(self, row: _Row, token: int) -> None:
         """Give a row its next token; finish it when done; a failure (text decoding, the client's
@@ -378,6 +440,8 @@ class Scheduler:
         return [picked[r.index] for r in rows]
 
     def _finish(self, row: _Row) -> None:
+        if self._shared(row.job):
+            self._store_answered(row)
         self.rows[row.index] = None
         self.finished += 1
         count = row.text.count
@@ -386,6 +450,14 @@ class Scheduler:
             self.metrics.tpot.observe((time.perf_counter() - row.first_at) / (count - 1))
         if not row.job.cancelled:
             row.job.emit(("done", row.finish()))
+
+    def _store_answered(self, row: _Row) -> None:
+        """Keep a finished row's prompt and answer in the prefix cache (a chat's next turn resends
+        both): its valid slots hold the prompt and every sampled token but the last (never fed)."""
+        fed = row.job.keys + row.text.ids[:row.text.count - 1]
+        slots = self.cache.valid[0, row.index, :self.cache.length].nonzero()[:, 0]
+        if len(slots) == len(fed):  # else (a layout this does not know) nothing is stored
+            self.prefix.store(fed, *row_kv(self.cache, row.index, slots))
 
     def _guarded(self, fn, *args) -> None:
         """Run a model step; on an unexpected failure, fail the jobs involved, keep serving."""

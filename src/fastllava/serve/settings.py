@@ -30,6 +30,8 @@ class Settings:
     reduce: str | None = None  # the default token-reduction spec
     speculate: str | None = None  # speculative decoding for every request (fastllava.generation.speculate)
     aliases: tuple[str, ...] = ()  # more names accepted as `model` (and listed by /v1/models)
+    prefix_cache_mb: int = 1024  # keys and values of earlier prompts kept for reuse (0: no prefix cache)
+    encoder_cache_mb: int = 256  # encoded images kept for reuse (0: no encoder cache)
 
     def __post_init__(self):
         if self.limits is None:
