@@ -148,7 +148,7 @@ def test_model_args_and_registration(llava):
     project = tomllib.loads((Path(__file__).resolve().parents[1] / "pyproject.toml").read_text())
     assert project["project"]["entry-points"]["lmms_eval.models"] == {
         "fastllava": "fastllava.integrations.lmms_eval:manifest"}
-    assert project["project"]["optional-dependencies"]["lmms"] == ["lmms-eval>=0.7"]
+    assert project["project"]["optional-dependencies"]["lmms"] == ["lmms-eval>=0.7", "filelock<4"]
     if HAVE_LMMS:
         from lmms_eval.api.model import lmms
 

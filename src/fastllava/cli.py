@@ -10,7 +10,7 @@ import sys
 from .cli_args import add_model_args, add_quant_args, load_options, positive_int, utf8_text
 from .errors import UserError
 from .bench.commands import add_bench_parser
-from .evaluation.commands import add_analyze_parser, add_data_parser, add_eval_parser
+from .evaluation.commands import add_analyze_parser, add_data_parser, add_eval_parser, add_lmms_task_parser
 from .reduction.commands import add_reduction_parsers
 from .serve.command import add_serve_parser
 
@@ -51,6 +51,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_data_parser(sub)
     add_eval_parser(sub)
     add_analyze_parser(sub)
+    add_lmms_task_parser(sub)
     add_reduction_parsers(sub)
     add_bench_parser(sub)
     add_serve_parser(sub)

@@ -75,6 +75,29 @@ def add_analyze_parser(subparsers) -> argparse.ArgumentParser:
     return p
 
 
+def add_lmms_task_parser(subparsers) -> argparse.ArgumentParser:
+    """`lmms-task --data DIR --out DIR [--name NAME] [--max-new-tokens N] [--overwrite]`."""
+    p = subparsers.add_parser("lmms-task", help="write a question set as a local lmms-eval task "
+                                                "(lmms-eval --include_path OUT --tasks NAME; docs/lmms-eval.md)")
+    p.add_argument("--data", required=True, help="dataset directory holding questions.jsonl")
+    p.add_argument("--out", required=True, help="task folder to write (NAME.yaml, NAME.jsonl, utils.py)")
+    p.add_argument("--name", default="shapes", help="the task's name (default: shapes)")
+    p.add_argument("--max-new-tokens", type=positive_int, default=8, help="as eval's (default 8)")
+    p.add_argument("--overwrite", action="store_true", help="replace a task of that name in --out")
+    p.set_defaults(func=cmd_lmms_task)
+    return p
+
+
+def cmd_lmms_task(args: argparse.Namespace) -> int:
+    from .lmms_task import write_task
+
+    t = write_task(args.data, args.out, args.name, args.max_new_tokens, args.overwrite)
+    print(f"wrote task {args.name!r} ({t['n']} questions; {', '.join(t['families'])}) to {t['yaml']}")
+    print(f"run: lmms-eval --include_path {Path(args.out)} --tasks {args.name} --model fastllava "
+          f"--model_args pretrained=MODEL", file=sys.stderr)
+    return 0
+
+
 def cmd_analyze(args: argparse.Namespace) -> int:
     from .. import load
     from ..extras import require
