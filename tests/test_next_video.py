@@ -268,10 +268,19 @@ def test_refusals(tmp_path):
         assert "\n" not in str(e.value)
 
 
-def test_save_model_refuses_next_video(pair, tmp_path):
-    _, _, ours = pair
-    with pytest.raises(fastllava.UserError, match="LLaVA-NeXT-Video"):
-        fastllava.checkpoint.save_model(ours.model, tmp_path / "out")
+def test_save_model_loads_in_transformers(tmp_path):
+    """save_model writes a checkpoint (conv pooling weights included) that transformers'
+    LlavaNextVideoForConditionalGeneration loads to the logits of the model it came from."""
+    from transformers import LlavaNextVideoForConditionalGeneration
+
+    hf = tiny_next_video(seed=11, image_size=TOWER, pool="conv", feature_layer=-1)
+    ours = fastllava.load(_checkpoint(hf, tmp_path / "in"), device="cpu")
+    saved = fastllava.checkpoint.save_model(ours.model, tmp_path / "out")
+    again = LlavaNextVideoForConditionalGeneration.from_pretrained(saved).eval()
+    assert again.config.spatial_pool_mode == "conv" and again.config.video_token_index == VIDEO_TOKEN
+    inputs = ours.inputs([_photo(40, 200, 0), None], ["is the photo in the clip ?", "describe it ."],
+                         [_clip(6, 40, 40, 1), _clip(4, 40, 40, 2)], num_frames=4)
+    assert _close(ours.logits(**inputs), _hf(again, **inputs), inputs["attention_mask"]) <= 1e-4
 
 
 def test_cli_run_with_a_video(model, tmp_path, capsys):
@@ -289,3 +298,47 @@ def test_cli_run_with_a_video(model, tmp_path, capsys):
         out = json.loads(capsys.readouterr().out)
         assert code == 0 and out["text"] == expected.text
         assert out["stats"]["video_tokens"] == ours.config.video_tokens(3) == 27
+
+
+def _write_mp4(path, video: np.ndarray) -> None:
+    """video [T, H, W, 3] uint8 as an MPEG-4 file (lossy), with PyAV."""
+    import av
+
+    with av.open(str(path), "w") as container:
+        stream = container.add_stream("mpeg4", rate=8)
+        stream.width, stream.height, stream.pix_fmt = video.shape[2], video.shape[1], "yuv420p"
+        for frame in video:
+            container.mux(stream.encode(av.VideoFrame.from_ndarray(frame, format="rgb24")))
+        container.mux(stream.encode())
+
+
+def test_video_file_through_pyav(model, tmp_path, capsys):
+    """An mp4 file (the fastllava[video] extra) gives the tokens of its own decoded frames, through
+    generate and `run --video`."""
+    import av
+
+    ours = model
+    _write_mp4(tmp_path / "clip.mp4", _clip(11, 40, 56, 9))
+    with av.open(str(tmp_path / "clip.mp4")) as container:
+        decoded = [f.to_ndarray(format="rgb24") for f in container.decode(container.streams.video[0])]
+    assert len(decoded) == 11
+    expected = ours.generate(prompts=["describe it ."], videos=[decoded], num_frames=4, max_new_tokens=6)[0]
+    got = ours.generate(prompts=["describe it ."], videos=[tmp_path / "clip.mp4"], num_frames=4, max_new_tokens=6)[0]
+    assert got.token_ids == expected.token_ids and got.stats["video_tokens"] == ours.config.video_tokens(4)
+    assert main(["run", "--model", str(ours.path), "--device", "cpu", "--video", str(tmp_path / "clip.mp4"),
+                 "--num-frames", "4", "--prompt", "describe it .", "--max-new-tokens", "6", "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["text"] == expected.text
+
+
+def test_bench_next_video_preset_matches_transformers(tmp_path):
+    """`bench --preset tiny-next-video` (the shapes of llava-next-video-7b, scaled down) builds the
+    NeXT-Video model and times its image path against transformers: the same greedy tokens."""
+    out = tmp_path / "b"
+    assert main(["bench", "--preset", "tiny-next-video", "--device", "cpu", "--repeats", "1", "--warmup", "0",
+                 "--new-tokens", "3", "--text-tokens", "8", "--compare", "hf", "--out", str(out)]) == 0
+    case = json.loads((out / "bench.json").read_text())["cases"][0]
+    assert case["visual_tokens"] == 576 + 48 * 49 and case["same_tokens"] is True
+    from fastllava.bench.presets import preset_config
+
+    cfg = preset_config("llava-next-video-7b")
+    assert cfg.is_next_video and cfg.video_tokens(32) == 32 * 144 and cfg.image_tokens(672, 672) == 2928

@@ -319,15 +319,16 @@ _SAVE_PREFIXES = [
     ("vision_tower.", "vision_tower.vision_model."),
     ("multi_modal_projector.", "multi_modal_projector."),
     ("image_newline", "image_newline"),
+    ("vision_resampler.", "model.vision_resampler."),  # LLaVA-NeXT-Video's conv: where transformers reads it
 ]
 
 
 def save_model(model: LlavaModel, path: str | Path) -> Path:
     """Write `model` as a Hugging Face LLaVA checkpoint (config.json + model.safetensors, the
     original key layout) that transformers' LlavaForConditionalGeneration (LlavaNext... for a
-    LLaVA-NeXT model) loads as it is."""
-    if model.cfg.is_onevision or model.cfg.is_next_video:
-        raise UserError(f"writing {model.kind} checkpoints is not supported yet")
+    LLaVA-NeXT model, LlavaNextVideo... for LLaVA-NeXT-Video) loads as it is."""
+    if model.cfg.is_onevision:
+        raise UserError("writing LLaVA-OneVision checkpoints is not supported yet")
     if len(model.vision_tower.layers) != model.cfg.vision.num_hidden_layers:
         raise UserError("save_model needs a vision tower with all its layers (use vision_feature_layer -1)")
     path = Path(path)

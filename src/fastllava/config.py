@@ -597,15 +597,18 @@ def _pick(cls, d: dict, exclude: set[str] = frozenset()) -> dict:
 
 def to_hf_dict(cfg: LlavaConfig) -> dict:
     """A transformers-style LLaVA config.json for `cfg` (vision tower with all its layers)."""
-    if cfg.is_onevision or cfg.is_next_video:
-        raise UserError(f"writing {'LLaVA-OneVision' if cfg.is_onevision else 'LLaVA-NeXT-Video'} checkpoints is "
-                        "not supported yet")
+    if cfg.is_onevision:
+        raise UserError("writing LLaVA-OneVision checkpoints is not supported yet")
     v, t = cfg.vision, cfg.text
     layers = cfg.vision_feature_layers
     next_keys = {"image_grid_pinpoints": [list(p) for p in cfg.image_grid_pinpoints]} if cfg.is_next else {}
+    if cfg.is_next_video:
+        next_keys.update(video_token_index=cfg.video_token_index, spatial_pool_mode=cfg.spatial_pool_mode,
+                         spatial_pool_stride=cfg.spatial_pool_stride)
+    kind = "LlavaNextVideo" if cfg.is_next_video else "LlavaNext" if cfg.is_next else "Llava"
     return {
-        "architectures": ["LlavaNextForConditionalGeneration" if cfg.is_next else "LlavaForConditionalGeneration"],
-        "model_type": "llava_next" if cfg.is_next else "llava",
+        "architectures": [f"{kind}ForConditionalGeneration"],
+        "model_type": cfg.model_type if cfg.is_next_video else "llava_next" if cfg.is_next else "llava",
         **next_keys,
         "image_token_index": cfg.image_token_index,
         "image_seq_length": cfg.image_features_per_image,

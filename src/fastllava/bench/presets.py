@@ -7,7 +7,7 @@ import torch
 from ..config import LlavaConfig
 from ..errors import UserError
 from ..models.llava import LlavaModel
-from ..models.llava_next import build_model
+from ..models import build_model
 
 _CLIP_L_336 = {"hidden_size": 1024, "intermediate_size": 4096, "num_hidden_layers": 24, "num_attention_heads": 16,
                "image_size": 336, "patch_size": 14, "hidden_act": "quick_gelu", "layer_norm_eps": 1e-5}
@@ -29,6 +29,12 @@ PRESETS: dict[str, dict] = {
     "llava-next-7b": {"model_type": "llava_next", "vision_config": _CLIP_L_336,
                       "text_config": _llama(4096, 11008, 32, 32), "image_token_index": 32000,
                       "vision_feature_layer": -2},
+    # llava-hf/LLaVA-NeXT-Video-7B-hf: LLaVA-NeXT's shapes (vocabulary 32064, context 4096), <video> 32000,
+    # <image> 32001, frames average-pooled 2 x 2 (144 tokens per frame)
+    "llava-next-video-7b": {"model_type": "llava_next_video", "vision_config": _CLIP_L_336,
+                            "text_config": _llama(4096, 11008, 32, 32), "image_token_index": 32001,
+                            "video_token_index": 32000, "vision_feature_layer": -2, "spatial_pool_mode": "average",
+                            "spatial_pool_stride": 2},
     "tiny": {"vision_config": {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2,
                                "num_attention_heads": 2, "image_size": 96, "patch_size": 4},
              "text_config": {"model_type": "llama", "vocab_size": 256, "hidden_size": 64, "intermediate_size": 128,
@@ -38,6 +44,8 @@ PRESETS: dict[str, dict] = {
 }
 PRESETS["tiny-next"] = {**PRESETS["tiny"], "model_type": "llava_next",
                         "image_grid_pinpoints": [[96, 192], [192, 96], [192, 192], [288, 96], [96, 288]]}
+PRESETS["tiny-next-video"] = {**PRESETS["tiny-next"], "model_type": "llava_next_video", "image_token_index": 254,
+                              "video_token_index": 255}
 
 
 def preset_config(name: str) -> LlavaConfig:
