@@ -56,6 +56,9 @@ def add_eval_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--keep", type=_budgets, help="budgets for a sweep, e.g. 192,128,64,32,16")
     p.add_argument("--speculate", help="speculative decoding spec, e.g. ngram or layerskip:k=4 (same answers "
                                        "when greedy; see docs/speculative.md)")
+    p.add_argument("--ray", action="store_true", help="run as a Ray Data pipeline, one model replica per actor "
+                                                      "(a local cluster, or RAY_ADDRESS; needs fastllava[ray])")
+    p.add_argument("--replicas", type=positive_int, help="with --ray: model replicas (default: the GPUs on CUDA, else 1)")
     p.set_defaults(func=cmd_eval)
     return p
 
@@ -163,6 +166,20 @@ def cmd_eval(args: argparse.Namespace) -> int:
         parse_speculate(args.speculate, None)  # the spec's form now; its layers once the model is loaded
     out = Path(args.out) if args.out else Path("runs") / f"eval-{time.strftime('%Y%m%d-%H%M%S')}"
     sweeping = bool(args.keep) or len(methods) > 1
+    if args.replicas and not args.ray:
+        raise UserError("--replicas goes with --ray")
+    if args.ray:
+        if sweeping:
+            raise UserError("--ray runs one evaluation, not a sweep (--keep or several --reduce methods): "
+                            "give one --reduce spec per command, or drop --ray")
+        from .ray_eval import evaluate_ray
+
+        model = args.model if args.model is None or not Path(args.model).exists() else str(Path(args.model).resolve())
+        results = evaluate_ray(model, load_options(args), data, args.replicas, args.batch_size, args.limit, out,
+                               not args.quiet, {"max_new_tokens": args.max_new_tokens, "reduce": args.reduce,
+                                                "speculate": args.speculate})
+        _print_results(results, out)
+        return 0
     if sweeping:
         from .sweep import sweep  # needs the plots extra: fails before loading weights
     model = load(args.model, **load_options(args))
@@ -175,6 +192,11 @@ def cmd_eval(args: argparse.Namespace) -> int:
     results = evaluate(model, data, batch_size=args.batch_size, limit=args.limit, out_dir=out,
                        progress=not args.quiet, generate_kwargs={"max_new_tokens": args.max_new_tokens,
                                                                  "reduce": args.reduce, "speculate": args.speculate})
+    _print_results(results, out)
+    return 0
+
+
+def _print_results(results: dict, out: Path) -> None:
     overall = results["overall"]
     print(f"accuracy {overall['accuracy']:.4f} on {overall['n']} questions"
           + (f" ({len(results['errors'])} skipped)" if results["errors"] else ""))
@@ -184,4 +206,3 @@ def cmd_eval(args: argparse.Namespace) -> int:
     print(f"visual tokens per question: {v['unreduced']:g} unreduced ({v['min']}-{v['max']}), "
           f"{v['equivalent']:g} layer-weighted in the LLM")
     print(f"results: {out / 'results.json'}", file=sys.stderr)
-    return 0

@@ -1,0 +1,159 @@
+"""`fastllava eval --ray [--replicas N]`: the evaluation as a Ray Data pipeline, one model replica
+per actor (an actor pool of N; num_cpus=1 each on the CPU, num_gpus=1 each on CUDA), writing the
+results.json and samples.jsonl that plain eval writes.
+
+The unit of work is one of eval's batches (the questions [k*B, (k+1)*B)), so every question is
+asked in the batch eval asks it in and the answers are eval's. Ray runs a local cluster sized for
+the replicas unless RAY_ADDRESS names one to join (then the model folder and the images must be
+readable at the same paths on its workers). Ray comes from the `ray` extra, imported only here.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from dataclasses import asdict
+from pathlib import Path
+from types import SimpleNamespace
+
+from ..errors import UserError
+from ..extras import require
+from .dataset import Dataset, Sample, load_dataset
+from .progress import Progress
+from .runner import DEFAULT_MAX_NEW_TOKENS, _answers, _row, _summary, check_budgets
+
+
+class Replica:
+    """One model replica: a Ray Data actor answering whole eval batches."""
+
+    def __init__(self, model: str | None, load_options: dict, kwargs: dict):
+        from .. import load
+
+        self.model = load(model, **load_options)
+        self.kwargs = kwargs
+
+    def __call__(self, batch: dict) -> dict:
+        out = {"index": [], "rows": [], "errors": []}
+        for index, text in zip(batch["index"], batch["samples"]):
+            samples = [_sample(s) for s in json.loads(text)]
+            errors: list[str] = []
+            try:
+                check_budgets(self.model, samples, [self.kwargs.get("reduce")])
+                results = _answers(self.model, samples, self.kwargs, errors)
+            except UserError as e:  # carried to the driver, which raises it as one line
+                out["index"].append(int(index))
+                out["rows"].append("[]")
+                out["errors"].append(json.dumps({"fatal": str(e)}))
+                continue
+            rows = [_row(s, r) for s, r in zip(samples, results) if r is not None]
+            out["index"].append(int(index))
+            out["rows"].append(json.dumps(rows, ensure_ascii=False))
+            out["errors"].append(json.dumps({"skipped": errors, "model": _describe(self.model)}))
+        return out
+
+
+def evaluate_ray(model: str | None, load_options: dict, data_dir: str | Path | Dataset, replicas: int | None = None,
+                 batch_size: int = 8, limit: int | None = None, out_dir: str | Path | None = None,
+                 progress: bool = True, generate_kwargs: dict | None = None) -> dict:
+    """As runner.evaluate(load(model, **load_options), data_dir, ...), on `replicas` Ray actors."""
+    ray = require("ray", "ray", "fastllava eval --ray")
+    require("ray.data", "ray", "fastllava eval --ray")
+    if batch_size < 1:
+        raise UserError(f"batch size must be at least 1, got {batch_size}")
+    if limit is not None and limit < 1:
+        raise UserError(f"limit must be at least 1, got {limit}")
+    data = data_dir if isinstance(data_dir, Dataset) else load_dataset(data_dir)
+    samples = data.samples[:limit] if limit is not None else data.samples
+    if not samples:
+        raise UserError(f"no usable questions in {data.root}" + (f"; first problem: {data.errors[0]}" if data.errors else ""))
+    gpu = _on_gpu(load_options.get("device"))
+    replicas = replicas or (_gpu_count() if gpu else 1)
+    kwargs = {"max_new_tokens": DEFAULT_MAX_NEW_TOKENS, "temperature": 0.0, **(generate_kwargs or {})}
+    batches = [samples[i:i + batch_size] for i in range(0, len(samples), batch_size)]
+    items = [{"index": k, "samples": json.dumps([_plain(s) for s in b])} for k, b in enumerate(batches)]
+
+    started = not ray.is_initialized()
+    if started:
+        options = {} if os.environ.get("RAY_ADDRESS") else {"num_cpus": replicas + 1}
+        ray.init(include_dashboard=False, log_to_driver=False, logging_level=logging.WARNING, **options)
+    try:
+        done = _run(ray, items, model, load_options, kwargs, replicas, gpu, progress, len(samples), batches)
+    finally:
+        if started:
+            ray.shutdown()
+
+    rows, errors, described = [], list(data.errors), None
+    for k in range(len(batches)):
+        batch_rows, info = done[k]
+        if "fatal" in info:
+            raise UserError(info["fatal"])
+        rows += batch_rows
+        errors += info["skipped"]
+        described = described or info["model"]
+    if not rows:
+        raise UserError(f"no question in {data.root} could be answered; first problem: {errors[0]}")
+    results = _summary(_model_view(described), data, rows, errors, batch_size, limit, kwargs)
+    results["settings"]["ray"] = {"replicas": replicas, "address": os.environ.get("RAY_ADDRESS") or "local"}
+    if out_dir is not None:
+        out = Path(out_dir).expanduser()
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "results.json").write_text(json.dumps(results, indent=2) + "\n")
+        with (out / "samples.jsonl").open("w", encoding="utf-8") as f:
+            for row in rows:
+                f.write(json.dumps(row, ensure_ascii=False) + "\n")
+    return results
+
+
+def _run(ray, items, model, load_options, kwargs, replicas, gpu, progress, n, batches) -> dict:
+    """{batch index: (rows, info)} from the pipeline: from_items -> map_batches(Replica) on an actor pool."""
+    ctx = ray.data.DataContext.get_current()
+    ctx.enable_progress_bars = False  # ours instead (--quiet turns it off)
+    logging.getLogger("ray.data").setLevel(logging.WARNING)
+    ds = ray.data.from_items(items, override_num_blocks=len(items)).map_batches(
+        Replica, fn_constructor_kwargs={"model": model, "load_options": load_options, "kwargs": kwargs},
+        batch_size=1, batch_format="numpy", compute=ray.data.ActorPoolStrategy(size=replicas),
+        **({"num_gpus": 1} if gpu else {"num_cpus": 1}))
+    done = {}
+    bar = Progress("eval", n, enabled=progress)
+    for r in ds.iter_rows():
+        k = int(r["index"])
+        done[k] = (json.loads(r["rows"]), json.loads(r["errors"]))
+        bar.update(len(batches[k]))
+    bar.close()
+    return done
+
+
+def _plain(s: Sample) -> dict:
+    return {**asdict(s), "image": str(s.image)}
+
+
+def _sample(d: dict) -> Sample:
+    return Sample(**{**d, "image": Path(d["image"])})
+
+
+def _describe(model) -> dict:
+    """What runner._summary reads of a model, as strings (it runs in the driver, which holds none)."""
+    kv = getattr(getattr(model, "runner", None), "kv_cache", None)
+    return {"path": str(getattr(model, "path", None) or type(model).__name__), "device": str(model.device),
+            "dtype": str(model.model.dtype), "weights": str(getattr(model, "weights", None) or "fp"),
+            "kv_cache": str(kv or "fp"), "decode": str(getattr(model, "decode", "eager"))}
+
+
+def _model_view(d: dict) -> SimpleNamespace:
+    return SimpleNamespace(path=d["path"], device=d["device"], model=SimpleNamespace(dtype=d["dtype"]),
+                           weights=d["weights"], runner=SimpleNamespace(kv_cache=d["kv_cache"]), decode=d["decode"])
+
+
+def _on_gpu(device: str | None) -> bool:
+    if device is not None:
+        return str(device).startswith("cuda")
+    import torch
+
+    return torch.cuda.is_available()
+
+
+def _gpu_count() -> int:
+    import torch
+
+    return max(1, torch.cuda.device_count())

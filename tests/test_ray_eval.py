@@ -1,0 +1,50 @@
+"""`fastllava eval --ray --replicas 2` on a local Ray cluster writes what plain `eval` writes: the
+same predictions (samples.jsonl byte for byte) and the same results.json, which only gains the Ray
+settings. Ray is a test dependency (scripts/setup.sh installs the ray extra): without it this fails."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from fastllava.cli import main
+from fastllava.evaluation import generate_dataset
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    path = tmp_path_factory.mktemp("ray") / "data"
+    generate_dataset(20, 6, path, image_size=48, progress=False)  # the embedded model gets 12 of 20 right
+    return path
+
+
+def test_ray_eval_equals_eval(data, tmp_path, monkeypatch, capsys):
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    common = ["eval", "--data", str(data), "--batch-size", "4", "--quiet"]  # 5 batches over 2 replicas
+    assert main([*common, "--out", str(tmp_path / "plain")]) == 0
+    plain_out = capsys.readouterr().out
+    assert main([*common, "--out", str(tmp_path / "ray"), "--ray", "--replicas", "2"]) == 0
+    assert capsys.readouterr().out == plain_out
+    assert (tmp_path / "ray" / "samples.jsonl").read_bytes() == (tmp_path / "plain" / "samples.jsonl").read_bytes()
+    plain = json.loads((tmp_path / "plain" / "results.json").read_text())
+    ray = json.loads((tmp_path / "ray" / "results.json").read_text())
+    assert ray["settings"].pop("ray") == {"replicas": 2, "address": "local"}
+    assert ray == plain
+    assert 0 < plain["overall"]["accuracy"] < 1 and plain["overall"]["n"] == 20
+
+
+def _error(capsys, args: list[str]) -> str:
+    assert main(args) == 2
+    err = capsys.readouterr().err
+    assert len(err.strip().splitlines()) == 1 and "Traceback" not in err, err
+    return err
+
+
+def test_ray_refusals_are_one_line(data, tmp_path, capsys):
+    common = ["eval", "--data", str(data), "--out", str(tmp_path / "x"), "--quiet"]
+    assert "--replicas goes with --ray" in _error(capsys, [*common, "--replicas", "2"])
+    err = _error(capsys, [*common, "--ray", "--reduce", "fastv,visionzip"])
+    assert "not a sweep" in err
+    assert "not a sweep" in _error(capsys, [*common, "--ray", "--reduce", "fastv", "--keep", "64,32"])
+    assert not (tmp_path / "x").exists()
