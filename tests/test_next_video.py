@@ -224,7 +224,7 @@ def test_video_processing_follows_transformers(tmp_path):
 def test_features_run_or_refuse_in_one_line(model):
     """On a NeXT-Video checkpoint: image-token reductions (before and inside the LLM) run on image
     prompts; reductions and speculation with a video are one-line errors; int8 weights, KIVI and
-    VidKV caches, static and compiled decoding run with videos."""
+    VidKV caches, int4 weights, bfloat16, static and compiled decoding run with videos."""
     fp = model
     image, video = _photo(40, 200, 1), _clip(8, 40, 40, 2)
     for spec in ("fastervlm:keep=12", "visionzip:keep=12", "fastv:keep=12,layer=1", "dart:keep=12,layer=1"):
@@ -243,6 +243,9 @@ def test_features_run_or_refuse_in_one_line(model):
     int8 = fastllava.load(fp.path, device="cpu", weights="int8")
     assert (int8.logits(**inputs) - fp.logits(**inputs))[real].abs().max().item() < 0.05
     assert [len(r.token_ids) for r in int8.generate(**kwargs)] == [len(t) for t in expected]
+    for options in (dict(weights="int4:group=16"), dict(dtype="bfloat16")):
+        out = fastllava.load(fp.path, device="cpu", **options).generate(**kwargs)
+        assert [r.stats["video_tokens"] for r in out] == [fp.config.video_tokens(4)] * 2 and out[0].token_ids
     for cache in ("kivi:bits=4,group=16,residual=16", "vidkv:group=16,residual=16"):
         quant = fastllava.load(fp.path, device="cpu", kv_cache=cache)
         out = quant.generate(**kwargs)

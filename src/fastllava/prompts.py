@@ -24,7 +24,7 @@ class Turn:
     role: str  # "user" or "assistant"
     text: str
     images: int = 0
-    videos: int = 0  # LLaVA-OneVision
+    videos: int = 0  # LLaVA-OneVision, LLaVA-NeXT-Video
 
 
 class Conversation(str):
@@ -68,7 +68,7 @@ class PromptEncoder:
                  chat_template: str | None = None, special: dict | None = None, video_token_index: int | None = None):
         self.tokenizer = tokenizer
         self.image_token_index = image_token_index
-        self.video_token_index = video_token_index  # LLaVA-OneVision; None: no videos
+        self.video_token_index = video_token_index  # LLaVA-OneVision, LLaVA-NeXT-Video; None: no videos
         self.video_token = (tokenizer.id_to_token(video_token_index) if video_token_index is not None else None) \
             or "<video>"
         self.features_per_image = features_per_image
@@ -154,7 +154,8 @@ class PromptEncoder:
                    video_tokens: list[int] | None = None) -> list[int]:
         """Ids of one user turn with `num_images` images; `image_tokens`: each image's visual
         features when they differ by image (LLaVA-NeXT), else features_per_image each;
-        `video_tokens`: each video's visual tokens (LLaVA-OneVision; the videos follow the images).
+        `video_tokens`: each video's visual tokens (LLaVA-OneVision, LLaVA-NeXT-Video; the videos
+        follow the images).
         A `Conversation` (a str carrying its turns) gives the ids of its turns (`chat_ids`)."""
         turns = getattr(prompt, "turns", None)
         if turns is None:
