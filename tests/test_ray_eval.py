@@ -47,4 +47,7 @@ def test_ray_refusals_are_one_line(data, tmp_path, capsys):
     err = _error(capsys, [*common, "--ray", "--reduce", "fastv,visionzip"])
     assert "not a sweep" in err
     assert "not a sweep" in _error(capsys, [*common, "--ray", "--reduce", "fastv", "--keep", "64,32"])
+    # a bad model or spec fails in the driver, before the cluster starts
+    assert "no model.safetensors" in _error(capsys, [*common, "--ray", "--model", str(data)])
+    assert "budget 9999" in _error(capsys, [*common, "--ray", "--reduce", "fastv:keep=9999"])
     assert not (tmp_path / "x").exists()

@@ -30,8 +30,11 @@ class Replica:
     def __init__(self, model: str | None, load_options: dict, kwargs: dict):
         from .. import load
 
-        self.model = load(model, **load_options)
-        self.kwargs = kwargs
+        self.kwargs, self.model, self.fatal = kwargs, None, None
+        try:
+            self.model = load(model, **load_options)
+        except UserError as e:  # answered for every batch; the driver raises it as one line
+            self.fatal = str(e)
 
     def __call__(self, batch: dict) -> dict:
         out = {"index": [], "rows": [], "errors": []}
@@ -39,9 +42,11 @@ class Replica:
             samples = [_sample(s) for s in json.loads(text)]
             errors: list[str] = []
             try:
+                if self.fatal is not None:
+                    raise UserError(self.fatal)
                 check_budgets(self.model, samples, [self.kwargs.get("reduce")])
                 results = _answers(self.model, samples, self.kwargs, errors)
-            except UserError as e:  # carried to the driver, which raises it as one line
+            except UserError as e:  # carried to the driver
                 out["index"].append(int(index))
                 out["rows"].append("[]")
                 out["errors"].append(json.dumps({"fatal": str(e)}))
@@ -67,6 +72,8 @@ def evaluate_ray(model: str | None, load_options: dict, data_dir: str | Path | D
     samples = data.samples[:limit] if limit is not None else data.samples
     if not samples:
         raise UserError(f"no usable questions in {data.root}" + (f"; first problem: {data.errors[0]}" if data.errors else ""))
+    if not os.environ.get("RAY_ADDRESS"):  # a local cluster reads the files the driver sees
+        _check_model(model, load_options, (generate_kwargs or {}).get("reduce"))
     gpu = _on_gpu(load_options.get("device"))
     replicas = replicas or (_gpu_count() if gpu else 1)
     kwargs = {"max_new_tokens": DEFAULT_MAX_NEW_TOKENS, "temperature": 0.0, **(generate_kwargs or {})}
@@ -122,6 +129,24 @@ def _run(ray, items, model, load_options, kwargs, replicas, gpu, progress, n, ba
         bar.update(len(batches[k]))
     bar.close()
     return done
+
+
+def _check_model(model: str | None, load_options: dict, reduce) -> None:
+    """load()'s checks before the weights, and the reduction spec against the config, in the driver:
+    a bad model folder or spec fails before the cluster starts, as plain eval fails before loading."""
+    from ..assets import resolve_model_path
+    from ..checkpoint import checkpoint_files
+    from ..config import LlavaConfig
+    from ..generation import check_decode_mode
+    from ..quant.spec import parse_kv_cache, parse_weights
+    from ..reduction.runtime import make_reduction
+
+    parse_weights(load_options.get("weights"))
+    parse_kv_cache(load_options.get("kv_cache"))
+    check_decode_mode(load_options.get("decode"))
+    path = resolve_model_path(model)
+    checkpoint_files(path)
+    make_reduction(reduce, LlavaConfig.from_file(path / "config.json"))
 
 
 def _plain(s: Sample) -> dict:
