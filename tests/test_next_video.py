@@ -9,17 +9,24 @@ import json
 import numpy as np
 import pytest
 import torch
+from hf_reference import (
+    IMAGE_TOKEN,
+    PINPOINTS,
+    VIDEO_TOKEN,
+    _rename,
+    _runtime_state,
+    save_checkpoint,
+    tiny_next_video,
+)
 from PIL import Image
+from test_onevision import _photo
+from test_video import _clip, _hf_tokens, _same_tokens, _tokenizer
 
 import fastllava
 from fastllava.cli import main
 from fastllava.config import LlavaConfig
 from fastllava.images import VideoProcessor
 from fastllava.prompts import Turn
-from hf_reference import (IMAGE_TOKEN, PINPOINTS, VIDEO_TOKEN, _rename, _runtime_state, save_checkpoint,
-                          tiny_next_video)
-from test_onevision import _photo
-from test_video import _clip, _hf_tokens, _same_tokens, _tokenizer
 
 TOWER = 48  # the tiny tower's image size: 6 x 6 features per piece (8-pixel patches)
 NEXT_PINPOINTS = [[h // 32 * TOWER, w // 32 * TOWER] for h, w in PINPOINTS]
