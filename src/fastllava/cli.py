@@ -44,7 +44,8 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--stop", type=utf8_text, action="append", default=[], help="stop string (repeatable)")
     run.add_argument("--json", action="store_true", help="print one JSON object instead of streaming")
     run.add_argument("--reduce", help="visual token reduction, NAME[:key=value,...] (see `fastllava methods`)")
-    run.add_argument("--speculate", help="speculative decoding: ngram[:n=3,k=4] or layerskip[:skip=A-B,k=4] "
+    run.add_argument("--speculate", help="speculative decoding: ngram[:n=3,k=4], layerskip[:skip=A-B,k=4] or "
+                                         "draft:model=DIR[,k=4,reduce=SPEC,image=0] "
                                          "(greedy output unchanged; see docs/speculative.md)")
     run.set_defaults(func=cmd_run)
 

@@ -14,6 +14,7 @@ from .checkpoint import load_model, resolve_device
 from .errors import UserError
 from .generation import (Runner, SamplingParams, StepTimes, TextState, check_decode_mode, check_left_padded,
                          decode_steps, visible_text)
+from .generation.draft_model import ModelDrafter, check_draft
 from .generation.speculate import SpecStats, Speculation, parse_speculate, speculative_steps
 from .images import (AnyresProcessor, ImageInput, ImageProcessor, OnevisionProcessor, VideoInput, VideoProcessor,
                      check_num_frames)
@@ -48,6 +49,7 @@ class Llava:
         self.path = path
         self.runner = runner or Runner(model)
         self.weights = weights
+        self._drafts: dict[Path, LlavaModel] = {}  # draft models of `draft` speculation, by folder
 
     @property
     def decode(self) -> str:
@@ -139,7 +141,8 @@ class Llava:
             if videos is not None:
                 raise UserError("speculative decoding does not take prompts with videos yet")
             yield from speculative_steps(self.runner, spec, input_ids, attention_mask, pixel_values, params, eos,
-                                         finished, times, spec_stats or SpecStats([], [], []), reduction, image_sizes)
+                                         finished, times, spec_stats or SpecStats([], [], []), reduction, image_sizes,
+                                         self._drafter(spec))
             return
         for token in decode_steps(self.runner, input_ids, attention_mask, pixel_values, params, eos, finished, times,
                                   reduction, image_sizes, videos):
@@ -230,6 +233,20 @@ class Llava:
                 stats["speculate"] = {"spec": spec.spec(), **spec_stats.row(row)}
             results.append(Result(finals[row][0], texts[row].ids, texts[row].reason, stats))
         yield results
+
+    def _drafter(self, spec: Speculation) -> ModelDrafter | None:
+        """The draft model of a `draft` speculation (loaded once per folder, on this model's
+        device, dtype and decode mode), with a fresh cache; None for the other kinds."""
+        if spec.kind != "draft":
+            return None
+        path = resolve_model_path(spec.model)
+        draft = self._drafts.get(path)
+        if draft is None:
+            draft = load_model(path, self.device, self.model.dtype)
+            check_draft(self.config, draft.cfg, spec.image)
+            self._drafts[path] = draft
+        reduction = make_reduction(spec.reduce, draft.cfg) if spec.reduce else None
+        return ModelDrafter(Runner(draft, self.decode), spec.image, reduction)
 
     def check_context(self, prompt_tokens: int, max_new_tokens: int) -> None:
         """UserError when a prompt of `prompt_tokens` tokens (images included) and `max_new_tokens`

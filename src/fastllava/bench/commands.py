@@ -73,6 +73,8 @@ def cmd_bench(args: argparse.Namespace) -> int:
     weights, kv_cache = parse_weights(args.weights), parse_kv_cache(args.kv_cache)  # fail before building
     if args.compare and (weights or kv_cache):
         raise UserError("--compare hf times transformers on the same weights: leave out --weights and --kv-cache")
+    if any(parse_speculate(sp, None).kind == "draft" for sp in args.speculate):  # before building a model
+        raise UserError("bench times ngram and layerskip; time a draft model with `fastllava eval --speculate`")
     model, name = _model(args, weights)
     speculations = [None] + [parse_speculate(sp, model.cfg.text.num_hidden_layers) for sp in args.speculate]
     n_img = image_tokens(model)

@@ -251,13 +251,15 @@ class Runner:
 
 
     def multi_step(self, cache: StaticKVCache, tokens: torch.Tensor, positions: torch.Tensor,
-                   skip: frozenset = frozenset()) -> torch.Tensor:
+                   skip: frozenset = frozenset(), valid: torch.Tensor | None = None) -> torch.Tensor:
         """The decode step for T tokens per row at once: tokens [B, T] at positions [B, T] into the
         next T slots of every stage -> logits [B, T, V]. Verifies a speculation's drafts (T = 1 + k)
-        or, with layers to `skip`, runs a self-speculative draft step. With fixed shapes it is the
+        or, with layers to `skip`, runs a self-speculative draft step. `valid` [B, T] marks the real
+        tokens (None: all; the others are padding no token attends to). With fixed shapes it is the
         same (compiled) decode_step as `step`, once per T, attending to the whole cache."""
         firsts = tuple(cache.stages)
-        valid = torch.ones(tokens.shape, dtype=torch.bool, device=cache.valid.device)  # [B, T]
+        if valid is None:
+            valid = torch.ones(tokens.shape, dtype=torch.bool, device=cache.valid.device)  # [B, T]
         ranges = [cache.reserve(first, valid) for first in firsts]
         self.calls[("fixed" if self.fixed else "eager") + "_multi_step"] += 1
         if not self.fixed:

@@ -19,7 +19,12 @@ Drafters (`--speculate SPEC`):
                       slots). Default skip: every other layer from a quarter of the depth to the
                       one before the last. The paper searches the skipped set by Bayesian
                       optimisation on a validation set; this default is a fixed rule.
-  adaptive=1          (either) k shrinks by one after a round whose drafts were all rejected and
+  draft:model=DIR[,k=4,reduce=SPEC,image=0]
+                      a smaller LLaVA-family checkpoint with the same tokenizer drafts k tokens
+                      greedily from its own KV cache (see fastllava.generation.draft_model); it
+                      reads the images as the target does, through a reduction (`reduce`), or not
+                      at all (`image=0`). Python API and CLI; not in the server.
+  adaptive=1          (any) k shrinks by one after a round whose drafts were all rejected and
                       grows back by one after a round whose drafts were all kept, within 1..k.
 
 Rows of a batch accept different numbers of tokens: each round every row writes 1 + k slots, the
@@ -37,26 +42,33 @@ import torch
 
 from ..errors import UserError
 from ..kvcache import StaticKVCache
+from ..reduction.registry import parse_spec
 from ..reduction.runtime import Reduction
 from ..specs import parse_options, split_spec
+from .draft_model import ModelDrafter
 from .runner import Runner, StepTimes, sync
 from .sampling import SamplingParams, new_generator, probabilities, sample
 
-KINDS = ("ngram", "layerskip")
+KINDS = ("ngram", "layerskip", "draft")
 MAX_K = 16
 
 
 @dataclass(frozen=True)
 class Speculation:
-    kind: str  # "ngram" or "layerskip"
+    kind: str  # "ngram", "layerskip" or "draft"
     k: int = 4  # tokens drafted per round (the most, with adaptive)
     n: int = 3  # ngram: tokens matched
     skip: tuple[int, ...] = ()  # layerskip: the layers the draft leaves out
     adaptive: bool = False
+    model: str | None = None  # draft: the draft model's checkpoint folder
+    image: bool = True  # draft: whether the draft model sees the images
+    reduce: str | None = None  # draft: a token reduction for the draft model's images
 
     def spec(self) -> str:
         opts = {"ngram": f"n={self.n},k={self.k}",
-                "layerskip": f"skip={'+'.join(map(str, self.skip))},k={self.k}"}[self.kind]
+                "layerskip": f"skip={'+'.join(map(str, self.skip))},k={self.k}",
+                "draft": f"model={self.model},k={self.k}" + ("" if self.image else ",image=0")
+                + (f",reduce={self.reduce}" if self.reduce else "")}[self.kind]
         return f"{self.kind}:{opts}" + (",adaptive=1" if self.adaptive else "")
 
 
@@ -86,13 +98,20 @@ def parse_speculate(spec: str | Speculation | None, num_layers: int | None) -> S
         raise UserError(f"unknown speculation {name!r} in {spec!r}; choose one of: {', '.join(KINDS)}")
 
     def message(problem: str, item: str, key: str, value: str | None) -> str:
-        known = "n, k, adaptive" if name == "ngram" else "skip, k, adaptive"
+        known = {"ngram": "n, k, adaptive", "layerskip": "skip, k, adaptive",
+                 "draft": "model, k, reduce, image, adaptive"}[name]
         return {"unknown": f"{spec}: unknown option {key!r} (options of {name}: {known})",
                 "missing": f"{spec}: {item!r} needs a value (key=value)",
                 "invalid": f"{spec}: {key}={value} is not valid"}[problem]
 
-    types = {"k": int, "adaptive": _flag, **({"n": int} if name == "ngram" else {"skip": _layers})}
-    opts = parse_options(rest, types, message)
+    own = {"ngram": {"n": int}, "layerskip": {"skip": _layers}, "draft": {"model": str, "image": _flag, "reduce": str}}
+    opts = parse_options(rest, {"k": int, "adaptive": _flag, **own[name]}, message)
+    if name == "draft" and "model" not in opts:
+        raise UserError(f"{spec}: a draft needs its model: draft:model=DIR")
+    if opts.get("reduce") and opts.get("image") is False:
+        raise UserError(f"{spec}: reduce applies to the draft's images, and image=0 leaves them out")
+    if opts.get("reduce"):
+        parse_spec(opts["reduce"])  # a bad reduction fails here, before any model loads
     if "skip" not in opts and name == "layerskip" and num_layers is not None:
         opts["skip"] = tuple(range(num_layers // 4 + 1, num_layers - 1, 2)) or ((1,) if num_layers > 2 else ())
     s = Speculation(name, **opts)
@@ -174,10 +193,11 @@ def accept(logits: torch.Tensor, drafts: torch.Tensor, lengths: torch.Tensor, pa
 def speculative_steps(runner: Runner, spec: Speculation, input_ids: torch.Tensor, attention_mask: torch.Tensor,
                       pixel_values: torch.Tensor | None, params: SamplingParams, eos_ids: list[int],
                       finished: torch.Tensor, times: StepTimes, stats: SpecStats,
-                      reduction: Reduction | None = None,
-                      image_sizes: torch.Tensor | None = None) -> Iterator[list[list[int]]]:
+                      reduction: Reduction | None = None, image_sizes: torch.Tensor | None = None,
+                      drafter: ModelDrafter | None = None) -> Iterator[list[list[int]]]:
     """As decode_steps, but yields each round's new tokens per row (lists of different lengths;
-    [] for a finished row). `stats` gets each row's drafts, kept drafts and rounds."""
+    [] for a finished row). `stats` gets each row's drafts, kept drafts and rounds. `drafter`: the
+    draft model of a `draft` spec."""
     b, device = input_ids.shape[0], runner.model.device
     if runner.kv_cache is not None:
         raise UserError(f"speculative decoding needs a full-precision KV cache ({runner.kv_cache} cannot rewind "
@@ -186,6 +206,10 @@ def speculative_steps(runner: Runner, spec: Speculation, input_ids: torch.Tensor
     times.start = time.perf_counter()
     logits, positions, cache = runner.prefill(input_ids, attention_mask, pixel_values, room + spec.k + 1, reduction,
                                               times, image_sizes)
+    if (drafter is not None) != (spec.kind == "draft"):
+        raise UserError("a draft speculation runs through Llava.generate, which loads its draft model")
+    if drafter is not None:
+        drafter.prefill(input_ids, attention_mask, pixel_values, image_sizes, positions, room + spec.k + 1)
     generator = new_generator(params, device)
     eos = set(eos_ids)
     history = [[int(t) for t, m in zip(ids, mask) if m] for ids, mask in zip(input_ids.tolist(),
@@ -207,7 +231,10 @@ def speculative_steps(runner: Runner, spec: Speculation, input_ids: torch.Tensor
         yield out
         if bool(finished.all()):
             break
-        drafts, lengths = draft_tokens(runner, spec, cache, cur, pos, history, k)  # [B, K], [B]
+        if drafter is not None:
+            drafts, lengths = drafter.draft(cur, pos, k)  # [B, K], [B]
+        else:
+            drafts, lengths = draft_tokens(runner, spec, cache, cur, pos, history, k)
         if drafts.shape[1] == 0:  # nothing to verify: a plain step
             logits = runner.multi_step(cache, cur[:, None], pos[:, None])[:, 0]
             nxt, kept = sample(logits, params, generator), torch.zeros_like(cur)
@@ -217,6 +244,8 @@ def speculative_steps(runner: Runner, spec: Speculation, input_ids: torch.Tensor
             starts = [cache.lengths[f] for f in cache.stages]
             kept, nxt = accept(runner.multi_step(cache, tokens, at), drafts, lengths, params, generator)
             keep_accepted(cache, starts, kept, tokens.shape[1])
+            if drafter is not None:
+                drafter.commit(drafts, kept)
         out = []
         for r in range(b):
             if not finished[r]:

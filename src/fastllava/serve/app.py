@@ -38,6 +38,8 @@ def create_app(llava: Llava, settings: Settings) -> FastAPI:
         raise UserError("this checkpoint has no tokenizer.json, so it cannot serve chat requests")
     ctx = min(settings.max_len, llava.config.text.max_position_embeddings)
     speculate = parse_speculate(settings.speculate, llava.config.text.num_hidden_layers)
+    if speculate is not None and speculate.kind == "draft":
+        raise UserError("the server does not take a draft model yet; use ngram or layerskip")
     if speculate is not None and llava.runner.kv_cache is not None:
         raise UserError(f"speculative decoding needs a full-precision KV cache; {llava.runner.kv_cache} cannot rewind "
                         f"rejected drafts")
