@@ -12,7 +12,7 @@ from fastllava.cli import main
 from fastllava.config import LlavaConfig
 from fastllava.models.vision import Probe, Shrink, Tokens
 from fastllava.ops import positions_from_mask
-from fastllava.reduction import METHODS, PiToMe, VisionDrop
+from fastllava.reduction import METHODS, FlowCut, PiToMe, VisionDrop
 from fastllava.reduction.base import TowerMethod
 from fastllava.reduction.flowcut import adaptive_count, flow_scores
 from fastllava.reduction.pitome import bipartite, counts, energy
@@ -247,3 +247,24 @@ def test_methods_are_typed_objects_too(model):  # noqa: F811
                          reduce=VisionDrop(keep=4, layers=[1, 2]))
     assert out[0].stats["visual_tokens"] == [4]
     assert PiToMe(keep=8).spec() == "pitome:keep=8,positions=original,blocks=0,alpha=1.0,prop=tower"
+
+
+def test_plans_keep_the_best_rated_patches():
+    n = 9  # the class token and 8 patches
+    x = torch.randn(1, n, 4)
+    tokens = Tokens.start(x, True)
+    values = torch.ones(1, 2, n, 4)
+    cls = torch.full((1, 2, n), 0.01)
+    cls[0, :, [2, 5, 7]] = 1.0  # the class token attends to patches 2, 5, 7
+    shrink = FlowCut(keep=3).plan(1, 8).step(1, x, Probe(cls=cls.softmax(-1), values=values), tokens)
+    kept = (shrink.into[0] == torch.arange(n))
+    assert kept[1:].nonzero().flatten().add(1).tolist() == [2, 5, 7]  # (the tower keeps the class token itself)
+    attention = torch.zeros(1, n, n)
+    attention[0, 1:, 4] = 1.0  # every patch looks at patch 4, then 6
+    attention[0, 1:, 6] = 0.5
+    keys = torch.randn(1, 2, n, 3)
+    shrink = VisionDrop(keep=2, layers=[1]).plan(1, 8).step(1, x, Probe(keys=keys, attention=attention), tokens)
+    assert (shrink.into[0] == torch.arange(n))[1:].nonzero().flatten().add(1).tolist() == [4, 6]
+    assert shrink.merge and set(shrink.into[0, 1:].tolist()) == {4, 6}  # every other patch merges into one of them
+    shrink = PiToMe(keep=4).plan(1, 8).step(1, x, Probe(keys=keys), tokens)
+    assert int((shrink.into[0] == torch.arange(n))[1:].sum()) == 4 and shrink.merge and shrink.prop

@@ -72,7 +72,7 @@ class VisionAttention(nn.Module):
         keys = qkv[1].transpose(1, 2).reshape(n, t, -1)  # [N, T, D]
         return out, ClsInfo(attention, keys)
 
-    def _probe(self, qkv: torch.Tensor, mask: torch.Tensor | None, wants: tuple[str, ...]) -> "Probe":
+    def _probe(self, qkv: torch.Tensor, mask: torch.Tensor | None, wants: tuple[str, ...]) -> Probe:
         """The parts of Probe in `wants`, computed beside the fused attention: the class token's
         row alone for "cls", every row (explicitly, this block only) for "attention"."""
         q, k, v = qkv.float().unbind(0)  # [N, H, T, Dh] each
@@ -132,7 +132,7 @@ class Tokens:
     prop: bool = False  # proportional attention (a Shrink gave sizes)
 
     @classmethod
-    def start(cls, x: torch.Tensor, class_token: bool) -> "Tokens":
+    def start(cls, x: torch.Tensor, class_token: bool) -> Tokens:
         n, t, _ = x.shape
         index = torch.arange(t, device=x.device).expand(n, -1)
         return cls(index, torch.ones(n, t, dtype=torch.bool, device=x.device), torch.ones(n, t, device=x.device),
