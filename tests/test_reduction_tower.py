@@ -15,7 +15,7 @@ from fastllava.ops import positions_from_mask
 from fastllava.reduction import METHODS, FlowCut, PiToMe, VisionDrop
 from fastllava.reduction.base import TowerMethod
 from fastllava.reduction.flowcut import adaptive_count, flow_scores
-from fastllava.reduction.pitome import bipartite, counts, energy
+from fastllava.reduction.pitome import bipartite, cosines, counts, energy
 from fastllava.reduction.runtime import make_reduction
 from fastllava.reduction.visiondrop import received
 from hf_reference import batch_inputs, tiny_onevision
@@ -214,9 +214,10 @@ def test_pitome_protects_isolated_tokens():
                       -centre[None]])[None]  # [1, 8, 8]: token 0 the class token, 1-6 a cluster, 7 isolated
     live = torch.ones(1, 8, dtype=torch.bool)
     live[0, 0] = False
-    e = energy(keys, live, margin=0.5, alpha=1.0)
+    cos = cosines(keys)
+    e = energy(cos, live, margin=0.5, alpha=1.0)
     assert e[0, 7] < e[0, 1:7].min()
-    into = bipartite(keys, e, live, torch.tensor([3]))
+    into = bipartite(cos, e, live, torch.tensor([3]))
     merged = (into[0] != torch.arange(8)).nonzero().flatten().tolist()
     assert len(merged) == 3 and set(merged) <= set(range(1, 7)) and set(into[0, merged].tolist()) <= set(range(1, 7))
     assert counts(16, 4, 2) == [8, 4] and counts(576, 64, 23)[-1] == 64

@@ -24,21 +24,26 @@ def counts(start: int, target: int, blocks: int) -> list[int]:
     return out
 
 
-def energy(keys: torch.Tensor, live: torch.Tensor, margin: float, alpha: float) -> torch.Tensor:
-    """PiToMe's energy of each token from keys [N, T, Dh] (heads averaged) among the live [N, T]:
-    E_i = mean over live j != i of f(cos(k_i, k_j)), f(x) = x where x >= margin, else
-    alpha * (exp(x - margin) - 1). High energy: many close neighbours (redundant); low: isolated."""
+def cosines(keys: torch.Tensor) -> torch.Tensor:
+    """Cosine similarities [N, T, T] of keys [N, T, Dh]."""
     u = F.normalize(keys.float(), dim=-1)
-    cos = u @ u.transpose(1, 2)  # [N, T, T]
-    f = torch.where(cos >= margin, cos, alpha * ((cos - margin).exp() - 1))
-    pair = live[:, :, None] & live[:, None, :] & ~torch.eye(live.shape[1], dtype=torch.bool, device=live.device)
-    return (f * pair).sum(-1) / pair.sum(-1).clamp(min=1)
+    return u @ u.transpose(1, 2)
 
 
-def bipartite(keys: torch.Tensor, score: torch.Tensor, live: torch.Tensor, merges: torch.Tensor) -> torch.Tensor:
+def energy(cos: torch.Tensor, live: torch.Tensor, margin: float, alpha: float) -> torch.Tensor:
+    """PiToMe's energy of each token from its keys' cosine similarities cos [N, T, T] among the live
+    [N, T] tokens: E_i = mean over live j != i of f(cos_ij), f(x) = x where x >= margin, else
+    alpha * (exp(x - margin) - 1). High energy: many close neighbours (redundant); low: isolated."""
+    f = torch.where(cos >= margin, cos, (cos - margin).expm1_().mul_(alpha))  # [N, T, T]
+    f.diagonal(dim1=1, dim2=2).zero_()
+    w = live.to(f.dtype)[..., None]  # [N, T, 1]
+    return (f @ w)[..., 0] / (w.sum(1) - 1).clamp(min=1)
+
+
+def bipartite(cos: torch.Tensor, score: torch.Tensor, live: torch.Tensor, merges: torch.Tensor) -> torch.Tensor:
     """Merge merges [N] tokens per row: the 2*merges live tokens of highest score [N, T] are split
-    alternately (by rank) into sources A and destinations B; every source joins its most
-    cosine-similar destination (keys [N, T, Dh]); the others stay. -> into [N, T] (see Shrink)."""
+    alternately (by rank) into sources A and destinations B; every source joins its most similar
+    destination (cos [N, T, T]); the others stay. -> into [N, T] (see Shrink)."""
     n, t = live.shape
     place = torch.arange(t, device=live.device).expand(n, -1)
     order = score.masked_fill(~live, float("-inf")).argsort(dim=1, descending=True, stable=True)  # [N, T]
@@ -46,9 +51,7 @@ def bipartite(keys: torch.Tensor, score: torch.Tensor, live: torch.Tensor, merge
     cand = live & (rank < 2 * merges[:, None])
     src = cand & (rank % 2 == 0)
     dst = cand & (rank % 2 == 1)
-    u = F.normalize(keys.float(), dim=-1)
-    sim = (u @ u.transpose(1, 2)).masked_fill(~dst[:, None, :], float("-inf"))  # [N, T, T]
-    best = sim.argmax(-1)  # [N, T] most similar destination
+    best = cos.masked_fill(~dst[:, None, :], float("-inf")).argmax(-1)  # [N, T] most similar destination
     return torch.where(src, best, place)
 
 
@@ -71,9 +74,9 @@ class PiToMePlan:
         merges = patches.sum(1) - self.path[block - self.first]  # [N]
         if int(merges.max()) <= 0:
             return None
-        keys = probe.keys.mean(1)  # [N, T, Dh]
+        cos = cosines(probe.keys.mean(1))  # [N, T, T] of the keys, heads averaged
         margin = 0.9 - 0.9 * block / self.depth
-        into = bipartite(keys, energy(keys, patches, margin, self.alpha), patches, merges.clamp(min=0))
+        into = bipartite(cos, energy(cos, patches, margin, self.alpha), patches, merges.clamp(min=0))
         return Shrink(into, merge=True, prop=True)
 
 
