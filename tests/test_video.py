@@ -3,6 +3,8 @@
 random model, the refusals, and `fastllava run --video`."""
 
 import json
+import re
+import sys
 
 import numpy as np
 import pytest
@@ -11,7 +13,15 @@ from PIL import Image
 
 import fastllava
 from fastllava.cli import main
-from fastllava.images import CLIP_MEAN, CLIP_STD, load_video, sample_indices
+from fastllava.images import (
+    CLIP_MEAN,
+    CLIP_STD,
+    VideoTooLarge,
+    check_video_path,
+    load_video,
+    load_video_bytes,
+    sample_indices,
+)
 from hf_reference import IMAGE_TOKEN, VIDEO_TOKEN, VOCAB, save_checkpoint, tiny_llava, tiny_onevision
 from test_onevision import WORDS, _hf_processor, _photo
 
@@ -151,9 +161,75 @@ def test_refusals(ov_video, tmp_path):
         with pytest.raises(fastllava.UserError, match=message) as e:
             ours.generate(max_new_tokens=2, **kwargs)
         assert "\n" not in str(e.value)
-    (tmp_path / "clip.mp4").write_bytes(b"\0" * 16)
-    with pytest.raises(fastllava.UserError, match=r"fastllava\[video\]"):
+    (tmp_path / "clip.mp4").write_bytes(b"\0" * 16)  # not a video: one line, with PyAV or without
+    with pytest.raises(fastllava.UserError, match=_corrupt_video_message()) as e:
         load_video(tmp_path / "clip.mp4", 4)
+    assert "\n" not in str(e.value)
+
+
+def _has_pyav() -> bool:
+    try:
+        import av  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def _corrupt_video_message() -> str:
+    """What a garbage video file gives: a decoding error with PyAV, else the extra to install."""
+    return "cannot be decoded" if _has_pyav() else r"fastllava\[video\]"
+
+
+def test_video_files_without_pyav_name_the_extra(tmp_path, monkeypatch):
+    """Without PyAV (its import made to fail), a video file, encoded bytes and `run --video` name
+    the extra in one line."""
+    monkeypatch.setitem(sys.modules, "av", None)  # `import av` now raises ImportError
+    (tmp_path / "clip.mp4").write_bytes(b"\0" * 16)
+    for call in (lambda: load_video(tmp_path / "clip.mp4", 4), lambda: load_video_bytes(b"\0" * 16, 4),
+                 lambda: check_video_path(tmp_path / "clip.mp4")):
+        with pytest.raises(fastllava.UserError, match=r"pip install 'fastllava\[video\]'") as e:
+            call()
+        assert "\n" not in str(e.value)
+
+
+def test_corrupt_and_oversized_video_bytes(tmp_path):
+    """Encoded video bytes (what the server reads): a corrupt or truncated file and an empty one
+    are one-line UserErrors; the frame, pixel and duration limits are VideoTooLarge; a good file
+    gives the frames PyAV decodes, sampled as a list of frames would be."""
+    from test_next_video import _write_mp4
+
+    if not _has_pyav():  # then every call names the extra (the test above checks how)
+        with pytest.raises(fastllava.UserError, match=r"fastllava\[video\]"):
+            load_video_bytes(b"\0" * 16, 4)
+        return
+    import av
+
+    _write_mp4(tmp_path / "clip.mp4", _clip(11, 40, 56, 9))
+    data = (tmp_path / "clip.mp4").read_bytes()
+    with av.open(str(tmp_path / "clip.mp4")) as container:
+        decoded = [f.to_ndarray(format="rgb24") for f in container.decode(container.streams.video[0])]
+    frames = load_video_bytes(data, 4)
+    assert [np.asarray(f).tolist() for f in frames] == [decoded[i].tolist() for i in sample_indices(11, 4)]
+    assert len(load_video_bytes(data, 4, max_frames=11)) == 4
+    for kwargs, message in ((dict(max_frames=10), "over the limit of 10"), (dict(max_pixels=40 * 56 - 1), "pixels"),
+                            (dict(max_seconds=0.5), "lasts")):
+        with pytest.raises(VideoTooLarge, match=message) as e:
+            load_video_bytes(data, 4, **kwargs)
+        assert "\n" not in str(e.value)
+    for bad, message in ((b"", "empty"), (b"\0" * 64, "cannot be decoded"), (data[:len(data) // 3], "decoded|frames"),
+                         (b"GIF89a" + bytes(200), "cannot be decoded|frames")):
+        with pytest.raises(fastllava.UserError, match=message) as e:
+            load_video_bytes(bad, 4)
+        assert "\n" not in str(e.value) and not isinstance(e.value, VideoTooLarge)
+
+
+def test_onevision_processor_config_errors_are_one_line(tmp_path):
+    from fastllava.images import OnevisionProcessor
+
+    (tmp_path / "preprocessor_config.json").write_text(json.dumps({"size": [32, 32]}))
+    with pytest.raises(fastllava.UserError, match="not a valid image processor config") as e:
+        OnevisionProcessor.from_dir(tmp_path, [(32, 32)], 32)
+    assert "\n" not in str(e.value) and "preprocessor_config.json" in str(e.value)
 
 
 def test_checkpoint_without_video_support(tmp_path):
@@ -183,7 +259,9 @@ def test_cli_run_with_a_folder_of_frames(ov_video, tmp_path, capsys):
         assert code == 0 and out["text"] == expected.text
         assert out["stats"]["video_tokens"] == ours.config.video_tokens(3)
     assert main(["run", "--model", str(ours.path), "--video", str(tmp_path / "clip.webm"), "--prompt", "a"]) == 2
-    (tmp_path / "clip.webm").write_bytes(b"\0")
-    assert main(["run", "--model", str(ours.path), "--video", str(tmp_path / "clip.webm"), "--prompt", "a"]) == 2
-    err = capsys.readouterr().err
-    assert "fastllava[video]" in err and len(err.strip().splitlines()) == 2
+    (tmp_path / "clip.webm").write_bytes(b"\0")  # not a video
+    assert main(["run", "--model", str(ours.path), "--device", "cpu", "--video", str(tmp_path / "clip.webm"),
+                 "--prompt", "a"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 2 and "does not exist" in err[0]
+    assert re.search(_corrupt_video_message(), err[1])

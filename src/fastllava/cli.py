@@ -30,7 +30,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_model_args(run)
     add_quant_args(run)
     run.add_argument("--image", help="image file (omit for a text-only prompt)")
-    run.add_argument("--video", help="video (LLaVA-OneVision): a folder of frame images (sorted by name), a .npy "
+    run.add_argument("--video", help="video (LLaVA-OneVision, LLaVA-NeXT-Video): a folder of frame images (sorted by name), a .npy "
                                      "array [frames, height, width, 3], or an mp4/webm/gif file (needs PyAV: "
                                      "fastllava[video])")
     run.add_argument("--num-frames", type=positive_int, help="frames sampled uniformly from the video (default: "

@@ -232,7 +232,8 @@ class OnevisionProcessor(AnyresProcessor):
     @classmethod
     def from_dir(cls, path: Path, pinpoints: list[tuple[int, int]], tile: int) -> "OnevisionProcessor":
         """From preprocessor_config.json (`tile`, the tower's image size, when it says nothing)."""
-        d = read_json_object(path / "preprocessor_config.json", "image processor config")
+        file = path / "preprocessor_config.json"
+        d = read_json_object(file, "image processor config")
         size = d.get("size") or {"height": tile, "width": tile}
         if isinstance(size, int):
             size = {"shortest_edge": size}
@@ -373,16 +374,20 @@ def check_video_path(path: str | Path) -> Path:
     if not path.exists():
         raise UserError(f"video {path} does not exist")
     if path.is_file() and path.suffix.lower() in VIDEO_SUFFIXES:
-        _import_av(path)
+        _import_av(f"{path.suffix} videos")
     return path
 
 
-def _import_av(path: Path):
+class VideoTooLarge(UserError):
+    """A video over a limit given to load_video_bytes: its pixels per frame, frames or duration."""
+
+
+def _import_av(what: str):
     try:
         import av
     except ImportError:
-        raise UserError(f"reading {path.suffix} videos needs PyAV: pip install 'fastllava[video]' (or give a folder "
-                        "of frames or a .npy array)") from None
+        raise UserError(f"reading {what} needs PyAV: pip install 'fastllava[video]' (or give a folder of frames or a "
+                        ".npy array)") from None
     return av
 
 
@@ -404,32 +409,86 @@ def _load_video_path(path: Path, num_frames: int, max_pixels: int) -> list[Image
         _check_frame_count(arr.shape[0], f"video {path}")
         return [load_image(np.asarray(arr[i]), max_pixels) for i in sample_indices(arr.shape[0], num_frames)]
     if suffix in VIDEO_SUFFIXES:
-        return _decode_video_file(path, num_frames, max_pixels)
+        av = _import_av(f"{suffix} videos")
+        return _decode_video(av, lambda: str(path), f"video {path}", num_frames, max_pixels)
     raise UserError(f"video {path}: give a folder of frame images, a .npy array [frames, height, width, 3] or a "
                     f"video file ({', '.join(VIDEO_SUFFIXES)})")
 
 
-def _decode_video_file(path: Path, num_frames: int, max_pixels: int) -> list[Image.Image]:
-    av = _import_av(path)
+def load_video_bytes(data: bytes, num_frames: int, max_pixels: int = DEFAULT_MAX_PIXELS,
+                     max_frames: int = MAX_SOURCE_FRAMES, max_seconds: float | None = None,
+                     what: str = "the video") -> list[Image.Image]:
+    """The sampled frames of an encoded video file held in memory (mp4, webm, ...; needs PyAV), as
+    load_video reads a file. Limits: VideoTooLarge (a UserError) for a frame over `max_pixels`, more
+    than `max_frames` frames, or a duration the container declares over `max_seconds`; any other
+    problem (not a video, corrupt) is a UserError; each message is one line."""
+    num_frames = check_num_frames(num_frames)
+    if not data:
+        raise UserError(f"{what} is empty")
+    av = _import_av("encoded videos (mp4, webm, ...)")
+    return _decode_video(av, lambda: io.BytesIO(data), what, num_frames, max_pixels, max_frames, max_seconds)
+
+
+def _decode_video(av, source, what: str, num_frames: int, max_pixels: int, max_frames: int = MAX_SOURCE_FRAMES,
+                  max_seconds: float | None = None) -> list[Image.Image]:
+    """Decode the sampled frames of the video `source()` opens (a path, or a fresh file object),
+    in two passes: the first counts the frames when the header does not say (at most max_frames +
+    1 decoded), the second converts only the sampled frames to images."""
     try:
-        with av.open(str(path)) as container:  # first pass: the frame count, when the header has none
+        with av.open(source()) as container:
+            if not container.streams.video:
+                raise UserError(f"{what} holds no video stream")
             stream = container.streams.video[0]
-            _check_pixels((stream.width, stream.height), max_pixels, f"video {path}")
-            total = stream.frames or sum(1 for _ in container.decode(stream))
-        _check_frame_count(total, f"video {path}")
+            if stream.width and stream.height:  # else checked on the decoded frames
+                _check_frame_pixels(stream.width, stream.height, max_pixels, what)
+            seconds = _duration(container, stream)
+            if max_seconds is not None and seconds is not None and seconds > max_seconds:
+                raise VideoTooLarge(f"{what} lasts {seconds:.1f} s, over the limit of {max_seconds:g} s")
+            total, counted = stream.frames, not stream.frames
+            if counted:
+                total = 0
+                for _ in container.decode(stream):
+                    total += 1
+                    if total > max_frames:
+                        break
+        if total > max_frames:
+            raise VideoTooLarge(f"{what} has {'more than ' if counted else ''}{max_frames if counted else total} "
+                                f"frames, over the limit of {max_frames}")
+        _check_frame_count(total, what)
         wanted = sample_indices(total, num_frames)
         keep, frames = set(wanted), []
-        with av.open(str(path)) as container:  # second pass: only the sampled frames become images
+        with av.open(source()) as container:  # second pass: only the sampled frames become images
             for i, frame in enumerate(container.decode(container.streams.video[0])):
                 if i in keep:
+                    _check_frame_pixels(frame.width, frame.height, max_pixels, what)
                     frames.append(frame.to_image().convert("RGB"))
                 if i >= wanted[-1]:
                     break
-    except (av.error.FFmpegError, IndexError, OSError) as e:
-        raise UserError(f"video {path} cannot be decoded: {e}") from None
+    except (av.error.FFmpegError, IndexError, OSError, ValueError, EOFError) as e:
+        raise UserError(f"{what} cannot be decoded: {_one_line(e)}") from None
     if not frames:
-        raise UserError(f"video {path} has no frames")
+        raise UserError(f"{what} has no frames")
     return frames
+
+
+def _check_frame_pixels(w: int, h: int, max_pixels: int, what: str) -> None:
+    if w * h > max_pixels:
+        raise VideoTooLarge(f"{what} is {w}x{h} = {w * h} pixels a frame, over the limit of {max_pixels}")
+    _check_pixels((w, h), max_pixels, what)
+
+
+def _duration(container, stream) -> float | None:
+    """Seconds the stream (else the container) declares, or None."""
+    if stream.duration and stream.time_base:
+        return float(stream.duration * stream.time_base)
+    if container.duration:
+        return container.duration / 1_000_000  # in microseconds (av.time_base)
+    return None
+
+
+def _one_line(e: Exception) -> str:
+    """An exception's message on one line (FFmpeg's without the "'<none>'" file name of a stream in memory)."""
+    return " ".join(str(getattr(e, "strerror", None) or e).split())[:300]
 
 
 @dataclass

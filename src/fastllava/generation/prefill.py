@@ -62,7 +62,7 @@ def prepare(model: LlavaModel, input_ids: torch.Tensor, pixel_values: torch.Tens
 def _video_features(model: LlavaModel, pixel_values_videos, tower: Tower | None) -> torch.Tensor:
     """The videos' features one after another [sum F, D] (see OnevisionModel.encode_videos)."""
     if not hasattr(model, "encode_videos"):
-        raise UserError("this checkpoint takes no videos (LLaVA-OneVision checkpoints do)")
+        raise UserError("this checkpoint takes no videos (LLaVA-OneVision and LLaVA-NeXT-Video checkpoints do)")
     if isinstance(pixel_values_videos, torch.Tensor):
         return model.encode_videos(pixel_values_videos, tower).flatten(0, 1)
     return torch.cat([model.encode_videos(v[None], tower)[0] for v in pixel_values_videos])
