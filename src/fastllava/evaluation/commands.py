@@ -10,14 +10,14 @@ from pathlib import Path
 
 from ..cli_args import add_model_args, add_quant_args, load_options, positive_int
 from ..errors import UserError
-from .questions import FAMILIES
+from .questions import ALL_FAMILIES, FAMILIES
 
 
 def _families(text: str) -> list[str]:
     names = [f.strip() for f in text.split(",") if f.strip()]
-    unknown = [f for f in names if f not in FAMILIES]
+    unknown = [f for f in names if f not in ALL_FAMILIES]
     if unknown or not names:
-        raise argparse.ArgumentTypeError(f"unknown families {unknown or text!r}; choose from {','.join(FAMILIES)}")
+        raise argparse.ArgumentTypeError(f"unknown families {unknown or text!r}; choose from {','.join(ALL_FAMILIES)}")
     return names
 
 
@@ -29,11 +29,14 @@ def add_data_parser(subparsers) -> argparse.ArgumentParser:
     shapes.add_argument("--n", type=positive_int, required=True, help="number of questions")
     shapes.add_argument("--seed", type=int, default=0)
     shapes.add_argument("--out", required=True, help="output directory")
-    shapes.add_argument("--variant", default="default", help="default (1-6 objects on one square tile) or hires "
-                        "(4-10 small objects on canvases of 2-4 tiles, for LLaVA-NeXT)")
+    shapes.add_argument("--variant", default="default", help="default (1-6 objects on one square tile), dense "
+                        "(7-12 smaller objects on one tile: a hard set for token reduction) or hires (4-10 small "
+                        "objects on canvases of 2-4 tiles, for LLaVA-NeXT)")
     shapes.add_argument("--image-size", type=positive_int, default=336,
                         help="side of a tile in pixels (default 336): the default variant's image side")
-    shapes.add_argument("--families", type=_families, help=f"comma-separated subset of {','.join(FAMILIES)}")
+    shapes.add_argument("--families", type=_families,
+                        help=f"comma-separated subset of {','.join(ALL_FAMILIES)} (default: {','.join(FAMILIES)}; "
+                             "describe asks for every object from left to right: give eval --max-new-tokens 96)")
     shapes.add_argument("--questions-per-image", type=positive_int, default=3)
     shapes.add_argument("--overwrite", action="store_true", help="replace a dataset already in --out")
     shapes.set_defaults(func=cmd_data_shapes)
@@ -201,7 +204,8 @@ def _print_results(results: dict, out: Path) -> None:
     print(f"accuracy {overall['accuracy']:.4f} on {overall['n']} questions"
           + (f" ({len(results['errors'])} skipped)" if results["errors"] else ""))
     for name, r in results["families"].items():
-        print(f"  {name:<10} {r['accuracy']:.4f}  (n={r['n']})")
+        f1 = f", object F1 {r['object_f1']:.4f}" if "object_f1" in r else ""
+        print(f"  {name:<10} {r['accuracy']:.4f}  (n={r['n']}{f1})")
     v = results["visual_tokens"]
     print(f"visual tokens per question: {v['unreduced']:g} unreduced ({v['min']}-{v['max']}), "
           f"{v['equivalent']:g} layer-weighted in the LLM")

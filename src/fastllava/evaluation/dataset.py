@@ -26,7 +26,8 @@ import numpy as np
 
 from ..errors import UserError
 from .progress import Progress
-from .questions import ANSWER_SUFFIX, ASK, FAMILIES, STRATEGIES, Question, all_pairs, ask_exist, prompt
+from .questions import (ALL_FAMILIES, ANSWER_SUFFIX, ASK, ASK_LONG, FAMILIES, STRATEGIES, Question, all_pairs,
+                        ask_exist, prompt)
 from .scenes import VARIANTS, Scene, caption, random_scene, render
 
 DATASET_NAME = "shapes"
@@ -60,7 +61,7 @@ def generate_dataset(n: int, seed: int, out_dir: str | Path, image_size: int = 3
             scenes.append(random_scene(rng, variant))
         scene = scenes[index]
         picked: list[Question] = []
-        for family in sorted(families, key=lambda f: (asked[f], FAMILIES.index(f))):
+        for family in sorted(families, key=lambda f: (asked[f], ALL_FAMILIES.index(f))):
             if len(picked) == per_image or len(questions) + len(picked) == n:
                 break
             if family == "exist":
@@ -68,7 +69,7 @@ def generate_dataset(n: int, seed: int, out_dir: str | Path, image_size: int = 3
                 q = ask_exist(scene, rng, answer, strategy, popular)
                 exist_turn += q is not None
             else:
-                q = ASK[family](scene, rng)
+                q = {**ASK, **ASK_LONG}[family](scene, rng)
             if q is not None:
                 picked.append(q)
                 asked[family] += 1
@@ -78,7 +79,7 @@ def generate_dataset(n: int, seed: int, out_dir: str | Path, image_size: int = 3
             scene_lines.append({"image": image, "caption": caption(scene), "scene": scene.to_dict()})
             for k, q in enumerate(picked):
                 row = {"id": f"{index:06d}-{k}", "image": image, "question": q.question,
-                       "prompt": prompt(q.question), "answer": q.answer, "family": q.family}
+                       "prompt": prompt(q.question, q.family), "answer": q.answer, "family": q.family}
                 if q.strategy is not None:
                     row["strategy"] = q.strategy
                 questions.append(row)
@@ -108,9 +109,9 @@ def _check_args(n, image_size, families, questions_per_image, variant) -> tuple[
         raise UserError(f"questions per image must be at least 1, got {questions_per_image}")
     if families is None:
         return FAMILIES
-    unknown = [f for f in families if f not in FAMILIES]
+    unknown = [f for f in families if f not in ALL_FAMILIES]
     if unknown or not families:
-        raise UserError(f"unknown question families {unknown}; choose from {', '.join(FAMILIES)}")
+        raise UserError(f"unknown question families {unknown}; choose from {', '.join(ALL_FAMILIES)}")
     return tuple(dict.fromkeys(families))
 
 
@@ -149,7 +150,7 @@ class Sample:
     def asked(self) -> str:
         """What the model is asked: the line's "prompt", or for older sets the question and the
         answer instruction (questions.prompt)."""
-        return self.prompt if self.prompt is not None else prompt(self.question)
+        return self.prompt if self.prompt is not None else prompt(self.question, self.family)
 
 
 @dataclass

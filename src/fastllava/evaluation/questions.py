@@ -1,7 +1,9 @@
-"""Questions with one-word answers, derived from a Scene so that answers are right by construction.
+"""Questions derived from a Scene so that answers are right by construction: six families with
+one-word answers, and `describe`, whose answer lists every object.
 
 Every object a question names is uniquely referable in its scene ("the red circle" only when
-there is exactly one red circle). The words that can appear are fixed: see VOCABULARY.
+there is exactly one red circle). The words that can appear are fixed: see VOCABULARY (and
+LONG_ANSWER_WORDS, which describe adds).
 """
 
 from __future__ import annotations
@@ -15,7 +17,13 @@ import numpy as np
 
 from .scenes import BACKGROUND_WORDS, COLORS, MAX_COUNT, PLURALS, SHAPES, SIZES, Scene, SceneObject
 
-FAMILIES = ("color", "shape", "count", "exist", "position", "relation")
+FAMILIES = ("color", "shape", "count", "exist", "position", "relation")  # one-word answers (the default set)
+LONG_FAMILIES = ("describe",)  # answers of many words, asked only when chosen (`--families`)
+ALL_FAMILIES = FAMILIES + LONG_FAMILIES
+DESCRIBE_QUESTION = "List the objects from left to right."
+# words only describe uses, kept apart from VOCABULARY so that a word tokenizer built from both
+# gives every earlier word its old id (see tokenizer.default_words)
+LONG_ANSWER_WORDS = ("list", "from", "and")
 STRATEGIES = ("random", "popular", "adversarial")  # how "exist" negatives are drawn (POPE)
 ANSWER_SUFFIX = "Answer with one word."
 PUNCTUATION = ("?", ".", ",", ":")
@@ -32,11 +40,12 @@ class Question:
     strategy: str | None = None  # "exist" only
 
 
-def prompt(question: str) -> str:
-    """What the model is asked: the question and the one-word instruction. `fastllava data shapes`
-    writes it as each questions.jsonl line's "prompt", which eval (and the lmms-eval plugin, and
-    any OpenAI client) asks as it is, so that every client asks the same text."""
-    return f"{question} {ANSWER_SUFFIX}"
+def prompt(question: str, family: str | None = None) -> str:
+    """What the model is asked: the question and the one-word instruction (a `describe` question
+    alone). `fastllava data shapes` writes it as each questions.jsonl line's "prompt", which eval
+    (and the lmms-eval plugin, and any OpenAI client) asks as it is, so that every client asks the
+    same text."""
+    return question if family in LONG_FAMILIES else f"{question} {ANSWER_SUFFIX}"
 
 
 def _words(*texts: str) -> set[str]:
@@ -158,5 +167,17 @@ def ask_relation(scene: Scene, rng: np.random.Generator) -> Question | None:
     return Question(f"What shape is the object nearest to the {a.name}?", n.shape, "relation")
 
 
+def describe(scene: Scene) -> str:
+    """Every object from left to right (centres; ties top to bottom), in one fixed form:
+    "a small red circle, a large blue star and a small green square"."""
+    parts = [f"a {o.size} {o.color} {o.shape}" for o in sorted(scene.objects, key=lambda o: (o.x, o.y))]
+    return parts[0] if len(parts) == 1 else ", ".join(parts[:-1]) + " and " + parts[-1]
+
+
+def ask_describe(scene: Scene, rng: np.random.Generator) -> Question:
+    return Question(DESCRIBE_QUESTION, describe(scene), "describe")
+
+
 ASK = {"color": ask_color, "shape": ask_shape, "count": ask_count, "position": ask_position,
-       "relation": ask_relation}  # "exist" needs more arguments: ask_exist
+       "relation": ask_relation}  # one-word families; "exist" needs more arguments: ask_exist
+ASK_LONG = {"describe": ask_describe}

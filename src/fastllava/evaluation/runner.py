@@ -14,8 +14,8 @@ from ..errors import UserError
 from ..reduction.runtime import check_fits, make_reduction
 from .dataset import Dataset, Sample, load_dataset
 from .progress import Progress
-from .questions import ANSWER_SUFFIX
-from .scoring import accuracy, is_correct
+from .questions import ANSWER_SUFFIX, LONG_FAMILIES
+from .scoring import accuracy, is_correct, object_f1
 
 DEFAULT_MAX_NEW_TOKENS = 8
 
@@ -119,6 +119,8 @@ def _row(sample: Sample, result) -> dict:
            **{k: result.stats[k] for k in ("image_tokens", "visual_tokens", "visual_tokens_equivalent")}}
     if sample.strategy is not None:
         row["strategy"] = sample.strategy
+    if sample.family in LONG_FAMILIES:
+        row["object_f1"] = round(object_f1(result.text, sample.answer), 4)
     return row
 
 
@@ -134,6 +136,12 @@ def _dataset_settings(meta: dict) -> dict:
     """What results record of meta.json; the variant is "default" when a dataset names none."""
     out = {k: meta[k] for k in ("name", "version", "seed", "n", "image_size") if k in meta}
     return {**out, "variant": meta.get("variant", "default")} if meta else out
+
+
+def _f1(rows: list[dict], family: str) -> dict:
+    """{"object_f1": mean} for a long-answer family, else {}."""
+    scores = [r["object_f1"] for r in rows if r["family"] == family and "object_f1" in r]
+    return {"object_f1": sum(scores) / len(scores)} if scores else {}
 
 
 def _summary(model, data: Dataset, rows: list[dict], errors: list[str], batch_size: int,
@@ -162,7 +170,7 @@ def _summary(model, data: Dataset, rows: list[dict], errors: list[str], batch_si
     return {
         "model": str(getattr(model, "path", None) or type(model).__name__),
         "overall": {"accuracy": accuracy(flags), "n": len(flags)},
-        "families": {f: {"accuracy": accuracy(v), "n": len(v)} for f, v in sorted(by_family.items())},
+        "families": {f: {"accuracy": accuracy(v), "n": len(v), **_f1(rows, f)} for f, v in sorted(by_family.items())},
         "visual_tokens": _token_summary(rows),
         "settings": settings,
         "errors": errors,

@@ -2,7 +2,8 @@
 
 A `Scene` is pure data: lengths are in units of the rendered `size` (one "tile"), so one scene
 renders at any resolution. The default variant draws 1-6 objects on a square canvas of one tile
-(coordinates are then fractions of the side); the "hires" variant draws 4-10 smaller objects on
+(coordinates are then fractions of the side); the "dense" variant 7-12 smaller ones on the same
+canvas, so that a few dozen visual tokens cannot cover them all; the "hires" variant draws 4-10 smaller objects on
 canvases of 2-4 tiles (672x672, 1008x336, 336x1008, 672x336, 336x672 pixels at 336), so that
 LLaVA-NeXT's AnyRes picks different tile grids and a 336-pixel thumbnail blurs the objects.
 Everything random comes from a seeded numpy Generator.
@@ -29,6 +30,7 @@ COLORS = {  # saturated and far apart in RGB, all far from the light-grey backgr
 }
 SIZES = {"small": 0.075, "large": 0.13}  # bounding-circle radius; diameters ~15% and ~26% of the side
 HIRES_SIZES = {"small": 0.035, "large": 0.055}  # radii ~12 and ~18 pixels on 336-pixel tiles
+DENSE_SIZES = {"small": 0.045, "large": 0.07}  # radii ~15 and ~24 pixels at 336: a few 14-pixel patches each
 MAX_COUNT = 6  # the largest number a count question may answer (the number words of the vocabulary)
 BACKGROUNDS = ("plain", "noise", "stripes", "checker")
 BACKGROUND_WORDS = {"plain": "plain", "noise": "noisy", "stripes": "striped", "checker": "checkered"}
@@ -52,6 +54,7 @@ class Variant:
 VARIANTS = {
     "default": Variant(((1, 1),), SIZES, (1, 6)),
     "hires": Variant(((2, 2), (1, 3), (3, 1), (1, 2), (2, 1)), HIRES_SIZES, (4, 10)),
+    "dense": Variant(((1, 1),), DENSE_SIZES, (7, 12)),
 }
 
 

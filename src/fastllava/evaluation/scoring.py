@@ -1,4 +1,5 @@
-"""Exact-match scoring after normalization (case, punctuation, whitespace, number words)."""
+"""Exact-match scoring after normalization (case, punctuation, whitespace, number words), and
+object-level F1 for answers that list objects (the `describe` family)."""
 
 from __future__ import annotations
 
@@ -19,6 +20,24 @@ def normalize(text: str) -> str:
 
 def is_correct(prediction: str, answer: str) -> bool:
     return normalize(prediction) == normalize(answer)
+
+
+_OBJECT = re.compile(r"\b(small|large) (\w+) (\w+)\b")
+
+
+def objects(text: str) -> Counter:
+    """The (size, color, shape) triples an answer names ("a small red circle, ...")."""
+    return Counter(_OBJECT.findall(normalize(text)))
+
+
+def object_f1(prediction: str, answer: str) -> float:
+    """F1 of the objects a prediction names against the answer's (as multisets; order ignored)."""
+    said, truth = objects(prediction), objects(answer)
+    hits = sum((said & truth).values())
+    if not hits:
+        return float(not said and not truth)
+    precision, recall = hits / sum(said.values()), hits / sum(truth.values())
+    return 2 * precision * recall / (precision + recall)
 
 
 def accuracy(flags: list[bool]) -> float:

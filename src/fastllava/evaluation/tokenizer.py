@@ -9,15 +9,16 @@ from pathlib import Path
 from tokenizers import AddedToken, Tokenizer, models, normalizers, pre_tokenizers, processors
 
 from ..images import CLIP_MEAN, CLIP_STD
-from .questions import PUNCTUATION, VOCABULARY
+from .questions import LONG_ANSWER_WORDS, PUNCTUATION, VOCABULARY
 
 UNK, BOS, EOS, IMAGE = "<unk>", "<s>", "</s>", "<image>"
 TEMPLATE_WORDS = ("user", "assistant")  # the LLaVA-1.5 prompt "USER: <image>\n... ASSISTANT:"
 
 
 def default_words() -> list[str]:
-    """Every token a shapes prompt, answer or caption can hold."""
-    return list(dict.fromkeys([*TEMPLATE_WORDS, *PUNCTUATION, *VOCABULARY]))
+    """Every token a shapes prompt, answer or caption can hold; the long-answer words last, so that
+    the earlier words keep the ids they had before those were added."""
+    return list(dict.fromkeys([*TEMPLATE_WORDS, *PUNCTUATION, *VOCABULARY, *LONG_ANSWER_WORDS]))
 
 
 def build_word_tokenizer(words: list[str], image_token_id: int, vocab_size: int) -> Tokenizer:

@@ -1,0 +1,75 @@
+"""The long-answer `describe` family and the `dense` variant of the shapes benchmark: answers list
+every object from left to right in one fixed form, object-level F1 scores partial lists, eval
+reports both, and adding the family's words keeps every earlier word's token id."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+from fastllava.cli import main
+from fastllava.errors import UserError
+from fastllava.evaluation import generate_dataset
+from fastllava.evaluation.questions import DESCRIBE_QUESTION, VOCABULARY, describe, prompt
+from fastllava.evaluation.scenes import VARIANTS, Scene, random_scene
+from fastllava.evaluation.scoring import object_f1, objects
+from fastllava.evaluation.tokenizer import TEMPLATE_WORDS, default_words
+from fastllava.evaluation.questions import PUNCTUATION
+
+
+def test_describe_lists_every_object_left_to_right():
+    rng = np.random.default_rng(3)
+    for _ in range(50):
+        scene = random_scene(rng, "dense")
+        text = describe(scene)
+        assert sum(objects(text).values()) == len(scene.objects)
+        named = [tuple(part.split()[-3:]) for part in text.replace(" and ", ", ").split(", ")]
+        by_x = sorted(scene.objects, key=lambda o: o.x)
+        assert named == [(o.size, o.color, o.shape) for o in by_x]
+    one = Scene.from_dict({"objects": [{"shape": "star", "color": "red", "size": "small", "x": 0.5, "y": 0.5,
+                                        "radius": 0.07}], "background": "plain", "background_level": 200,
+                           "texture_seed": 0})
+    assert describe(one) == "a small red star"
+
+
+def test_object_f1():
+    truth = "a small red circle, a large blue star and a small green square"
+    assert object_f1(truth, truth) == 1.0
+    assert object_f1("A small red circle and a small green square.", truth) == pytest.approx(0.8)
+    assert object_f1("a large red circle", truth) == 0.0
+    assert object_f1("", truth) == 0.0
+    assert object_f1("a small red circle, a small red circle", "a small red circle") == pytest.approx(2 / 3)
+
+
+def test_dense_scenes_are_crowded():
+    rng = np.random.default_rng(0)
+    counts = [len(random_scene(rng, "dense").objects) for _ in range(40)]
+    lo, hi = VARIANTS["dense"].objects
+    assert min(counts) >= lo and max(counts) <= hi and lo >= 7
+
+
+def test_long_answer_words_come_after_the_others():
+    words = default_words()
+    assert words[:len(words) - 3] == list(dict.fromkeys([*TEMPLATE_WORDS, *PUNCTUATION, *VOCABULARY]))
+    assert set(DESCRIBE_QUESTION.lower().rstrip(".").split()) <= set(words)
+
+
+def test_a_describe_set_and_its_eval_report(tmp_path, capsys):
+    meta = generate_dataset(12, 5, tmp_path / "d", image_size=64, families=["describe", "color"],
+                            questions_per_image=2, progress=False, variant="dense")
+    rows = [json.loads(line) for line in (tmp_path / "d" / "questions.jsonl").read_text().splitlines()]
+    described = [r for r in rows if r["family"] == "describe"]
+    assert meta["variant"] == "dense" and len(described) == 6
+    assert all(r["prompt"] == DESCRIBE_QUESTION == r["question"] for r in described)
+    assert all(r["prompt"] == prompt(r["question"]) for r in rows if r["family"] == "color")
+    assert main(["eval", "--data", str(tmp_path / "d"), "--out", str(tmp_path / "r"), "--max-new-tokens", "24",
+                 "--quiet"]) == 0
+    results = json.loads((tmp_path / "r" / "results.json").read_text())
+    f1 = results["families"]["describe"]["object_f1"]
+    samples = [json.loads(line) for line in (tmp_path / "r" / "samples.jsonl").read_text().splitlines()]
+    assert f1 == pytest.approx(np.mean([s["object_f1"] for s in samples if s["family"] == "describe"]))
+    assert "object F1" in capsys.readouterr().out
+    with pytest.raises(UserError, match="unknown question families"):
+        generate_dataset(4, 0, tmp_path / "x", families=["describes"], progress=False)
