@@ -51,7 +51,8 @@ def _lmms_eval(shapes: Path, out: Path, model_args: list[str], env: dict | None 
     cmd = [sys.executable, "-m", "lmms_eval", *model_args, "--include_path", str(shapes / "task"),
            "--tasks", "shapes", "--output_path", str(out), "--log_samples"]
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1",
-           "HF_DATASETS_CACHE": str(shapes / "hf-datasets"), "WANDB_MODE": "disabled", **(env or {})}
+           "HF_DATASETS_CACHE": str(shapes / "hf-datasets"), "WANDB_MODE": "disabled",
+           "NO_PROXY": "127.0.0.1,localhost", "no_proxy": "127.0.0.1,localhost", **(env or {})}
     r = subprocess.run(cmd, capture_output=True, text=True, timeout=300, cwd=shapes, env=env)
     assert r.returncode == 0, r.stderr[-3000:]
     [results_file] = out.glob("*/*_results.json")
