@@ -17,7 +17,7 @@ from fastllava.reduction.base import TowerMethod
 from fastllava.reduction.flowcut import adaptive_count, flow_scores
 from fastllava.reduction.pitome import bipartite, cosines, counts, energy
 from fastllava.reduction.runtime import make_reduction
-from fastllava.reduction.visiondrop import received
+from fastllava.reduction.visiondrop import received, received_causal
 from hf_reference import batch_inputs, tiny_onevision
 from test_reduction import P, _image, model  # noqa: F401  (the tiny LLaVA-1.5 checkpoint fixture)
 from test_reduction_2025 import _photo, next_model  # noqa: F401  (the tiny LLaVA-NeXT fixture)
@@ -25,12 +25,14 @@ from test_reduction_2025 import _photo, next_model  # noqa: F401  (the tiny LLaV
 TOWER = ["flowcut", "pitome", "visiondrop"]
 FULL = {"flowcut": "flowcut:keep=16", "flowcut+every1": "flowcut:keep=16,every=1", "pitome": "pitome:keep=16",
         "visiondrop": "visiondrop:keep=16", "visiondrop+none": "visiondrop:keep=16,merge=none",
-        "rebalance": "rebalance:keep=16", "pitome+all": "pitome:keep=16,prop=all"}
+        "rebalance": "rebalance:keep=16", "pitome+all": "pitome:keep=16,prop=all",
+        "visiondrop+llm": "visiondrop:keep=16,llm=1,llm_ratio=1"}
 SMALL = {"flowcut": "flowcut:keep=5", "flowcut+every1": "flowcut:keep=3,every=1", "pitome": "pitome:keep=5",
          "pitome+all": "pitome:keep=6,prop=all", "pitome+last": "pitome:keep=8,blocks=1",
          "visiondrop": "visiondrop:keep=5", "visiondrop+none": "visiondrop:keep=4,merge=none",
          "visiondrop+one": "visiondrop:keep=6,layers=2", "rebalance": "rebalance:keep=5",
-         "rebalance+prop": "rebalance:keep=5,merge=prop", "flowcut+compact": "flowcut:keep=5,positions=compact"}
+         "rebalance+prop": "rebalance:keep=5,merge=prop", "flowcut+compact": "flowcut:keep=5,positions=compact",
+         "visiondrop+llm": "visiondrop:keep=8,llm=1-2", "visiondrop+llm-none": "visiondrop:keep=6,llm=2,merge=none"}
 
 
 def test_registered_and_listed_with_their_papers(capsys):
@@ -42,7 +44,7 @@ def test_registered_and_listed_with_their_papers(capsys):
     out = capsys.readouterr().out
     for name, arxiv in zip(TOWER + ["rebalance"], ["2505.19536", "2405.16148", "2506.22283", "2508.10552"]):
         assert name in out and METHODS[name].paper in out and arxiv in METHODS[name].paper
-    assert out.count("in the ViT") == 3
+    assert out.count("in the ViT") == 3 and "llm=none" in out
 
 
 @pytest.mark.parametrize("name", sorted(FULL))
@@ -63,8 +65,9 @@ def test_budget_holds_for_every_sample(model, name):  # noqa: F811
     out = model.generate(images=images, prompts=prompts, max_new_tokens=2, reduce=SMALL[name])
     method = make_reduction(SMALL[name], model.config).method
     for img, r in zip(images, out):
-        assert r.stats["visual_tokens"] == ([method.keep] if img is not None else [0])
+        assert r.stats["visual_tokens"] == (method.budgets() if img is not None else [0] * len(method.budgets()))
         assert r.stats["reduce"] == method.spec()
+    assert make_reduction("visiondrop:keep=8,llm=1-2", model.config).method.budgets() == [8, 4, 2]
 
 
 @pytest.mark.parametrize("name", sorted(SMALL))
@@ -120,6 +123,9 @@ def test_rows_padded_in_the_tower_equal_each_image_alone(model):  # noqa: F811
     ("visiondrop:keep=8,layers=2-1", ["layers must be increasing"]),
     ("visiondrop:keep=8,layers=3", ["vision block 3 is after block 2"]),
     ("visiondrop:keep=8,layers=x", ["not"]),
+    ("visiondrop:keep=8,llm=2-1", ["llm must be increasing decoder layers"]),
+    ("visiondrop:keep=8,llm=3", ["layer 3 is outside 1..2"]),
+    ("visiondrop:keep=8,llm=1,llm_ratio=0", ["llm_ratio must be in (0, 1]"]),
     ("rebalance:keep=4,merge=avg", ["merge must be one of", "none, mean, prop"]),
     ("flowcut:keep=4,positions=packed", ["positions must be one of original, compact"]),
 ])
@@ -269,3 +275,13 @@ def test_plans_keep_the_best_rated_patches():
     assert shrink.merge and set(shrink.into[0, 1:].tolist()) == {4, 6}  # every other patch merges into one of them
     shrink = PiToMe(keep=4).plan(1, 8).step(1, x, Probe(keys=keys), tokens)
     assert int((shrink.into[0] == torch.arange(n))[1:].sum()) == 4 and shrink.merge and shrink.prop
+
+
+def test_visiondrop_in_the_llm_counts_only_the_raters_that_can_see_a_token():
+    probs = torch.zeros(1, 1, 4, 4)
+    probs[0, 0, 1, 1] = 1.0  # token 1 attends to itself; tokens 2 and 3 split theirs between 1 and 3
+    probs[0, 0, 2, 1] = probs[0, 0, 2, 2] = 0.5
+    probs[0, 0, 3, 3] = 1.0
+    visual = torch.tensor([[False, True, True, True]])
+    r = received_causal(probs, visual)[0]
+    assert torch.allclose(r, torch.tensor([0.0, 1.5 / 3, 0.5 / 2, 1.0]))  # token 3: one rater, all of it

@@ -132,6 +132,7 @@ class Method:
     needs_attention: ClassVar[bool] = False  # LayerContext.probs
     images: ClassVar[str] = "any"  # "any", "single" (LLaVA-1.5 only) or "tiled" (LLaVA-NeXT only)
     merge_modes: ClassVar[tuple[str, ...]] = ()  # values of its `merge` field (methods that have one)
+    empty_lists: ClassVar[dict[str, str]] = {}  # what an empty list parameter means, for the listing (default "auto")
 
     keep: int = 64
 
@@ -145,11 +146,13 @@ class Method:
         return self.name + (":" + ",".join(f"{f.name}={_fmt(getattr(self, f.name))}" for f in changed) if changed else "")
 
     def budgets(self) -> list[int]:
-        """Visual tokens per image after each cut."""
+        """Visual tokens per image after each cut (for a method before the LLM: first `keep`, then
+        after each of its cuts inside the LLM, if it has any)."""
         return [self.keep]
 
     def cuts(self) -> list[int]:
-        """Indices of the LLM layers after which the method cuts (llm methods)."""
+        """Indices of the LLM layers after which the method cuts (llm methods; a method before the
+        LLM may cut inside it as well, its select() then also gets LayerContexts)."""
         return []
 
     def attention_queries(self) -> str:

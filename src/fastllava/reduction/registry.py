@@ -76,7 +76,7 @@ def describe() -> str:
     """The `fastllava methods` listing."""
     lines = []
     for name, cls in METHODS.items():
-        args = ", ".join(f"{n}={('-'.join(map(str, d)) or 'auto') if isinstance(d, list) else d}"
+        args = ", ".join(f"{n}={('-'.join(map(str, d)) or cls.empty_lists.get(n, 'auto')) if isinstance(d, list) else d}"
                          for n, _, d in params(cls))
         where = "in the ViT" if issubclass(cls, TowerMethod) else "before the LLM" if cls.where == "vision" else "inside the LLM"
         only = {"single": "LLaVA-1.5 only; ", "tiled": "LLaVA-NeXT only; "}.get(cls.images, "")

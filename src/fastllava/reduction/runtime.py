@@ -47,7 +47,7 @@ class Reduction:
         self.tokens_per_image = tokens_per_image
         self.replay = replay
         self.selections: list[Selection] = []
-        self.cuts = method.cuts() if method.where == "llm" else []
+        self.cuts = method.cuts()  # a method before the LLM may cut inside it too (visiondrop:llm=...)
         self.attention = method.attention_queries() if method.needs_attention else None  # None, "all" or "last"
         self.counts: list[torch.Tensor] = []
 
@@ -96,7 +96,8 @@ class Reduction:
         """Hook (b), after `layer`: -> the compacted (x, positions, valid)."""
         cut = self.cuts.index(layer)
         cand, cand_valid = candidates(self.visual)
-        budget = self.images * self.method.budgets()[cut]  # [B]
+        first = 1 if self.method.where == "vision" else 0  # budgets()[0]: the budget before the LLM
+        budget = self.images * self.method.budgets()[cut + first]  # [B]
         ctx = LayerContext(layer, cut, x, probs, keys, valid, self.visual, cand, cand_valid, budget, self.sizes)
         return self._apply(self._choose(ctx), cand, cand_valid, x, valid, positions)
 
