@@ -285,3 +285,13 @@ def test_visiondrop_in_the_llm_counts_only_the_raters_that_can_see_a_token():
     visual = torch.tensor([[False, True, True, True]])
     r = received_causal(probs, visual)[0]
     assert torch.allclose(r, torch.tensor([0.0, 1.5 / 3, 0.5 / 2, 1.0]))  # token 3: one rater, all of it
+
+
+def test_static_decode_mode_gives_the_same_tokens(model):  # noqa: F811
+    static = fastllava.load(model.path, device="cpu", dtype="float32", decode="static")
+    images = [_image(30), _image(31)]
+    prompts = ["what color is the circle ?", "what is it ?"]
+    for spec in ("pitome:keep=6", "visiondrop:keep=6,llm=1", "flowcut:keep=5"):
+        eager = model.generate(images=images, prompts=prompts, max_new_tokens=4, reduce=spec)
+        fixed = static.generate(images=images, prompts=prompts, max_new_tokens=4, reduce=spec)
+        assert [r.token_ids for r in eager] == [r.token_ids for r in fixed], spec
