@@ -100,8 +100,7 @@ class FlowCut(TowerMethod):
     Counts are per image (the authors' code takes the largest count of the batch, which makes an
     image's result depend on its batch; the paper describes one image): rows of a batch may hold
     different counts in the tower, padded and masked. Dropped patches are gone. LLaVA-1.5 (CLIP
-    tower, which has a class token) only; FlowCut's further pruning inside the language model is
-    not part of this method (combine with an in-LLM method is not supported either).
+    tower, which has a class token) only.
 
     Tong et al., "FlowCut: Rethinking Redundancy via Information Flow for Efficient
     Vision-Language Models", NeurIPS 2025, arXiv:2505.19536.
