@@ -6,6 +6,7 @@ installs the lmms extra): without it these tests fail."""
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import subprocess
@@ -18,6 +19,7 @@ import fastllava
 from fastllava.assets import default_model_dir
 from fastllava.cli import main
 from fastllava.evaluation import evaluate, generate_dataset
+from fastllava.evaluation.scoring import is_correct, object_f1
 from fastllava.serve.settings import Settings
 from serve_helpers import running_server
 
@@ -55,8 +57,8 @@ def _lmms_eval(shapes: Path, out: Path, model_args: list[str], env: dict | None 
            "NO_PROXY": "127.0.0.1,localhost", "no_proxy": "127.0.0.1,localhost", **(env or {})}
     r = subprocess.run(cmd, capture_output=True, text=True, timeout=300, cwd=shapes, env=env)
     assert r.returncode == 0, r.stderr[-3000:]
-    [results_file] = out.glob("*/*_results.json")
-    [samples_file] = out.glob("*/*_samples_shapes.jsonl")
+    [results_file] = out.rglob("*_results.json")
+    [samples_file] = out.rglob("*_samples_shapes.jsonl")
     samples = sorted((json.loads(x) for x in samples_file.read_text().splitlines()), key=lambda s: s["doc_id"])
     return json.loads(results_file.read_text())["results"]["shapes"], samples
 
@@ -95,6 +97,34 @@ def test_the_task_folder(shapes, reference):
     docs = [json.loads(x) for x in (shapes / "task" / "shapes.jsonl").read_text().splitlines()]
     assert [d["id"] for d in docs] == [r["id"] for r in reference[1]]
     assert all(Path(d["image"]).is_absolute() and Path(d["image"]).is_file() for d in docs)
+    utils = _utils(shapes / "task")
+    for doc, row in zip(docs, reference[1]):  # the task's metric on eval's predictions is eval's score
+        assert utils.doc_to_text(doc) == fastllava.evaluation.prompt(row["question"])
+        assert utils.process_results(doc, [row["prediction"]]) == {
+            "accuracy": float(row["correct"]), f"{row['family']}_accuracy": float(row["correct"])}
+
+
+def _utils(task: Path):
+    spec = importlib.util.spec_from_file_location(f"utils_{abs(hash(task))}", task / "utils.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_the_long_answer_family_gets_eval_object_f1(tmp_path):
+    generate_dataset(4, 2, tmp_path / "data", image_size=48, families=["describe", "color"], progress=False)
+    assert main(["lmms-task", "--data", str(tmp_path / "data"), "--out", str(tmp_path / "task"),
+                 "--max-new-tokens", "96"]) == 0
+    yaml = (tmp_path / "task" / "shapes.yaml").read_text()
+    assert "max_new_tokens: 96" in yaml and "metric: describe_object_f1" in yaml and "color_object_f1" not in yaml
+    utils = _utils(tmp_path / "task")
+    doc = next(json.loads(x) for x in (tmp_path / "task" / "shapes.jsonl").read_text().splitlines()
+               if json.loads(x)["family"] == "describe")
+    half = doc["answer"].split(", ")[0]  # the first object only
+    for said in (doc["answer"], half, "nothing"):
+        got = utils.process_results(doc, [said])
+        assert got["describe_object_f1"] == round(object_f1(said, doc["answer"]), 4)
+        assert got["accuracy"] == got["describe_accuracy"] == float(is_correct(said, doc["answer"]))
 
 
 def _error(capsys, args: list[str]) -> str:

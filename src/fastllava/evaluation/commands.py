@@ -88,7 +88,7 @@ def add_lmms_task_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--data", required=True, help="dataset directory holding questions.jsonl")
     p.add_argument("--out", required=True, help="task folder to write (NAME.yaml, NAME.jsonl, utils.py)")
     p.add_argument("--name", default="shapes", help="the task's name (default: shapes)")
-    p.add_argument("--max-new-tokens", type=positive_int, default=8, help="as eval's (default 8)")
+    p.add_argument("--max-new-tokens", type=positive_int, default=8, help="as eval's (default 8; 96 for describe)")
     p.add_argument("--overwrite", action="store_true", help="replace a task of that name in --out")
     p.set_defaults(func=cmd_lmms_task)
     return p

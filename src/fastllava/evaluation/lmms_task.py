@@ -3,8 +3,9 @@ with `lmms-eval --include_path OUT --tasks NAME` (any lmms-eval model: `fastllav
 
 The folder holds:
     NAME.yaml    the task: `dataset_path: json` over NAME.jsonl, greedy generation of at most
-                 max_new_tokens (eval's default 8) with no stop string, an `accuracy` metric and one
-                 `<family>_accuracy` per family in the set
+                 max_new_tokens (eval's default 8; give the long-answer describe family eval's 96) with
+                 no stop string, an `accuracy` metric, one `<family>_accuracy` per family in the set
+                 and `describe_object_f1` (eval's object F1) when it holds describe questions
     NAME.jsonl   the questions eval would score (load_dataset's samples: bad lines left out), each
                  with its image's absolute path and `prompt`, the exact text eval asks
     utils.py     doc_to_visual (the image, RGB), doc_to_text (the prompt), process_results (scored
@@ -21,7 +22,7 @@ from pathlib import Path
 
 from ..errors import UserError
 from .dataset import load_dataset
-from .questions import FAMILIES
+from .questions import FAMILIES, LONG_FAMILIES
 from .runner import DEFAULT_MAX_NEW_TOKENS
 
 NAME = re.compile(r"[A-Za-z][A-Za-z0-9_]*")
@@ -31,7 +32,8 @@ image, the answer scored as `fastllava eval` scores it."""
 
 from PIL import Image
 
-from fastllava.evaluation.scoring import is_correct
+from fastllava.evaluation.questions import LONG_FAMILIES
+from fastllava.evaluation.scoring import is_correct, object_f1
 
 
 def doc_to_visual(doc):
@@ -44,9 +46,12 @@ def doc_to_text(doc, lmms_eval_specific_kwargs=None):
 
 
 def process_results(doc, results):
-    answer = results[0]
-    score = float(is_correct(answer if isinstance(answer, str) else str(answer), doc["answer"]))
-    return {"accuracy": score, doc["family"] + "_accuracy": score}
+    text = results[0] if isinstance(results[0], str) else str(results[0])
+    score = float(is_correct(text, doc["answer"]))
+    out = {"accuracy": score, doc["family"] + "_accuracy": score}
+    if doc["family"] in LONG_FAMILIES:  # and eval's object F1, rounded as in its samples.jsonl
+        out[doc["family"] + "_object_f1"] = round(object_f1(text, doc["answer"]), 4)
+    return out
 '''
 
 
@@ -82,8 +87,9 @@ def write_task(data_dir: str | Path, out_dir: str | Path, name: str = "shapes",
 
 
 def _yaml(name: str, questions: Path, source: Path, max_new_tokens: int, families: list[str]) -> str:
-    metrics = "".join(f"  - metric: {m}\n    aggregation: mean\n    higher_is_better: true\n"
-                      for m in ["accuracy"] + [f"{f}_accuracy" for f in families])
+    names = ["accuracy"] + [f"{f}_{m}" for f in families for m in ("accuracy", "object_f1")
+                            if m == "accuracy" or f in LONG_FAMILIES]
+    metrics = "".join(f"  - metric: {m}\n    aggregation: mean\n    higher_is_better: true\n" for m in names)
     return (f"# written by `fastllava lmms-task` from {source}\n"
             f"# run: lmms-eval --include_path {questions.parent} --tasks {name} --model ...\n"
             f"task: {name}\n"
