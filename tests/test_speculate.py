@@ -125,10 +125,22 @@ def test_bad_speculation_specs_are_one_line_errors(spec, message):
         parse_speculate(spec, 4)
 
 
-def test_quantized_kv_cache_is_refused_for_speculation(model):
-    q = fastllava.load(model.path, device="cpu", kv_cache="kivi:bits=4,group=8,residual=8")
-    with pytest.raises(UserError, match="full-precision KV cache"):
-        q.generate(images=[None], prompts=["red red"], max_new_tokens=4, speculate="ngram")
+@pytest.mark.parametrize("kv", ["kivi:bits=4,group=8,residual=8", "kivi:bits=2,group=4,residual=4", "vidkv"])
+@pytest.mark.parametrize("spec", ["ngram:k=5", "layerskip:k=3"])
+def test_a_quantized_kv_cache_speculates_and_gives_its_plain_tokens(model, kv, spec):
+    """Rejected drafts are dropped before they are quantized, so the kept tokens are quantized in
+    the groups plain decoding gives them: the same greedy tokens at batch 1, over many group and
+    residual boundaries."""
+    q = fastllava.load(model.path, device="cpu", kv_cache=kv)
+    rng = np.random.default_rng(2)
+    image = Image.fromarray(rng.integers(0, 255, (32, 40, 3), dtype=np.uint8))
+    kept = 0
+    for image_, prompt in [(None, "red red blue red red"), (image, "what color is the circle ?")]:
+        plain = q.generate(images=[image_], prompts=[prompt], max_new_tokens=40)[0]
+        got = q.generate(images=[image_], prompts=[prompt], max_new_tokens=40, speculate=spec)[0]
+        assert got.token_ids == plain.token_ids
+        kept += got.stats["speculate"]["accepted_tokens"]
+    assert kept > 0  # drafts were kept, so rounds ended with tokens both kept and dropped
 
 
 @pytest.mark.parametrize("spec", ["ngram:k=3", "layerskip:k=2,adaptive=1"])

@@ -31,6 +31,11 @@ class StaticKVCache:
         # [L, B, S] float32 added to the attention logits of each slot's key (the log of the tokens
         # a merged visual token stands for: proportional attention); None until a reduction merges
         self.bias: torch.Tensor | None = None
+        self.defer = False  # quantized layouts: a speculative round holds its tokens unquantized (settle)
+
+    def settle(self) -> None:
+        """End a speculative round (quantized layouts quantize what it held back; nothing here)."""
+        self.defer = False
 
     def clear(self) -> None:
         """Empty the cache to be used again, keeping its buffers: no slot valid, one stage."""

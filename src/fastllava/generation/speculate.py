@@ -29,7 +29,10 @@ Drafters (`--speculate SPEC`):
 
 Rows of a batch accept different numbers of tokens: each round every row writes 1 + k slots, the
 rejected ones become invalid (masked), and the cache rewinds past the last slot any row keeps.
-KV caches that pack codes as they go (KIVI, VidKV) cannot rewind, and are refused.
+Quantized KV caches (KIVI, VidKV) hold a round's tokens unquantized (`cache.defer`), drop the
+rejected ones and then quantize what is due (`cache.settle`), so the kept tokens are quantized in
+the groups plain decoding gives them at batch 1; in a batch, the masked gaps that rows leave sit
+inside their quantization groups.
 """
 
 from __future__ import annotations
@@ -199,9 +202,6 @@ def speculative_steps(runner: Runner, spec: Speculation, input_ids: torch.Tensor
     [] for a finished row). `stats` gets each row's drafts, kept drafts and rounds. `drafter`: the
     draft model of a `draft` spec."""
     b, device = input_ids.shape[0], runner.model.device
-    if runner.kv_cache is not None:
-        raise UserError(f"speculative decoding needs a full-precision KV cache ({runner.kv_cache} cannot rewind "
-                        f"rejected drafts)")
     room = params.max_new_tokens * (spec.k + 1) if b > 1 else params.max_new_tokens + spec.k
     times.start = time.perf_counter()
     logits, positions, cache = runner.prefill(input_ids, attention_mask, pixel_values, room + spec.k + 1, reduction,
@@ -231,6 +231,7 @@ def speculative_steps(runner: Runner, spec: Speculation, input_ids: torch.Tensor
         yield out
         if bool(finished.all()):
             break
+        cache.defer = True  # a quantized cache holds this round's tokens unquantized until settle()
         if drafter is not None:
             drafts, lengths = drafter.draft(cur, pos, k)  # [B, K], [B]
         else:
@@ -246,6 +247,7 @@ def speculative_steps(runner: Runner, spec: Speculation, input_ids: torch.Tensor
             keep_accepted(cache, starts, kept, tokens.shape[1])
             if drafter is not None:
                 drafter.commit(drafts, kept)
+        cache.settle()
         out = []
         for r in range(b):
             if not finished[r]:

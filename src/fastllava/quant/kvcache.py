@@ -68,7 +68,8 @@ class QuantizedKVCache(StaticKVCache):
             raise RuntimeError(f"quantized KV cache layer {layer} holds {held} slots; cannot write at {start}")
         valid = self.valid[layer, :, :start + k.shape[2]]  # [B, S]
         n_quantized = values.n_quantized  # what the returned values read from the store
-        k_all, v_all = keys.append(k, valid), values.append(v, valid)
+        flush = not self.defer
+        k_all, v_all = keys.append(k, valid, flush), values.append(v, valid, flush)
         # salient slots index the prompt as prefilled: layers after an in-LLM cut hold another layout
         salient = self.salient[layer] if self.salient and layer < self.stage_layers(0).stop else None
         if salient is not None and start == 0:
@@ -76,6 +77,21 @@ class QuantizedKVCache(StaticKVCache):
         if salient is not None and n_quantized:
             v_all = salient.apply(v_all, n_quantized)
         return _to_span(k_all, span), _to_span(v_all, span)
+
+    def rewind(self, first: int, start: int) -> None:
+        """StaticKVCache.rewind, and the quantized sequences of the stage's layers too (the slots
+        forgotten were written in this speculative round, so they are still unquantized)."""
+        super().rewind(first, start)
+        for layer in self.stage_layers(first):
+            for seq in self.layers[layer]:
+                seq.rewind(start)
+
+    def settle(self) -> None:
+        """End a speculative round: quantize what its appends held back, as plain steps would have."""
+        self.defer = False
+        for layer, seqs in enumerate(self.layers):
+            for seq in seqs:
+                seq.settle(self.valid[layer])
 
     def insert_row(self, row: int, src: StaticKVCache, src_row: int = 0, reset: bool = False) -> None:
         """StaticKVCache.insert_row for quantized layouts: src (the same layout) row `src_row` is

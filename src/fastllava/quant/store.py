@@ -69,6 +69,9 @@ class PackedStore:
         return sum(b.numel() * b.element_size() for b in self.buffers.values())
 
 
+UNSETTLED = 34  # tokens a speculative round (k <= 16 drafts, then 1 + k to verify) may add unquantized
+
+
 class QuantizedSequence:
     """One layer's keys (or values): tokens [0, n_quantized) in a PackedStore, the rest in a
     full-precision residual buffer.
@@ -77,6 +80,10 @@ class QuantizedSequence:
     as a whole, so it holds total % residual tokens. flush="window" (KIVI's values): the residual
     keeps at least the `residual` most recent tokens; older ones are quantized as soon as a whole
     group of them has left the window.
+
+    A speculative round appends without flushing (`flush=False`), drops its rejected tokens from
+    the residual (`rewind`) and then flushes what is due (`settle`): the tokens kept are quantized
+    in the same groups as if they had been appended one by one.
     """
 
     def __init__(self, codec: Codec, flush: str, residual: int, batch: int, heads: int, max_len: int,
@@ -86,7 +93,8 @@ class QuantizedSequence:
         self.codec, self.flush, self.residual = codec, flush, residual
         # sized for what max_len tokens can put in each: nothing is allocated that cannot be used
         self.store = PackedStore(codec, batch, heads, self._target(max_len), dim, dtype, device)
-        self.res = torch.zeros(batch, heads, min(residual + codec.group, max_len), dim, dtype=dtype, device=device)
+        self.res = torch.zeros(batch, heads, min(residual + codec.group + UNSETTLED, max_len), dim, dtype=dtype,
+                               device=device)
         self.n_quantized = 0
         self.n_residual = 0
 
@@ -97,14 +105,15 @@ class QuantizedSequence:
             return total // self.residual * self.residual if self.residual else total // g * g
         return max(0, total - self.residual) // g * g
 
-    def append(self, x: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
+    def append(self, x: torch.Tensor, valid: torch.Tensor, flush: bool = True) -> torch.Tensor:
         """Add x [B, H, n, D]; valid [B, total] marks real tokens of all slots so far. Returns all
-        tokens [B, H, total, D]: the older ones dequantized, the residual and x as given."""
+        tokens [B, H, total, D]: the older ones dequantized, the residual and x as given. Without
+        `flush` nothing is quantized now (see `settle`)."""
         nq, nr = self.n_quantized, self.n_residual
         recent = torch.cat([self.res[:, :, :nr], x], dim=2)  # [B, H, nr + n, D]
         older = self.store.read(nq).to(x.dtype)
         total = nq + recent.shape[2]
-        target = self._target(total)
+        target = self._target(total) if flush else nq
         moved = target - nq
         if moved:
             self.store.write(nq, self.codec.encode(recent[:, :, :moved], valid[:, nq:target]))
@@ -114,6 +123,22 @@ class QuantizedSequence:
         self.res[:, :, :keep.shape[2]] = keep
         self.n_quantized, self.n_residual = target, keep.shape[2]
         return torch.cat([older, recent], dim=2)
+
+    def rewind(self, total: int) -> None:
+        """Keep the first `total` tokens (the ones past them are still in the residual)."""
+        if total < self.n_quantized:
+            raise RuntimeError(f"cannot rewind to {total} tokens: {self.n_quantized} are quantized already")
+        self.n_residual = min(self.n_residual, total - self.n_quantized)
+
+    def settle(self, valid: torch.Tensor) -> None:
+        """Quantize what appends without flushing left due (valid [B, >= total] as in append)."""
+        nq, nr = self.n_quantized, self.n_residual
+        target = self._target(nq + nr)
+        moved = target - nq
+        if moved > 0:
+            self.store.write(nq, self.codec.encode(self.res[:, :, :moved], valid[:, nq:target]))
+            self.res[:, :, :nr - moved] = self.res[:, :, moved:nr].clone()
+            self.n_quantized, self.n_residual = target, nr - moved
 
     def clear(self) -> None:
         self.n_quantized = self.n_residual = 0
