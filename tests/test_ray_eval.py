@@ -1,6 +1,6 @@
 """`fastllava eval --ray --replicas 2` on a local Ray cluster writes what plain `eval` writes: the
-same predictions (samples.jsonl byte for byte) and the same results.json, which only gains the Ray
-settings. Ray is a test dependency (scripts/setup.sh installs the ray extra): without it this fails."""
+same predictions (samples.jsonl byte for byte) and the same results.json, bad samples included,
+which only gains the Ray settings. Ray is a test dependency (scripts/setup.sh installs the ray extra): without it this fails."""
 
 from __future__ import annotations
 
@@ -16,6 +16,9 @@ from fastllava.evaluation import generate_dataset
 def data(tmp_path_factory):
     path = tmp_path_factory.mktemp("ray") / "data"
     generate_dataset(20, 6, path, image_size=48, progress=False)  # the embedded model gets 12 of 20 right
+    (path / "images" / "000002.png").write_text("not a png")  # its 2 questions are skipped, in the retry path
+    with (path / "questions.jsonl").open("a") as f:
+        f.write("{not json\n")
     return path
 
 
@@ -31,7 +34,7 @@ def test_ray_eval_equals_eval(data, tmp_path, monkeypatch, capsys):
     ray = json.loads((tmp_path / "ray" / "results.json").read_text())
     assert ray["settings"].pop("ray") == {"replicas": 2, "address": "local"}
     assert ray == plain
-    assert 0 < plain["overall"]["accuracy"] < 1 and plain["overall"]["n"] == 20
+    assert 0 < plain["overall"]["accuracy"] < 1 and plain["overall"]["n"] == 18 and len(plain["errors"]) == 3
 
 
 def _error(capsys, args: list[str]) -> str:

@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import sys
 from dataclasses import asdict
 from pathlib import Path
 from types import SimpleNamespace
@@ -98,6 +99,9 @@ def evaluate_ray(model: str | None, load_options: dict, data_dir: str | Path | D
         rows += batch_rows
         errors += info["skipped"]
         described = described or info["model"]
+    if errors:  # as runner.evaluate warns
+        shown = "; ".join(errors[:3]) + (f"; ... ({len(errors) - 3} more)" if len(errors) > 3 else "")
+        print(f"fastllava: warning: skipped {len(errors)} bad sample(s) in {data.root}: {shown}", file=sys.stderr)
     if not rows:
         raise UserError(f"no question in {data.root} could be answered; first problem: {errors[0]}")
     results = _summary(_model_view(described), data, rows, errors, batch_size, limit, kwargs)
