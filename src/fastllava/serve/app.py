@@ -19,7 +19,7 @@ from ..errors import UserError
 from ..generation import SamplingParams
 from ..generation.encoder_cache import EncoderCache, pixel_digest
 from ..generation.speculate import parse_speculate
-from .content import decode_image, image_bytes, image_size
+from .content import decode_image, image_bytes, image_size, video_frames
 from .errors import APIError, invalid
 from .prefix_cache import PrefixCache, token_keys
 from .protocol import ChatRequest, check_model, parse_chat, parse_json
@@ -117,9 +117,10 @@ def create_app(llava: Llava, settings: Settings) -> FastAPI:
         check_reduce(reduce, llava.config)  # the spec; each image's budget once it is decoded (_prepare)
         _busy(scheduler.check_room)  # before decoding images: a flood is refused cheaply
         async with preparing:
-            ids, pixel_values, image_sizes, params, keys = await run_in_threadpool(_prepare, llava, settings,
-                                                                                   scheduler, req, reduce)
-        info = Completion(settings.model_id, len(ids), ids.count(llava.config.image_token_index))
+            ids, pixel_values, image_sizes, params, keys, videos = await run_in_threadpool(
+                _prepare, llava, settings, scheduler, req, reduce)
+        info = Completion(settings.model_id, len(ids), ids.count(llava.config.image_token_index),
+                          ids.count(llava.config.video_token_index) if videos else 0)
         loop, events = asyncio.get_running_loop(), asyncio.Queue()
 
         def emit(event: tuple) -> None:  # called on the scheduler thread
@@ -128,7 +129,8 @@ def create_app(llava: Llava, settings: Settings) -> FastAPI:
             except RuntimeError:  # the event loop is closed
                 pass
 
-        job = Job(ids, pixel_values, image_sizes, params, req.stream, emit, reduce, keys, req.ignore_eos)
+        job = Job(ids, pixel_values, image_sizes, params, req.stream, emit, reduce, keys, req.ignore_eos,
+                  videos=videos)
         _busy(scheduler.submit, job)
         if req.stream:
             return StreamingResponse(_stream(events, job, scheduler, info, req.include_usage),
@@ -167,7 +169,7 @@ def _busy(fn, *args) -> None:
 
 def _parse(body: bytes, settings: Settings, ctx: int) -> ChatRequest:
     """The request in a body, its text bounded before anything tokenizes it (on a worker thread)."""
-    req = parse_chat(parse_json(body), settings.limits.max_images)
+    req = parse_chat(parse_json(body), settings.limits.max_images, settings.limits.max_videos)
     most = CHARS_PER_TOKEN * ctx
     if len(req.prompt) > most:
         raise invalid(f"the prompt is {len(req.prompt)} characters, over the limit of {most} ({CHARS_PER_TOKEN} per "
@@ -176,17 +178,23 @@ def _parse(body: bytes, settings: Settings, ctx: int) -> ChatRequest:
 
 
 def _prepare(llava: Llava, settings: Settings, scheduler: Scheduler, req: ChatRequest, reduce: str | None):
-    """Prompt ids, pixel values, image sizes (LLaVA-NeXT), sampling parameters and the prompt's
-    token keys for the prefix cache (None without one) of a request, within the limits (on a
-    worker thread)."""
+    """Prompt ids, pixel values, image sizes (LLaVA-NeXT), sampling parameters, the prompt's
+    token keys for the prefix cache (None without one or with a video) and the videos' pixel
+    values (a list of [T_i, 3, H, W], or None) of a request, within the limits (on a worker thread)."""
     limits, ctx = settings.limits, scheduler.context
     max_pixels = limits.max_image_pixels
+    if req.videos:
+        _check_videos(llava, settings, req, reduce)
     encoded = [image_bytes(ref, settings) for ref in req.images]
     sizes = [image_size(data, ref.param, max_pixels) for data, ref in zip(encoded, req.images)]  # headers only
     image_tokens = [llava.config.image_tokens(h, w) for h, w in sizes]  # one count per image
     check_reduce(reduce, llava.config, image_tokens)
+    # a video's token count is its sampled frames': they are read (within the video limits) before tokenizing
+    num_frames = settings.num_frames or (llava.video_processor.num_frames if req.videos else 0)
+    clips = [video_frames(ref, settings, num_frames) for ref in req.videos]
+    video_tokens = [llava.config.video_tokens(len(frames)) for frames in clips]
     try:
-        ids = llava.prompts.prompt_ids(req.prompt, len(encoded), image_tokens)
+        ids = llava.prompts.prompt_ids(req.prompt, len(encoded), image_tokens, video_tokens)
     except UserError as e:
         raise invalid(str(e), "messages", "invalid_prompt") from None
     t = len(ids)
@@ -213,10 +221,32 @@ def _prepare(llava: Llava, settings: Settings, scheduler: Scheduler, req: ChatRe
         pixel_values, image_sizes, digests = _pixels(llava, images) if images else (None, None, [])
     except UserError as e:  # preprocessing would make an image over its limit
         raise APIError(422, str(e), "messages", "invalid_image") from None
+    videos = None
+    if clips:
+        try:
+            videos = llava.video_processor(clips, num_frames)  # each [T_i, 3, H, W]
+        except UserError as e:  # a frame preprocessing refuses (sides more than 100:1)
+            raise APIError(422, str(e), req.videos[0].param, "invalid_video") from None
     keys = None
-    if scheduler.prefix is not None and reduce is None:
+    if scheduler.prefix is not None and reduce is None and not clips:  # video prompts are not shared (prefix_cache)
         keys = token_keys(ids, llava.config.image_token_index, digests, image_tokens)
-    return ids, pixel_values, image_sizes, params, keys
+    return ids, pixel_values, image_sizes, params, keys, videos
+
+
+def _check_videos(llava: Llava, settings: Settings, req: ChatRequest, reduce: str | None) -> None:
+    """400 for a video that this server cannot take: a checkpoint without videos, a reduction or
+    speculative decoding with a video (before any video is read)."""
+    param = req.videos[0].param
+    if not llava.config.takes_videos or llava.video_processor is None:
+        raise invalid(f"this checkpoint (model_type {llava.config.model_type!r}) takes no videos; LLaVA-OneVision "
+                      "and LLaVA-NeXT-Video checkpoints do", param, "unsupported_value")
+    if reduce is not None:
+        whose = "" if req.reduce else f" (this server's --reduce {reduce})"
+        raise invalid(f"reduce: visual token reduction does not apply to prompts with videos yet{whose}", "reduce",
+                      "invalid_reduction")
+    if settings.speculate is not None:
+        raise invalid("speculative decoding (this server's --speculate) does not take prompts with videos yet", param,
+                      "unsupported_value")
 
 
 def _pixels(llava: Llava, images: list) -> tuple[torch.Tensor, torch.Tensor | None, list[bytes]]:

@@ -44,22 +44,48 @@ def add_serve_parser(sub) -> None:
     p.add_argument("--max-images", type=positive_int, default=d.max_images, help="images per request")
     p.add_argument("--max-prompt-tokens", type=positive_int, help="default: the context")
     p.add_argument("--max-tokens", type=positive_int, default=d.max_tokens, help="the most a request may generate")
-    p.add_argument("--allow-http-images", action="store_true", help="fetch http(s):// image URLs (off: refused)")
-    p.add_argument("--allow-file-images", metavar="DIR", help="serve file:// image URLs from under DIR (off: refused)")
+    p.add_argument("--allow-http-images", action="store_true",
+                   help="fetch http(s):// image and video URLs (off: refused)")
+    p.add_argument("--allow-file-images", metavar="DIR",
+                   help="serve file:// image and video URLs from under DIR (off: refused)")
+    v = p.add_argument_group("videos (LLaVA-OneVision and LLaVA-NeXT-Video checkpoints)")
+    v.add_argument("--num-frames", type=positive_int, metavar="N",
+                   help="frames sampled uniformly from each video (default: the checkpoint's video processor's, else 8)")
+    v.add_argument("--max-videos", type=positive_int, default=d.max_videos, help="videos per request")
+    v.add_argument("--max-video-bytes", type=positive_int, default=d.max_video_bytes,
+                   help="one encoded video, or the sampled frames of a frame list together")
+    v.add_argument("--max-video-frames", type=positive_int, default=d.max_video_frames,
+                   help="frames one video may hold before sampling (a video file's, or a frame list's)")
+    v.add_argument("--max-video-pixels", type=positive_int, default=d.max_video_pixels, help="width x height of a frame")
+    v.add_argument("--max-video-seconds", type=positive_float, default=d.max_video_seconds,
+                   help="a video file's duration, when its container declares one")
     p.set_defaults(func=cmd_serve)
+
+
+def positive_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+    if not 0 < value < float("inf"):
+        raise argparse.ArgumentTypeError(f"expected a positive number, got {text!r}")
+    return value
 
 
 def settings_from_args(args: argparse.Namespace, model_dir: Path) -> Settings:
     files = Path(args.allow_file_images).expanduser() if args.allow_file_images else None
     limits = Limits(max_body_bytes=args.max_body_bytes, max_image_bytes=args.max_image_bytes,
                     max_image_pixels=args.max_image_pixels, max_images=args.max_images,
-                    max_prompt_tokens=args.max_prompt_tokens, max_tokens=args.max_tokens)
+                    max_prompt_tokens=args.max_prompt_tokens, max_tokens=args.max_tokens,
+                    max_videos=args.max_videos, max_video_bytes=args.max_video_bytes,
+                    max_video_frames=args.max_video_frames, max_video_pixels=args.max_video_pixels,
+                    max_video_seconds=args.max_video_seconds)
     names = served_names(args.served_model_name) or [model_dir.name]
     return Settings(model_id=names[0], aliases=tuple(names[1:]), api_key=args.api_key, limits=limits,
                     allow_http_images=args.allow_http_images, file_image_dir=files,
                     max_batch_size=args.max_batch_size, max_queue=args.max_queue, max_len=args.max_len,
                     reduce=args.reduce, speculate=args.speculate, prefix_cache_mb=args.prefix_cache_mb,
-                    encoder_cache_mb=args.encoder_cache_mb)
+                    encoder_cache_mb=args.encoder_cache_mb, num_frames=args.num_frames)
 
 
 def served_names(values: list[str] | None) -> list[str]:
@@ -93,6 +119,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
     from .. import load
     from ..generation.speculate import parse_speculate
+    from ..images import check_num_frames
     from ..quant.spec import parse_kv_cache
     from ..reduction.runtime import make_reduction
     from .app import create_app
@@ -103,6 +130,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
     served_names(args.served_model_name)  # a bad name fails before loading weights
     if args.allow_file_images and not Path(args.allow_file_images).expanduser().is_dir():
         raise UserError(f"--allow-file-images: {args.allow_file_images} is not a folder")
+    if args.num_frames is not None:
+        check_num_frames(args.num_frames)
     parse_kv_cache(args.kv_cache)  # a bad spec fails before loading weights
     parse_speculate(args.speculate, None)
     llava = load(args.model, **load_options(args))

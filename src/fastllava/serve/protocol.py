@@ -32,6 +32,16 @@ class ImageRef:
 
 
 @dataclass
+class VideoRef:
+    """A video part: an encoded video file at `url` (a video_url part), or its frames as image
+    URLs (a video part holding a list)."""
+
+    param: str  # where it stood, e.g. "messages[0].content[1].video_url.url"
+    url: str | None = None
+    frames: list[ImageRef] = field(default_factory=list)
+
+
+@dataclass
 class ChatRequest:
     model: str | None
     prompt: Conversation  # a str: the turns' text (system messages' first), carrying the turns themselves
@@ -46,6 +56,7 @@ class ChatRequest:
     include_usage: bool = False
     reduce: str | None = None
     ignore_eos: bool = False  # generate max_tokens whatever comes (for load tests)
+    videos: list[VideoRef] = field(default_factory=list)  # in the order they stand (LLaVA-OneVision, NeXT-Video)
 
 
 def parse_json(body: bytes) -> dict:
@@ -94,7 +105,7 @@ def _param(chain: tuple) -> str | None:
     return "".join(reversed(keys)).removeprefix(".") or None
 
 
-def parse_chat(d: dict, max_images: int) -> ChatRequest:
+def parse_chat(d: dict, max_images: int, max_videos: int = 1) -> ChatRequest:
     for key in d:
         if key not in HANDLED | IGNORED | set(OFF_VALUES):
             shown = json.dumps(key[:80], ensure_ascii=False)[1:-1]  # one line: a newline in a key is escaped
@@ -105,7 +116,7 @@ def parse_chat(d: dict, max_images: int) -> ChatRequest:
     fmt = _get(d, "response_format", dict)
     if fmt is not None and fmt.get("type") != "text":
         raise invalid("only response_format {\"type\": \"text\"} is supported", "response_format", "unsupported_value")
-    prompt, images = _messages(d.get("messages"), max_images)
+    prompt, images, videos = _messages(d.get("messages"), max_images, max_videos)
     stream = bool(_get(d, "stream", bool))
     options = _get(d, "stream_options", dict)
     if options is not None and not stream:
@@ -128,18 +139,19 @@ def parse_chat(d: dict, max_images: int) -> ChatRequest:
     return ChatRequest(model=_get(d, "model", str), prompt=prompt, images=images, max_tokens=max_tokens,
                        temperature=temperature, top_p=top_p, top_k=top_k, seed=seed, stop=_stops(d),
                        stream=stream, include_usage=bool(include_usage), reduce=_get(d, "reduce", str),
-                       ignore_eos=bool(_get(d, "ignore_eos", bool)))
+                       ignore_eos=bool(_get(d, "ignore_eos", bool)), videos=videos)
 
 
-def _messages(messages, max_images: int) -> tuple[Conversation, list[ImageRef]]:
-    """The conversation and images of a request: user and assistant turns (images in user turns),
-    ending with a user turn. The system (and developer) messages' text goes first in the first
-    user turn, wherever they stand (LLaVA has no system turn); consecutive messages of one role
-    make one turn (texts joined by newlines, images before the text)."""
+def _messages(messages, max_images: int, max_videos: int) -> tuple[Conversation, list[ImageRef], list[VideoRef]]:
+    """The conversation, images and videos of a request: user and assistant turns (images and
+    videos in user turns), ending with a user turn. The system (and developer) messages' text goes
+    first in the first user turn, wherever they stand (LLaVA has no system turn); consecutive
+    messages of one role make one turn (texts joined by newlines, images then videos before the
+    text)."""
     if not isinstance(messages, list) or not messages:
         what = "nothing" if messages is None else "an empty array" if messages == [] else _kind(messages)
         raise invalid(f"messages must be a non-empty array of messages, got {what}", "messages")
-    system, turns, images = [], [], []  # turns: [role, texts, image count, where it started]
+    system, turns, images, videos = [], [], [], []  # turns: [role, texts, image count, where it started, videos]
     for i, m in enumerate(messages):
         where = f"messages[{i}]"
         if not isinstance(m, dict):
@@ -152,7 +164,7 @@ def _messages(messages, max_images: int) -> tuple[Conversation, list[ImageRef]]:
                           "unsupported_value" if role == "tool" else "invalid_value")
         if role == "assistant" and m.get("tool_calls"):
             raise invalid(f"{where}: tool calls are not supported", f"{where}.tool_calls", "unsupported_value")
-        text, refs = _content(m.get("content"), f"{where}.content", allow_images=role == "user")
+        text, refs, clips = _content(m.get("content"), f"{where}.content", allow_images=role == "user")
         if role in ("system", "developer"):
             system.append(text)
             continue
@@ -162,9 +174,11 @@ def _messages(messages, max_images: int) -> tuple[Conversation, list[ImageRef]]:
         if turns and turns[-1][0] == role:
             turns[-1][1].append(text)
             turns[-1][2] += len(refs)
+            turns[-1][4] += len(clips)
         else:
-            turns.append([role, [text], len(refs), where])
+            turns.append([role, [text], len(refs), where, len(clips)])
         images += refs
+        videos += clips
     if not turns:
         raise invalid("messages must hold a user message", "messages")
     if turns[-1][0] != "user":
@@ -173,17 +187,23 @@ def _messages(messages, max_images: int) -> tuple[Conversation, list[ImageRef]]:
     if len(images) > max_images:
         raise invalid(f"{len(images)} images in the request; at most {max_images} are allowed",
                       "messages", "too_many_images")
+    if len(videos) > max_videos:
+        raise invalid(f"{len(videos)} videos in the request; at most {max_videos} are allowed", "messages",
+                      "too_many_videos")
     turns[0][1][:0] = system
-    return Conversation([Turn(role, "\n".join(t for t in texts if t), n) for role, texts, n, _ in turns]), images
+    return (Conversation([Turn(role, "\n".join(t for t in texts if t), n, v) for role, texts, n, _, v in turns]),
+            images, videos)
 
 
-def _content(content, where: str, allow_images: bool) -> tuple[str, list[ImageRef]]:
+def _content(content, where: str, allow_images: bool) -> tuple[str, list[ImageRef], list[VideoRef]]:
+    """A message's text (its text parts joined by newlines), image URLs and videos: a video_url
+    part (an encoded video file) or a video part (a list of frame image URLs)."""
     if isinstance(content, str):
-        return content, []
+        return content, [], []
     if not isinstance(content, list) or not content:
         raise invalid(f"{where} must be a string or a non-empty array of parts, got {_kind(content)}",
                       where, "invalid_type")
-    texts, images = [], []
+    texts, images, videos = [], [], []
     for j, part in enumerate(content):
         p = f"{where}[{j}]"
         if not isinstance(part, dict):
@@ -194,12 +214,21 @@ def _content(content, where: str, allow_images: bool) -> tuple[str, list[ImageRe
         elif kind == "image_url" and allow_images:
             ref = _get(part, "image_url", dict, f"{p}.image_url", required=True)
             images.append(ImageRef(_get(ref, "url", str, f"{p}.image_url.url", required=True), f"{p}.image_url.url"))
-        elif kind == "image_url":
-            raise invalid(f"{p}: images are only allowed in user messages", p, "unsupported_value")
+        elif kind == "video_url" and allow_images:
+            ref = _get(part, "video_url", dict, f"{p}.video_url", required=True)
+            videos.append(VideoRef(f"{p}.video_url.url", url=_get(ref, "url", str, f"{p}.video_url.url", required=True)))
+        elif kind == "video" and allow_images:
+            frames = _get(part, "video", list, f"{p}.video", required=True)
+            if not frames or not all(isinstance(f, str) for f in frames):
+                raise invalid(f"{p}.video must be a non-empty array of frame image URLs", f"{p}.video", "invalid_type")
+            videos.append(VideoRef(f"{p}.video", frames=[ImageRef(f, f"{p}.video[{k}]") for k, f in enumerate(frames)]))
+        elif kind in ("image_url", "video_url", "video"):
+            what = "images" if kind == "image_url" else "videos"
+            raise invalid(f"{p}: {what} are only allowed in user messages", p, "unsupported_value")
         else:
-            raise invalid(f"{p}.type must be text or image_url, got {json.dumps(kind)[:40]}", f"{p}.type",
-                          "unsupported_value")
-    return "\n".join(texts), images
+            raise invalid(f"{p}.type must be text, image_url, video_url or video, got {json.dumps(kind)[:40]}",
+                          f"{p}.type", "unsupported_value")
+    return "\n".join(texts), images, videos
 
 
 def _stops(d: dict) -> list[str]:

@@ -15,8 +15,9 @@ class Completion:
     """What every response object of one request shares."""
 
     model: str
-    prompt_tokens: int  # text + image tokens fed to the language model
+    prompt_tokens: int  # text + image + video tokens fed to the language model
     image_tokens: int
+    video_tokens: int = 0
     id: str = ""
     created: int = 0
 
@@ -27,9 +28,11 @@ class Completion:
     def usage(self, fin: Finish) -> dict:
         """Token counts; `cached_tokens`: prompt tokens taken from the prefix cache; with a
         reduction, `visual_tokens` lists the visual tokens entering the language model, then left
-        after each cut inside it."""
+        after each cut inside it; `video_tokens` only when the prompt holds a video."""
         details = {"cached_tokens": fin.cached_tokens, "image_tokens": self.image_tokens,
-                   "text_tokens": self.prompt_tokens - self.image_tokens}
+                   "text_tokens": self.prompt_tokens - self.image_tokens - self.video_tokens}
+        if self.video_tokens:
+            details["video_tokens"] = self.video_tokens
         if fin.visual_tokens is not None:
             details["visual_tokens"] = fin.visual_tokens
         return {"prompt_tokens": self.prompt_tokens, "completion_tokens": fin.completion_tokens,

@@ -48,6 +48,7 @@ class Job:
     ignore_eos: bool = False  # run to max_new_tokens (load tests)
     cancelled: bool = False
     submitted: float = field(default_factory=time.perf_counter)  # for the time-to-first-token metric
+    videos: list[torch.Tensor] | None = None  # each video's frames [T_i, 3, H, W] (OneVision, NeXT-Video), in order
 
 
 @dataclass
@@ -266,10 +267,11 @@ class Scheduler:
         ids, valid = left_pad([j.ids for j in jobs], self.llava.config.text.pad_token_id or 0)  # [B', T]
         pixels = _cat([j.pixel_values for j in jobs])  # [N, 3, H, W] or NeXT tiles [ΣP, 3, H, W], row by row
         sizes = _cat([j.image_sizes for j in jobs])  # [N, 2] (LLaVA-NeXT) or None
+        videos = _videos([v for j in jobs for v in j.videos or []])
         try:
             reduction = make_reduction(jobs[0].reduce, self.llava.config)
-            logits, positions, small = self.runner.prefill(ids, valid, pixels, 0, reduction,
-                                                           image_sizes=sizes)  # [B', V], [B', T']
+            logits, positions, small = self.runner.prefill(ids, valid, pixels, 0, reduction, image_sizes=sizes,
+                                                           pixel_values_videos=videos)  # [B', V], [B', T']
         except Exception as e:  # noqa: BLE001 - contained: see the docstring
             if len(jobs) > 1:
                 for job in jobs:
@@ -469,6 +471,14 @@ class Scheduler:
             self.rows = [None] * len(self.rows)
             for job in jobs:
                 job.emit(("error", APIError(500, "internal error while generating", None, "internal_error")))
+
+
+def _videos(videos: list[torch.Tensor]):
+    """The group's videos (each [T_i, 3, H, W], job by job) as prefill takes them: [V, T, 3, H, W]
+    when their frame counts agree, else the list (as Llava.inputs gives them); None without any."""
+    if not videos:
+        return None
+    return torch.stack(videos) if len({v.shape for v in videos}) == 1 else videos
 
 
 def _cat(parts: list[torch.Tensor | None]) -> torch.Tensor | None:

@@ -15,6 +15,12 @@ class Limits:
     max_prompt_tokens: int | None = None  # None: the model's context
     max_tokens: int = 2048  # the most a request may ask to generate (capped by the context)
     default_max_tokens: int = 256  # when a request does not say (capped by what fits)
+    # videos (LLaVA-OneVision, LLaVA-NeXT-Video checkpoints)
+    max_videos: int = 1  # videos in one request
+    max_video_bytes: int = 24 * 2**20  # one encoded video, or the frames of a frame list together
+    max_video_frames: int = 18_000  # frames in one video (a file's, or a frame list's); sampled to num_frames
+    max_video_pixels: int = 3840 * 2160  # width x height of one frame
+    max_video_seconds: float = 600.0  # a video file's duration, when its container declares one
 
 
 @dataclass
@@ -22,8 +28,8 @@ class Settings:
     model_id: str  # the name clients pass as `model` (and the one answers carry)
     api_key: str | None = None  # None: no authentication
     limits: Limits = None  # type: ignore[assignment]
-    allow_http_images: bool = False  # fetch http(s):// image URLs
-    file_image_dir: Path | None = None  # serve file:// image URLs from under this folder only
+    allow_http_images: bool = False  # fetch http(s):// image (and video) URLs
+    file_image_dir: Path | None = None  # serve file:// image (and video) URLs from under this folder only
     max_batch_size: int = 8  # rows decoded together
     max_queue: int = 64  # requests waiting for a row beyond the batch; more are answered 429
     max_len: int = 4096  # KV-cache slots (capped by the model's max_position_embeddings)
@@ -32,6 +38,7 @@ class Settings:
     aliases: tuple[str, ...] = ()  # more names accepted as `model` (and listed by /v1/models)
     prefix_cache_mb: int = 1024  # keys and values of earlier prompts kept for reuse (0: no prefix cache)
     encoder_cache_mb: int = 256  # encoded images kept for reuse (0: no encoder cache)
+    num_frames: int | None = None  # frames sampled from each video (None: the checkpoint's video processor's)
 
     def __post_init__(self):
         if self.limits is None:
