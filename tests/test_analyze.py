@@ -102,8 +102,9 @@ def test_reduction_before_the_llm_changes_mdi(checkpoint, dataset):
     assert _finite(reduced["layers"]["mdi"] + reduced["layers"]["aei"])
     assert abs(reduced["overall"]["mdi"] - plain["overall"]["mdi"]) > 1e-3
     assert reduced["settings"]["reduce"] == "fastervlm:keep=4"
-    with pytest.raises(UserError, match="cuts inside the LLM"):
-        analyze(model, dataset, reduce="fastv:keep=4,layer=1", limit=1, progress=False)
+    for spec in ("fastv:keep=4,layer=1", "visiondrop:keep=4,llm=1"):  # the second acts before the LLM and in it
+        with pytest.raises(UserError, match="cuts inside the LLM"):
+            analyze(model, dataset, reduce=spec, limit=1, progress=False)
 
 
 @pytest.mark.parametrize("extra, message", [

@@ -28,6 +28,8 @@ FULL = {  # a spec keeping every visual token, per method
     "fastv+prop": "fastv:keep=16,merge=prop", "dart+mean": "dart:keep=16,pivots=3,merge=mean",
     "fastervlm+prop": "fastervlm:keep=16,merge=prop", "random+mean": "random:keep=16,merge=mean",
     "visionzip+compact": "visionzip:keep=16,positions=compact",
+    "flowcut": "flowcut:keep=16", "pitome": "pitome:keep=16", "visiondrop": "visiondrop:keep=16",
+    "rebalance": "rebalance:keep=16",
 }
 SMALL = {  # a real reduction, per method
     "divprune": "divprune:keep=5", "vispruner": "vispruner:keep=6", "cdpruner": "cdpruner:keep=5",
@@ -41,6 +43,8 @@ SMALL = {  # a real reduction, per method
     "fastervlm+prop": "fastervlm:keep=5,merge=prop", "random+mean": "random:keep=6,merge=mean",
     "visionzip+prop": "visionzip:keep=6,contextual=2,merge=prop",
     "fastervlm+compact": "fastervlm:keep=5,positions=compact", "pool+compact": "pool:keep=6,positions=compact",
+    "flowcut": "flowcut:keep=5", "pitome": "pitome:keep=6", "visiondrop": "visiondrop:keep=5",
+    "rebalance": "rebalance:keep=5",
 }
 WORDS = ["user", "assistant", ":", "?", ".", "what", "color", "is", "the", "circle", "square", "red", "blue"]
 WORDS += [f"w{i}" for i in range(VOCAB - 4 - len(WORDS))]

@@ -96,7 +96,7 @@ def layer_indices(model, image, prompt: str, reduction=None) -> tuple[list[float
 def check_reduction(spec, cfg):
     """A Reduction for `spec` (None stays None); UserError for one that cuts inside the LLM."""
     reduction = make_reduction(spec, cfg)
-    if reduction is not None and reduction.method.where != "vision":
+    if reduction is not None and (reduction.method.where != "vision" or reduction.cuts):
         raise UserError(f"analyze measures a fixed set of tokens through every layer; {reduction.method.spec()} "
                         f"cuts inside the LLM: use a reduction before the LLM (e.g. fastervlm:keep=64)")
     return reduction

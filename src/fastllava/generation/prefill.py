@@ -18,7 +18,7 @@ import torch
 from ..errors import UserError
 from ..models.llava import LlavaModel, Tower
 from ..ops import attention_mask, pad_right, round_up
-from ..reduction.base import VisionContext
+from ..reduction.base import TowerMethod, VisionContext
 from ..reduction.runtime import Reduction
 
 # (model, cache, x, positions, key_valid, key_bias, first, stop, causal, head) -> run_stage's result
@@ -38,7 +38,9 @@ def prepare(model: LlavaModel, input_ids: torch.Tensor, pixel_values: torch.Tens
         raise UserError("visual token reduction does not apply to prompts with videos yet")
     method = reduction.method if reduction is not None else None
     blocks = ()
-    if method is not None and method.where == "vision" and method.needs_cls:
+    if isinstance(method, TowerMethod):  # the tower runs under the method's plan (models.vision.TowerPlan)
+        blocks = (method.plan(model.feature_block, model.cfg.vision.num_patches),)
+    elif method is not None and method.where == "vision" and method.needs_cls:
         blocks = model.cls_blocks(method.early_layer())
     images = None if pixel_values is None else model.encode_images(pixel_values, image_sizes, blocks, tower)
     real = None if images is None else images.get("valid")  # [N, P] on LLaVA-NeXT (rows padded), else None

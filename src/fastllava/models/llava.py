@@ -76,13 +76,9 @@ class LlavaModel(nn.Module):
         vision, infos = self.vision_features(pixel_values, blocks)
         return (vision, self.multi_modal_projector(vision), *[t for info in infos for t in (info.attention, info.keys)])
 
-    def cls_blocks(self, early_block) -> tuple:
+    def cls_blocks(self, early_block: int | None) -> tuple[int, ...]:
         """The vision blocks whose class-token attention a reader of `early_block` (1-based, or
-        None: the selected layer only) needs: the selected features' block, then that one. A
-        method that reduces inside the tower gives instead an object with plan(depth, patches) -> TowerPlan
-        (see reduction.base.TowerMethod): -> (that plan,), which encode_images runs the tower with."""
-        if early_block is not None and not isinstance(early_block, int):
-            return (early_block.plan(self.feature_block, self.cfg.vision.num_patches),)
+        None: the selected layer only) needs: the selected features' block, then that one."""
         return (self.feature_block,) + ((early_block,) if early_block is not None else ())
 
     def encode_images(self, pixel_values: torch.Tensor, image_sizes: torch.Tensor | None = None,
@@ -91,7 +87,8 @@ class LlavaModel(nn.Module):
         [N, P, Dv] and `features` [N, P, D]; with `blocks` (see cls_blocks) also `cls_attention`,
         `keys` (of the first block) and `early_attention` (of the second) [N, P], else None.
         `image_sizes` is for LLaVA-NeXT. `tower` replaces encode_tower (a compiled version).
-        With a TowerPlan in `blocks` (see cls_blocks) see encode_planned (`tower` is not used)."""
+        With a TowerPlan as `blocks` (a method that reduces inside the tower, see
+        reduction.base.TowerMethod) see encode_planned (`tower` is not used)."""
         if blocks and not isinstance(blocks[0], int):
             return self.encode_planned(pixel_values, blocks[0])
         vision, features, *flat = (tower or self.encode_tower)(pixel_values, blocks)

@@ -163,8 +163,7 @@ class Method:
 
     def early_layer(self):
         """A vision block (1-based) whose class-token attention the method needs besides that of the
-        selected layer (VisionContext.early_attention), or None. A TowerMethod returns itself: the
-        model then runs its vision tower under the method's plan (LlavaModel.cls_blocks)."""
+        selected layer (VisionContext.early_attention), or None."""
         return None
 
     def bind(self, num_layers: int) -> "Method":
@@ -214,12 +213,9 @@ class TowerMethod(VisionMethod):
     the language model (at their original places, see VisionMethod.positions), with the sizes of
     merged tokens as proportional attention in the LLM when `llm_sizes()` says so."""
 
-    needs_cls: ClassVar[bool] = True  # makes the engine ask for early_layer(), which is the method itself
+    needs_cls: ClassVar[bool] = True  # refused on towers without a class token (SigLIP)
     images: ClassVar[str] = "single"
     reads_cls: ClassVar[bool] = False  # whether its plan reads the class token (no tower without one qualifies)
-
-    def early_layer(self):
-        return self
 
     def plan(self, depth: int, patches: int):
         """A fresh TowerPlan for one tower run whose selected features come out of block `depth`, on
