@@ -38,7 +38,7 @@ class Replica:
             self.fatal = str(e)
 
     def __call__(self, batch: dict) -> dict:
-        out = {"index": [], "rows": [], "errors": []}
+        out = {"index": [], "rows": [], "info": []}
         for index, text in zip(batch["index"], batch["samples"]):
             samples = [_sample(s) for s in json.loads(text)]
             errors: list[str] = []
@@ -50,12 +50,12 @@ class Replica:
             except UserError as e:  # carried to the driver
                 out["index"].append(int(index))
                 out["rows"].append("[]")
-                out["errors"].append(json.dumps({"fatal": str(e)}))
+                out["info"].append(json.dumps({"fatal": str(e)}))
                 continue
             rows = [_row(s, r) for s, r in zip(samples, results) if r is not None]
             out["index"].append(int(index))
             out["rows"].append(json.dumps(rows, ensure_ascii=False))
-            out["errors"].append(json.dumps({"skipped": errors, "model": _describe(self.model)}))
+            out["info"].append(json.dumps({"skipped": errors, "model": _describe(self.model)}))
         return out
 
 
@@ -118,9 +118,19 @@ def evaluate_ray(model: str | None, load_options: dict, data_dir: str | Path | D
 
 def _run(ray, items, model, load_options, kwargs, replicas, gpu, progress, n, batches) -> dict:
     """{batch index: (rows, info)} from the pipeline: from_items -> map_batches(Replica) on an actor pool."""
-    ctx = ray.data.DataContext.get_current()
+    ctx, logger = ray.data.DataContext.get_current(), logging.getLogger("ray.data")
+    saved = ctx.enable_progress_bars, logger.level
     ctx.enable_progress_bars = False  # ours instead (--quiet turns it off)
-    logging.getLogger("ray.data").setLevel(logging.WARNING)
+    logger.setLevel(logging.WARNING)
+    try:
+        return _collect(ray, items, model, load_options, kwargs, replicas, gpu, progress, n, batches)
+    finally:
+        ctx.enable_progress_bars = saved[0]
+        logger.setLevel(saved[1])
+
+
+def _collect(ray, items, model, load_options, kwargs, replicas, gpu, progress, n, batches) -> dict:
+    """Builds the pipeline, starts it and gathers its rows as they come, with the progress bar."""
     ds = ray.data.from_items(items, override_num_blocks=len(items)).map_batches(
         Replica, fn_constructor_kwargs={"model": model, "load_options": load_options, "kwargs": kwargs},
         batch_size=1, batch_format="numpy", compute=ray.data.ActorPoolStrategy(size=replicas),
@@ -129,7 +139,7 @@ def _run(ray, items, model, load_options, kwargs, replicas, gpu, progress, n, ba
     bar = Progress("eval", n, enabled=progress)
     for r in ds.iter_rows():
         k = int(r["index"])
-        done[k] = (json.loads(r["rows"]), json.loads(r["errors"]))
+        done[k] = (json.loads(r["rows"]), json.loads(r["info"]))
         bar.update(len(batches[k]))
     bar.close()
     return done
