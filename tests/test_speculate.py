@@ -172,6 +172,25 @@ def test_the_server_speculates_and_answers_as_generate(model, spec):
     assert model.runner.calls["eager_multi_step"] > before  # verify passes ran in the server
 
 
+def test_the_server_speculates_with_a_quantized_cache(model):
+    """Lone requests (each row alone in the cache, from slot 0) with ngram drafts over a KIVI cache
+    answer as generate with the same cache does without speculation."""
+    from fastllava.serve.settings import Settings
+    from serve_helpers import raw_request, running_server
+
+    q = fastllava.load(model.path, device="cpu", kv_cache="kivi:bits=4,group=4,residual=4")
+    jobs = [("red red blue red red", 40), ("blue blue", 33), ("what color is the circle ? red red", 25)]
+    refs = [q.generate(images=[None], prompts=[p], max_new_tokens=n)[0] for p, n in jobs]
+    with running_server(q, Settings(model_id="tiny", max_batch_size=2, max_len=256, speculate="ngram:k=4")) as base:
+        answers = [raw_request(base, "POST", "/v1/chat/completions",
+                               {"model": "tiny", "messages": [{"role": "user", "content": p}], "max_tokens": n,
+                                "temperature": 0}) for p, n in jobs]
+    for (status, out), ref in zip(answers, refs):
+        assert status == 200, out
+        assert out["choices"][0]["message"]["content"] == ref.text
+    assert q.runner.calls["eager_multi_step"] > 0
+
+
 def test_cli_run_speculates_and_reports_its_drafts(capsys):
     from fastllava.cli import main
 
@@ -190,9 +209,9 @@ def test_serve_checks_its_speculation_before_serving(capsys):
 
     assert main(["serve", "--speculate", "medusa", "--port", "18931"]) == 2
     assert "unknown speculation 'medusa'" in capsys.readouterr().err
-    assert main(["serve", "--speculate", "ngram", "--kv-cache", "kivi", "--port", "18931"]) == 2
+    assert main(["serve", "--speculate", "draft:model=x", "--port", "18931"]) == 2
     err = capsys.readouterr().err
-    assert "full-precision KV cache" in err and "serving" not in err
+    assert "does not take a draft model" in err and "serving" not in err
 
 
 def test_speculation_in_the_compiled_mode_gives_the_plain_tokens(model):

@@ -40,9 +40,6 @@ def create_app(llava: Llava, settings: Settings) -> FastAPI:
     speculate = parse_speculate(settings.speculate, llava.config.text.num_hidden_layers)
     if speculate is not None and speculate.kind == "draft":
         raise UserError("the server does not take a draft model yet; use ngram or layerskip")
-    if speculate is not None and llava.runner.kv_cache is not None:
-        raise UserError(f"speculative decoding needs a full-precision KV cache; {llava.runner.kv_cache} cannot rewind "
-                        f"rejected drafts")
     llava.runner.encoder_cache = EncoderCache(settings.encoder_cache_mb * 2**20) if settings.encoder_cache_mb else None
     prefix = None
     if settings.prefix_cache_mb and llava.runner.kv_cache is None:  # quantized caches are not shared (prefix_cache)

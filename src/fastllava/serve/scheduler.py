@@ -380,11 +380,13 @@ class Scheduler:
         for r in active:
             cur[r.index], pos[r.index] = r.last, r.pos + 1
             history[r.index] = r.job.ids + r.text.ids
+        self.cache.defer = True  # a quantized cache holds the round's tokens unquantized until settle()
         drafts, lengths = draft_tokens(self.runner, self.spec, self.cache, cur, pos, history, self.spec_k)
         free = torch.ones(b, dtype=torch.bool, device=device)
         free[[r.index for r in active]] = False
         lengths = lengths.masked_fill(free, 0)
         if drafts.shape[1] == 0 or not bool(lengths.any()):
+            self.cache.settle()
             return False
         tokens = torch.cat([cur[:, None], drafts], 1)  # [B, 1 + K]
         starts = [self.cache.lengths[f] for f in self.cache.stages]
@@ -399,6 +401,7 @@ class Scheduler:
             except Exception as e:  # noqa: BLE001 - this row alone fails
                 self._fail(r.job, e)
         keep_accepted(self.cache, starts, kept, tokens.shape[1])
+        self.cache.settle()
         for r in active:
             if r.index not in nxt:
                 self.rows[r.index] = None
