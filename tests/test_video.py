@@ -265,3 +265,37 @@ def test_cli_run_with_a_folder_of_frames(ov_video, tmp_path, capsys):
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 2 and "does not exist" in err[0]
     assert re.search(_corrupt_video_message(), err[1])
+
+
+def test_bench_times_a_video_input(tmp_path, capsys):
+    """`bench --frames N` on a video preset: a prompt of text and one video of N random frames, its
+    first greedy token that of the model's own logits on the same inputs; one-line refusals."""
+    from fastllava.bench.measure import Case, bench_video_inputs, time_ours
+    from fastllava.bench.presets import preset_config, random_model
+    from fastllava.generation import Runner
+    from fastllava.ops import positions_from_mask
+
+    out = tmp_path / "b"
+    assert main(["bench", "--preset", "tiny-next-video", "--device", "cpu", "--frames", "3", "--repeats", "1",
+                 "--warmup", "0", "--new-tokens", "3", "--text-tokens", "8", "--batch-size", "2",
+                 "--out", str(out)]) == 0
+    report = json.loads((out / "bench.json").read_text())
+    case = report["cases"][0]
+    assert report["settings"]["frames"] == 3 and case["visual_tokens"] == 3 * 12 * 12 and case["ours"]["ttft_s"] > 0
+    model = random_model(preset_config("tiny-next-video"), torch.device("cpu"), torch.float32)
+    runner = Runner(model, "eager")
+    timed = time_ours(runner, Case(2, None, 8, 3, frames=4), None, 1, 0)
+    ids, mask, videos = bench_video_inputs(model, Case(2, None, 8, 3, frames=4))
+    assert videos.shape == (2, 4, 3, 96, 96) and ((ids == model.cfg.video_token_index).sum(1) == 4 * 144).all()
+    assert not (ids == model.cfg.image_token_index).any()
+    valid = mask.bool()
+    with torch.inference_mode():
+        logits = runner.logits(ids, None, valid, positions_from_mask(valid), pixel_values_videos=videos)
+    assert torch.equal(timed["tokens"][:, 0], logits[:, -1].argmax(-1))
+    capsys.readouterr()
+    for args, message in ((["--preset", "tiny", "--frames", "2"], "takes videos"),
+                          (["--preset", "tiny-next-video", "--frames", "2", "--keep", "8"], "--keep"),
+                          (["--preset", "tiny-next-video", "--frames", "300"], "num_frames")):
+        assert main(["bench", *args, "--device", "cpu", "--out", str(tmp_path / "x")]) == 2
+        err = capsys.readouterr().err.strip()
+        assert message in err and len(err.splitlines()) == 1, err

@@ -36,6 +36,9 @@ def add_bench_parser(subparsers) -> argparse.ArgumentParser:
                    "--keep budget) for --keep budgets (default fastervlm)")
     p.add_argument("--batch-size", type=_int_list, default=[1], help="comma-separated batch sizes (default 1)")
     p.add_argument("--text-tokens", type=positive_int, default=40, help="text tokens per prompt (default 40)")
+    p.add_argument("--frames", type=positive_int, metavar="N",
+                   help="time a video of N frames (random pixels) as each prompt's input instead of an image "
+                        "(LLaVA-OneVision and LLaVA-NeXT-Video models)")
     p.add_argument("--new-tokens", type=positive_int, default=32, help="tokens to generate (default 32)")
     p.add_argument("--repeats", type=positive_int, default=5, help="timed runs per case; medians are reported")
     p.add_argument("--warmup", type=int, default=2, help="untimed runs per case first (default 2)")
@@ -60,7 +63,8 @@ def cmd_bench(args: argparse.Namespace) -> int:
     from ..quant import parse_kv_cache, parse_weights
     from ..reduction.registry import parse_spec
     from ..reduction.runtime import make_reduction
-    from .measure import Case, hf_twin, image_tokens, time_hf, time_ours
+    from ..images import check_num_frames
+    from .measure import Case, hf_twin, time_hf, time_ours, video_tokens
     from .report import environment, table, write
 
     if args.warmup < 0:
@@ -75,9 +79,17 @@ def cmd_bench(args: argparse.Namespace) -> int:
         raise UserError("--compare hf times transformers on the same weights: leave out --weights and --kv-cache")
     if any(parse_speculate(sp, None).kind == "draft" for sp in args.speculate):  # before building a model
         raise UserError("bench times ngram and layerskip; time a draft model with `fastllava eval --speculate`")
+    if args.frames is not None:
+        check_num_frames(args.frames)
+        for flag, given in (("--keep", args.keep), ("--speculate", args.speculate), ("--compare", args.compare)):
+            if given:
+                raise UserError(f"--frames times the full video path; {flag} does not take videos yet")
     model, name = _model(args, weights)
+    if args.frames is not None and not model.cfg.takes_videos:
+        raise UserError(f"--frames needs a model that takes videos (LLaVA-OneVision, LLaVA-NeXT-Video); "
+                        f"{name} (model_type {model.cfg.model_type!r}) does not")
     speculations = [None] + [parse_speculate(sp, model.cfg.text.num_hidden_layers) for sp in args.speculate]
-    n_img = image_tokens(model)
+    n_img = video_tokens(model, Case(1, None, frames=args.frames))  # the visual tokens of one prompt's input
     keeps = args.keep or [n_img]
     too_many = [k for k in keeps if k > n_img]
     if too_many:
@@ -91,6 +103,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
     out = Path(args.out).expanduser()
     report = {"model": name, "dtype": str(model.dtype).replace("torch.", ""), "environment": environment(model.device),
               "settings": {"text_tokens": args.text_tokens, "new_tokens": args.new_tokens, "repeats": args.repeats,
+                           "frames": args.frames,
                            "warmup": args.warmup, "reduce": args.reduce, "seed": args.seed,
                            "weights": str(weights or "fp"), "kv_cache": str(kv_cache or "fp"),
                            "decode": ",".join(modes), "speculate": args.speculate},
@@ -102,7 +115,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
             label = mode if spec is None else f"{mode} {spec.spec()}"
             for batch in args.batch_size:
                 for keep in sorted(set(keeps), reverse=True):
-                    case = Case(batch, None if keep == n_img else keep, args.text_tokens, args.new_tokens)
+                    case = Case(batch, None if keep == n_img else keep, args.text_tokens, args.new_tokens, args.frames)
                     reduce = specs[keep]
                     ours = time_ours(runner, case, reduce, args.repeats, args.warmup, spec)
                     row = {"batch": batch, "visual_tokens": keep, "decode": label, "reduce": reduce, "ours": _plain(ours)}

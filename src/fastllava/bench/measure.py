@@ -25,11 +25,40 @@ class Case:
     keep: int | None  # visual tokens kept per image; None = all
     text_tokens: int = 40
     new_tokens: int = 32
+    frames: int | None = None  # a video of this many frames instead of the image (OneVision, NeXT-Video)
 
 
 def image_tokens(model: LlavaModel) -> int:
     """Visual tokens of one benchmark image (LLaVA-NeXT: an image of IMAGE_HW)."""
     return model.cfg.image_tokens(*IMAGE_HW)
+
+
+def video_tokens(model: LlavaModel, case: Case) -> int:
+    """Visual tokens of the case's input: its video's when it has frames, else one image's."""
+    return model.cfg.video_tokens(case.frames) if case.frames else image_tokens(model)
+
+
+def _text_ids(cfg, b: int, n: int, gen: torch.Generator) -> torch.Tensor:
+    """Random text ids [b, n] in [3, vocab) that are neither the image nor the video token."""
+    special = sorted({cfg.image_token_index} | ({cfg.video_token_index} if cfg.takes_videos else set()))
+    text = torch.randint(3, cfg.text.vocab_size - len(special), (b, n), generator=gen)
+    for s in special:  # skip each special id in turn, from the smallest
+        text += (text >= s).long()
+    return text
+
+
+def bench_video_inputs(model: LlavaModel, case: Case, seed: int = 0):
+    """Random prompt ids [B, T] (text, then a video's tokens, then text), their mask [B, T] and
+    random frames pixel_values_videos [B, F, 3, H, W] in the model's dtype, F = case.frames."""
+    cfg = model.cfg
+    gen = torch.Generator().manual_seed(seed)
+    b, after = case.batch, max(1, case.text_tokens - TEXT_BEFORE_IMAGE)
+    text = _text_ids(cfg, b, TEXT_BEFORE_IMAGE + after, gen)
+    video = torch.full((b, cfg.video_tokens(case.frames)), cfg.video_token_index)
+    ids = torch.cat([text[:, :TEXT_BEFORE_IMAGE], video, text[:, TEXT_BEFORE_IMAGE:]], dim=1)
+    side = cfg.vision.image_size
+    frames = torch.randn(b, case.frames, 3, side, side, generator=gen).to(model.dtype)
+    return ids, torch.ones_like(ids), frames
 
 
 def bench_inputs(model: LlavaModel, case: Case, seed: int = 0):
@@ -40,8 +69,7 @@ def bench_inputs(model: LlavaModel, case: Case, seed: int = 0):
     gen = torch.Generator().manual_seed(seed)
     n_img, b = image_tokens(model), case.batch
     after = max(1, case.text_tokens - TEXT_BEFORE_IMAGE)
-    text = torch.randint(3, cfg.text.vocab_size - 1, (b, TEXT_BEFORE_IMAGE + after), generator=gen)
-    text += (text >= cfg.image_token_index).long()  # skip the image token's id
+    text = _text_ids(cfg, b, TEXT_BEFORE_IMAGE + after, gen)
     image = torch.full((b, n_img), cfg.image_token_index)
     ids = torch.cat([text[:, :TEXT_BEFORE_IMAGE], image, text[:, TEXT_BEFORE_IMAGE:]], dim=1)
     side, sizes, tiles = cfg.vision.image_size, None, ()
@@ -71,15 +99,19 @@ def time_ours(runner: Runner, case: Case, reduce: str | None, repeats: int, warm
     greedy tokens of the last run [B, N]."""
     model = runner.model
     device = model.device
-    ids, mask, pixels, sizes = bench_inputs(model, case)
-    pixels = pixels.to(device)
+    inputs = _inputs(model, case, device)
+    pixels = inputs[2]
     params = SamplingParams(max_new_tokens=case.new_tokens).validate()
     runs, tokens, first_run = [], None, None
     compiled = runner.tower()  # in compiled mode, the compiled tower + projector that generation uses
     for i in range(warmup + repeats):
         sync(device)
         t0 = time.perf_counter()
-        if compiled is not None:  # the compiled tower and projector, one call: no projector time apart
+        if case.frames:  # every frame through the tower, projector and pooling, in one call
+            model.encode_videos(inputs[4], compiled)
+            sync(device)
+            t1 = t2 = time.perf_counter()
+        elif compiled is not None:  # the compiled tower and projector, one call: no projector time apart
             compiled(pixels.flatten(0, -4), ())
             sync(device)
             t1 = t2 = time.perf_counter()
@@ -93,13 +125,13 @@ def time_ours(runner: Runner, case: Case, reduce: str | None, repeats: int, warm
         _reset_peak(device)
         times = StepTimes()
         spec_stats = SpecStats([], [], [])
-        tokens = _generate(runner, (ids, mask, pixels, sizes), params, reduce, times, speculate, spec_stats)
+        tokens = _generate(runner, inputs, params, reduce, times, speculate, spec_stats)
         if first_run is None:
             first_run = time.perf_counter() - t0
         if i < warmup:
             continue
         runs.append({
-            "vision_s": t1 - t0, "projector_s": None if compiled is not None else t2 - t1,
+            "vision_s": t1 - t0, "projector_s": None if compiled is not None or case.frames else t2 - t1,
             "prefill_s": times.first_token_s - times.vision_s,
             "ttft_s": times.first_token_s, "e2e_s": times.end_s,
             "decode_tok_s": (tokens.shape[1] - 1) / (times.end_s - times.first_token_s),
@@ -123,26 +155,35 @@ def profile_ours(runner: Runner, case: Case, reduce: str | None, rows: int = 30,
 
     model = runner.model
     device = model.device
-    ids, mask, pixels, sizes = bench_inputs(model, case)
     params = SamplingParams(max_new_tokens=case.new_tokens).validate()
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
     with profile(activities=activities) as prof:
-        _generate(runner, (ids, mask, pixels.to(device), sizes), params, reduce, StepTimes(), speculate)
+        _generate(runner, _inputs(model, case, device), params, reduce, StepTimes(), speculate)
         sync(device)
     key = "self_device_time_total" if device.type == "cuda" else "self_cpu_time_total"
     return prof.key_averages().table(sort_by=key, row_limit=rows)
 
 
+def _inputs(model: LlavaModel, case: Case, device: torch.device) -> tuple:
+    """(ids, mask, pixels, image sizes, videos) of a case, pixels and videos on `device`: an image's
+    (bench_inputs; videos None), or a video's (bench_video_inputs; pixels and sizes None)."""
+    if case.frames:
+        ids, mask, videos = bench_video_inputs(model, case)
+        return ids, mask, None, None, videos.to(device)
+    ids, mask, pixels, sizes = bench_inputs(model, case)
+    return ids, mask, pixels.to(device), sizes, None
+
+
 def _generate(runner: Runner, inputs: tuple, params: SamplingParams, reduce: str | None, times: StepTimes,
               speculate: Speculation | None = None, spec_stats: SpecStats | None = None) -> torch.Tensor:
-    """One greedy generation of inputs (ids, mask, pixels, image sizes from bench_inputs) under
+    """One greedy generation of inputs (ids, mask, pixels, image sizes, videos: _inputs) under
     a fresh reduction of `reduce` (and `speculate`, if given) -> the tokens [B, N] (no EOS: every
     row runs to N); `times` gets its marks."""
-    ids, mask, pixels, sizes = inputs
+    ids, mask, pixels, sizes, videos = inputs
     finished = torch.zeros(ids.shape[0], dtype=torch.bool)
     reduction = make_reduction(reduce, runner.model.cfg)
     if speculate is None:
-        steps = list(decode_steps(runner, ids, mask, pixels, params, [], finished, times, reduction, sizes))
+        steps = list(decode_steps(runner, ids, mask, pixels, params, [], finished, times, reduction, sizes, videos))
         return torch.stack(steps, dim=1)
     rows = [[] for _ in range(ids.shape[0])]
     for new in speculative_steps(runner, speculate, ids, mask, pixels, params, [], finished, times,

@@ -35,6 +35,14 @@ PRESETS: dict[str, dict] = {
                             "text_config": _llama(4096, 11008, 32, 32), "image_token_index": 32001,
                             "video_token_index": 32000, "vision_feature_layer": -2, "spatial_pool_mode": "average",
                             "spatial_pool_stride": 2},
+    # llava-hf/llava-onevision-qwen2-7b-ov-hf: SigLIP-so400m at 384 pixels (transformers' OneVision
+    # defaults), Qwen2-7B (GQA 28/4 heads, biases on q, k, v), anyres_max_9; 1569 tokens for 8 frames
+    "llava-onevision-7b": {"model_type": "llava_onevision",
+                           "text_config": {"model_type": "qwen2", "vocab_size": 152128, "hidden_size": 3584,
+                                           "intermediate_size": 18944, "num_hidden_layers": 28,
+                                           "num_attention_heads": 28, "num_key_value_heads": 4,
+                                           "max_position_embeddings": 32768, "rope_theta": 1000000.0,
+                                           "rms_norm_eps": 1e-6, "tie_word_embeddings": False}},
     "tiny": {"vision_config": {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2,
                                "num_attention_heads": 2, "image_size": 96, "patch_size": 4},
              "text_config": {"model_type": "llama", "vocab_size": 256, "hidden_size": 64, "intermediate_size": 128,
