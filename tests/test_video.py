@@ -2,6 +2,7 @@
 `stream` with videos against transformers' LlavaOnevisionForConditionalGeneration on a tiny
 random model, the refusals, and `fastllava run --video`."""
 
+import io
 import json
 import re
 import sys
@@ -24,6 +25,12 @@ from fastllava.images import (
 )
 from hf_reference import IMAGE_TOKEN, VIDEO_TOKEN, VOCAB, save_checkpoint, tiny_llava, tiny_onevision
 from test_onevision import WORDS, _hf_processor, _photo
+
+
+def png_bytes(img: Image.Image) -> bytes:
+    buf = io.BytesIO()
+    img.save(buf, "PNG")
+    return buf.getvalue()
 
 
 def _tokenizer(path, video: bool = True):
@@ -216,8 +223,19 @@ def test_corrupt_and_oversized_video_bytes(tmp_path):
         with pytest.raises(VideoTooLarge, match=message) as e:
             load_video_bytes(data, 4, **kwargs)
         assert "\n" not in str(e.value)
+    gif = io.BytesIO()  # an animated GIF: one of the containers a video may come in
+    images = [Image.fromarray(f) for f in _clip(5, 32, 40, 3)]
+    images[0].save(gif, "GIF", save_all=True, append_images=images[1:], duration=100)
+    assert [f.size for f in load_video_bytes(gif.getvalue(), 3)] == [(40, 32)] * 3
+    # FFmpeg's concat lists and playlists name other files: never opened (VIDEO_DEMUXERS), from bytes or a file
+    playlist = "ffconcat version 1.0\nfile clip.mp4\n"
+    (tmp_path / "list.mp4").write_text(playlist)
+    with pytest.raises(fastllava.UserError, match="cannot be decoded"):
+        load_video(tmp_path / "list.mp4", 4)
     for bad, message in ((b"", "empty"), (b"\0" * 64, "cannot be decoded"), (data[:len(data) // 3], "decoded|frames"),
-                         (b"GIF89a" + bytes(200), "cannot be decoded|frames")):
+                         (b"GIF89a" + bytes(200), "cannot be decoded|frames"),
+                         (png_bytes(_photo(32, 32, 0)), "cannot be decoded"),  # an image is not a video
+                         (playlist.encode(), "cannot be decoded")):  # a playlist never opens the files it names
         with pytest.raises(fastllava.UserError, match=message) as e:
             load_video_bytes(bad, 4)
         assert "\n" not in str(e.value) and not isinstance(e.value, VideoTooLarge)

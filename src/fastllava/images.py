@@ -322,6 +322,9 @@ DEFAULT_NUM_FRAMES = 8  # frames sampled from a video when the checkpoint's vide
 MAX_NUM_FRAMES = 256  # refuse to sample more frames than this from one video
 MAX_SOURCE_FRAMES = 1_000_000  # refuse videos (or frame folders) with more frames than this
 VIDEO_SUFFIXES = (".mp4", ".webm", ".gif", ".mkv", ".mov", ".avi")
+# the only FFmpeg demuxers a video file may open with (those of VIDEO_SUFFIXES): never a playlist (hls),
+# concat list or image sequence, whose entries would make FFmpeg read other files or URLs
+VIDEO_DEMUXERS = "mov,matroska,avi,gif"
 
 
 def sample_indices(total: int, num_frames: int) -> list[int]:
@@ -433,9 +436,10 @@ def _decode_video(av, source, what: str, num_frames: int, max_pixels: int, max_f
                   max_seconds: float | None = None) -> list[Image.Image]:
     """Decode the sampled frames of the video `source()` opens (a path, or a fresh file object),
     in two passes: the first counts the frames when the header does not say (at most max_frames +
-    1 decoded), the second converts only the sampled frames to images."""
+    1 decoded), the second converts only the sampled frames to images. Only VIDEO_DEMUXERS open it."""
+    options = {"format_whitelist": VIDEO_DEMUXERS}
     try:
-        with av.open(source()) as container:
+        with av.open(source(), container_options=options) as container:
             if not container.streams.video:
                 raise UserError(f"{what} holds no video stream")
             stream = container.streams.video[0]
@@ -457,7 +461,7 @@ def _decode_video(av, source, what: str, num_frames: int, max_pixels: int, max_f
         _check_frame_count(total, what)
         wanted = sample_indices(total, num_frames)
         keep, frames = set(wanted), []
-        with av.open(source()) as container:  # second pass: only the sampled frames become images
+        with av.open(source(), container_options=options) as container:  # second pass: the sampled frames
             for i, frame in enumerate(container.decode(container.streams.video[0])):
                 if i in keep:
                     _check_frame_pixels(frame.width, frame.height, max_pixels, what)
