@@ -40,8 +40,12 @@ def test_sweep_writes_table_json_and_plot(ckpt, tmp_path, capsys):
         base = result["baseline"]["accuracy"]
         assert r["retained"] == (round(100 * r["accuracy"] / base, 2) if base else None)
     assert result["runs"][0]["visual_tokens_equivalent"] == round((16 + 8 + 8) / 3, 2)
+    for r in [result["baseline"], *result["runs"]]:  # prefill cost of the same 6 questions, per run
+        assert r["timed_questions"] == 6 and r["prefill_ms"] > 0
+    pool = {r["keep"]: r for r in result["runs"] if r["label"] == "pool"}
+    assert result["baseline"]["prefill_gflops"] > pool[8]["prefill_gflops"] > pool[4]["prefill_gflops"]
     table = (out / "sweep.md").read_text()
-    assert "| method | keep 8 | keep 4 |" in table and "| pool |" in table
+    assert "| method | keep 8 | keep 4 |" in table and "| pool |" in table and " ms |" in table
     assert (out / "sweep.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert "| pool |" in capsys.readouterr().out
 

@@ -1,5 +1,11 @@
 """`fastllava eval --reduce fastv,visionzip --keep 192,128,64`: accuracy of each reduction method
-at each budget against the unreduced model, as JSON, a markdown table and a PNG plot.
+at each budget against the unreduced model, with the prefill's FLOPs and its measured time, as
+JSON, a markdown table and a PNG plot.
+
+The prefill time is measured apart from the evaluation, on the set's first TIMED_QUESTIONS
+questions as one batch with one new token (images encoded, the reduction, the language model's
+prefill), the fastest of TIMED_REPEATS runs after a warm-up: the same work for every run, so
+that runs compare on one machine.
 
 Visual token counts come from each question's generation stats, so they hold for LLaVA-NeXT too,
 whose images give as many tokens as their size asks for (the unreduced count is then a mean)."""
@@ -10,11 +16,15 @@ import json
 from dataclasses import replace
 from pathlib import Path
 
+from ..errors import UserError
 from ..extras import require
 from ..reduction.runtime import make_reduction
 from .dataset import Dataset, load_dataset
 from .progress import Progress
 from .runner import check_budgets, evaluate
+
+TIMED_QUESTIONS = 8
+TIMED_REPEATS = 3
 
 # sweep.png needs matplotlib: checked on import, which `fastllava eval` does before loading weights
 require("matplotlib", "plots", "a sweep (fastllava eval --keep, or several --reduce methods)")
@@ -49,6 +59,7 @@ def sweep(model, data_dir, methods, keeps: list[int] | None = None, batch_size: 
             rows.append({"method": method.name if method else "none", "label": label, "spec": name,
                          "keep": method.keep if method else tokens["unreduced"],
                          "visual_tokens_equivalent": tokens["equivalent"],
+                         **prefill_cost(model, data.samples[:min(n, TIMED_QUESTIONS)], kwargs.get("reduce")),
                          "accuracy": res["overall"]["accuracy"], "n": res["overall"]["n"],
                          "families": {f: r["accuracy"] for f, r in res["families"].items()}})
     base = rows[0]["accuracy"]
@@ -65,17 +76,39 @@ def sweep(model, data_dir, methods, keeps: list[int] | None = None, batch_size: 
     return result
 
 
+def prefill_cost(model, samples: list, reduce: str | None) -> dict:
+    """`prefill_gflops` (per question, from the generation stats) and `prefill_ms` (the batch of
+    `samples`, one new token, fastest of TIMED_REPEATS after a warm-up) of one run."""
+    def once():
+        return model.generate(images=[s.image for s in samples], prompts=[s.asked for s in samples],
+                              max_new_tokens=1, reduce=reduce)
+
+    try:
+        once()  # warm-up
+    except UserError:  # an image eval skips: no timing
+        return {"prefill_gflops": None, "prefill_ms": None, "timed_questions": 0}
+    times, results = [], None
+    for _ in range(TIMED_REPEATS):
+        results = once()
+        times.append(results[0].stats["ttft_s"])
+    flops = sum(r.stats["prefill_flops"] for r in results) / len(results)
+    return {"prefill_gflops": float(f"{flops / 1e9:.4g}"), "prefill_ms": round(1000 * min(times), 2),
+            "timed_questions": len(samples)}
+
+
 def table(result: dict) -> str:
-    """Markdown: one row per method, one column per budget, 'accuracy (retained %)'."""
+    """Markdown: one row per method, one column per budget, 'accuracy (retained %), prefill ms'."""
     keeps = sorted({r["keep"] for r in result["runs"]}, reverse=True)
     cells: dict[str, dict[int, str]] = {}
     for r in result["runs"]:
         kept = f"{r['retained']:.1f}%" if r["retained"] is not None else "n/a"
-        cells.setdefault(r["label"], {})[r["keep"]] = f"{r['accuracy']:.3f} ({kept})"
+        ms = f"{r['prefill_ms']:g} ms" if r["prefill_ms"] is not None else "n/a"
+        cells.setdefault(r["label"], {})[r["keep"]] = f"{r['accuracy']:.3f} ({kept}), {ms}"
     b = result["baseline"]
     lines = [f"unreduced ({result['visual_tokens']:g} visual tokens per question): accuracy {b['accuracy']:.3f} "
-             f"on {result['n']} "
-             f"questions; cells: accuracy (% of unreduced)", "",
+             f"on {result['n']} questions, prefill {b['prefill_ms']} ms for {b['timed_questions']} questions "
+             f"({b['prefill_gflops']} GFLOPs each); cells: accuracy (% of unreduced), prefill time of the "
+             f"same {b['timed_questions']} questions", "",
              "| method | " + " | ".join(f"keep {k}" for k in keeps) + " |",
              "|---|" + "---|" * len(keeps)]
     for name, row in cells.items():
@@ -90,13 +123,21 @@ def plot(result: dict, path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(6, 4), dpi=120)
+    fig, (ax, cost) = plt.subplots(1, 2, figsize=(11, 4), dpi=120)
     lines: dict[str, list] = {}
     for r in result["runs"]:
         lines.setdefault(r["label"], []).append(r)
     for name, runs in lines.items():
         runs = sorted(runs, key=lambda r: r["keep"])
         ax.plot([r["keep"] for r in runs], [r["retained"] or 0 for r in runs], marker="o", label=name)
+        timed = [r for r in runs if r["prefill_ms"] is not None]
+        cost.plot([r["prefill_ms"] for r in timed], [r["retained"] or 0 for r in timed], marker="o", label=name)
+    base = result["baseline"]
+    if base["prefill_ms"] is not None:
+        cost.plot([base["prefill_ms"]], [100], marker="*", markersize=12, color="black", linestyle="", label="none")
+    cost.set_xlabel(f"prefill time of {base['timed_questions']} questions (ms)")
+    cost.set_ylabel("accuracy retained (% of unreduced)")
+    cost.axhline(100, color="grey", linewidth=0.8, linestyle="--")
     ax.axhline(100, color="grey", linewidth=0.8, linestyle="--")
     ax.set_xscale("log", base=2)
     keeps = sorted({r["keep"] for r in result["runs"]})
