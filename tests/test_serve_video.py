@@ -311,3 +311,18 @@ def test_serve_video_options(tmp_path):
     args = build_parser().parse_args(["serve", "--num-frames", "1000"])
     with pytest.raises(fastllava.UserError, match="num_frames"):
         args.func(args)
+
+
+def test_server_wide_reduce_and_speculate_refuse_videos(llava, files):
+    """A server started with --reduce or --speculate answers a video request with one 400 line
+    (naming its own setting) and keeps answering image requests."""
+    for settings, code, words in ((Settings(model_id="tiny", max_len=1024, reduce="fastv:keep=8,layer=1"),
+                                   "invalid_reduction", "--reduce"),
+                                  (Settings(model_id="tiny", max_len=1024, speculate="ngram"), "unsupported_value",
+                                   "--speculate")):
+        with running_server(llava, settings) as url:
+            status, body = _post(url, [_video_part(files / "clip.mp4")])
+            assert (status, body["error"]["code"]) == (400, code), body
+            assert words in body["error"]["message"] and "\n" not in body["error"]["message"]
+            status, body = _post(url, [_image_part(_photo(40, 60, 1))])
+            assert status == 200, body
