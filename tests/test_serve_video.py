@@ -121,7 +121,8 @@ def test_an_image_and_a_video_in_one_prompt(client, llava, files):
 
 def test_a_video_in_the_first_turn_of_a_chat(client, llava, files):
     """A video in the first user turn, an answer, then a question: generate_ids on the turns' ids."""
-    messages = [{"role": "user", "content": [_video_part(files / "clip.mp4"), {"type": "text", "text": "describe it ."}]},
+    first = [_video_part(files / "clip.mp4"), {"type": "text", "text": "describe it ."}]
+    messages = [{"role": "user", "content": first},
                 {"role": "assistant", "content": "it is ."},
                 {"role": "user", "content": "what is in the picture ?"}]
     r = client.chat.completions.create(model="tiny", messages=messages, max_tokens=8, temperature=0)
@@ -138,7 +139,8 @@ def test_a_video_in_the_first_turn_of_a_chat(client, llava, files):
 def test_videos_in_two_turns(client, llava, files):
     """A video in each of two user turns (--max-videos 2): each video's tokens in its turn, the
     features in order; generate_ids on the turns' ids with both videos (different frame counts)."""
-    messages = [{"role": "user", "content": [_video_part(files / "clip.mp4"), {"type": "text", "text": "describe it ."}]},
+    first = [_video_part(files / "clip.mp4"), {"type": "text", "text": "describe it ."}]
+    messages = [{"role": "user", "content": first},
                 {"role": "assistant", "content": "it is ."},
                 {"role": "user", "content": [{"type": "text", "text": "and this ?"}, _video_part(files / "other.mp4")]}]
     r = client.chat.completions.create(model="tiny", messages=messages, max_tokens=8, temperature=0)
@@ -260,7 +262,8 @@ def test_bad_videos_are_one_line_errors(base, client, files):
         assert (got, body["error"]["code"]) == (status, code), (name, body)
         assert "\n" not in body["error"]["message"] and body["error"]["message"], name
     got, body = raw_request(base, "POST", "/v1/chat/completions", {"model": "tiny", "max_tokens": 2, "messages": [
-        {"role": "user", "content": "describe it ."}, {"role": "assistant", "content": [_video_part(files / "clip.mp4")]},
+        {"role": "user", "content": "describe it ."},
+        {"role": "assistant", "content": [_video_part(files / "clip.mp4")]},
         {"role": "user", "content": "what is it ?"}]})
     assert got == 400 and body["error"]["code"] == "unsupported_value"
     assert _ask(client, [_video_part(files / "clip.mp4")], "describe it .", n=2).choices[0].message.content is not None

@@ -10,7 +10,16 @@ import sys
 import numpy as np
 import pytest
 import torch
+from hf_reference import (
+    IMAGE_TOKEN,
+    VIDEO_TOKEN,
+    VOCAB,
+    save_checkpoint,
+    tiny_llava,
+    tiny_onevision,
+)
 from PIL import Image
+from test_onevision import WORDS, _hf_processor, _photo
 
 import fastllava
 from fastllava.cli import main
@@ -23,8 +32,6 @@ from fastllava.images import (
     load_video_bytes,
     sample_indices,
 )
-from hf_reference import IMAGE_TOKEN, VIDEO_TOKEN, VOCAB, save_checkpoint, tiny_llava, tiny_onevision
-from test_onevision import WORDS, _hf_processor, _photo
 
 
 def png_bytes(img: Image.Image) -> bytes:

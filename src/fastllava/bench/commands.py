@@ -60,10 +60,10 @@ def cmd_bench(args: argparse.Namespace) -> int:
 
     from ..generation import Runner, check_decode_mode
     from ..generation.speculate import parse_speculate
+    from ..images import check_num_frames
     from ..quant import parse_kv_cache, parse_weights
     from ..reduction.registry import parse_spec
     from ..reduction.runtime import make_reduction
-    from ..images import check_num_frames
     from .measure import Case, hf_twin, time_hf, time_ours, video_tokens
     from .report import environment, table, write
 

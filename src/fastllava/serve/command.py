@@ -50,13 +50,15 @@ def add_serve_parser(sub) -> None:
                    help="serve file:// image and video URLs from under DIR (off: refused)")
     v = p.add_argument_group("videos (LLaVA-OneVision and LLaVA-NeXT-Video checkpoints)")
     v.add_argument("--num-frames", type=positive_int, metavar="N",
-                   help="frames sampled uniformly from each video (default: the checkpoint's video processor's, else 8)")
+                   help="frames sampled uniformly from each video (default: the checkpoint's video processor's, "
+                        "else 8)")
     v.add_argument("--max-videos", type=positive_int, default=d.max_videos, help="videos per request")
     v.add_argument("--max-video-bytes", type=positive_int, default=d.max_video_bytes,
                    help="one encoded video, or the sampled frames of a frame list together")
     v.add_argument("--max-video-frames", type=positive_int, default=d.max_video_frames,
                    help="frames one video may hold before sampling (a video file's, or a frame list's)")
-    v.add_argument("--max-video-pixels", type=positive_int, default=d.max_video_pixels, help="width x height of a frame")
+    v.add_argument("--max-video-pixels", type=positive_int, default=d.max_video_pixels,
+                   help="width x height of a frame")
     v.add_argument("--max-video-seconds", type=positive_float, default=d.max_video_seconds,
                    help="a video file's duration, when its container declares one")
     p.set_defaults(func=cmd_serve)

@@ -216,7 +216,8 @@ def _content(content, where: str, allow_images: bool) -> tuple[str, list[ImageRe
             images.append(ImageRef(_get(ref, "url", str, f"{p}.image_url.url", required=True), f"{p}.image_url.url"))
         elif kind == "video_url" and allow_images:
             ref = _get(part, "video_url", dict, f"{p}.video_url", required=True)
-            videos.append(VideoRef(f"{p}.video_url.url", url=_get(ref, "url", str, f"{p}.video_url.url", required=True)))
+            url = _get(ref, "url", str, f"{p}.video_url.url", required=True)
+            videos.append(VideoRef(f"{p}.video_url.url", url=url))
         elif kind == "video" and allow_images:
             frames = _get(part, "video", list, f"{p}.video", required=True)
             if not frames or not all(isinstance(f, str) for f in frames):
