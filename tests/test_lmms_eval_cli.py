@@ -85,7 +85,8 @@ def test_lmms_eval_with_the_plugin_scores_as_eval(shapes, reference, tmp_path):
 def test_lmms_eval_openai_against_the_server_scores_as_eval(llava, shapes, reference, tmp_path):
     with running_server(llava, Settings(model_id="default_model", max_batch_size=8)) as url:
         got = _lmms_eval(shapes, tmp_path / "out", [
-            "--model", "openai", "--model_args", f"model_version=default_model,num_concurrent=8,timeout=120,max_retries=1"],
+            "--model", "openai",
+            "--model_args", "model_version=default_model,num_concurrent=8,timeout=120,max_retries=1"],
             env={"OPENAI_API_KEY": "unused", "OPENAI_API_BASE": f"{url}/v1"})
     _same_as_eval(got, reference)
 
@@ -136,7 +137,8 @@ def _error(capsys, args: list[str]) -> str:
 
 def test_bad_input_is_one_line(shapes, tmp_path, capsys):
     data = str(shapes / "data")
-    assert "does not exist" in _error(capsys, ["lmms-task", "--data", str(tmp_path / "nope"), "--out", str(tmp_path / "t")])
+    nowhere = str(tmp_path / "nope")
+    assert "does not exist" in _error(capsys, ["lmms-task", "--data", nowhere, "--out", str(tmp_path / "t")])
     assert "task name" in _error(capsys, ["lmms-task", "--data", data, "--out", str(tmp_path / "t"), "--name", "a-b"])
     assert "already exists" in _error(capsys, ["lmms-task", "--data", data, "--out", str(shapes / "task")])
     (tmp_path / "file").write_text("")

@@ -61,7 +61,8 @@ def add_eval_parser(subparsers) -> argparse.ArgumentParser:
                                        "when greedy; see docs/speculative.md)")
     p.add_argument("--ray", action="store_true", help="run as a Ray Data pipeline, one model replica per actor "
                                                       "(a local cluster, or RAY_ADDRESS; needs fastllava[ray])")
-    p.add_argument("--replicas", type=positive_int, help="with --ray: model replicas (default: the GPUs on CUDA, else 1)")
+    p.add_argument("--replicas", type=positive_int,
+                   help="with --ray: model replicas (default: the GPUs on CUDA, else 1)")
     p.set_defaults(func=cmd_eval)
     return p
 
@@ -171,32 +172,36 @@ def cmd_eval(args: argparse.Namespace) -> int:
     sweeping = bool(args.keep) or len(methods) > 1
     if args.replicas and not args.ray:
         raise UserError("--replicas goes with --ray")
-    if args.ray:
-        if sweeping:
-            raise UserError("--ray runs one evaluation, not a sweep (--keep or several --reduce methods): "
-                            "give one --reduce spec per command, or drop --ray")
-        from .ray_eval import evaluate_ray
-
-        model = args.model if args.model is None or not Path(args.model).exists() else str(Path(args.model).resolve())
-        results = evaluate_ray(model, load_options(args), data, args.replicas, args.batch_size, args.limit, out,
-                               not args.quiet, {"max_new_tokens": args.max_new_tokens, "reduce": args.reduce,
-                                                "speculate": args.speculate})
-        _print_results(results, out)
-        return 0
+    if args.ray and sweeping:  # a sweep's rows hold prefill times measured on a model in this process
+        raise UserError("--ray runs one evaluation, not a sweep (--keep or several --reduce methods): "
+                        "give one --reduce spec per command, or drop --ray")
     if sweeping:
         from .sweep import sweep  # needs the plots extra: fails before loading weights
+    if args.ray:
+        from . import ray_eval
+
+        model = args.model if args.model is None or not Path(args.model).exists() else str(Path(args.model).resolve())
+        results = ray_eval.evaluate_ray(model, load_options(args), data, args.replicas, args.batch_size, args.limit,
+                                        out, not args.quiet, {"max_new_tokens": args.max_new_tokens,
+                                                              "reduce": args.reduce, "speculate": args.speculate})
+        _print_results(results, out)
+        return 0
     model = load(args.model, **load_options(args))
     if sweeping:
         result = sweep(model, data, methods, args.keep, args.batch_size, args.limit, out, not args.quiet,
                        {"max_new_tokens": args.max_new_tokens, "speculate": args.speculate})
-        print((out / "sweep.md").read_text(), end="")
-        print(f"sweep: {out / 'sweep.json'}, {out / 'sweep.md'}, {out / 'sweep.png'}", file=sys.stderr)
-        return 0 if result else 1
+        return _print_sweep(result, out)
     results = evaluate(model, data, batch_size=args.batch_size, limit=args.limit, out_dir=out,
                        progress=not args.quiet, generate_kwargs={"max_new_tokens": args.max_new_tokens,
                                                                  "reduce": args.reduce, "speculate": args.speculate})
     _print_results(results, out)
     return 0
+
+
+def _print_sweep(result: dict, out: Path) -> int:
+    print((out / "sweep.md").read_text(), end="")
+    print(f"sweep: {out / 'sweep.json'}, {out / 'sweep.md'}, {out / 'sweep.png'}", file=sys.stderr)
+    return 0 if result else 1
 
 
 def _print_results(results: dict, out: Path) -> None:

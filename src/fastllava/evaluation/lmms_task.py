@@ -64,7 +64,8 @@ def write_task(data_dir: str | Path, out_dir: str | Path, name: str = "shapes",
         raise UserError(f"max_new_tokens must be at least 1, got {max_new_tokens}")
     data = load_dataset(data_dir)
     if not data.samples:
-        raise UserError(f"no usable questions in {data.root}" + (f"; first problem: {data.errors[0]}" if data.errors else ""))
+        first = f"; first problem: {data.errors[0]}" if data.errors else ""
+        raise UserError(f"no usable questions in {data.root}{first}")
     out = Path(out_dir).expanduser()
     yaml_path = out / f"{name}.yaml"
     if out.exists() and not out.is_dir():

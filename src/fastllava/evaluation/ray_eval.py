@@ -6,6 +6,8 @@ The unit of work is one of eval's batches (the questions [k*B, (k+1)*B)), so eve
 asked in the batch eval asks it in and the answers are eval's. Ray runs a local cluster sized for
 the replicas unless RAY_ADDRESS names one to join (then the model folder and the images must be
 readable at the same paths on its workers). Ray comes from the `ray` extra, imported only here.
+A sweep is not run here (its rows hold prefill times measured on a model in the driver's process):
+`fastllava eval` refuses --ray with one.
 """
 
 from __future__ import annotations
@@ -40,22 +42,21 @@ class Replica:
     def __call__(self, batch: dict) -> dict:
         out = {"index": [], "rows": [], "info": []}
         for index, text in zip(batch["index"], batch["samples"]):
-            samples = [_sample(s) for s in json.loads(text)]
+            samples, kwargs = [_sample(s) for s in json.loads(text)], self.kwargs
             errors: list[str] = []
             try:
                 if self.fatal is not None:
                     raise UserError(self.fatal)
-                check_budgets(self.model, samples, [self.kwargs.get("reduce")])
-                results = _answers(self.model, samples, self.kwargs, errors)
+                check_budgets(self.model, samples, [kwargs.get("reduce")])
+                results = _answers(self.model, samples, kwargs, errors)
             except UserError as e:  # carried to the driver
-                out["index"].append(int(index))
-                out["rows"].append("[]")
-                out["info"].append(json.dumps({"fatal": str(e)}))
-                continue
-            rows = [_row(s, r) for s, r in zip(samples, results) if r is not None]
+                rows, info = [], {"fatal": str(e)}
+            else:
+                rows = [_row(s, r) for s, r in zip(samples, results) if r is not None]
+                info = {"skipped": errors, "model": _describe(self.model)}
             out["index"].append(int(index))
             out["rows"].append(json.dumps(rows, ensure_ascii=False))
-            out["info"].append(json.dumps({"skipped": errors, "model": _describe(self.model)}))
+            out["info"].append(json.dumps(info))
         return out
 
 
@@ -63,7 +64,17 @@ def evaluate_ray(model: str | None, load_options: dict, data_dir: str | Path | D
                  batch_size: int = 8, limit: int | None = None, out_dir: str | Path | None = None,
                  progress: bool = True, generate_kwargs: dict | None = None) -> dict:
     """As runner.evaluate(load(model, **load_options), data_dir, ...), on `replicas` Ray actors."""
-    ray = require("ray", "ray", "fastllava eval --ray")
+    data, samples = _start(data_dir, batch_size, limit)
+    if not os.environ.get("RAY_ADDRESS"):  # a local cluster reads the files the driver sees
+        _check_model(model, load_options, (generate_kwargs or {}).get("reduce"))
+    kwargs = {"max_new_tokens": DEFAULT_MAX_NEW_TOKENS, "temperature": 0.0, **(generate_kwargs or {})}
+    replicas, answered = _answer_all(model, load_options, samples, batch_size, kwargs, replicas, progress)
+    return _results(data, answered, batch_size, limit, kwargs, replicas, out_dir)
+
+
+def _start(data_dir, batch_size: int, limit: int | None) -> tuple[Dataset, list[Sample]]:
+    """Ray imported (or the extra named), the arguments checked, the set read: (dataset, samples asked)."""
+    require("ray", "ray", "fastllava eval --ray")
     require("ray.data", "ray", "fastllava eval --ray")
     if batch_size < 1:
         raise UserError(f"batch size must be at least 1, got {batch_size}")
@@ -72,33 +83,47 @@ def evaluate_ray(model: str | None, load_options: dict, data_dir: str | Path | D
     data = data_dir if isinstance(data_dir, Dataset) else load_dataset(data_dir)
     samples = data.samples[:limit] if limit is not None else data.samples
     if not samples:
-        raise UserError(f"no usable questions in {data.root}" + (f"; first problem: {data.errors[0]}" if data.errors else ""))
-    if not os.environ.get("RAY_ADDRESS"):  # a local cluster reads the files the driver sees
-        _check_model(model, load_options, (generate_kwargs or {}).get("reduce"))
+        first = f"; first problem: {data.errors[0]}" if data.errors else ""
+        raise UserError(f"no usable questions in {data.root}{first}")
+    return data, samples
+
+
+def _answer_all(model, load_options: dict, samples: list[Sample], batch_size: int, kwargs: dict,
+                replicas: int | None, progress: bool) -> tuple[int, tuple[list[dict], list[str], dict]]:
+    """(replicas, (rows, skipped samples, the model's description)): eval's batches through the
+    pipeline on a local cluster (or RAY_ADDRESS's)."""
+    import ray
+
     gpu = _on_gpu(load_options.get("device"))
     replicas = replicas or (_gpu_count() if gpu else 1)
-    kwargs = {"max_new_tokens": DEFAULT_MAX_NEW_TOKENS, "temperature": 0.0, **(generate_kwargs or {})}
     batches = [samples[i:i + batch_size] for i in range(0, len(samples), batch_size)]
     items = [{"index": k, "samples": json.dumps([_plain(s) for s in b])} for k, b in enumerate(batches)]
-
     started = not ray.is_initialized()
     if started:
         options = {} if os.environ.get("RAY_ADDRESS") else {"num_cpus": replicas + 1}
         ray.init(include_dashboard=False, log_to_driver=False, logging_level=logging.WARNING, **options)
     try:
-        done = _run(ray, items, model, load_options, kwargs, replicas, gpu, progress, len(samples), batches)
+        done = _run(ray, items, model, load_options, kwargs, replicas, gpu,
+                    Progress("eval", len(samples), enabled=progress), [len(b) for b in batches])
     finally:
         if started:
             ray.shutdown()
-
-    rows, errors, described = [], list(data.errors), None
+    rows, skipped, described = [], [], None
     for k in range(len(batches)):
         batch_rows, info = done[k]
         if "fatal" in info:
             raise UserError(info["fatal"])
         rows += batch_rows
-        errors += info["skipped"]
+        skipped += info["skipped"]
         described = described or info["model"]
+    return replicas, (rows, skipped, described)
+
+
+def _results(data: Dataset, answered, batch_size: int, limit: int | None, kwargs: dict, replicas: int,
+             out_dir: Path | None) -> dict:
+    """runner.evaluate's results (and files, with out_dir) from one run's answers."""
+    rows, skipped, described = answered
+    errors = list(data.errors) + skipped
     if errors:  # as runner.evaluate warns
         shown = "; ".join(errors[:3]) + (f"; ... ({len(errors) - 3} more)" if len(errors) > 3 else "")
         print(f"fastllava: warning: skipped {len(errors)} bad sample(s) in {data.root}: {shown}", file=sys.stderr)
@@ -116,38 +141,33 @@ def evaluate_ray(model: str | None, load_options: dict, data_dir: str | Path | D
     return results
 
 
-def _run(ray, items, model, load_options, kwargs, replicas, gpu, progress, n, batches) -> dict:
+def _run(ray, items, model, load_options, kwargs, replicas, gpu, bar: Progress, sizes: list[int]) -> dict:
     """{batch index: (rows, info)} from the pipeline: from_items -> map_batches(Replica) on an actor pool."""
     ctx, logger = ray.data.DataContext.get_current(), logging.getLogger("ray.data")
     saved = ctx.enable_progress_bars, logger.level
     ctx.enable_progress_bars = False  # ours instead (--quiet turns it off)
     logger.setLevel(logging.WARNING)
     try:
-        return _collect(ray, items, model, load_options, kwargs, replicas, gpu, progress, n, batches)
+        ds = ray.data.from_items(items, override_num_blocks=len(items)).map_batches(
+            Replica, fn_constructor_kwargs={"model": model, "load_options": load_options, "kwargs": kwargs},
+            batch_size=1, batch_format="numpy", compute=ray.data.ActorPoolStrategy(size=replicas),
+            **({"num_gpus": 1} if gpu else {"num_cpus": 1}))
+        done = {}
+        for r in ds.iter_rows():
+            i = int(r["index"])
+            done[i] = (json.loads(r["rows"]), json.loads(r["info"]))
+            bar.update(sizes[i])
+        bar.close()
+        return done
     finally:
         ctx.enable_progress_bars = saved[0]
         logger.setLevel(saved[1])
 
 
-def _collect(ray, items, model, load_options, kwargs, replicas, gpu, progress, n, batches) -> dict:
-    """Builds the pipeline, starts it and gathers its rows as they come, with the progress bar."""
-    ds = ray.data.from_items(items, override_num_blocks=len(items)).map_batches(
-        Replica, fn_constructor_kwargs={"model": model, "load_options": load_options, "kwargs": kwargs},
-        batch_size=1, batch_format="numpy", compute=ray.data.ActorPoolStrategy(size=replicas),
-        **({"num_gpus": 1} if gpu else {"num_cpus": 1}))
-    done = {}
-    bar = Progress("eval", n, enabled=progress)
-    for r in ds.iter_rows():
-        k = int(r["index"])
-        done[k] = (json.loads(r["rows"]), json.loads(r["info"]))
-        bar.update(len(batches[k]))
-    bar.close()
-    return done
-
-
-def _check_model(model: str | None, load_options: dict, reduce) -> None:
+def _check_model(model: str | None, load_options: dict, reduce):
     """load()'s checks before the weights, and the reduction spec against the config, in the driver:
-    a bad model folder or spec fails before the cluster starts, as plain eval fails before loading."""
+    a bad model folder or spec fails before the cluster starts, as plain eval fails before loading.
+    Returns the model's LlavaConfig."""
     from ..assets import resolve_model_path
     from ..checkpoint import checkpoint_files
     from ..config import LlavaConfig
@@ -160,7 +180,9 @@ def _check_model(model: str | None, load_options: dict, reduce) -> None:
     check_decode_mode(load_options.get("decode"))
     path = resolve_model_path(model)
     checkpoint_files(path)
-    make_reduction(reduce, LlavaConfig.from_file(path / "config.json"))
+    config = LlavaConfig.from_file(path / "config.json")
+    make_reduction(reduce, config)
+    return config
 
 
 def _plain(s: Sample) -> dict:
