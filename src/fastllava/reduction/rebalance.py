@@ -6,14 +6,13 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from .base import Selection, VisionContext, VisionMethod
-from .merging import MERGE_MODES, merge_dropped_vision
+from .fastervlm import FasterVLM
 from .registry import register
 
 
 @register
 @dataclass
-class Rebalance(VisionMethod):
+class Rebalance(FasterVLM):
     """The paper measures text dominance (the Modality Dominance Index: attention per text token
     over attention per visual token in the language model) and traces it to attention diluted over
     hundreds of redundant visual tokens; its remedy is to compress them before the language model.
@@ -32,11 +31,3 @@ class Rebalance(VisionMethod):
 
     name = "rebalance"
     paper = "Wu et al. 2025, When Language Overrules: Revealing Text Dominance in Multimodal LLMs (arXiv:2508.10552)"
-    needs_cls = True
-    merge_modes = MERGE_MODES
-
-    keep: int = 64
-    merge: str = "none"
-
-    def select(self, ctx: VisionContext) -> Selection:
-        return merge_dropped_vision(ctx, ctx.top(ctx.cls_attention, ctx.budget), self.merge)
