@@ -33,6 +33,11 @@ SLOW: tuple[str, ...] = (  # seconds measured at d1ae4c2
     "tests/test_parity.py::test_greedy_tokens_match_transformers[llama-rope-linear-theta]",  # 11
     "tests/test_checkpoint_limits.py::test_cli_refusals_are_fast_one_line_and_small",  # 7-20 (4 processes)
     "tests/test_speculate.py::test_speculation_in_the_compiled_mode_gives_the_plain_tokens",  # 30-74
+    "tests/test_lmms_eval_cli.py",  # 98-112 (lmms-eval's CLI in subprocesses)
+    "tests/test_ray_eval.py::test_ray_eval_equals_eval",  # 34-88 (a local Ray cluster)
+    "tests/test_speculate.py::test_a_quantized_kv_cache_speculates_and_gives_its_plain_tokens",  # 170 for 6
+    "tests/test_speculate_draft.py",  # 135 for 8
+    "tests/test_serve_cache.py::test_cached_answers_equal_uncached",  # 15 each
 )
 
 _REFERENCE = re.compile(r"\btransformers\b|\bhf(_\w+)?\b")
