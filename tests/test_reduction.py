@@ -14,7 +14,7 @@ import fastllava
 from fastllava.evaluation.tokenizer import build_word_tokenizer
 from fastllava.generation.prefill import prepare
 from fastllava.ops import attention_mask, positions_from_mask
-from fastllava.reduction import METHODS, Reduction
+from fastllava.reduction import METHODS, Reduction, parse_spec
 from fastllava.reduction.runtime import make_reduction
 from hf_reference import IMAGE_TOKEN, VOCAB, batch_inputs, save_checkpoint, tiny_llava
 
@@ -48,6 +48,13 @@ SMALL = {  # a real reduction, per method
 }
 WORDS = ["user", "assistant", ":", "?", ".", "what", "color", "is", "the", "circle", "square", "red", "blue"]
 WORDS += [f"w{i}" for i in range(VOCAB - 4 - len(WORDS))]
+
+
+def test_every_spec_reads_back_to_its_method():  # sweeps and results pass methods on as spec strings
+    for cls in METHODS.values():
+        method = cls()
+        assert parse_spec(method.spec()) == method, method.spec()
+        assert parse_spec(method.label()) == method
 
 
 def test_every_method_is_covered():  # the LLaVA-NeXT-only methods: test_reduction_next.py

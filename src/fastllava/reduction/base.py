@@ -137,7 +137,10 @@ class Method:
     keep: int = 64
 
     def spec(self) -> str:
-        params = ",".join(f"{f.name}={_fmt(getattr(self, f.name))}" for f in fields(self))
+        """The full spec, which parse_spec reads back to this method (an empty list parameter,
+        which means its default, is left out: `layers=` would not parse)."""
+        params = ",".join(f"{f.name}={_fmt(getattr(self, f.name))}" for f in fields(self)
+                          if getattr(self, f.name) != [])
         return f"{self.name}:{params}" if params else self.name
 
     def label(self) -> str:
