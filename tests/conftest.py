@@ -35,6 +35,7 @@ SLOW: tuple[str, ...] = (  # seconds measured at d1ae4c2
     "tests/test_speculate.py::test_speculation_in_the_compiled_mode_gives_the_plain_tokens",  # 30-74
     "tests/test_lmms_eval_cli.py",  # 98-112 (lmms-eval's CLI in subprocesses)
     "tests/test_ray_eval.py::test_ray_eval_equals_eval",  # 34-88 (a local Ray cluster)
+    "tests/test_ray_eval.py::test_ray_sweep_equals_the_sweep",  # 60+ (three runs on a local Ray cluster)
     "tests/test_speculate.py::test_a_quantized_kv_cache_speculates_and_gives_its_plain_tokens",  # 170 for 6
     "tests/test_speculate_draft.py",  # 135 for 8
     "tests/test_serve_cache.py::test_cached_answers_equal_uncached",  # 15 each

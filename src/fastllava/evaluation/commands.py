@@ -172,15 +172,17 @@ def cmd_eval(args: argparse.Namespace) -> int:
     sweeping = bool(args.keep) or len(methods) > 1
     if args.replicas and not args.ray:
         raise UserError("--replicas goes with --ray")
-    if args.ray and sweeping:  # a sweep's rows hold prefill times measured on a model in this process
-        raise UserError("--ray runs one evaluation, not a sweep (--keep or several --reduce methods): "
-                        "give one --reduce spec per command, or drop --ray")
     if sweeping:
         from .sweep import sweep  # needs the plots extra: fails before loading weights
     if args.ray:
         from . import ray_eval
 
         model = args.model if args.model is None or not Path(args.model).exists() else str(Path(args.model).resolve())
+        if sweeping:
+            result = ray_eval.sweep_ray(model, load_options(args), data, methods, args.keep, args.replicas,
+                                        args.batch_size, args.limit, out, not args.quiet,
+                                        {"max_new_tokens": args.max_new_tokens, "speculate": args.speculate})
+            return _print_sweep(result, out)
         results = ray_eval.evaluate_ray(model, load_options(args), data, args.replicas, args.batch_size, args.limit,
                                         out, not args.quiet, {"max_new_tokens": args.max_new_tokens,
                                                               "reduce": args.reduce, "speculate": args.speculate})

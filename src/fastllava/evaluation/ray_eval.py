@@ -6,8 +6,9 @@ The unit of work is one of eval's batches (the questions [k*B, (k+1)*B)), so eve
 asked in the batch eval asks it in and the answers are eval's. Ray runs a local cluster sized for
 the replicas unless RAY_ADDRESS names one to join (then the model folder and the images must be
 readable at the same paths on its workers). Ray comes from the `ray` extra, imported only here.
-A sweep is not run here (its rows hold prefill times measured on a model in the driver's process):
-`fastllava eval` refuses --ray with one.
+A sweep (`eval --ray --reduce A,B --keep ...`) runs each of its evaluations so on one cluster;
+its rows then carry no prefill time (that is measured on a model in the process that times it,
+`fastllava eval` without --ray).
 """
 
 from __future__ import annotations
@@ -72,6 +73,41 @@ def evaluate_ray(model: str | None, load_options: dict, data_dir: str | Path | D
     return _results(data, answered, batch_size, limit, kwargs, replicas, out_dir)
 
 
+def sweep_ray(model: str | None, load_options: dict, data_dir: str | Path | Dataset, methods, keeps,
+              replicas: int | None = None, batch_size: int = 8, limit: int | None = None,
+              out_dir: str | Path | None = None, progress: bool = True, generate_kwargs: dict | None = None) -> dict:
+    """As sweep.sweep(load(model, **load_options), ...), each evaluation on `replicas` Ray actors of
+    one cluster (prefill times not measured)."""
+    import ray
+
+    from .sweep import run_sweep
+
+    data, samples = _start(data_dir, batch_size, limit)
+    config = _check_model(model, load_options, None)
+    view = SimpleNamespace(config=config, path=str(model or ""))
+
+    def run(kwargs: dict, run_dir: Path | None, bar: Progress) -> dict:
+        kwargs = {"max_new_tokens": DEFAULT_MAX_NEW_TOKENS, "temperature": 0.0, **kwargs}
+        used, answered = _answer_all(model, load_options, samples, batch_size, kwargs, replicas, False)
+        bar.update(len(samples))
+        return _results(data, answered, batch_size, limit, kwargs, used, run_dir)
+
+    started = not ray.is_initialized()
+    if started:  # one cluster for every run (each run's actors load the model again)
+        _init(ray, replicas or (_gpu_count() if _on_gpu(load_options.get("device")) else 1))
+    try:
+        return run_sweep(view, data, methods, keeps, limit, out_dir, progress, generate_kwargs, run)
+    finally:
+        if started:
+            ray.shutdown()
+
+
+def _init(ray, replicas: int) -> None:
+    """A local cluster for `replicas` actors, or RAY_ADDRESS's."""
+    options = {} if os.environ.get("RAY_ADDRESS") else {"num_cpus": replicas + 1}
+    ray.init(include_dashboard=False, log_to_driver=False, logging_level=logging.WARNING, **options)
+
+
 def _start(data_dir, batch_size: int, limit: int | None) -> tuple[Dataset, list[Sample]]:
     """Ray imported (or the extra named), the arguments checked, the set read: (dataset, samples asked)."""
     require("ray", "ray", "fastllava eval --ray")
@@ -100,8 +136,7 @@ def _answer_all(model, load_options: dict, samples: list[Sample], batch_size: in
     items = [{"index": k, "samples": json.dumps([_plain(s) for s in b])} for k, b in enumerate(batches)]
     started = not ray.is_initialized()
     if started:
-        options = {} if os.environ.get("RAY_ADDRESS") else {"num_cpus": replicas + 1}
-        ray.init(include_dashboard=False, log_to_driver=False, logging_level=logging.WARNING, **options)
+        _init(ray, replicas)
     try:
         done = _run(ray, items, model, load_options, kwargs, replicas, gpu,
                     Progress("eval", len(samples), enabled=progress), [len(b) for b in batches])

@@ -15,6 +15,7 @@ from __future__ import annotations
 import json
 from dataclasses import replace
 from pathlib import Path
+from typing import Callable
 
 from ..errors import UserError
 from ..extras import require
@@ -25,6 +26,7 @@ from .runner import check_budgets, evaluate
 
 TIMED_QUESTIONS = 8
 TIMED_REPEATS = 3
+UNTIMED = {"prefill_gflops": None, "prefill_ms": None, "timed_questions": 0}
 
 # sweep.png needs matplotlib: checked on import, which `fastllava eval` does before loading weights
 require("matplotlib", "plots", "a sweep (fastllava eval --keep, or several --reduce methods)")
@@ -37,14 +39,32 @@ def plan(model, methods, keeps: list[int] | None) -> list[tuple[str, object]]:
     return [(m.label(), make_reduction(m, model.config).method) for m in runs]
 
 
+# (generate kwargs, the run's output folder or None, the sweep's progress bar) -> evaluate's results
+RunOne = Callable[[dict, Path | None, Progress], dict]
+
+
 def sweep(model, data_dir, methods, keeps: list[int] | None = None, batch_size: int = 8,
           limit: int | None = None, out_dir: str | Path | None = None, progress: bool = True,
           generate_kwargs: dict | None = None) -> dict:
     """Evaluate the unreduced model, then every method at every budget, with one progress bar;
     with out_dir, write sweep.json, sweep.md, sweep.png and each run's results under runs/. Every
     budget is checked against every image before anything runs."""
-    runs = plan(model, methods, keeps)
     data = data_dir if isinstance(data_dir, Dataset) else load_dataset(data_dir)
+    timed = data.samples[:min(len(data.samples), limit or len(data.samples), TIMED_QUESTIONS)]
+
+    def run(kwargs: dict, run_dir: Path | None, bar: Progress) -> dict:
+        return {**evaluate(model, data, batch_size, limit, run_dir, bar, kwargs),
+                "prefill": prefill_cost(model, timed, kwargs.get("reduce"))}
+
+    return run_sweep(model, data, methods, keeps, limit, out_dir, progress, generate_kwargs, run)
+
+
+def run_sweep(model, data: Dataset, methods, keeps: list[int] | None, limit: int | None,
+              out_dir: str | Path | None, progress: bool, generate_kwargs: dict | None, run: RunOne) -> dict:
+    """The sweep of `methods` x `keeps` with `run` evaluating each (see sweep); `model` needs only
+    `config` (and `path`, for the record). A run's results may carry "prefill" (prefill_cost);
+    without it the run's prefill fields are None (not measured)."""
+    runs = plan(model, methods, keeps)
     n = min(len(data.samples), limit) if limit else len(data.samples)
     check_budgets(model, data.samples[:n], [method for _, method in runs])
     out = Path(out_dir).expanduser() if out_dir is not None else None
@@ -53,13 +73,12 @@ def sweep(model, data_dir, methods, keeps: list[int] | None = None, batch_size: 
         for label, method in [("none", None), *runs]:
             name = method.spec() if method else "none"
             kwargs = dict(generate_kwargs or {}, reduce=name if method else None)
-            res = evaluate(model, data, batch_size, limit, out / "runs" / name.replace(":", "_") if out else None,
-                           bar, kwargs)
+            res = run(kwargs, out / "runs" / name.replace(":", "_") if out else None, bar)
             tokens = res["visual_tokens"]  # per question: unreduced and layer-weighted (see runner)
             rows.append({"method": method.name if method else "none", "label": label, "spec": name,
                          "keep": method.keep if method else tokens["unreduced"],
                          "visual_tokens_equivalent": tokens["equivalent"],
-                         **prefill_cost(model, data.samples[:min(n, TIMED_QUESTIONS)], kwargs.get("reduce")),
+                         **res.get("prefill", UNTIMED),
                          "accuracy": res["overall"]["accuracy"], "n": res["overall"]["n"],
                          "families": {f: r["accuracy"] for f, r in res["families"].items()}})
     base = rows[0]["accuracy"]
@@ -86,7 +105,7 @@ def prefill_cost(model, samples: list, reduce: str | None) -> dict:
     try:
         once()  # warm-up
     except UserError:  # an image eval skips: no timing
-        return {"prefill_gflops": None, "prefill_ms": None, "timed_questions": 0}
+        return dict(UNTIMED)
     times, results = [], None
     for _ in range(TIMED_REPEATS):
         results = once()
@@ -105,10 +124,11 @@ def table(result: dict) -> str:
         ms = f"{r['prefill_ms']:g} ms" if r["prefill_ms"] is not None else "n/a"
         cells.setdefault(r["label"], {})[r["keep"]] = f"{r['accuracy']:.3f} ({kept}), {ms}"
     b = result["baseline"]
+    timing = (f", prefill {b['prefill_ms']} ms for {b['timed_questions']} questions ({b['prefill_gflops']} GFLOPs "
+              f"each); cells: accuracy (% of unreduced), prefill time of the same {b['timed_questions']} questions"
+              if b["prefill_ms"] is not None else "; cells: accuracy (% of unreduced), prefill time not measured")
     lines = [f"unreduced ({result['visual_tokens']:g} visual tokens per question): accuracy {b['accuracy']:.3f} "
-             f"on {result['n']} questions, prefill {b['prefill_ms']} ms for {b['timed_questions']} questions "
-             f"({b['prefill_gflops']} GFLOPs each); cells: accuracy (% of unreduced), prefill time of the "
-             f"same {b['timed_questions']} questions", "",
+             f"on {result['n']} questions{timing}", "",
              "| method | " + " | ".join(f"keep {k}" for k in keeps) + " |",
              "|---|" + "---|" * len(keeps)]
     for name, row in cells.items():
