@@ -262,6 +262,20 @@ def test_features_run_or_refuse_in_one_line(model):
         assert [r.token_ids for r in other.generate(**kwargs)] == expected, mode
 
 
+def test_vidkv_counts_video_tokens_as_visual(model):
+    """VidKV's salient values are chosen among the visual tokens: a video's tokens are visual too."""
+    quant = fastllava.load(model.path, device="cpu", kv_cache="vidkv:group=16,residual=16,salient=0.25")
+    inputs = quant.inputs([None], ["describe it ."], [_clip(8, 40, 40, 2)], num_frames=4)
+    with torch.inference_mode():
+        _, _, cache = quant.runner.prefill(inputs["input_ids"], inputs["attention_mask"], None, 4,
+                                           pixel_values_videos=inputs["pixel_values_videos"])
+    videos = int((inputs["input_ids"] == quant.config.video_token_index).sum())
+    assert videos == quant.config.video_tokens(4) > 0
+    slots = cache.salient[0].slots[0]  # [k] the salient slots of the one row
+    assert len(slots) == round(0.25 * videos)
+    assert bool((inputs["input_ids"][0, slots] == quant.config.video_token_index).all())
+
+
 def test_refusals(tmp_path):
     base = {"model_type": "llava_next_video", "vision_config": {"hidden_size": 32, "intermediate_size": 64,
             "num_hidden_layers": 2, "num_attention_heads": 4, "image_size": 48, "patch_size": 8},

@@ -174,7 +174,7 @@ class Runner:
             sync(device)
             times.vision_s = time.perf_counter() - times.start
         cache = self.new_cache(input_ids.shape[0], self.prompt_slots(embeds.shape[1]) + new_tokens)
-        visual = reduction.visual if reduction is not None else (input_ids == model.cfg.image_token_index) & valid
+        visual = reduction.visual if reduction is not None else visual_tokens(model.cfg, input_ids) & valid
         cache.prompt(embeds, visual, valid)
         if times is not None:
             times.kv_cache_bytes = cache.nbytes
@@ -268,6 +268,14 @@ class Runner:
         slots = torch.tensor([s for s, _ in ranges], dtype=torch.long, device=tokens.device)
         return self._compile(decode_step)(self.model, cache, tokens, positions, slots,
                                           (cache.max_len,) * len(firsts), firsts, skip)
+
+
+def visual_tokens(cfg, input_ids: torch.Tensor) -> torch.Tensor:
+    """input_ids [B, T] -> [B, T] bool: image and video tokens (what a KV-cache layout treats as visual)."""
+    visual = input_ids == cfg.image_token_index
+    if cfg.video_token_index is not None:
+        visual |= input_ids == cfg.video_token_index
+    return visual
 
 
 def step_span(needed: int, size: int) -> int:
