@@ -39,8 +39,11 @@ def running_server(llava, settings):
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
+    # keep-alive longer than any test's pause between requests: a pooled connection that uvicorn
+    # closes (default 5 s idle) just as the client reuses it reads as "server disconnected" on a
+    # loaded machine, and the tests' clients do not retry
     server = uvicorn.Server(uvicorn.Config(create_app(llava, settings), host="127.0.0.1", port=port,
-                                           log_level="warning"))
+                                           log_level="warning", timeout_keep_alive=120))
     thread = threading.Thread(target=server.run, daemon=True)
     thread.start()
     while not server.started:

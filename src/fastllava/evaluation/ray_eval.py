@@ -16,7 +16,6 @@ from __future__ import annotations
 import json
 import logging
 import os
-import sys
 from dataclasses import asdict
 from pathlib import Path
 from types import SimpleNamespace
@@ -25,7 +24,7 @@ from ..errors import UserError
 from ..extras import require
 from .dataset import Dataset, Sample, load_dataset
 from .progress import Progress
-from .runner import DEFAULT_MAX_NEW_TOKENS, _answers, _row, _summary, check_budgets
+from .runner import DEFAULT_MAX_NEW_TOKENS, _answers, _row, check_budgets, finish
 
 
 class Replica:
@@ -158,22 +157,9 @@ def _results(data: Dataset, answered, batch_size: int, limit: int | None, kwargs
              out_dir: Path | None) -> dict:
     """runner.evaluate's results (and files, with out_dir) from one run's answers."""
     rows, skipped, described = answered
-    errors = list(data.errors) + skipped
-    if errors:  # as runner.evaluate warns
-        shown = "; ".join(errors[:3]) + (f"; ... ({len(errors) - 3} more)" if len(errors) > 3 else "")
-        print(f"fastllava: warning: skipped {len(errors)} bad sample(s) in {data.root}: {shown}", file=sys.stderr)
-    if not rows:
-        raise UserError(f"no question in {data.root} could be answered; first problem: {errors[0]}")
-    results = _summary(_model_view(described), data, rows, errors, batch_size, limit, kwargs)
-    results["settings"]["ray"] = {"replicas": replicas, "address": os.environ.get("RAY_ADDRESS") or "local"}
-    if out_dir is not None:
-        out = Path(out_dir).expanduser()
-        out.mkdir(parents=True, exist_ok=True)
-        (out / "results.json").write_text(json.dumps(results, indent=2) + "\n")
-        with (out / "samples.jsonl").open("w", encoding="utf-8") as f:
-            for row in rows:
-                f.write(json.dumps(row, ensure_ascii=False) + "\n")
-    return results
+    ray = {"ray": {"replicas": replicas, "address": os.environ.get("RAY_ADDRESS") or "local"}}
+    return finish(_model_view(described), data, rows, list(data.errors) + skipped, batch_size, limit, kwargs,
+                  out_dir, ray)
 
 
 def _run(ray, items, model, load_options, kwargs, replicas, gpu, bar: Progress, sizes: list[int]) -> dict:

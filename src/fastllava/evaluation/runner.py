@@ -48,13 +48,20 @@ def evaluate(model, data_dir: str | Path | Dataset, batch_size: int = 8, limit: 
         bar.update(len(batch))
     if bar is not progress:
         bar.close()
+    return finish(model, data, rows, errors, batch_size, limit, kwargs, out_dir)
+
+
+def finish(model, data: Dataset, rows: list[dict], errors: list[str], batch_size: int, limit: int | None,
+           kwargs: dict, out_dir: str | Path | None, settings: dict | None = None) -> dict:
+    """The results of answered rows (a warning for the skipped samples, UserError when none was
+    answered), with `settings` added to theirs; with out_dir, results.json and samples.jsonl."""
     if errors:
         shown = "; ".join(errors[:3]) + (f"; ... ({len(errors) - 3} more)" if len(errors) > 3 else "")
         print(f"fastllava: warning: skipped {len(errors)} bad sample(s) in {data.root}: {shown}", file=sys.stderr)
     if not rows:
         raise UserError(f"no question in {data.root} could be answered; first problem: {errors[0]}")
-
     results = _summary(model, data, rows, errors, batch_size, limit, kwargs)
+    results["settings"].update(settings or {})
     if out_dir is not None:
         out = Path(out_dir).expanduser()
         out.mkdir(parents=True, exist_ok=True)
