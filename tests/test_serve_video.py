@@ -81,6 +81,7 @@ def test_a_video_answers_as_generate(client, llava, files):
     URLs (sampled as generate samples a list): generate's greedy text and token counts."""
     expected = llava.generate(prompts=["describe it ."], videos=[files / "clip.mp4"], num_frames=FRAMES,
                               max_new_tokens=8)[0]
+    cached = []
     for part in (_video_part(files / "clip.mp4"),
                  {"type": "video_url", "video_url": {"url": (files / "clip.mp4").as_uri()}}):
         r = _ask(client, [part], "describe it .")
@@ -88,7 +89,9 @@ def test_a_video_answers_as_generate(client, llava, files):
         details = r.usage.prompt_tokens_details.model_extra
         assert details["video_tokens"] == expected.stats["video_tokens"] == llava.config.video_tokens(FRAMES)
         assert r.usage.prompt_tokens == expected.stats["prompt_tokens"] + expected.stats["video_tokens"]
-        assert r.usage.prompt_tokens_details.cached_tokens == 0  # video prompts are not in the prefix cache
+        cached.append(r.usage.prompt_tokens_details.cached_tokens)
+    # the same frames the second time (another URL): all but the last prompt token from the prefix cache
+    assert cached == [0, r.usage.prompt_tokens - 1]
     video = _clip(11, 40, 56, 9)
     expected = llava.generate(prompts=["what is in the picture ?"], videos=[video], num_frames=FRAMES,
                               max_new_tokens=8)[0]
@@ -104,8 +107,15 @@ def test_two_videos_behind_the_same_text_do_not_share_tokens(client, llava, file
         answers[name] = llava.generate(prompts=["describe it ."], videos=[files / name], num_frames=FRAMES,
                                        max_new_tokens=8)[0].text
     assert answers["clip.mp4"] != answers["other.mp4"]
+    ids = llava.prompts.prompt_ids("describe it .", 0, [], [llava.config.video_tokens(FRAMES)])
+    before_video = ids.index(llava.config.video_token_index)  # prompt tokens before the video's
+    cached = []
     for name in ("clip.mp4", "other.mp4", "clip.mp4", "other.mp4"):
-        assert _ask(client, [_video_part(files / name)], "describe it .").choices[0].message.content == answers[name]
+        r = _ask(client, [_video_part(files / name)], "describe it .")
+        assert r.choices[0].message.content == answers[name]
+        cached.append((r.usage.prompt_tokens_details.cached_tokens, r.usage.prompt_tokens))
+    assert cached[1][0] <= before_video  # other.mp4, first asked after clip.mp4: none of clip's tokens
+    assert [c for c, _ in cached[2:]] == [n - 1 for _, n in cached[2:]]  # each asked again: all but the last
 
 
 def test_an_image_and_a_video_in_one_prompt(client, llava, files):

@@ -184,20 +184,20 @@ class Runner:
         return logits, positions, cache
 
     def prefill_cached(self, k: torch.Tensor, v: torch.Tensor, input_ids: torch.Tensor,
-                       pixel_values: torch.Tensor | None, new_tokens: int, image_sizes: torch.Tensor | None = None
-                       ) -> tuple[torch.Tensor, torch.Tensor, StaticKVCache]:
+                       pixel_values: torch.Tensor | None, new_tokens: int, image_sizes: torch.Tensor | None = None,
+                       pixel_values_videos=None) -> tuple[torch.Tensor, torch.Tensor, StaticKVCache]:
         """As `prefill` for one prompt input_ids [1, T] (no padding, no reduction) whose first M
         tokens' keys and values k, v [L, Hkv, M, Dh] are known (a cached prefix): only tokens M..T
         run, eagerly, attending to the prefix -> (logits [1, V], positions [1, T], the cache).
-        The images are still encoded (through the encoder cache when there is one) for the image
-        tokens past the prefix."""
+        The images (and videos) are still encoded, through the encoder cache when there is one, for
+        the visual tokens past the prefix."""
         model, device = self.model, self.model.device
         input_ids = input_ids.to(device)
         valid = torch.ones_like(input_ids, dtype=torch.bool)  # [1, T]
         pixels = pixel_values.to(device) if pixel_values is not None else None
         embeds, positions, valid = prepare(model, input_ids, pixels, valid, positions_from_mask(valid), None,
-                                           image_sizes, self.tower())  # [1, T, D]
-        m = k.shape[2]
+                                           image_sizes, self.tower(), _to_device(pixel_values_videos, device))
+        m = k.shape[2]  # embeds [1, T, D]
         cache = self._cache(1, input_ids.shape[1] + new_tokens)
         cache.reserve(0, valid[:, :m])
         for layer in range(k.shape[0]):

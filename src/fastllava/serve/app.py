@@ -225,8 +225,9 @@ def _prepare(llava: Llava, settings: Settings, scheduler: Scheduler, req: ChatRe
         except UserError as e:  # a frame preprocessing refuses (sides more than 100:1)
             raise APIError(422, str(e), req.videos[0].param, "invalid_video") from None
     keys = None
-    if scheduler.prefix is not None and reduce is None and not clips:  # video prompts are not shared (prefix_cache)
-        keys = token_keys(ids, llava.config.image_token_index, digests, image_tokens)
+    if scheduler.prefix is not None and reduce is None:
+        keys = token_keys(ids, llava.config.image_token_index, digests, image_tokens, llava.config.video_token_index,
+                          [pixel_digest(v) for v in videos or []], video_tokens)
     return ids, pixel_values, image_sizes, params, keys, videos
 
 

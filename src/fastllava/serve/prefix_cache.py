@@ -14,10 +14,11 @@ first M tokens then have exactly the keys and values of that entry's first M slo
 attention: a token's keys and values depend only on the tokens before it), and only the rest is
 prefilled. The entries are a least recently used map bounded in bytes.
 
-What is not shared: prompts with a visual token reduction (methods inside the language model
-select with the whole prompt, and several methods before it read the question, so an image's
-tokens would differ by what follows them), and quantized KV caches (KIVI and VidKV quantize in
-groups whose boundaries move with the prompt's length).
+Video tokens are keyed by a digest of the video's sampled, preprocessed frames, as image tokens
+by their image's. What is not shared: prompts with a visual token reduction (methods inside the
+language model select with the whole prompt, and several methods before it read the question, so
+an image's tokens would differ by what follows them), and quantized KV caches (KIVI and VidKV
+quantize in groups whose boundaries move with the prompt's length).
 """
 
 from __future__ import annotations
@@ -44,21 +45,28 @@ class Entry:
         return 2 * self.k.numel() * self.k.element_size()
 
 
-def token_keys(ids: list[int], image_token: int, image_digests: list[bytes], image_counts: list[int]) -> list:
+def token_keys(ids: list[int], image_token: int, image_digests: list[bytes], image_counts: list[int],
+               video_token: int | None = None, video_digests: list[bytes] = (), video_counts: list[int] = ()) -> list:
     """What identifies each prompt token: its id, or for the image tokens (the images' runs, in
-    order: image_counts[i] tokens for the i-th) the image's digest and the token's index in it."""
-    if sum(image_counts) != sum(1 for t in ids if t == image_token) or len(image_digests) != len(image_counts):
-        raise ValueError("the image token counts do not match the prompt")
-    keys, image, left, index = [], -1, 0, 0
+    order: image_counts[i] tokens for the i-th) the image's digest and the token's index in it;
+    the same for video tokens with the videos' digests (of their sampled frames) and counts."""
+    media = {image_token: (list(image_digests), list(image_counts))}
+    if video_token is not None:
+        media[video_token] = (list(video_digests), list(video_counts))
+    for token, (digests, counts) in media.items():
+        if sum(counts) != sum(1 for t in ids if t == token) or len(digests) != len(counts):
+            raise ValueError("the image or video token counts do not match the prompt")
+    keys, place = [], {token: [-1, 0, 0] for token in media}  # per kind: item, tokens left in it, index
     for t in ids:
-        if t != image_token:
+        if t not in media:
             keys.append(t)
             continue
-        if left == 0:
-            image, index = image + 1, 0
-            left = image_counts[image]
-        keys.append((image_digests[image], index))
-        left, index = left - 1, index + 1
+        digests, counts = media[t]
+        at = place[t]
+        if at[1] == 0:
+            at[0], at[1], at[2] = at[0] + 1, counts[at[0] + 1], 0
+        keys.append((digests[at[0]], at[2]))
+        at[1], at[2] = at[1] - 1, at[2] + 1
     return keys
 
 

@@ -293,7 +293,8 @@ class Scheduler:
         """Prefill one job whose first tokens' keys and values k, v [L, Hkv, M, Dh] are cached."""
         try:
             ids = torch.tensor([job.ids], dtype=torch.long)  # [1, T]
-            logits, positions, small = self.runner.prefill_cached(k, v, ids, job.pixel_values, 0, job.image_sizes)
+            logits, positions, small = self.runner.prefill_cached(k, v, ids, job.pixel_values, 0, job.image_sizes,
+                                                                  _videos(job.videos or []))
         except Exception as e:  # noqa: BLE001 - this job alone fails
             self._fail(job, e)
             return
