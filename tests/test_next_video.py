@@ -237,8 +237,7 @@ def test_features_run_or_refuse_in_one_line(model):
     for spec in ("fastervlm:keep=12", "visionzip:keep=12", "fastv:keep=12,layer=1", "dart:keep=12,layer=1"):
         out = fp.generate(images=[image], prompts=["describe it ."], reduce=spec, max_new_tokens=4)[0]
         assert out.stats["reduce"] and len(out.token_ids) >= 1, spec
-    for kwargs, message in ((dict(reduce="fastervlm:keep=12"), "reduction"), (dict(speculate="ngram"), "speculative"),
-                            (dict(num_frames=0), "num_frames")):
+    for kwargs, message in ((dict(reduce="fastervlm:keep=12"), "reduction"), (dict(num_frames=0), "num_frames")):
         with pytest.raises(fastllava.UserError, match=message) as e:
             fp.generate(prompts=["describe it ."], videos=[video], max_new_tokens=2, **{"num_frames": 4, **kwargs})
         assert "\n" not in str(e.value)
@@ -260,6 +259,18 @@ def test_features_run_or_refuse_in_one_line(model):
     for mode in ("static", "compiled"):
         other = fastllava.load(fp.path, device="cpu", decode=mode)
         assert [r.token_ids for r in other.generate(**kwargs)] == expected, mode
+
+
+def test_speculation_with_videos_gives_the_plain_tokens(model):
+    """ngram, layerskip and a draft model (itself, seeing the video or not) on a batch of a video
+    prompt, an image + video prompt and a text prompt: the plain greedy tokens."""
+    kwargs = dict(images=[None, _photo(40, 200, 1), None], prompts=["describe it .", "is it in the clip ?", "red red"],
+                  videos=[_clip(8, 40, 40, 2), _clip(5, 30, 50, 3), None], num_frames=4, max_new_tokens=12)
+    plain = [r.token_ids for r in model.generate(**kwargs)]
+    for spec in ("ngram:k=3", "layerskip:k=2", f"draft:model={model.path},k=3", f"draft:model={model.path},image=0"):
+        out = model.generate(**kwargs, speculate=spec)
+        assert [r.token_ids for r in out] == plain, spec
+        assert sum(r.stats["speculate"]["draft_tokens"] for r in out) > 0, spec
 
 
 def test_vidkv_counts_video_tokens_as_visual(model):

@@ -326,16 +326,19 @@ def test_serve_video_options(tmp_path):
         args.func(args)
 
 
-def test_server_wide_reduce_and_speculate_refuse_videos(llava, files):
-    """A server started with --reduce or --speculate answers a video request with one 400 line
-    (naming its own setting) and keeps answering image requests."""
-    for settings, code, words in ((Settings(model_id="tiny", max_len=1024, reduce="fastv:keep=8,layer=1"),
-                                   "invalid_reduction", "--reduce"),
-                                  (Settings(model_id="tiny", max_len=1024, speculate="ngram"), "unsupported_value",
-                                   "--speculate")):
-        with running_server(llava, settings) as url:
-            status, body = _post(url, [_video_part(files / "clip.mp4")])
-            assert (status, body["error"]["code"]) == (400, code), body
-            assert words in body["error"]["message"] and "\n" not in body["error"]["message"]
-            status, body = _post(url, [_image_part(_photo(40, 60, 1))])
-            assert status == 200, body
+def test_server_wide_reduce_refuses_videos_and_speculate_takes_them(llava, files):
+    """A server started with --reduce answers a video request with one 400 line (naming its own
+    setting) and keeps answering image requests; one started with --speculate answers a video
+    request as generate does."""
+    with running_server(llava, Settings(model_id="tiny", max_len=1024, reduce="fastv:keep=8,layer=1")) as url:
+        status, body = _post(url, [_video_part(files / "clip.mp4")])
+        assert (status, body["error"]["code"]) == (400, "invalid_reduction"), body
+        assert "--reduce" in body["error"]["message"] and "\n" not in body["error"]["message"]
+        status, body = _post(url, [_image_part(_photo(40, 60, 1))])
+        assert status == 200, body
+    expected = llava.generate(prompts=["describe it ."], videos=[files / "clip.mp4"], num_frames=FRAMES,
+                              max_new_tokens=8)[0].text
+    settings = Settings(model_id="tiny", max_len=1024, speculate="ngram:k=3", num_frames=FRAMES, limits=LIMITS)
+    with running_server(llava, settings) as url:
+        status, body = _post(url, [_video_part(files / "clip.mp4")], max_tokens=8, temperature=0)
+        assert status == 200 and body["choices"][0]["message"]["content"] == expected, body

@@ -167,7 +167,6 @@ def test_refusals(ov_video, tmp_path):
         (dict(prompts=["a"], videos=[np.zeros((0, 32, 32, 3), np.uint8)]), "no frames"),
         (dict(prompts=["a"], videos=[np.zeros((32, 32, 3), np.uint8)]), "frames, height, width"),
         (dict(prompts=["a"], videos=[video], reduce="random:keep=4"), "reduction"),
-        (dict(prompts=["a"], videos=[video], speculate="ngram"), "speculative"),
         (dict(prompts=["<video> a"]), "video"),
         (dict(prompts=["a"], videos=[str(tmp_path / "missing")]), "does not exist"),
     ]

@@ -138,11 +138,9 @@ class Llava:
         if videos is not None and reduction is not None:
             raise UserError("visual token reduction does not apply to prompts with videos yet")
         if spec is not None:
-            if videos is not None:
-                raise UserError("speculative decoding does not take prompts with videos yet")
             yield from speculative_steps(self.runner, spec, input_ids, attention_mask, pixel_values, params, eos,
                                          finished, times, spec_stats or SpecStats([], [], []), reduction, image_sizes,
-                                         self._drafter(spec))
+                                         self._drafter(spec), videos)
             return
         for token in decode_steps(self.runner, input_ids, attention_mask, pixel_values, params, eos, finished, times,
                                   reduction, image_sizes, videos):
@@ -183,8 +181,6 @@ class Llava:
         has_videos = videos is not None and any(v is not None for v in videos)
         if has_videos and reduce is not None:
             raise UserError("visual token reduction does not apply to prompts with videos yet")
-        if has_videos and speculate is not None:
-            raise UserError("speculative decoding does not take prompts with videos yet")
         spec = parse_speculate(speculate, self.config.text.num_hidden_layers)
         inputs = self.inputs(images, prompts, videos, num_frames)
         input_ids, mask, pixel_values = inputs["input_ids"], inputs["attention_mask"], inputs["pixel_values"]

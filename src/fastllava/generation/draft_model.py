@@ -34,17 +34,21 @@ class ModelDrafter:
         self.start: list[int] = []  # the draft cache's stage lengths before those steps
 
     def prefill(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, pixel_values: torch.Tensor | None,
-                image_sizes: torch.Tensor | None, target_positions: torch.Tensor, room: int) -> None:
+                image_sizes: torch.Tensor | None, target_positions: torch.Tensor, room: int, videos=None) -> None:
         """Prefill the draft on the target's prompt input_ids [B, T] (left-padded by attention_mask),
-        with room for `room` more tokens; target_positions [B, T'] are the target's after its prefill."""
+        with room for `room` more tokens; target_positions [B, T'] are the target's after its prefill.
+        `videos`: the prompt's pixel_values_videos (the draft reads them as it reads the images)."""
         cfg = self.runner.model.cfg
         if not self.image:
-            rows = [[t for t, m in zip(ids, mask) if m and t != cfg.image_token_index]
+            visual = {cfg.image_token_index, cfg.video_token_index}
+            rows = [[t for t, m in zip(ids, mask) if m and t not in visual]
                     for ids, mask in zip(input_ids.tolist(), attention_mask.tolist())]
             input_ids, valid = left_pad(rows, cfg.text.pad_token_id or 0)
-            attention_mask, pixel_values, image_sizes = valid.long(), None, None
+            attention_mask, pixel_values, image_sizes, videos = valid.long(), None, None, None
+        elif videos is not None and not cfg.takes_videos:
+            raise UserError("the draft model takes no videos; draft without them: draft:model=DIR,image=0")
         _, positions, self.cache = self.runner.prefill(input_ids, attention_mask, pixel_values, room, self.reduction,
-                                                       image_sizes=image_sizes)
+                                                       image_sizes=image_sizes, pixel_values_videos=videos)
         self.offset = target_positions[:, -1] - positions[:, -1]  # [B]
         self.pending = [[] for _ in range(input_ids.shape[0])]
 
@@ -96,3 +100,6 @@ def check_draft(target_cfg, draft_cfg, image: bool) -> None:
     if not same:
         raise UserError("the draft model processes images differently from the target (another family, image size "
                         "or visual token count); draft without the image: draft:model=DIR,image=0")
+    if target_cfg.takes_videos and draft_cfg.takes_videos and draft_cfg.video_tokens(4) != target_cfg.video_tokens(4):
+        raise UserError("the draft model turns a video into another number of tokens than the target; draft without "
+                        "the images and videos: draft:model=DIR,image=0")

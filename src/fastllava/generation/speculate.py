@@ -22,8 +22,8 @@ Drafters (`--speculate SPEC`):
   draft:model=DIR[,k=4,reduce=SPEC,image=0]
                       a smaller LLaVA-family checkpoint with the same tokenizer drafts k tokens
                       greedily from its own KV cache (see fastllava.generation.draft_model); it
-                      reads the images as the target does, through a reduction (`reduce`), or not
-                      at all (`image=0`). Python API and CLI; not in the server.
+                      reads the images (and videos) as the target does, through a reduction
+                      (`reduce`), or not at all (`image=0`). Python API and CLI; not in the server.
   adaptive=1          (any) k shrinks by one after a round whose drafts were all rejected and
                       grows back by one after a round whose drafts were all kept, within 1..k.
 
@@ -197,19 +197,20 @@ def speculative_steps(runner: Runner, spec: Speculation, input_ids: torch.Tensor
                       pixel_values: torch.Tensor | None, params: SamplingParams, eos_ids: list[int],
                       finished: torch.Tensor, times: StepTimes, stats: SpecStats,
                       reduction: Reduction | None = None, image_sizes: torch.Tensor | None = None,
-                      drafter: ModelDrafter | None = None) -> Iterator[list[list[int]]]:
+                      drafter: ModelDrafter | None = None, pixel_values_videos=None) -> Iterator[list[list[int]]]:
     """As decode_steps, but yields each round's new tokens per row (lists of different lengths;
     [] for a finished row). `stats` gets each row's drafts, kept drafts and rounds. `drafter`: the
-    draft model of a `draft` spec."""
+    draft model of a `draft` spec; `pixel_values_videos` as for decode_steps."""
     b, device = input_ids.shape[0], runner.model.device
     room = params.max_new_tokens * (spec.k + 1) if b > 1 else params.max_new_tokens + spec.k
     times.start = time.perf_counter()
     logits, positions, cache = runner.prefill(input_ids, attention_mask, pixel_values, room + spec.k + 1, reduction,
-                                              times, image_sizes)
+                                              times, image_sizes, pixel_values_videos)
     if (drafter is not None) != (spec.kind == "draft"):
         raise UserError("a draft speculation runs through Llava.generate, which loads its draft model")
     if drafter is not None:
-        drafter.prefill(input_ids, attention_mask, pixel_values, image_sizes, positions, room + spec.k + 1)
+        drafter.prefill(input_ids, attention_mask, pixel_values, image_sizes, positions, room + spec.k + 1,
+                        pixel_values_videos)
     generator = new_generator(params, device)
     eos = set(eos_ids)
     history = [[int(t) for t, m in zip(ids, mask) if m] for ids, mask in zip(input_ids.tolist(),

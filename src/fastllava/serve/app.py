@@ -232,8 +232,8 @@ def _prepare(llava: Llava, settings: Settings, scheduler: Scheduler, req: ChatRe
 
 
 def _check_videos(llava: Llava, settings: Settings, req: ChatRequest, reduce: str | None) -> None:
-    """400 for a video that this server cannot take: a checkpoint without videos, a reduction or
-    speculative decoding with a video (before any video is read)."""
+    """400 for a video that this server cannot take: a checkpoint without videos, or a reduction
+    with a video (before any video is read)."""
     param = req.videos[0].param
     if not llava.config.takes_videos or llava.video_processor is None:
         raise invalid(f"this checkpoint (model_type {llava.config.model_type!r}) takes no videos; LLaVA-OneVision "
@@ -242,9 +242,6 @@ def _check_videos(llava: Llava, settings: Settings, req: ChatRequest, reduce: st
         whose = "" if req.reduce else f" (this server's --reduce {reduce})"
         raise invalid(f"reduce: visual token reduction does not apply to prompts with videos yet{whose}", "reduce",
                       "invalid_reduction")
-    if settings.speculate is not None:
-        raise invalid("speculative decoding (this server's --speculate) does not take prompts with videos yet", param,
-                      "unsupported_value")
 
 
 def _pixels(llava: Llava, images: list) -> tuple[torch.Tensor, torch.Tensor | None, list[bytes]]:
