@@ -69,9 +69,6 @@ class PackedStore:
         return sum(b.numel() * b.element_size() for b in self.buffers.values())
 
 
-UNSETTLED = 34  # tokens a speculative round (k <= 16 drafts, then 1 + k to verify) may add unquantized
-
-
 class QuantizedSequence:
     """One layer's keys (or values): tokens [0, n_quantized) in a PackedStore, the rest in a
     full-precision residual buffer.
@@ -81,7 +78,7 @@ class QuantizedSequence:
     keeps at least the `residual` most recent tokens; older ones are quantized as soon as a whole
     group of them has left the window.
 
-    A speculative round appends without flushing (`flush=False`), drops its rejected tokens from
+    A speculative round appends without flushing (`flush=False`; the residual grows for it), drops its rejected tokens from
     the residual (`rewind`) and then flushes what is due (`settle`): the tokens kept are quantized
     in the same groups as if they had been appended one by one.
     """
@@ -93,8 +90,7 @@ class QuantizedSequence:
         self.codec, self.flush, self.residual = codec, flush, residual
         # sized for what max_len tokens can put in each: nothing is allocated that cannot be used
         self.store = PackedStore(codec, batch, heads, self._target(max_len), dim, dtype, device)
-        self.res = torch.zeros(batch, heads, min(residual + codec.group + UNSETTLED, max_len), dim, dtype=dtype,
-                               device=device)
+        self.res = torch.zeros(batch, heads, min(residual + codec.group, max_len), dim, dtype=dtype, device=device)
         self.n_quantized = 0
         self.n_residual = 0
 
@@ -119,7 +115,11 @@ class QuantizedSequence:
             self.store.write(nq, self.codec.encode(recent[:, :, :moved], valid[:, nq:target]))
         keep = recent[:, :, moved:]
         if keep.shape[2] > self.res.shape[2]:
-            raise RuntimeError(f"residual overflow: {keep.shape[2]} tokens for {self.res.shape[2]} slots")
+            if flush:
+                raise RuntimeError(f"residual overflow: {keep.shape[2]} tokens for {self.res.shape[2]} slots")
+            # a speculative round holds its tokens unquantized: the residual grows for it (once, by at most 2k + 1)
+            b, h, n, d = self.res.shape
+            self.res = torch.cat([self.res, self.res.new_zeros(b, h, keep.shape[2] - n, d)], dim=2)
         self.res[:, :, :keep.shape[2]] = keep
         self.n_quantized, self.n_residual = target, keep.shape[2]
         return torch.cat([older, recent], dim=2)
