@@ -78,9 +78,10 @@ class QuantizedSequence:
     keeps at least the `residual` most recent tokens; older ones are quantized as soon as a whole
     group of them has left the window.
 
-    A speculative round appends without flushing (`flush=False`; the residual grows for it), drops its rejected tokens from
-    the residual (`rewind`) and then flushes what is due (`settle`): the tokens kept are quantized
-    in the same groups as if they had been appended one by one.
+    A speculative round appends without flushing (`flush=False`; the residual grows for it),
+    drops its rejected tokens from the residual (`rewind`) and then flushes what is due
+    (`settle`): the tokens kept are quantized in the same groups as if they had been appended
+    one by one.
     """
 
     def __init__(self, codec: Codec, flush: str, residual: int, batch: int, heads: int, max_len: int,
