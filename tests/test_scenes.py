@@ -310,8 +310,8 @@ def test_hires_pixels_at_centres_have_the_declared_colour(hires):
 
 
 def test_variant_must_be_known(tmp_path, capsys):
-    assert set(VARIANTS) == {"default", "hires"}
-    with pytest.raises(UserError, match="unknown variant 'huge'; choose from default, hires"):
+    assert set(VARIANTS) == {"default", "hires", "dense"}
+    with pytest.raises(UserError, match="unknown variant 'huge'; choose from default, hires, dense"):
         generate_dataset(3, 0, tmp_path / "x", variant="huge", progress=False)
     assert main(["data", "shapes", "--n", "3", "--variant", "huge", "--out", str(tmp_path / "y")]) == 2
     err = capsys.readouterr().err
