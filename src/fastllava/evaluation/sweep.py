@@ -147,11 +147,14 @@ def plot(result: dict, path: Path) -> None:
     lines: dict[str, list] = {}
     for r in result["runs"]:
         lines.setdefault(r["label"], []).append(r)
-    for name, runs in lines.items():
+    for i, (name, runs) in enumerate(lines.items()):
+        # matplotlib's 10 colours, then dashed and with other markers: every method tells apart
+        style = dict(color=f"C{i % 10}", linestyle="-" if i < 10 else "--", marker="osD^v<>ph*"[i // 10 % 10],
+                     label=name)
         runs = sorted(runs, key=lambda r: r["keep"])
-        ax.plot([r["keep"] for r in runs], [r["retained"] or 0 for r in runs], marker="o", label=name)
+        ax.plot([r["keep"] for r in runs], [r["retained"] or 0 for r in runs], **style)
         timed = [r for r in runs if r["prefill_ms"] is not None]
-        cost.plot([r["prefill_ms"] for r in timed], [r["retained"] or 0 for r in timed], marker="o", label=name)
+        cost.plot([r["prefill_ms"] for r in timed], [r["retained"] or 0 for r in timed], **style)
     base = result["baseline"]
     if base["prefill_ms"] is not None:
         cost.plot([base["prefill_ms"]], [100], marker="*", markersize=12, color="black", linestyle="", label="none")
