@@ -75,38 +75,54 @@ def _image(seed):
     return Image.fromarray(np.random.default_rng(seed).integers(0, 255, (32, 32, 3), dtype=np.uint8))
 
 
-@pytest.mark.parametrize("name", sorted(FULL))
-def test_full_budget_reproduces_unreduced_logits(model, name):
+def check_full_budget(model, spec: str) -> None:
+    """A spec keeping every visual token gives the unreduced logits (a padded batch)."""
     ids, mask, pixels = batch_inputs(P)
     positions = positions_from_mask(mask)
     ref = model.logits(ids, pixels, mask, positions)
-    got = model.logits(ids, pixels, mask, positions, reduce=FULL[name])
+    got = model.logits(ids, pixels, mask, positions, reduce=spec)
     real = mask.bool()
     assert got.shape == ref.shape
     assert (got[real] - ref[real]).abs().max() <= 1e-5
 
 
-@pytest.mark.parametrize("name", sorted(SMALL))
-def test_budget_holds_for_every_sample(model, name):
+def check_budgets(model, spec: str) -> tuple[list, object]:
+    """Every sample of a padded batch (one without an image) keeps exactly the spec's budgets:
+    the visual tokens entering the LLM (all P for a method inside it), then after each cut."""
     prompts = ["what color is the circle ?", "what is the square ?", "red ?", "what color ?"]
     images = [_image(1), _image(2), None, _image(3)]
-    out = model.generate(images=images, prompts=prompts, max_new_tokens=2, reduce=SMALL[name])
-    method = make_reduction(SMALL[name], model.config).method
-    entering = P if method.where == "llm" else method.keep
+    out = model.generate(images=images, prompts=prompts, max_new_tokens=2, reduce=spec)
+    method = make_reduction(spec, model.config).method
+    want = ([P] if method.where == "llm" else []) + method.budgets()
     for img, r in zip(images, out):
-        want = [entering] + method.budgets() if method.where == "llm" else [entering]
         assert r.stats["visual_tokens"] == (want if img is not None else [0] * len(want))
-        assert r.stats["reduce"] == method.spec()
+    return out, method
+
+
+def check_batch_equals_alone(model, spec: str) -> None:
+    """A batch of four gives each prompt the tokens it gets alone."""
+    images = [_image(10 + i) for i in range(4)]
+    prompts = ["what color is the circle ?", "what is it ?", "the square is what color ?", "blue ?"]
+    batched = model.generate(images=images, prompts=prompts, max_new_tokens=6, reduce=spec)
+    for img, prompt, got in zip(images, prompts, batched):
+        alone = model.generate(images=[img], prompts=[prompt], max_new_tokens=6, reduce=spec)[0]
+        assert got.token_ids == alone.token_ids
+
+
+@pytest.mark.parametrize("name", sorted(FULL))
+def test_full_budget_reproduces_unreduced_logits(model, name):
+    check_full_budget(model, FULL[name])
+
+
+@pytest.mark.parametrize("name", sorted(SMALL))
+def test_budget_holds_for_every_sample(model, name):
+    out, method = check_budgets(model, SMALL[name])
+    assert all(r.stats["reduce"] == method.spec() for r in out)
 
 
 @pytest.mark.parametrize("name", sorted(SMALL))
 def test_batch_of_four_equals_each_alone(model, name):
-    images = [_image(10 + i) for i in range(4)]
-    prompts = ["what color is the circle ?", "what is it ?", "the square is what color ?", "blue ?"]
-    batched = model.generate(images=images, prompts=prompts, max_new_tokens=6, reduce=SMALL[name])
-    for img, prompt, got in zip(images, prompts, batched):
-        alone = model.generate(images=[img], prompts=[prompt], max_new_tokens=6, reduce=SMALL[name])[0]
-        assert got.token_ids == alone.token_ids
+    check_batch_equals_alone(model, SMALL[name])
 
 
 @pytest.mark.parametrize("name", sorted(SMALL))

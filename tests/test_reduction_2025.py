@@ -12,15 +12,15 @@ import torch.nn.functional as F
 import fastllava
 from fastllava.cli import main
 from fastllava.evaluation.tokenizer import build_word_tokenizer
-from fastllava.ops import positions_from_mask
 from fastllava.reduction import METHODS
 from fastllava.reduction.base import VisionContext
 from fastllava.reduction.runtime import make_reduction
-from hf_reference import IMAGE_TOKEN, PINPOINTS, VOCAB, batch_inputs, save_checkpoint, tiny_llava
+from hf_reference import IMAGE_TOKEN, PINPOINTS, VOCAB, save_checkpoint, tiny_llava
 from test_llava_next import PROCESSOR
 from test_llava_next import WORDS as NEXT_WORDS
 from test_llava_next import _photo
-from test_reduction import P, _image, model  # noqa: F401  (the tiny LLaVA-1.5 checkpoint fixture)
+from test_reduction import (P, _image, check_batch_equals_alone, check_budgets, check_full_budget,  # noqa: F401
+                            model)  # the tiny LLaVA-1.5 checkpoint fixture
 
 NEW = ["divprune", "vispruner", "cdpruner", "mmtok"]
 FULL = {"divprune": "divprune:keep=16", "vispruner": "vispruner:keep=16", "cdpruner": "cdpruner:keep=16",
@@ -39,34 +39,17 @@ def test_the_new_methods_are_registered_before_the_llm():
 
 @pytest.mark.parametrize("name", sorted(FULL))
 def test_full_budget_reproduces_unreduced_logits(model, name):  # noqa: F811
-    ids, mask, pixels = batch_inputs(P)
-    positions = positions_from_mask(mask)
-    ref = model.logits(ids, pixels, mask, positions)
-    got = model.logits(ids, pixels, mask, positions, reduce=FULL[name])
-    real = mask.bool()
-    assert got.shape == ref.shape
-    assert (got[real] - ref[real]).abs().max() <= 1e-5
+    check_full_budget(model, FULL[name])
 
 
 @pytest.mark.parametrize("name", sorted(SMALL))
 def test_budget_holds_for_every_sample(model, name):  # noqa: F811
-    prompts = ["what color is the circle ?", "what is the square ?", "red ?", "what color ?"]
-    images = [_image(1), _image(2), None, _image(3)]
-    out = model.generate(images=images, prompts=prompts, max_new_tokens=2, reduce=SMALL[name])
-    method = make_reduction(SMALL[name], model.config).method
-    for img, r in zip(images, out):
-        assert r.stats["visual_tokens"] == ([method.keep] if img is not None else [0])
-        assert r.stats["reduce"] == method.spec()
+    check_budgets(model, SMALL[name])
 
 
 @pytest.mark.parametrize("name", sorted(SMALL))
 def test_batch_of_four_equals_each_alone(model, name):  # noqa: F811
-    images = [_image(10 + i) for i in range(4)]
-    prompts = ["what color is the circle ?", "what is it ?", "the square is what color ?", "blue ?"]
-    batched = model.generate(images=images, prompts=prompts, max_new_tokens=6, reduce=SMALL[name])
-    for img, prompt, got in zip(images, prompts, batched):
-        alone = model.generate(images=[img], prompts=[prompt], max_new_tokens=6, reduce=SMALL[name])[0]
-        assert got.token_ids == alone.token_ids
+    check_batch_equals_alone(model, SMALL[name])
 
 
 @pytest.mark.parametrize("spec, words", [
