@@ -209,3 +209,42 @@ def test_heads_stage_leaves_the_model_unchanged(tmp_path):
     before = fastllava.load(first, device="cpu").model.state_dict()
     after = fastllava.load(train(tmp_path / "b", spec, log=lambda m: None, init=first), device="cpu").model.state_dict()
     assert all(torch.equal(before[k], after[k]) for k in before)
+
+
+def test_describe_answers_are_guided_onto_each_object_left_to_right():
+    model, data = _tiny_model_and_data(questions=1)
+    data = Batches(data.encoder, data.processor, data.image_size, seed=7, questions=1, grid=data.grid,
+                   families=("describe",))
+    tok = data.encoder.tokenizer
+    looked = 0
+    for _ in range(6):
+        (seg, targets, family, guides), = data.example(False)[1]
+        answer = tok.decode([t for t in targets if t >= 0][:-1])
+        objects = answer.count(" a ") + 1  # "a small red circle, a large blue star and ..."
+        assert family == "describe" and len(guides) == objects >= 1
+        for offset, masks, attrs, dirs, side in guides:
+            assert seg[offset] == tok.token_to_id("a") and tok.id_to_token(targets[offset]) in SIZES
+            assert torch.equal(masks[0], masks[1]) and torch.equal(masks[0], masks[2])  # one object, for every head
+            assert dirs == (-100, -100) and side == (-1, -100)
+            looked += bool(masks[0].any())  # (a small object may cover no patch centre of 4 x 4)
+        xs = [int(a[0, 2]) for _, _, a, _, _ in guides]  # each object's column on the probes' grid
+        assert xs == sorted(xs)  # left to right, as the answer lists them
+    assert looked > 0
+    batch = data.batch(2)
+    assert len(batch.guide_at) >= 2 and (batch.targets[batch.guide_at[:, 0], batch.guide_at[:, 1]] >= 0).all()
+
+
+def test_scenes_rendered_at_several_sizes_reach_the_model_at_its_own():
+    _, data = _tiny_model_and_data(questions=1)
+    data = Batches(data.encoder, data.processor, data.image_size, seed=3, questions=1, grid=data.grid,
+                   render_sizes=(32, 128))
+    shapes = {data.example(False, size=s)[2].size for s in (32, 128)}
+    assert shapes == {(32, 32), (128, 128)}
+    assert all(data.batch(2).pixels.shape[-2:] == (32, 32) for _ in range(4))
+    assert TrainSpec(**TINY, render_sizes="32,128").render_size_list() == (32, 128)
+    assert TrainSpec(**TINY).render_size_list() == (32,)
+    assert TrainSpec(families="color, describe").family_list() == ("color", "describe")
+    for bad in (dict(render_sizes="16"), dict(render_sizes="a,b"), dict(families="color,colour"), dict(families="")):
+        with pytest.raises(UserError):
+            spec = TrainSpec(**{**TINY, **bad})
+            spec.render_size_list(), spec.family_list()

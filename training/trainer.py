@@ -27,7 +27,8 @@ from fastllava.checkpoint import load_model, save_model
 from fastllava.config import LlavaConfig, RopeConfig, TextConfig, VisionConfig
 from fastllava.errors import UserError
 from fastllava.evaluation.progress import Progress
-from fastllava.evaluation.questions import ASK, FAMILIES, STRATEGIES, all_pairs, ask_exist, prompt
+from fastllava.evaluation.questions import (ALL_FAMILIES, ASK, ASK_LONG, FAMILIES, STRATEGIES, all_pairs, ask_exist,
+                                            prompt)
 from fastllava.evaluation.scenes import caption, random_scene, render
 from fastllava.evaluation.tokenizer import build_word_tokenizer, default_words, write_preprocessor_config
 from fastllava.images import AnyresProcessor, ImageProcessor
@@ -77,7 +78,26 @@ class TrainSpec:
     save_every: int = 200  # steps between intermediate checkpoints (0 = only at the end)
     workers: int = 0  # processes generating batches ahead of the training step (0 = in the step)
     anyres: bool = False  # a LLaVA-NeXT model (tiles at NEXT_CANVASES) on the hires scenes variant
+    families: str = ",".join(FAMILIES)  # the question families asked (comma-separated; `describe` too)
+    render_sizes: str = ""  # pixels per tile the scenes are rendered at, one drawn per image (comma-
+    # separated, e.g. "96,336": the processor downscales larger renders as it does at inference; "" = image_size)
     seed: int = 0
+
+    def family_list(self) -> tuple[str, ...]:
+        names = tuple(f.strip() for f in self.families.split(",") if f.strip())
+        unknown = [f for f in names if f not in ALL_FAMILIES]
+        if unknown or not names:
+            raise UserError(f"--families: unknown {', '.join(unknown) or '(none given)'}; choose from {', '.join(ALL_FAMILIES)}")
+        return names
+
+    def render_size_list(self) -> tuple[int, ...]:
+        try:
+            sizes = tuple(int(v) for v in self.render_sizes.split(",") if v.strip()) or (self.image_size,)
+        except ValueError:
+            raise UserError(f"--render-sizes must be comma-separated pixel counts, not {self.render_sizes!r}") from None
+        if min(sizes) < self.image_size:
+            raise UserError(f"--render-sizes must be >= the model's image size {self.image_size}")
+        return sizes
 
 
 def build_config(spec: TrainSpec) -> LlavaConfig:
@@ -119,19 +139,22 @@ class Batches:
     """
 
     def __init__(self, encoder: PromptEncoder, processor: ImageProcessor | AnyresProcessor, image_size: int,
-                 seed: int, questions: int = 1, grid: int = 24, variant: str = "default"):
+                 seed: int, questions: int = 1, grid: int = 24, variant: str = "default",
+                 families: tuple[str, ...] = FAMILIES, render_sizes: tuple[int, ...] = ()):
         self.encoder, self.processor, self.image_size, self.grid = encoder, processor, image_size, grid
-        self.questions, self.variant = questions, variant
+        self.questions, self.variant, self.families = questions, variant, tuple(families)
+        self.render_sizes = tuple(render_sizes) or (image_size,)  # one drawn per batch
         self.seed = seed
         self.rng = np.random.Generator(np.random.PCG64(TRAIN_SEED_BASE + seed))
         self.popular = all_pairs()  # frequency order is learned from data; any order trains all pairs
         # sampling weights (see `reweight`), in shared memory so that worker processes see updates
-        self.family_weights = torch.ones(len(FAMILIES), dtype=torch.float64).share_memory_()
+        self.family_weights = torch.ones(len(self.families), dtype=torch.float64).share_memory_()
         self.side_ids = [encoder.tokenizer.token_to_id(w) for w in SIDES]  # the words of training.guidance.SIDES
+        self.article_id = encoder.tokenizer.token_to_id("a")  # starts each object of a describe answer
 
     def reweight(self, family_losses: dict[str, float]) -> None:
         """Ask more often from the families the model still gets wrong (weights ~ loss + floor)."""
-        self.family_weights.copy_(torch.tensor([family_losses.get(f, 1.0) + 0.05 for f in FAMILIES]))
+        self.family_weights.copy_(torch.tensor([family_losses.get(f, 1.0) + 0.05 for f in self.families]))
 
     def stream(self, size: int, captions: bool, workers: int, stage: int = 0):
         """Endless batches of `size` rows: made here (workers=0) or by `workers` processes ahead
@@ -146,13 +169,15 @@ class Batches:
     def _question(self, scene) -> tuple[str, str, str] | None:
         weights = self.family_weights.numpy().copy()  # a snapshot: the trainer may be writing it
         p = weights / weights.sum()
-        family = FAMILIES[int(self.rng.choice(len(FAMILIES), p=p))]
-        if family == "exist":
+        family = self.families[int(self.rng.choice(len(self.families), p=p))]
+        if family in ASK_LONG:
+            q = ASK_LONG[family](scene, self.rng)
+        elif family == "exist":
             q = ask_exist(scene, self.rng, ("yes", "no")[int(self.rng.integers(2))],
                           STRATEGIES[int(self.rng.integers(len(STRATEGIES)))], self.popular)
         else:
             q = ASK[family](scene, self.rng)
-        return None if q is None else (prompt(q.question), q.answer, family)
+        return None if q is None else (prompt(q.question, family), q.answer, family)
 
     def layout(self, size: tuple[int, int]) -> tuple[list, list[int]]:
         """An image of `size` (height, width) -> (the boxes of the pieces the processor cuts, as
@@ -164,12 +189,17 @@ class Batches:
         grid = anyres.tile_grid(size, p.pinpoints, p.tile)
         return anyres.piece_boxes(size, p.pinpoints, p.tile), anyres.token_sources(size, grid, self.grid)[0]
 
-    def example(self, captions: bool, canvas: tuple[int, int] | None = None):
-        """(prefix ids, [(segment ids, segment targets, family, visual tokens looked at [3, P] bool,
-        attributes [3, A] of the one object looked at or -100s, relative direction (2 ints),
-        asked side (index in the segment or -1, SIDES class or -100))], image, labels of the visual
-        tokens [P, 6] (-100 on newlines)); the 3 are training.guidance.looked_at's first, second and
-        answer objects; P the visual tokens of the image, drawn on `canvas` (tiles) if given."""
+    def example(self, captions: bool, canvas: tuple[int, int] | None = None, size: int | None = None):
+        """(prefix ids, [(segment ids, segment targets, family, guides)], image, labels of the visual
+        tokens [P, 6] (-100 on newlines)), the image rendered at `size` pixels per tile (default
+        image_size) on `canvas` (tiles) if given. Each of a segment's guides is (the index in the
+        segment of a position to guide, visual tokens looked at [3, P] bool, attributes [3, A] of
+        the one object looked at or -100s, relative direction (2 ints), asked side (index in the
+        segment or -1, SIDES class or -100)); the 3 are training.guidance.looked_at's first, second
+        and answer objects. A one-word question has one guide, at the position predicting its
+        answer; a describe answer one per object, at the article that starts the object's words
+        (it predicts the size word), all three looking at that object; a caption none."""
+        size = size or self.image_size
         qas = []
         while not qas:  # a scene may allow no question of the families drawn: take another
             scene = random_scene(self.rng, self.variant, canvas)
@@ -182,35 +212,47 @@ class Batches:
                 if qa is not None and all(qa[0] != q for q, _, _ in qas):
                     qas.append(qa)
         prefix, segments = None, []
-        image = render(scene, self.image_size)
+        image = render(scene, size)
         boxes, src = self.layout((image.height, image.width))
         src = np.asarray(src)  # [P]
         newline = torch.from_numpy(src < 0)  # [P]
-        at = patch_objects(scene, self.grid, self.image_size, boxes)  # [K * g * g] over the pieces' patches
+        at = patch_objects(scene, self.grid, size, boxes)  # [K * g * g] over the pieces' patches
         objects = np.where(src < 0, 0, at[src.clip(min=0)])  # [P]
-        labels = patch_labels(scene, self.grid, self.image_size, boxes, at)[src.clip(min=0)]  # [P, 6]
+        labels = patch_labels(scene, self.grid, size, boxes, at)[src.clip(min=0)]  # [P, 6]
         labels = labels.masked_fill(newline[:, None], -100)
+
+        def guide(offset: int, roles, side=(-1, -100)):
+            masks = torch.from_numpy(np.stack([np.isin(objects, [i + 1 for i in r]) for r in roles]))  # [3, P]
+            attrs = torch.tensor([object_attributes(scene, r) for r in roles])  # [3, A]
+            return offset, masks, attrs, relative_direction(scene, roles[0], roles[1]), side
+
         for question, answer, family in qas:
             ids = self.encoder.prompt_ids(question, image_tokens=[len(src)])
             cut = len(ids) - ids[::-1].index(IMAGE_TOKEN_ID)  # the prefix ends after the last image token
             prefix = ids[:cut]
             answer_ids = self.encoder.tokenizer.encode(answer, add_special_tokens=False).ids + [EOS_ID]
             seg = ids[cut:] + answer_ids
-            targets = [-100] * (len(seg) - len(answer_ids) - 1) + answer_ids + [-100]  # next-token targets
-            roles = looked_at(scene, question)
-            masks = torch.from_numpy(np.stack([np.isin(objects, [i + 1 for i in r]) for r in roles]))  # [3, P]
-            attrs = torch.tensor([object_attributes(scene, r) for r in roles])  # [3, A]
-            dirs = relative_direction(scene, roles[0], roles[1])
-            asked = [(k, self.side_ids.index(t)) for k, t in enumerate(seg[:len(seg) - len(answer_ids)])
-                     if t in self.side_ids]  # the side a position question asks about, if it names one
-            side = asked[0] if asked else (-1, -100)  # (its index in the segment, which side)
-            segments.append((seg, targets, family, masks, attrs, dirs, side))
+            begins = len(seg) - len(answer_ids)  # the answer's first token
+            targets = [-100] * (begins - 1) + answer_ids + [-100]  # next-token targets
+            guides = []
+            if family in ASK_LONG:  # describe: objects left to right, as questions.describe lists them
+                order = sorted(range(len(scene.objects)), key=lambda i: (scene.objects[i].x, scene.objects[i].y))
+                articles = [k for k in range(begins, len(seg)) if seg[k] == self.article_id]
+                guides = [guide(k, ({i}, {i}, {i})) for k, i in zip(articles, order)]
+            elif family != "caption":
+                roles = looked_at(scene, question)
+                asked = [(k, self.side_ids.index(t)) for k, t in enumerate(seg[:begins]) if t in self.side_ids]
+                first = guide(begins - 1, roles, asked[0] if asked else (-1, -100))  # side: the one a
+                # position question asks about, if it names one
+                guides = [first] if first[1][0].any() else []
+            segments.append((seg, targets, family, guides))
         return prefix, segments, image, labels
 
     def batch(self, size: int, captions: bool = False) -> "Packed":
-        first = self.example(captions)
-        canvas = (first[2].height // self.image_size, first[2].width // self.image_size)
-        rows = [first] + [self.example(captions, canvas) for _ in range(size - 1)]
+        render_size = self.render_sizes[int(self.rng.integers(len(self.render_sizes)))]
+        first = self.example(captions, size=render_size)
+        canvas = (first[2].height // render_size, first[2].width // render_size)
+        rows = [first] + [self.example(captions, canvas, render_size) for _ in range(size - 1)]
         lengths = [len(p) + sum(len(s[0]) for s in segs) for p, segs, _, _ in rows]
         longest = max(lengths)
         ids = torch.zeros(size, longest, dtype=torch.long)
@@ -218,17 +260,16 @@ class Batches:
         segments = torch.full((size, longest), -1, dtype=torch.long)
         targets = torch.full((size, longest), -100, dtype=torch.long)
         families = []  # the family of every target in row-major order; None for EOS targets
-        guide_at, guide_mask, guide_attrs, guide_dirs, guide_side = [], [], [], [], []  # per guided segment:
-        # (row, answer position), patches, objects, direction, asked side
+        guide_at, guide_mask, guide_attrs, guide_dirs, guide_side = [], [], [], [], []  # per guided position:
+        # (row, position), patches, objects, direction, asked side
         for i, (prefix, segs, _, _) in enumerate(rows):
             n = len(prefix)
             ids[i, :n], positions[i, :n], segments[i, :n] = torch.tensor(prefix), torch.arange(n), 0
             at = n
-            for j, (seg, tgt, family, named, attrs, dirs, side) in enumerate(segs, start=1):
+            for j, (seg, tgt, family, guides) in enumerate(segs, start=1):
                 span = slice(at, at + len(seg))
-                if not captions and named[0].any():
-                    first = next(k for k, t in enumerate(tgt) if t != -100)  # predicts the first answer token
-                    guide_at.append((i, at + first))
+                for offset, named, attrs, dirs, side in guides:
+                    guide_at.append((i, at + offset))
                     guide_mask.append(named)
                     guide_attrs.append(attrs)
                     guide_dirs.append(dirs)
@@ -396,7 +437,7 @@ def train(out_dir: str | Path, spec: TrainSpec, device: str = "cpu", log=print,
     tokenizer = build_word_tokenizer(default_words(), IMAGE_TOKEN_ID, VOCAB_SIZE)
     encoder = PromptEncoder(tokenizer, IMAGE_TOKEN_ID, cfg.image_features_per_image)
     data = Batches(encoder, training_processor(cfg), spec.image_size, spec.seed, spec.questions, cfg.vision.grid,
-                   "hires" if spec.anyres else "default")
+                   "hires" if spec.anyres else "default", spec.family_list(), spec.render_size_list())
     vision = [*model.vision_tower.parameters(), *head.parameters()]
     stages = [("vision", spec.vision_steps, vision, False),
               ("align", spec.align_steps, list(model.multi_modal_projector.parameters()), True),
