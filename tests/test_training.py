@@ -222,12 +222,15 @@ def test_describe_answers_are_guided_onto_each_object_left_to_right():
         answer = tok.decode([t for t in targets if t >= 0][:-1])
         objects = answer.count(" a ") + 1  # "a small red circle, a large blue star and ..."
         assert family == "describe" and len(guides) == objects >= 1
-        for offset, masks, attrs, dirs, side in guides:
+        for n, (offset, masks, attrs, dirs, side) in enumerate(guides):
             assert seg[offset] == tok.token_to_id("a") and tok.id_to_token(targets[offset]) in SIZES
-            assert torch.equal(masks[0], masks[1]) and torch.equal(masks[0], masks[2])  # one object, for every head
-            assert dirs == (-100, -100) and side == (-1, -100)
-            looked += bool(masks[0].any())  # (a small object may cover no patch centre of 4 x 4)
-        xs = [int(a[0, 2]) for _, _, a, _, _ in guides]  # each object's column on the probes' grid
+            assert torch.equal(masks[0], masks[1]) and dirs == (-100, -100) and side == (-1, -100)
+            if n == 0:  # nothing listed before the first object
+                assert not masks[0].any() and attrs[0, 0] == -100
+            else:  # the first hop: the object listed just before, the second: this one
+                assert torch.equal(masks[0], guides[n - 1][1][2]) and torch.equal(attrs[0], guides[n - 1][2][2])
+            looked += bool(masks[2].any())  # (a small object may cover no patch centre of 4 x 4)
+        xs = [int(a[2, 2]) for _, _, a, _, _ in guides]  # each object's column on the probes' grid
         assert xs == sorted(xs)  # left to right, as the answer lists them
     assert looked > 0
     batch = data.batch(2)

@@ -198,7 +198,9 @@ class Batches:
         segment or -1, SIDES class or -100)); the 3 are training.guidance.looked_at's first, second
         and answer objects. A one-word question has one guide, at the position predicting its
         answer; a describe answer one per object, at the article that starts the object's words
-        (it predicts the size word), all three looking at that object; a caption none."""
+        (it predicts the size word): first and second are the object just listed (named by the
+        words before; none for the first object), answer the object to list now, the next one to
+        the right — the two hops of a relation question; a caption none."""
         size = size or self.image_size
         qas = []
         while not qas:  # a scene may allow no question of the families drawn: take another
@@ -238,7 +240,8 @@ class Batches:
             if family in ASK_LONG:  # describe: objects left to right, as questions.describe lists them
                 order = sorted(range(len(scene.objects)), key=lambda i: (scene.objects[i].x, scene.objects[i].y))
                 articles = [k for k in range(begins, len(seg)) if seg[k] == self.article_id]
-                guides = [guide(k, ({i}, {i}, {i})) for k, i in zip(articles, order)]
+                before = [set()] + [{i} for i in order[:-1]]  # the object listed before each, if any
+                guides = [guide(k, (b, b, {i})) for k, b, i in zip(articles, before, order)]
             elif family != "caption":
                 roles = looked_at(scene, question)
                 asked = [(k, self.side_ids.index(t)) for k, t in enumerate(seg[:begins]) if t in self.side_ids]
