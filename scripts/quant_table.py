@@ -17,7 +17,6 @@ from pathlib import Path
 
 import fastllava
 from fastllava.evaluation.dataset import load_dataset
-from fastllava.evaluation.questions import prompt
 from fastllava.evaluation.runner import evaluate
 from fastllava.quant.weights import parameter_bytes
 
@@ -49,18 +48,28 @@ def main() -> None:
         kwargs = {"max_new_tokens": args.max_new_tokens, "reduce": reduce}
         res = evaluate(model, data, args.batch_size, args.limit, out / name, progress=False, generate_kwargs=kwargs)
         first = data.samples[0]
-        ids, mask, pixels = model.encode([first.image], [prompt(first.question)])
-        stats = model.generate(images=[first.image], prompts=[prompt(first.question)], **kwargs)[0].stats
+        stats = model.generate(images=[first.image], prompts=[first.asked], **kwargs)[0].stats
+        predictions = [json.loads(line)["prediction"] for line in (out / name / "samples.jsonl").read_text().splitlines()]
+        f1 = [r["object_f1"] for r in res["families"].values() if "object_f1" in r]
         rows.append({"config": name, "weights": weights or "fp", "kv_cache": kv_cache or "fp", "reduce": reduce,
                      "accuracy": res["overall"]["accuracy"], "n": res["overall"]["n"],
+                     "object_f1": f1[0] if f1 else None,
+                     "changed": sum(a != b for a, b in zip(predictions, rows[0]["predictions"])) if rows else 0,
+                     "predictions": predictions,
                      "families": {f: r["accuracy"] for f, r in res["families"].items()},
                      "kv_cache_bytes": stats["kv_cache_bytes"], "parameter_bytes": parameter_bytes(model.model)})
         print(f"{name}: {rows[-1]['accuracy']:.4f}", flush=True)
-    base = rows[0]["accuracy"]
-    lines = ["| config | accuracy | vs fp (points) | KV cache per sequence | parameters |", "|---|---|---|---|---|"]
     for r in rows:
-        lines.append(f"| {r['config']} | {r['accuracy']:.4f} (n={r['n']}) | {100 * (r['accuracy'] - base):+.1f} "
-                     f"| {r['kv_cache_bytes'] / 2**10:.1f} KiB | {r['parameter_bytes'] / 2**20:.2f} MiB |")
+        r.pop("predictions")
+    base = rows[0]["accuracy"]
+    f1 = rows[0]["object_f1"] is not None  # a describe set: object F1 too
+    lines = ["| config | accuracy | vs fp (points) |" + (" object F1 |" if f1 else "")
+             + " answers unlike fp's | KV cache per sequence | parameters |",
+             "|---|---|---|" + ("---|" if f1 else "") + "---|---|---|"]
+    for r in rows:
+        lines.append(f"| {r['config']} | {r['accuracy']:.4f} (n={r['n']}) | {100 * (r['accuracy'] - base):+.1f} |"
+                     + (f" {r['object_f1']:.4f} |" if f1 else "")
+                     + f" {r['changed']} | {r['kv_cache_bytes'] / 2**10:.1f} KiB | {r['parameter_bytes'] / 2**20:.2f} MiB |")
     out.mkdir(parents=True, exist_ok=True)
     (out / "quant.json").write_text(json.dumps(rows, indent=2) + "\n")
     (out / "quant.md").write_text("\n".join(lines) + "\n")
