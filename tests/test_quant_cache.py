@@ -179,9 +179,11 @@ def test_bench_takes_quantization(tmp_path, capsys):
 
 
 def test_embedded_model_kivi4_decode_close_to_fp():
-    """The issue's check on the embedded model: 4-bit KIVI decode logits against fp, teacher-forced,
-    two prompts (left-padded) on an example image. Measured on the v0 model: 0.030 (2-bit: 0.13,
-    vidkv: 0.12; re-measure after retraining)."""
+    """4-bit KIVI decode logits against fp on the embedded model, teacher-forced, two prompts
+    (left-padded) on an example image: RMS error relative to the logits' spread. Measured on the
+    v5 model: 0.074 (2-bit: 0.46, vidkv: 0.57; on v0: 0.030, 0.13, 0.12 — the trained model's
+    sharper attention reads quantization error more); re-measure after retraining. On long
+    answers 4-bit KIVI costs v5 one point of exact match (docs/quantization.md)."""
     fp = fastllava.load(device="cpu")
     image = Path(__file__).parent.parent / "examples" / "shapes_2.png"
     prompts = ["What color is the circle nearest to the blue square? Answer with one word.", "How many shapes are there?"]
@@ -189,7 +191,7 @@ def test_embedded_model_kivi4_decode_close_to_fp():
     tokens = fp.generate_ids(ids, pixels, mask, max_new_tokens=8, eos_token_id=None)
     ref, fp_cache = _forced_decode_logits(fp, ids, mask, pixels, tokens)
     got, cache = _forced_decode_logits(fastllava.load(device="cpu", kv_cache="kivi:bits=4"), ids, mask, pixels, tokens)
-    assert 0 < _decode_error(ref, got) < 0.06
+    assert 0 < _decode_error(ref, got) < 0.1
     assert cache.nbytes < 0.45 * fp_cache.nbytes
 
 
