@@ -43,7 +43,7 @@ def measure(model, samples, specs: list[str], batch_size: int, max_new_tokens: i
         images = [Image.open(s.image).convert("RGB") for s in batch]
         prompts = [s.asked for s in batch]
         turn = (start // batch_size) % len(names)
-        reference = None
+        answers = {}  # name -> this batch's token ids
         for name in names[turn:] + names[:turn]:
             results = model.generate(images=images, prompts=prompts, max_new_tokens=max_new_tokens,
                                      speculate=None if name == "plain" else name)
@@ -57,13 +57,9 @@ def measure(model, samples, specs: list[str], batch_size: int, max_new_tokens: i
                     t["draft"] += spec["draft_tokens"]
                     t["kept"] += spec["accepted_tokens"]
                     t["steps"] += spec["verify_steps"]
-            ids = [list(r.token_ids) for r in results]
-            if name == "plain":
-                reference = ids
-            else:
-                t.setdefault("_ids", []).append(ids)
+            answers[name] = [list(r.token_ids) for r in results]
         for name in specs:  # every spec's answers against plain greedy's of the same batch
-            totals[name]["same"] &= totals[name].pop("_ids")[-1] == reference
+            totals[name]["same"] &= answers[name] == answers["plain"]
         bar.update(len(batch))
     bar.close()
     base = totals["plain"]["tokens"] / max(totals["plain"]["decode_s"], 1e-9)

@@ -28,7 +28,7 @@ from fastllava.config import LlavaConfig, RopeConfig, TextConfig, VisionConfig
 from fastllava.errors import UserError
 from fastllava.evaluation.progress import Progress
 from fastllava.evaluation.questions import (ALL_FAMILIES, ASK, ASK_LONG, FAMILIES, STRATEGIES, all_pairs, ask_exist,
-                                            prompt)
+                                            left_to_right, prompt)
 from fastllava.evaluation.scenes import caption, random_scene, render
 from fastllava.evaluation.tokenizer import build_word_tokenizer, default_words, write_preprocessor_config
 from fastllava.images import AnyresProcessor, ImageProcessor
@@ -79,7 +79,7 @@ class TrainSpec:
     workers: int = 0  # processes generating batches ahead of the training step (0 = in the step)
     anyres: bool = False  # a LLaVA-NeXT model (tiles at NEXT_CANVASES) on the hires scenes variant
     families: str = ",".join(FAMILIES)  # the question families asked (comma-separated; `describe` too)
-    render_sizes: str = ""  # pixels per tile the scenes are rendered at, one drawn per image (comma-
+    render_sizes: str = ""  # pixels per tile the scenes are rendered at, one drawn per batch (comma-
     # separated, e.g. "96,336": the processor downscales larger renders as it does at inference; "" = image_size)
     seed: int = 0
 
@@ -237,8 +237,8 @@ class Batches:
             begins = len(seg) - len(answer_ids)  # the answer's first token
             targets = [-100] * (begins - 1) + answer_ids + [-100]  # next-token targets
             guides = []
-            if family in ASK_LONG:  # describe: objects left to right, as questions.describe lists them
-                order = sorted(range(len(scene.objects)), key=lambda i: (scene.objects[i].x, scene.objects[i].y))
+            if family in ASK_LONG:  # describe: the objects in the order its answer lists them
+                order = left_to_right(scene)
                 articles = [k for k in range(begins, len(seg)) if seg[k] == self.article_id]
                 before = [set()] + [{i} for i in order[:-1]]  # the object listed before each, if any
                 guides = [guide(k, (b, b, {i})) for k, b, i in zip(articles, before, order)]

@@ -167,10 +167,16 @@ def ask_relation(scene: Scene, rng: np.random.Generator) -> Question | None:
     return Question(f"What shape is the object nearest to the {a.name}?", n.shape, "relation")
 
 
+def left_to_right(scene: Scene) -> list[int]:
+    """The indices of the scene's objects in the order describe lists them: by centre from left to
+    right, ties top to bottom."""
+    return sorted(range(len(scene.objects)), key=lambda i: (scene.objects[i].x, scene.objects[i].y))
+
+
 def describe(scene: Scene) -> str:
-    """Every object from left to right (centres; ties top to bottom), in one fixed form:
+    """Every object from left to right (left_to_right), in one fixed form:
     "a small red circle, a large blue star and a small green square"."""
-    parts = [f"a {o.size} {o.color} {o.shape}" for o in sorted(scene.objects, key=lambda o: (o.x, o.y))]
+    parts = [f"a {o.size} {o.color} {o.shape}" for o in (scene.objects[i] for i in left_to_right(scene))]
     return parts[0] if len(parts) == 1 else ", ".join(parts[:-1]) + " and " + parts[-1]
 
 
