@@ -230,14 +230,16 @@ def test_video_processing_follows_transformers(tmp_path):
 
 def test_features_run_or_refuse_in_one_line(model):
     """On a NeXT-Video checkpoint: image-token reductions (before and inside the LLM) run on image
-    prompts; reductions and speculation with a video are one-line errors; int8 weights, KIVI and
+    prompts; a class-token or in-tower reduction with a video is a one-line error; int8 weights, KIVI and
     VidKV caches, int4 weights, bfloat16, static and compiled decoding run with videos."""
     fp = model
     image, video = _photo(40, 200, 1), _clip(8, 40, 40, 2)
     for spec in ("fastervlm:keep=12", "visionzip:keep=12", "fastv:keep=12,layer=1", "dart:keep=12,layer=1"):
         out = fp.generate(images=[image], prompts=["describe it ."], reduce=spec, max_new_tokens=4)[0]
         assert out.stats["reduce"] and len(out.token_ids) >= 1, spec
-    for kwargs, message in ((dict(reduce="fastervlm:keep=12"), "reduction"), (dict(num_frames=0), "num_frames")):
+    for kwargs, message in ((dict(reduce="fastervlm:keep=8"), "class-token attention, which a video's pooled"),
+                            (dict(reduce="pitome:keep=8"), "inside the vision tower"),
+                            (dict(num_frames=0), "num_frames")):
         with pytest.raises(fastllava.UserError, match=message) as e:
             fp.generate(prompts=["describe it ."], videos=[video], max_new_tokens=2, **{"num_frames": 4, **kwargs})
         assert "\n" not in str(e.value)

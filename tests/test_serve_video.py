@@ -2,8 +2,9 @@
 an encoded video (mp4 as a data: URL, or a file:// URL the operator allowed) or a list of frame
 images answers as `Llava.generate(videos=...)` does; an image and a video in one prompt; a video
 in the first turn of a chat; one prefill mixing video, image and text jobs (videos of different
-frame counts); and the refusals (a corrupt video, too many frames, a checkpoint without videos, a
-reduction with a video), each one line, the server answering afterwards."""
+frame counts); a per-request reduction with a video; and the refusals (a corrupt video, too many
+frames, a checkpoint without videos, a reduction that cannot take a video), each one line, the
+server answering afterwards."""
 
 from __future__ import annotations
 
@@ -262,8 +263,10 @@ def test_bad_videos_are_one_line_errors(base, client, files):
          400, "url_not_allowed"),
         ("an empty frame list", [{"type": "video", "video": []}], {}, 400, "invalid_type"),
         ("three videos", [_video_part(files / "clip.mp4")] * 3, {}, 400, "too_many_videos"),
-        ("a reduction with a video", [_video_part(files / "clip.mp4")], {"reduce": "fastv:keep=8,layer=1"}, 400,
-         "invalid_reduction"),
+        ("a class-token reduction with a video", [_video_part(files / "clip.mp4")], {"reduce": "fastervlm:keep=8"},
+         400, "invalid_reduction"),
+        ("a budget over a frame's tokens", [_video_part(files / "clip.mp4")], {"reduce": "fastv:keep=20,layer=1"},
+         400, "invalid_reduction"),
         ("a video in the text", [], {"messages": [{"role": "user", "content": "<video> describe it ."}]}, 400,
          "invalid_prompt"),
     ]
@@ -326,11 +329,20 @@ def test_serve_video_options(tmp_path):
         args.func(args)
 
 
-def test_server_wide_reduce_refuses_videos_and_speculate_takes_them(llava, files):
-    """A server started with --reduce answers a video request with one 400 line (naming its own
-    setting) and keeps answering image requests; one started with --speculate answers a video
-    request as generate does."""
-    with running_server(llava, Settings(model_id="tiny", max_len=1024, reduce="fastv:keep=8,layer=1")) as url:
+def test_server_wide_reduce_and_speculate_take_videos(llava, files):
+    """A server started with --reduce reduces a video request's frames as generate does (and one
+    whose method cannot take videos answers them with one 400 line naming its own setting, and
+    keeps answering image requests); one started with --speculate answers a video request as
+    generate does."""
+    spec = "fastv:keep=4,layer=1"
+    expected = llava.generate(prompts=["describe it ."], videos=[files / "clip.mp4"], num_frames=FRAMES,
+                              max_new_tokens=8, reduce=spec)[0]
+    assert expected.stats["visual_tokens"] == [llava.config.video_tokens(FRAMES), 4 * FRAMES]
+    settings = Settings(model_id="tiny", max_len=1024, reduce=spec, num_frames=FRAMES, limits=LIMITS)
+    with running_server(llava, settings) as url:
+        status, body = _post(url, [_video_part(files / "clip.mp4")], max_tokens=8, temperature=0)
+        assert status == 200 and body["choices"][0]["message"]["content"] == expected.text, body
+    with running_server(llava, Settings(model_id="tiny", max_len=1024, reduce="fastervlm:keep=8")) as url:
         status, body = _post(url, [_video_part(files / "clip.mp4")])
         assert (status, body["error"]["code"]) == (400, "invalid_reduction"), body
         assert "--reduce" in body["error"]["message"] and "\n" not in body["error"]["message"]

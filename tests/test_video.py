@@ -166,7 +166,8 @@ def test_refusals(ov_video, tmp_path):
         (dict(prompts=["a"], videos=[np.zeros((2, 1, 200, 3), np.uint8)]), "differ at most"),
         (dict(prompts=["a"], videos=[np.zeros((0, 32, 32, 3), np.uint8)]), "no frames"),
         (dict(prompts=["a"], videos=[np.zeros((32, 32, 3), np.uint8)]), "frames, height, width"),
-        (dict(prompts=["a"], videos=[video], reduce="random:keep=4"), "reduction"),
+        (dict(prompts=["a"], videos=[video], reduce=f"random:keep={ours.config.frame_tokens + 1}"),
+         "more than the .* of an image or video frame"),
         (dict(prompts=["<video> a"]), "video"),
         (dict(prompts=["a"], videos=[str(tmp_path / "missing")]), "does not exist"),
     ]
@@ -317,8 +318,23 @@ def test_bench_times_a_video_input(tmp_path, capsys):
         logits = runner.logits(ids, None, valid, positions_from_mask(valid), pixel_values_videos=videos)
     assert torch.equal(timed["tokens"][:, 0], logits[:, -1].argmax(-1))
     capsys.readouterr()
+    out = tmp_path / "k"  # per-frame budgets (divprune by default: frames have no class-token attention), ngram
+    assert main(["bench", "--preset", "tiny-next-video", "--device", "cpu", "--frames", "3", "--repeats", "1",
+                 "--warmup", "0", "--new-tokens", "3", "--text-tokens", "8", "--keep", "144,16",
+                 "--speculate", "ngram", "--out", str(out)]) == 0
+    report = json.loads((out / "bench.json").read_text())
+    assert report["settings"]["reduce"] == "divprune"
+    rows = {(c["visual_tokens"], c["decode"]): c for c in report["cases"]}
+    ngram = "eager ngram:n=3,k=4"
+    assert set(rows) == {(432, "eager"), (48, "eager"), (432, ngram), (48, ngram)}
+    assert rows[(48, "eager")]["reduce"].startswith("divprune:keep=16,") and rows[(432, "eager")]["reduce"] is None
+    assert rows[(48, ngram)]["same_tokens_as_first_decode"] and rows[(432, ngram)]["same_tokens_as_first_decode"]
+    capsys.readouterr()
     for args, message in ((["--preset", "tiny", "--frames", "2"], "takes videos"),
-                          (["--preset", "tiny-next-video", "--frames", "2", "--keep", "8"], "--keep"),
+                          (["--preset", "tiny-next-video", "--frames", "2", "--keep", "200"], "of a video frame"),
+                          (["--preset", "tiny-next-video", "--frames", "2", "--keep", "8", "--reduce", "fastervlm"],
+                           "class-token"),
+                          (["--preset", "tiny-next-video", "--frames", "2", "--compare", "hf"], "--compare"),
                           (["--preset", "tiny-next-video", "--frames", "300"], "num_frames")):
         assert main(["bench", *args, "--device", "cpu", "--out", str(tmp_path / "x")]) == 2
         err = capsys.readouterr().err.strip()

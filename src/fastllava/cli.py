@@ -100,7 +100,8 @@ def cmd_run(args: argparse.Namespace) -> int:
     print(flush=True)
     s = stream.result.stats
     kept = s.get("visual_tokens", [s["image_tokens"]])
-    reduced = f" ({' -> '.join(map(str, kept))} in the LLM)" if args.reduce and s["image_tokens"] else ""
+    visual = s["image_tokens"] or s.get("video_tokens")
+    reduced = f" ({' -> '.join(map(str, kept))} in the LLM)" if args.reduce and visual else ""
     spec = s.get("speculate")
     drafts = (f" | drafts kept {spec['accepted_tokens']}/{spec['draft_tokens']}, {spec['tokens_per_step']:.2f} tokens "
               f"per step" if spec else "")

@@ -328,14 +328,16 @@ class LlavaConfig:
                                    self.vision.grid, self.max_tiles)
 
     def video_tokens(self, frames: int) -> int:
-        """Visual tokens a video of `frames` frames gives: LLaVA-OneVision pools each frame's
-        feature grid 2 x 2 (rounded up) and ends the video with one image_newline; LLaVA-NeXT-Video
-        pools it spatial_pool_stride x spatial_pool_stride (rounded down), with no newline."""
-        if self.is_next_video:
-            side = self.vision.grid // self.spatial_pool_stride
-            return frames * side * side
-        side = -(-self.vision.grid // 2)
-        return frames * side * side + 1
+        """Visual tokens a video of `frames` frames gives: `frame_tokens` each, and on
+        LLaVA-OneVision one image_newline that ends the video."""
+        return frames * self.frame_tokens + (0 if self.is_next_video else 1)
+
+    @property
+    def frame_tokens(self) -> int:
+        """Visual tokens of one video frame: LLaVA-OneVision pools its feature grid 2 x 2 (rounded
+        up), LLaVA-NeXT-Video spatial_pool_stride x spatial_pool_stride (rounded down)."""
+        side = self.vision.grid // self.spatial_pool_stride if self.is_next_video else -(-self.vision.grid // 2)
+        return side * side
 
     @classmethod
     def from_dict(cls, d: dict) -> "LlavaConfig":

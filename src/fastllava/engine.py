@@ -22,7 +22,7 @@ from .models.llava import LlavaModel
 from .ops import left_pad
 from .prompts import PromptEncoder
 from .reduction.accounting import prefill_stats
-from .reduction.runtime import make_reduction
+from .reduction.runtime import check_videos, make_reduction
 from .quant.spec import parse_kv_cache, parse_weights
 from .quant.weights import quantize_weights
 
@@ -135,12 +135,10 @@ class Llava:
         `finished` [B] (bool, CPU) may be marked by the caller (stop strings) to end rows early."""
         if finished is None:
             finished = torch.zeros(input_ids.shape[0], dtype=torch.bool)
-        if videos is not None and reduction is not None:
-            raise UserError("visual token reduction does not apply to prompts with videos yet")
         if spec is not None:
             yield from speculative_steps(self.runner, spec, input_ids, attention_mask, pixel_values, params, eos,
                                          finished, times, spec_stats or SpecStats([], [], []), reduction, image_sizes,
-                                         self._drafter(spec), videos)
+                                         self.drafter(spec), videos)
             return
         for token in decode_steps(self.runner, input_ids, attention_mask, pixel_values, params, eos, finished, times,
                                   reduction, image_sizes, videos):
@@ -178,9 +176,9 @@ class Llava:
             raise UserError("give at least one prompt")
         if len(images) != len(prompts):
             raise UserError(f"{len(images)} images for {len(prompts)} prompts; give one image (or None) per prompt")
-        has_videos = videos is not None and any(v is not None for v in videos)
-        if has_videos and reduce is not None:
-            raise UserError("visual token reduction does not apply to prompts with videos yet")
+        reduction = make_reduction(reduce, self.config)
+        if reduction is not None and videos is not None and any(v is not None for v in videos):
+            check_videos(reduction.method)
         spec = parse_speculate(speculate, self.config.text.num_hidden_layers)
         inputs = self.inputs(images, prompts, videos, num_frames)
         input_ids, mask, pixel_values = inputs["input_ids"], inputs["attention_mask"], inputs["pixel_values"]
@@ -190,7 +188,6 @@ class Llava:
         texts = [TextState(self.prompts.decode, self._eos_ids(-1), params.stop, params.max_new_tokens, stream)
                  for _ in range(b)]
         times = StepTimes()
-        reduction = make_reduction(reduce, self.config)
         spec_stats = SpecStats([], [], [])
         for new in self._token_rows(input_ids, mask, pixel_values, params, list(texts[0].eos), times, reduction,
                                     inputs["image_sizes"], spec, spec_stats, finished,
@@ -230,7 +227,7 @@ class Llava:
             results.append(Result(finals[row][0], texts[row].ids, texts[row].reason, stats))
         yield results
 
-    def _drafter(self, spec: Speculation) -> ModelDrafter | None:
+    def drafter(self, spec: Speculation) -> ModelDrafter | None:
         """The draft model of a `draft` speculation (loaded once per folder, on this model's
         device, dtype and decode mode), with a fresh cache; None for the other kinds."""
         if spec.kind != "draft":
@@ -241,8 +238,9 @@ class Llava:
             draft = load_model(path, self.device, self.model.dtype)
             check_draft(self.config, draft.cfg, spec.image)
             self._drafts[path] = draft
-        reduction = make_reduction(spec.reduce, draft.cfg) if spec.reduce else None
-        return ModelDrafter(Runner(draft, self.decode), spec.image, reduction)
+        if spec.reduce:
+            make_reduction(spec.reduce, draft.cfg)  # a reduction the draft model cannot take fails here
+        return ModelDrafter(Runner(draft, self.decode), spec.image, spec.reduce)
 
     def check_context(self, prompt_tokens: int, max_new_tokens: int) -> None:
         """UserError when a prompt of `prompt_tokens` tokens (images included) and `max_new_tokens`

@@ -30,10 +30,11 @@ def add_bench_parser(subparsers) -> argparse.ArgumentParser:
     add_quant_args(p)
     p.add_argument("--preset", choices=sorted(PRESETS),
                    help="random weights at a real model's shapes instead of --model (no download)")
-    p.add_argument("--keep", type=_int_list, help="visual tokens kept per image, comma-separated "
-                   "(e.g. 576,192,64; default: all); values below all use --reduce")
-    p.add_argument("--reduce", default="fastervlm", help="token-reduction method (a spec; its keep is replaced by each "
-                   "--keep budget) for --keep budgets (default fastervlm)")
+    p.add_argument("--keep", type=_int_list, help="visual tokens kept per image (per video frame with --frames), "
+                   "comma-separated (e.g. 576,192,64; default: all); values below all use --reduce")
+    p.add_argument("--reduce", help="token-reduction method (a spec; its keep is replaced by each --keep budget) for "
+                   "--keep budgets (default fastervlm; divprune with --frames, whose pooled frames have no "
+                   "class-token attention)")
     p.add_argument("--batch-size", type=_int_list, default=[1], help="comma-separated batch sizes (default 1)")
     p.add_argument("--text-tokens", type=positive_int, default=40, help="text tokens per prompt (default 40)")
     p.add_argument("--frames", type=positive_int, metavar="N",
@@ -63,7 +64,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
     from ..images import check_num_frames
     from ..quant import parse_kv_cache, parse_weights
     from ..reduction.registry import parse_spec
-    from ..reduction.runtime import make_reduction
+    from ..reduction.runtime import check_videos, make_reduction
     from .measure import Case, hf_twin, time_hf, time_ours, video_tokens
     from .report import environment, table, write
 
@@ -81,30 +82,33 @@ def cmd_bench(args: argparse.Namespace) -> int:
         raise UserError("bench times ngram and layerskip; time a draft model with `fastllava eval --speculate`")
     if args.frames is not None:
         check_num_frames(args.frames)
-        for flag, given in (("--keep", args.keep), ("--speculate", args.speculate), ("--compare", args.compare)):
-            if given:
-                raise UserError(f"--frames times the full video path; {flag} does not take videos yet")
+        if args.compare:
+            raise UserError("--frames times our video path; --compare hf does not take videos yet")
     model, name = _model(args, weights)
     if args.frames is not None and not model.cfg.takes_videos:
         raise UserError(f"--frames needs a model that takes videos (LLaVA-OneVision, LLaVA-NeXT-Video); "
                         f"{name} (model_type {model.cfg.model_type!r}) does not")
     speculations = [None] + [parse_speculate(sp, model.cfg.text.num_hidden_layers) for sp in args.speculate]
-    n_img = video_tokens(model, Case(1, None, frames=args.frames))  # the visual tokens of one prompt's input
+    # the visual tokens a budget applies to: one image's, or one video frame's
+    n_img = model.cfg.frame_tokens if args.frames else video_tokens(model, Case(1, None))
     keeps = args.keep or [n_img]
     too_many = [k for k in keeps if k > n_img]
     if too_many:
-        raise UserError(f"--keep {too_many[0]} is more than the {n_img} visual tokens of an image")
-    method = parse_spec(args.reduce)  # a spec with parameters, e.g. fastervlm:merge=prop
+        raise UserError(f"--keep {too_many[0]} is more than the {n_img} visual tokens of "
+                        f"{'a video frame' if args.frames else 'an image'}")
+    method = parse_spec(args.reduce or ("divprune" if args.frames else "fastervlm"))  # e.g. fastervlm:merge=prop
     specs = {k: None if k == n_img else replace(method, keep=k).spec() for k in keeps}
     for spec in specs.values():
-        make_reduction(spec, model.cfg)  # a bad method or budget fails before any timing
+        reduction = make_reduction(spec, model.cfg)  # a bad method or budget fails before any timing
+        if args.frames and reduction is not None:
+            check_videos(reduction.method)
     hf = hf_twin(model) if args.compare == "hf" else None
     cases, theirs_by_batch, first_tokens = [], {}, {}
     out = Path(args.out).expanduser()
     report = {"model": name, "dtype": str(model.dtype).replace("torch.", ""), "environment": environment(model.device),
               "settings": {"text_tokens": args.text_tokens, "new_tokens": args.new_tokens, "repeats": args.repeats,
                            "frames": args.frames,
-                           "warmup": args.warmup, "reduce": args.reduce, "seed": args.seed,
+                           "warmup": args.warmup, "reduce": method.label(), "seed": args.seed,
                            "weights": str(weights or "fp"), "kv_cache": str(kv_cache or "fp"),
                            "decode": ",".join(modes), "speculate": args.speculate},
               "cases": cases}
@@ -118,7 +122,8 @@ def cmd_bench(args: argparse.Namespace) -> int:
                     case = Case(batch, None if keep == n_img else keep, args.text_tokens, args.new_tokens, args.frames)
                     reduce = specs[keep]
                     ours = time_ours(runner, case, reduce, args.repeats, args.warmup, spec)
-                    row = {"batch": batch, "visual_tokens": keep, "decode": label, "reduce": reduce, "ours": _plain(ours)}
+                    row = {"batch": batch, "visual_tokens": _visual_tokens(model, case), "decode": label,
+                           "reduce": reduce, "ours": _plain(ours)}
                     if len(variants) > 1:  # the greedy tokens of the first mode, for the same case
                         first = first_tokens.setdefault((batch, keep), ours["tokens"])
                         row["same_tokens_as_first_decode"] = bool(torch.equal(ours["tokens"], first))
@@ -174,6 +179,16 @@ def _profile(runner, case, reduce, spec=None) -> str:
         return profile_ours(runner, case, reduce, speculate=spec)
     except Exception as e:  # noqa: BLE001 - e.g. a profiler without device support: say so, keep timing
         return f"profiling failed: {type(e).__name__}: {e}\n"
+
+
+def _visual_tokens(model, case) -> int:
+    """The visual tokens of one prompt entering the LLM: an image's budget, or a video's (its
+    frames' budgets; unreduced, its own count)."""
+    from .measure import video_tokens
+
+    if not case.frames:
+        return case.keep or video_tokens(model, case)
+    return case.keep * case.frames if case.keep else video_tokens(model, case)
 
 
 def _plain(timing: dict) -> dict:

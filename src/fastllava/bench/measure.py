@@ -22,7 +22,7 @@ IMAGE_HW = (672, 672)  # LLaVA-NeXT: the image's (height, width), tiled 2 x 2 at
 @dataclass
 class Case:
     batch: int
-    keep: int | None  # visual tokens kept per image; None = all
+    keep: int | None  # visual tokens kept per image (per video frame with frames); None = all
     text_tokens: int = 40
     new_tokens: int = 32
     frames: int | None = None  # a video of this many frames instead of the image (OneVision, NeXT-Video)
@@ -187,7 +187,7 @@ def _generate(runner: Runner, inputs: tuple, params: SamplingParams, reduce: str
         return torch.stack(steps, dim=1)
     rows = [[] for _ in range(ids.shape[0])]
     for new in speculative_steps(runner, speculate, ids, mask, pixels, params, [], finished, times,
-                                 spec_stats or SpecStats([], [], []), reduction, sizes):
+                                 spec_stats or SpecStats([], [], []), reduction, sizes, None, videos):
         for r, tokens in enumerate(new):
             rows[r] += tokens
     return torch.tensor(rows, dtype=torch.long)

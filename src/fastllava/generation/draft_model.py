@@ -18,26 +18,26 @@ import torch
 
 from ..errors import UserError
 from ..ops import left_pad
-from ..reduction.runtime import Reduction
+from ..reduction.runtime import make_reduction
 from .runner import Runner
 
 
 class ModelDrafter:
-    def __init__(self, runner: Runner, image: bool, reduction: Reduction | None):
-        """runner: the draft model's; image: whether the draft sees the prompt's images;
-        reduction: applied to them in the draft's prefill."""
-        self.runner, self.image, self.reduction = runner, image, reduction
+    def __init__(self, runner: Runner, image: bool, reduce: str | None):
+        """runner: the draft model's; image: whether the draft sees the prompt's images; reduce: a
+        reduction spec applied to them in the draft's prefill (a fresh reduction each time)."""
+        self.runner, self.image, self.reduce = runner, image, reduce
         self.cache = None
         self.offset: torch.Tensor | None = None  # [B] target position - draft position
         self.pending: list[list[int]] = []  # per row: accepted tokens the draft has not been fed
         self.fed = 0  # single-token draft steps written in the last round (their slots follow `start`)
         self.start: list[int] = []  # the draft cache's stage lengths before those steps
 
-    def prefill(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, pixel_values: torch.Tensor | None,
-                image_sizes: torch.Tensor | None, target_positions: torch.Tensor, room: int, videos=None) -> None:
-        """Prefill the draft on the target's prompt input_ids [B, T] (left-padded by attention_mask),
-        with room for `room` more tokens; target_positions [B, T'] are the target's after its prefill.
-        `videos`: the prompt's pixel_values_videos (the draft reads them as it reads the images)."""
+    def read(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, pixel_values: torch.Tensor | None,
+             image_sizes: torch.Tensor | None, room: int, videos=None):
+        """The draft's prefill of the target's prompts input_ids [B, T] (left-padded by
+        attention_mask) as the draft reads them (without images and videos with image=0, else
+        through its reduction), with room for `room` more tokens -> (its positions [B, T'], its cache)."""
         cfg = self.runner.model.cfg
         if not self.image:
             visual = {cfg.image_token_index, cfg.video_token_index}
@@ -47,15 +47,50 @@ class ModelDrafter:
             attention_mask, pixel_values, image_sizes, videos = valid.long(), None, None, None
         elif videos is not None and not cfg.takes_videos:
             raise UserError("the draft model takes no videos; draft without them: draft:model=DIR,image=0")
-        _, positions, self.cache = self.runner.prefill(input_ids, attention_mask, pixel_values, room, self.reduction,
-                                                       image_sizes=image_sizes, pixel_values_videos=videos)
+        reduction = make_reduction(self.reduce, cfg) if self.reduce else None
+        _, positions, cache = self.runner.prefill(input_ids, attention_mask, pixel_values, room, reduction,
+                                                  image_sizes=image_sizes, pixel_values_videos=videos)
+        return positions, cache
+
+    def prefill(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, pixel_values: torch.Tensor | None,
+                image_sizes: torch.Tensor | None, target_positions: torch.Tensor, room: int, videos=None) -> None:
+        """Prefill the draft for one generation (see read); target_positions [B, T'] are the
+        target's after its prefill."""
+        positions, self.cache = self.read(input_ids, attention_mask, pixel_values, image_sizes, room, videos)
         self.offset = target_positions[:, -1] - positions[:, -1]  # [B]
         self.pending = [[] for _ in range(input_ids.shape[0])]
 
-    def draft(self, cur: torch.Tensor, pos: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    def serve(self, rows: int, size: int) -> None:
+        """Hold a lasting cache of `rows` rows and `size` slots for a server's continuous batching:
+        prompts are read (`read`) and seated row by row (`seat`) as requests come."""
+        self.cache = self.runner.lasting_cache(rows, size)
+        self.offset = torch.zeros(rows, dtype=torch.long, device=self.runner.model.device)
+        self.pending = [[] for _ in range(rows)]
+
+    def seat(self, index: int, small, i: int, offset: int, reset: bool) -> None:
+        """Copy row i of a prefilled draft cache `small` into row `index` of the lasting cache
+        (emptied first with `reset`, as the target's is); offset: the target's last prompt
+        position minus the draft's."""
+        self.cache.insert_row(index, small, i, reset=reset)
+        self.offset[index] = offset
+        self.pending[index] = []
+
+    def skip(self, index: int, token: int) -> None:
+        """The target decoded `token` in row `index` without a round: feed it to the draft next time."""
+        self.pending[index].append(token)
+
+    def room(self, k: int) -> bool:
+        """Whether the lasting cache has the slots of a round drafting k tokens."""
+        return self.cache.length + max(len(p) for p in self.pending) + k <= self.cache.max_len
+
+    def draft(self, cur: torch.Tensor, pos: torch.Tensor, k: int,
+              live: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """k greedy draft tokens per row after `cur` [B] (at target positions pos [B]) -> (drafts
-        [B, k], lengths [B])."""
+        [B, k], lengths [B]). live [B] (bool, None: all): rows that are not (a server's free rows)
+        are fed `cur` alone and drop what was pending."""
         device = cur.device
+        if live is not None:
+            self.pending = [p if bool(a) else [] for p, a in zip(self.pending, live.tolist())]
         feed = [p + [int(c)] for p, c in zip(self.pending, cur.tolist())]
         width = max(len(f) for f in feed)
         tokens = torch.zeros(len(feed), width, dtype=torch.long)  # [B, W] right-aligned, padding first
@@ -63,13 +98,14 @@ class ModelDrafter:
         for r, f in enumerate(feed):
             tokens[r, width - len(f):] = torch.tensor(f)
             valid[r, width - len(f):] = True
-        at = (pos - self.offset)[:, None] + torch.arange(1 - width, 1, device=device)  # [B, W]: cur at the last
+        base = (pos - self.offset).clamp(min=0)  # [B] the draft's position of `cur`
+        at = (base[:, None] + torch.arange(1 - width, 1, device=device)).clamp(min=0)  # [B, W]: cur at the last
         tokens, valid = tokens.to(device), valid.to(device)
-        tok = self.runner.multi_step(self.cache, tokens, at.clamp(min=0), valid=valid)[:, -1].argmax(-1)  # [B]
+        tok = self.runner.multi_step(self.cache, tokens, at, valid=valid)[:, -1].argmax(-1)  # [B]
         drafted = [tok]
         self.start = [self.cache.lengths[f] for f in self.cache.stages]
         for i in range(1, k):
-            tok = self.runner.multi_step(self.cache, tok[:, None], (pos - self.offset + i)[:, None])[:, 0].argmax(-1)
+            tok = self.runner.multi_step(self.cache, tok[:, None], (base + i)[:, None])[:, 0].argmax(-1)
             drafted.append(tok)
         self.fed = k - 1
         return torch.stack(drafted, 1), torch.full_like(cur, k)

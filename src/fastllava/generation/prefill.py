@@ -19,7 +19,7 @@ from ..errors import UserError
 from ..models.llava import LlavaModel, Tower
 from ..ops import attention_mask, pad_right, round_up
 from ..reduction.base import TowerMethod, VisionContext
-from ..reduction.runtime import Reduction
+from ..reduction.runtime import Reduction, check_videos
 
 # (model, cache, x, positions, key_valid, key_bias, first, stop, causal, head) -> run_stage's result
 StageFn = Callable[..., torch.Tensor]
@@ -31,12 +31,14 @@ def prepare(model: LlavaModel, input_ids: torch.Tensor, pixel_values: torch.Tens
     """Encode the images (through `tower`, a compiled encoder, if given), splice them into the
     prompt input_ids [B, T] (real tokens `valid` [B, T], at `positions` [B, T]) and, with a
     reduction, start its trace and call its hook before the language model. `image_sizes` [N, 2]
-    is for LLaVA-NeXT. `pixel_values_videos` (LLaVA-OneVision): [V, F, C, H, W], or a list of
-    [F_i, C, H, W] when the videos' frame counts differ; their features go where the video
-    tokens stand, after the images' are written. -> (embeds [B, T', D], positions [B, T'], valid [B, T'])."""
-    if pixel_values_videos is not None and reduction is not None:
-        raise UserError("visual token reduction does not apply to prompts with videos yet")
+    is for LLaVA-NeXT. `pixel_values_videos` (LLaVA-OneVision, LLaVA-NeXT-Video): [V, F, C, H, W],
+    or a list of [F_i, C, H, W] when the videos' frame counts differ; their features go where the
+    video tokens stand, after the images' are written. A reduction treats each video frame as an
+    image of its own (`keep` tokens per frame; see reduction.runtime.check_videos for the methods
+    that cannot). -> (embeds [B, T', D], positions [B, T'], valid [B, T'])."""
     method = reduction.method if reduction is not None else None
+    if pixel_values_videos is not None and method is not None:
+        check_videos(method)
     blocks = ()
     if isinstance(method, TowerMethod):  # the tower runs under the method's plan (models.vision.TowerPlan)
         blocks = (method.plan(model.feature_block, model.cfg.vision.num_patches),)
@@ -45,29 +47,79 @@ def prepare(model: LlavaModel, input_ids: torch.Tensor, pixel_values: torch.Tens
     images = None if pixel_values is None else model.encode_images(pixel_values, image_sizes, blocks, tower)
     real = None if images is None else images.get("valid")  # [N, P] on LLaVA-NeXT (rows padded), else None
     feats = None if images is None else images["features"] if real is None else images["features"][real]
-    if pixel_values_videos is None:
+    frames = None if pixel_values_videos is None else _frames(model, pixel_values_videos, tower)  # one row per frame
+    if frames is None:
         x = model.embed(input_ids, feats)
     else:
-        x = model.embed(input_ids, feats, _video_features(model, pixel_values_videos, tower))
+        x = model.embed(input_ids, feats, frames["features"][frames["valid"]])
     if reduction is None:
         return x, positions, valid
     is_image = (input_ids == model.cfg.image_token_index) & valid  # [B, T]
-    reduction.start(is_image, None if real is None else real.sum(1))
-    if method.where != "vision" or images is None:
+    if frames is None:
+        reduction.start(is_image, None if real is None else real.sum(1))
+        units = images
+    else:
+        is_video = (input_ids == model.cfg.video_token_index) & valid  # [B, T]
+        order, counts = _unit_order(is_image, images, is_video, frames["valid"].sum(1))
+        is_image = is_image | is_video
+        reduction.start(is_image, counts, "an image or video frame")
+        units = _join_rows([images, frames], order)
+    if method.where != "vision" or units is None:
         return x, positions, valid
     rows = reduction.rows  # [N] the row of each image
-    ctx = VisionContext(**images, text=x[rows], text_valid=(valid & ~is_image)[rows], grid=model.cfg.vision.grid,
+    ctx = VisionContext(**units, text=x[rows], text_valid=(valid & ~is_image)[rows], grid=model.cfg.vision.grid,
                         budget=method.keep, project=model.multi_modal_projector)
     return reduction.vision(ctx, x, is_image, valid, positions)
 
 
-def _video_features(model: LlavaModel, pixel_values_videos, tower: Tower | None) -> torch.Tensor:
-    """The videos' features one after another [sum F, D] (see OnevisionModel.encode_videos)."""
-    if not hasattr(model, "encode_videos"):
+def _frames(model: LlavaModel, pixel_values_videos, tower: Tower | None) -> dict:
+    """The videos' frames, one after another, as VisionContext rows (see models.frames)."""
+    if not hasattr(model, "encode_frames"):
         raise UserError("this checkpoint takes no videos (LLaVA-OneVision and LLaVA-NeXT-Video checkpoints do)")
     if isinstance(pixel_values_videos, torch.Tensor):
-        return model.encode_videos(pixel_values_videos, tower).flatten(0, 1)
-    return torch.cat([model.encode_videos(v[None], tower)[0] for v in pixel_values_videos])
+        return model.encode_frames(pixel_values_videos, tower)
+    videos = [model.encode_frames(v[None], tower) for v in pixel_values_videos]
+    return {k: None if videos[0][k] is None else torch.cat([v[k] for v in videos]) for k in videos[0]}
+
+
+def _unit_order(is_image: torch.Tensor, images: dict | None, is_video: torch.Tensor,
+                frame_counts: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Images and video frames in the order their tokens stand in the prompt (row by row): the
+    images' tokens are is_image [B, T], the frames' is_video [B, T] (frame_counts [F] each)
+    -> (order [N + F]: indices into the images then the frames, their token counts [N + F])."""
+    image_counts = frame_counts.new_zeros(0)
+    if images is not None:
+        real = images.get("valid")
+        n, p = images["features"].shape[:2]
+        image_counts = real.sum(1) if real is not None else frame_counts.new_full((n,), p)
+    firsts = []
+    for mask, counts in ((is_image, image_counts), (is_video, frame_counts)):
+        slots = mask.flatten().nonzero()[:, 0]  # each such token's place in the flattened prompt
+        firsts.append(slots[counts.cumsum(0) - counts] if counts.numel() else slots[:0])
+    counts = torch.cat([image_counts, frame_counts])
+    order = torch.cat(firsts).argsort()
+    return order, counts[order]
+
+
+def _join_rows(parts: list[dict | None], order: torch.Tensor) -> dict:
+    """VisionContext fields of images and of video frames (either may be None) -> one set of rows,
+    padded to the longest and taken in `order` (see _unit_order). Fields missing in any are None."""
+    parts = [p for p in parts if p is not None]
+    width = max(p["features"].shape[1] for p in parts)
+    out = {}
+    for key in ("vision", "features", "cls_attention", "keys", "early_attention", "valid", "part", "where"):
+        values = [p.get(key) for p in parts]
+        if key == "valid":
+            values = [torch.ones(p["features"].shape[:2], dtype=torch.bool, device=p["features"].device)
+                      if v is None else v for p, v in zip(parts, values)]
+        if any(v is None for v in values):
+            out[key] = None
+            continue
+        fill = -1 if key == "part" else 0
+        padded = [torch.nn.functional.pad(v, [0, 0] * (v.dim() - 2) + [0, width - v.shape[1]], value=fill)
+                  for v in values]
+        out[key] = torch.cat(padded)[order]
+    return out
 
 
 def stage_mask(model: LlavaModel, key_valid: torch.Tensor, key_bias: torch.Tensor | None, causal: bool,

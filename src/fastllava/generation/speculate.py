@@ -23,7 +23,7 @@ Drafters (`--speculate SPEC`):
                       a smaller LLaVA-family checkpoint with the same tokenizer drafts k tokens
                       greedily from its own KV cache (see fastllava.generation.draft_model); it
                       reads the images (and videos) as the target does, through a reduction
-                      (`reduce`), or not at all (`image=0`). Python API and CLI; not in the server.
+                      (`reduce`), or not at all (`image=0`). Python API, CLI and the server.
   adaptive=1          (any) k shrinks by one after a round whose drafts were all rejected and
                       grows back by one after a round whose drafts were all kept, within 1..k.
 

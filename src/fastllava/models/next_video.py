@@ -15,6 +15,7 @@ from torch import nn
 
 from ..config import LlavaConfig
 from ..errors import UserError
+from .frames import frame_rows
 from .llava_next import LlavaNextModel
 
 
@@ -47,19 +48,25 @@ class NextVideoModel(LlavaNextModel):
     def encode_videos(self, pixel_values_videos: torch.Tensor, tower=None) -> torch.Tensor:
         """pixel_values_videos [B, T, C, H, W] (T frames per video) -> the videos' features
         [B, T * s * s, D], s = grid // spatial_pool_stride: each frame's selected vision features
-        pooled on their g x g grid, projected, frames one after another. `tower` (encode_tower, or
-        a compiled or cached version of it) gives the frames' vision features when given; the
+        pooled on their g x g grid, projected, frames one after another."""
+        frames = self.encode_frames(pixel_values_videos, tower)
+        return frames["features"].reshape(pixel_values_videos.shape[0], -1, self.cfg.text.hidden_size)
+
+    def encode_frames(self, pixel_values_videos: torch.Tensor, tower=None) -> dict:
+        """The videos' frames as VisionContext rows (see models.frames.frame_rows): `vision` the
+        pooled grid of selected features, `features` its projection. `tower` (encode_tower, or a
+        compiled or cached version of it) gives the frames' vision features when given; the
         projection it also makes, of the unpooled features, is not used (videos pool first)."""
         if pixel_values_videos.dim() != 5:
             raise UserError(f"pixel_values_videos must be [videos, frames, channels, height, width], got "
                             f"{list(pixel_values_videos.shape)}")
-        b, t = pixel_values_videos.shape[:2]
-        g = self.cfg.vision.grid
+        t, g = pixel_values_videos.shape[1], self.cfg.vision.grid
         frames = pixel_values_videos.flatten(0, 1)  # [B*T, C, H, W]
         vision = tower(frames, ())[0] if tower is not None else self.vision_features(frames)  # [B*T, g*g, Dv]
-        grid = vision.transpose(1, 2).reshape(b * t, -1, g, g)  # [B*T, Dv, g, g]
+        grid = vision.transpose(1, 2).reshape(frames.shape[0], -1, g, g)  # [B*T, Dv, g, g]
         pooled = self.vision_resampler(grid).flatten(2).transpose(1, 2)  # [B*T, s*s, Dv], row by row
-        return self.multi_modal_projector(pooled).reshape(b, -1, self.cfg.text.hidden_size)  # [B, T*s*s, D]
+        side = g // self.cfg.spatial_pool_stride
+        return frame_rows(pooled, self.multi_modal_projector(pooled), side, t, None)
 
     def embed(self, input_ids: torch.Tensor, image_features: torch.Tensor | None,
               video_features: torch.Tensor | None = None) -> torch.Tensor:

@@ -16,6 +16,7 @@ from torch.nn.utils.rnn import pad_sequence
 
 from .. import anyres
 from ..errors import UserError
+from .frames import frame_rows
 from .llava import LlavaModel
 from .llava_next import LlavaNextModel, _centres
 
@@ -108,17 +109,26 @@ class OnevisionModel(LlavaNextModel):
         """pixel_values_videos [B, T, C, H, W] (T frames per video, each a thumbnail) -> the videos'
         features [B, T * s * s + 1, D]: each frame's g x g grid pooled bilinearly to s x s
         (s = ceil(g / 2)), frames one after another, then one image_newline."""
+        frames = self.encode_frames(pixel_values_videos, tower)
+        return frames["features"][frames["valid"]].view(pixel_values_videos.shape[0], -1, self.cfg.text.hidden_size)
+
+    def encode_frames(self, pixel_values_videos: torch.Tensor, tower=None) -> dict:
+        """The videos' frames as VisionContext rows (see models.frames.frame_rows): each frame's
+        projected g x g grid pooled bilinearly to s x s, and its vision features pooled the same way;
+        the video's image_newline on its last frame's row."""
         if pixel_values_videos.dim() != 5:
             raise UserError(f"pixel_values_videos must be [videos, frames, channels, height, width], got "
                             f"{list(pixel_values_videos.shape)}")
-        b, t = pixel_values_videos.shape[:2]
-        features = LlavaModel.encode_images(self, pixel_values_videos.flatten(0, 1), None, (), tower)["features"]
+        t = pixel_values_videos.shape[1]
+        enc = LlavaModel.encode_images(self, pixel_values_videos.flatten(0, 1), None, (), tower)
         g = self.cfg.vision.grid
         s = -(-g // 2)
-        grid = features.view(b * t, g, g, -1).permute(0, 3, 1, 2)  # [B*T, D, g, g]
-        pooled = F.interpolate(grid, size=[s, s], mode="bilinear").permute(0, 2, 3, 1).reshape(b, t * s * s, -1)
-        newline = self.image_newline.to(pooled.dtype)[None, None].expand(b, 1, -1)
-        return torch.cat([pooled, newline], dim=1)
+
+        def pool(x: torch.Tensor) -> torch.Tensor:  # [B*T, g*g, C] -> [B*T, s*s, C]
+            grid = x.view(x.shape[0], g, g, -1).permute(0, 3, 1, 2)  # [B*T, C, g, g]
+            return F.interpolate(grid, size=[s, s], mode="bilinear").permute(0, 2, 3, 1).reshape(x.shape[0], s * s, -1)
+
+        return frame_rows(pool(enc["vision"]), pool(enc["features"]), s, t, self.image_newline)
 
     def embed_videos(self, x: torch.Tensor, input_ids: torch.Tensor, video_features: torch.Tensor) -> torch.Tensor:
         """Token embeddings x [B, T, D] with video features ([V, F, D], or [sum F, D]) written at

@@ -51,9 +51,10 @@ class Reduction:
         self.attention = method.attention_queries() if method.needs_attention else None  # None, "all" or "last"
         self.counts: list[torch.Tensor] = []
 
-    def start(self, visual: torch.Tensor, image_counts: torch.Tensor | None = None) -> None:
-        """Begin with the unreduced prompt's visual tokens visual [B, T], made of images with
-        image_counts [N] tokens each, in order row by row (default: tokens_per_image each)."""
+    def start(self, visual: torch.Tensor, image_counts: torch.Tensor | None = None, unit: str = "an image") -> None:
+        """Begin with the unreduced prompt's visual tokens visual [B, T], made of images (or video
+        frames: each is budgeted as an image) with image_counts [N] tokens each, in order row by row
+        (default: tokens_per_image each). `unit` names them in errors."""
         self.visual = visual  # [B, T] visual tokens of the current sequence
         self.sizes = torch.ones(visual.shape, device=visual.device)  # [B, T] original tokens each stands for
         self.key_bias = None
@@ -68,7 +69,7 @@ class Reduction:
         self.starts = first - row_first[self.rows]  # [N] first token of each image among its row's
         self.images = torch.bincount(self.rows, minlength=visual.shape[0])  # [B]
         if counts.numel():
-            check_fits(self.method, int(counts.min()), "an image in this batch")
+            check_fits(self.method, int(counts.min()), f"{unit} in this batch")
         width = torch.arange(max(int(n.max()), 1), device=visual.device)[None]
         self.owner = width.expand(visual.shape[0], -1).masked_fill(width >= n[:, None], -1)  # [B, V]
         if self.method.where == "llm":
@@ -143,6 +144,20 @@ def check_fits(method: Method, tokens: int, image: str) -> None:
     if tokens < max(method.budgets()):
         raise UserError(f"{method.spec()}: budget {max(method.budgets())} is more than the {tokens} visual tokens "
                         f"of {image}")
+
+
+def check_videos(method: Method) -> None:
+    """UserError when the method cannot reduce a prompt with videos. Frames are reduced one by one
+    (`keep` tokens per frame) before the LLM, and inside it like any visual token; a video frame's
+    pooled grid has no class-token attention and no tower pass of its own to reduce in."""
+    if isinstance(method, TowerMethod):
+        raise UserError(f"{method.name} reduces inside the vision tower; a video's frames are pooled after it, "
+                        f"so it does not apply to prompts with videos (try divprune, cdpruner, mmtok, random or an "
+                        f"in-LLM method: fastv, pdrop, sparsevlm, dart)")
+    if method.needs_cls:
+        raise UserError(f"{method.name} reads the vision tower's class-token attention, which a video's pooled "
+                        f"frames do not have (try divprune, cdpruner, mmtok, random or an in-LLM method: fastv, "
+                        f"pdrop, sparsevlm, dart)")
 
 
 def _to_rows(sel: Selection, cand_valid: torch.Tensor, image_valid: torch.Tensor | None, starts: torch.Tensor) -> Selection:

@@ -38,13 +38,12 @@ def create_app(llava: Llava, settings: Settings) -> FastAPI:
         raise UserError("this checkpoint has no tokenizer.json, so it cannot serve chat requests")
     ctx = min(settings.max_len, llava.config.text.max_position_embeddings)
     speculate = parse_speculate(settings.speculate, llava.config.text.num_hidden_layers)
-    if speculate is not None and speculate.kind == "draft":
-        raise UserError("the server does not take a draft model yet; use ngram or layerskip")
     llava.runner.encoder_cache = EncoderCache(settings.encoder_cache_mb * 2**20) if settings.encoder_cache_mb else None
     prefix = None
     if settings.prefix_cache_mb and llava.runner.kv_cache is None:  # quantized caches are not shared (prefix_cache)
         prefix = PrefixCache(settings.prefix_cache_mb * 2**20, f"{llava.path}|{llava.weights}|{llava.model.dtype}")
-    scheduler = Scheduler(llava, settings.max_batch_size, settings.max_queue, ctx, speculate, prefix)
+    drafter = llava.drafter(speculate) if speculate is not None else None  # a draft model, loaded once
+    scheduler = Scheduler(llava, settings.max_batch_size, settings.max_queue, ctx, speculate, prefix, drafter)
     created = int(time.time())
     preparing = asyncio.Semaphore(PREPARE_AT_ONCE)
 
@@ -181,11 +180,11 @@ def _prepare(llava: Llava, settings: Settings, scheduler: Scheduler, req: ChatRe
     limits, ctx = settings.limits, scheduler.context
     max_pixels = limits.max_image_pixels
     if req.videos:
-        _check_videos(llava, settings, req, reduce)
+        _check_videos(llava, req)
     encoded = [image_bytes(ref, settings) for ref in req.images]
     sizes = [image_size(data, ref.param, max_pixels) for data, ref in zip(encoded, req.images)]  # headers only
     image_tokens = [llava.config.image_tokens(h, w) for h, w in sizes]  # one count per image
-    check_reduce(reduce, llava.config, image_tokens)
+    check_reduce(reduce, llava.config, image_tokens, len(req.videos), server_default=not req.reduce)
     # a video's token count is its sampled frames': they are read (within the video limits) before tokenizing
     num_frames = settings.num_frames or (llava.video_processor.num_frames if req.videos else 0)
     clips = [video_frames(ref, settings, num_frames) for ref in req.videos]
@@ -231,17 +230,11 @@ def _prepare(llava: Llava, settings: Settings, scheduler: Scheduler, req: ChatRe
     return ids, pixel_values, image_sizes, params, keys, videos
 
 
-def _check_videos(llava: Llava, settings: Settings, req: ChatRequest, reduce: str | None) -> None:
-    """400 for a video that this server cannot take: a checkpoint without videos, or a reduction
-    with a video (before any video is read)."""
-    param = req.videos[0].param
+def _check_videos(llava: Llava, req: ChatRequest) -> None:
+    """400 for a video sent to a checkpoint that takes none (before any video is read)."""
     if not llava.config.takes_videos or llava.video_processor is None:
         raise invalid(f"this checkpoint (model_type {llava.config.model_type!r}) takes no videos; LLaVA-OneVision "
-                      "and LLaVA-NeXT-Video checkpoints do", param, "unsupported_value")
-    if reduce is not None:
-        whose = "" if req.reduce else f" (this server's --reduce {reduce})"
-        raise invalid(f"reduce: visual token reduction does not apply to prompts with videos yet{whose}", "reduce",
-                      "invalid_reduction")
+                      "and LLaVA-NeXT-Video checkpoints do", req.videos[0].param, "unsupported_value")
 
 
 def _pixels(llava: Llava, images: list) -> tuple[torch.Tensor, torch.Tensor | None, list[bytes]]:

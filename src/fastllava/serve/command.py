@@ -25,8 +25,9 @@ def add_serve_parser(sub) -> None:
                         "comma-separated, or the option repeated) are aliases: the first is the id answers carry, "
                         "all are accepted and listed by /v1/models")
     p.add_argument("--reduce", help="token-reduction spec used when a request does not give one")
-    p.add_argument("--speculate", help="speculative decoding for every request: ngram[:n=3,k=4] or "
-                                       "layerskip[:skip=A-B,k=4] (greedy answers unchanged; see docs/speculative.md)")
+    p.add_argument("--speculate", help="speculative decoding for every request: ngram[:n=3,k=4], "
+                                       "layerskip[:skip=A-B,k=4] or draft:model=DIR[,k=4,image=0,reduce=SPEC] "
+                                       "(greedy answers unchanged; see docs/speculative.md)")
     p.add_argument("--max-batch-size", type=positive_int, default=8, help="sequences decoded together")
     p.add_argument("--max-queue", type=positive_int, default=64, help="waiting requests beyond the batch (then 429)")
     p.add_argument("--max-len", type=positive_int, default=4096, help="KV-cache slots per row (capped by the model)")

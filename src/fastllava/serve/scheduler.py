@@ -26,6 +26,7 @@ import torch
 from ..engine import Llava
 from ..errors import UserError
 from ..generation import SamplingParams, TextState, new_generator, sample, step_span
+from ..generation.draft_model import ModelDrafter
 from ..generation.speculate import Speculation, accept, adapt_k, draft_tokens, keep_accepted
 from ..generation.step import Step
 from ..ops import left_pad
@@ -95,12 +96,15 @@ class _Row:
 
 class Scheduler:
     def __init__(self, llava: Llava, max_batch_size: int, max_queue: int, max_len: int,
-                 speculate: Speculation | None = None, prefix_cache: PrefixCache | None = None):
+                 speculate: Speculation | None = None, prefix_cache: PrefixCache | None = None,
+                 drafter: ModelDrafter | None = None):
         """max_len: the context in positions (prompt + answer). The shared cache has that many
         slots plus the fixed-shape prefill's padding, so that every request that fits the context
         can be admitted (admissible). `speculate`: speculative decoding for every row (greedy rows
         get exactly their plain tokens, sampled rows their distribution). `prefix_cache`: prompts'
-        keys and values kept for later prompts that begin the same way (jobs with `keys`)."""
+        keys and values kept for later prompts that begin the same way (jobs with `keys`).
+        `drafter`: the draft model of a `draft` speculation, with a lasting cache whose rows follow
+        the shared cache's (each prompt read by the draft too when its job is seated)."""
         self.llava, self.model = llava, llava.model
         self.prefix = prefix_cache
         self.spec = speculate
@@ -108,6 +112,9 @@ class Scheduler:
         self.runner = llava.runner
         self.context = max_len
         self.cache = self.runner.lasting_cache(max_batch_size, max_len + self.runner.prompt_slots(1) - 1)
+        self.drafter = drafter
+        if drafter is not None:  # its rounds write at most the target's slots, plus a round's drafts
+            drafter.serve(max_batch_size, self.cache.max_len + speculate.k + 1)
         self._decoder, self._decoder_key = None, None  # the decode step, and the cache layout it was made for
         self.rows: list[_Row | None] = [None] * max_batch_size
         self.waiting: deque[Job] = deque()
@@ -116,6 +123,7 @@ class Scheduler:
         self.finished = self.cancelled = 0  # requests answered / dropped because the client left
         self.metrics = Metrics()
         self.restarts = 0  # times the cache was empty and started again at slot 0
+        self.drafted = self.accepted = self.rounds = 0  # speculation: tokens drafted, drafts kept, verify rounds
         self._cond = threading.Condition()
         self._stopping = False
         self._thread = threading.Thread(target=self._loop, name="fastllava-scheduler", daemon=True)
@@ -164,8 +172,13 @@ class Scheduler:
         return self._thread.is_alive()
 
     def cache_counters(self) -> dict[str, tuple[str, float]]:
-        """Prometheus counters of the encoder and prefix caches (absent when a cache is off)."""
+        """Prometheus counters of the encoder and prefix caches (absent when a cache is off) and of
+        speculative decoding (absent without it)."""
         out = {}
+        if self.spec is not None:
+            out["fastllava_speculative_rounds_total"] = ("speculative rounds (one verify pass each)", self.rounds)
+            out["fastllava_speculative_draft_tokens_total"] = ("tokens drafted for the rows decoding", self.drafted)
+            out["fastllava_speculative_accepted_tokens_total"] = ("drafted tokens the model kept", self.accepted)
         enc = self.runner.encoder_cache
         if enc is not None:
             out["fastllava_encoder_cache_hits_total"] = ("images (or tiles, frames) taken from the encoder cache", enc.hits)
@@ -272,6 +285,7 @@ class Scheduler:
             reduction = make_reduction(jobs[0].reduce, self.llava.config)
             logits, positions, small = self.runner.prefill(ids, valid, pixels, 0, reduction, image_sizes=sizes,
                                                            pixel_values_videos=videos)  # [B', V], [B', T']
+            draft = self.drafter.read(ids, valid, pixels, sizes, 0, videos) if self.drafter is not None else None
         except Exception as e:  # noqa: BLE001 - contained: see the docstring
             if len(jobs) > 1:
                 for job in jobs:
@@ -281,7 +295,7 @@ class Scheduler:
             return
         for i, job in enumerate(jobs):
             kept = [int(c[i]) for c in reduction.counts] if reduction is not None else None
-            if self._seat(job, logits[i:i + 1], int(positions[i, -1]), small, i, kept, 0) and self._shared(job):
+            if self._seat(job, logits[i:i + 1], int(positions[i, -1]), small, i, kept, 0, draft) and self._shared(job):
                 slots = small.valid[0, i, :small.length].nonzero()[:, 0]  # the row's real prompt slots
                 self.prefix.store(job.keys, *row_kv(small, i, slots))
 
@@ -295,17 +309,23 @@ class Scheduler:
             ids = torch.tensor([job.ids], dtype=torch.long)  # [1, T]
             logits, positions, small = self.runner.prefill_cached(k, v, ids, job.pixel_values, 0, job.image_sizes,
                                                                   _videos(job.videos or []))
+            draft = None
+            if self.drafter is not None:  # the draft reads the whole prompt
+                draft = self.drafter.read(ids, torch.ones_like(ids), job.pixel_values, job.image_sizes, 0,
+                                          _videos(job.videos or []))
         except Exception as e:  # noqa: BLE001 - this job alone fails
             self._fail(job, e)
             return
-        if self._seat(job, logits, int(positions[0, -1]), small, 0, None, k.shape[2]):
+        if self._seat(job, logits, int(positions[0, -1]), small, 0, None, k.shape[2], draft):
             self.prefix.store(job.keys, *row_kv(small, 0, torch.arange(len(job.ids), device=small.valid.device)))
 
     def _seat(self, job: Job, logits: torch.Tensor, pos: int, small, i: int, kept: list[int] | None,
-              cached: int) -> bool:
+              cached: int, draft=None) -> bool:
         """Sample a prefilled job's first token from its logits [1, V], copy row i of its cache
         `small` into a free row of the shared cache (emptied first when no row is active) and
-        start decoding it; False when its sampling fails (the job is answered with the error)."""
+        start decoding it; False when its sampling fails (the job is answered with the error).
+        draft: the draft model's (positions, cache) of the same prompts (ModelDrafter.read), whose
+        row i goes into the same row of the draft's cache."""
         try:
             p, generator = job.params, new_generator(job.params, self.model.device)
             first = int(sample(logits, p, generator)[0])
@@ -316,6 +336,8 @@ class Scheduler:
         self.restarts += reset
         index = self.rows.index(None)
         self.cache.insert_row(index, small, i, reset=reset)
+        if draft is not None:
+            self.drafter.seat(index, draft[1], i, pos - int(draft[0][i, -1]), reset)
         text = TextState(self.llava.prompts.decode, set() if job.ignore_eos else self.eos, p.stop,
                          p.max_new_tokens, job.stream)
         row = self.rows[index] = _Row(index, job, generator, text, pos, kept, cached)
@@ -347,7 +369,8 @@ class Scheduler:
         active = self._active()
         need = max(r.job.params.max_new_tokens - r.text.count for r in active)
         # a round writes 1 + k slots: speculate only while every row could still finish plainly after it
-        if self.spec is not None and self.cache.length + self.spec_k + 1 + need <= self.cache.max_len:
+        room = self.drafter is None or self.drafter.room(self.spec_k)
+        if self.spec is not None and self.cache.length + self.spec_k + 1 + need <= self.cache.max_len and room:
             if self._speculative_step(active):
                 return
         self._plain_step()
@@ -364,6 +387,9 @@ class Scheduler:
         for r in active:
             tokens[r.index], pos[r.index, 0] = r.last, r.pos + 1
         logits = self._decode_step()(tokens.to(device), pos.to(device))  # [B, V]
+        if self.drafter is not None:  # the draft has not seen the tokens fed here
+            for r in active:
+                self.drafter.skip(r.index, r.last)
         for r, tok in zip(active, self._sample(logits, active)):
             r.pos += 1
             if tok is None:  # its sampling failed
@@ -382,9 +408,12 @@ class Scheduler:
             cur[r.index], pos[r.index] = r.last, r.pos + 1
             history[r.index] = r.job.ids + r.text.ids
         self.cache.defer = True  # a quantized cache holds the round's tokens unquantized until settle()
-        drafts, lengths = draft_tokens(self.runner, self.spec, self.cache, cur, pos, history, self.spec_k)
         free = torch.ones(b, dtype=torch.bool, device=device)
         free[[r.index for r in active]] = False
+        if self.drafter is not None:
+            drafts, lengths = self.drafter.draft(cur, pos, self.spec_k, ~free)
+        else:
+            drafts, lengths = draft_tokens(self.runner, self.spec, self.cache, cur, pos, history, self.spec_k)
         lengths = lengths.masked_fill(free, 0)
         if drafts.shape[1] == 0 or not bool(lengths.any()):
             self.cache.settle()
@@ -402,6 +431,8 @@ class Scheduler:
             except Exception as e:  # noqa: BLE001 - this row alone fails
                 self._fail(r.job, e)
         keep_accepted(self.cache, starts, kept, tokens.shape[1])
+        if self.drafter is not None:
+            self.drafter.commit(drafts, kept)
         self.cache.settle()
         for r in active:
             if r.index not in nxt:
@@ -414,6 +445,9 @@ class Scheduler:
                     break
                 self._push(r, t)
         live = lengths > 0
+        self.rounds += 1
+        self.drafted += int(lengths[live].sum())
+        self.accepted += int(kept[live].sum())
         self.spec_k = adapt_k(self.spec, self.spec_k, kept[live], lengths[live])
         return True
 
