@@ -6,7 +6,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from tokenizers import AddedToken, Tokenizer, models, normalizers, pre_tokenizers, processors
+from tokenizers import AddedToken, Tokenizer, decoders, models, normalizers, pre_tokenizers, processors
 
 from ..images import CLIP_MEAN, CLIP_STD
 from .questions import LONG_ANSWER_WORDS, PUNCTUATION, VOCABULARY
@@ -23,7 +23,8 @@ def default_words() -> list[str]:
 
 def build_word_tokenizer(words: list[str], image_token_id: int, vocab_size: int) -> Tokenizer:
     """Whitespace-split, lower-cased word tokenizer: <unk> 0, <s> 1, </s> 2, `words` from 3 on,
-    skipping `image_token_id`, which holds the special token <image>. Prepends <s> when encoding."""
+    skipping `image_token_id`, which holds the special token <image>. Prepends <s> when encoding;
+    decoding joins the words with spaces, none before punctuation ("a circle, a star.")."""
     if not 3 <= image_token_id < vocab_size:
         raise ValueError(f"image token id {image_token_id} must be in [3, {vocab_size})")
     vocab = {UNK: 0, BOS: 1, EOS: 2, IMAGE: image_token_id}
@@ -40,6 +41,7 @@ def build_word_tokenizer(words: list[str], image_token_id: int, vocab_size: int)
     tok = Tokenizer(models.WordLevel(vocab, unk_token=UNK))
     tok.normalizer = normalizers.Lowercase()
     tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    tok.decoder = decoders.WordPiece(prefix="##", cleanup=True)  # no word starts with ##: spaces, cleaned up
     tok.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in (UNK, BOS, EOS, IMAGE)])
     tok.post_processor = processors.TemplateProcessing(single=f"{BOS} $A", pair=f"{BOS} $A $B",
                                                        special_tokens=[(BOS, 1)])
