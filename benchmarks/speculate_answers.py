@@ -3,7 +3,7 @@
 greedy decoding, side by side in one run, on a question set's long answers.
 
     fastllava data shapes --families describe --n 60 --seed S --out describe
-    python benchmarks/speculate_answers.py --data describe --out runs/speculate-answers
+    python benchmarks/speculate_answers.py --data describe --out runs/speculate-answers [--draft-layers 2]
 
 For every batch of questions, plain decoding and then each spec run in turn (the order rotating
 from batch to batch, so that a slow spell of a shared machine is spread over all of them); each
@@ -11,12 +11,18 @@ run's decode time is its total time less its time to the first token. The report
 decode: decode tok/s over all questions, the speed-up over plain, drafted and kept tokens,
 tokens per verify step, whether every answer equals plain greedy's token for token, and the
 exact-match accuracy. Writes OUT/speculate.json and OUT/speculate.md.
+
+`--draft-layers N` also measures a draft model (`draft:model=DIR`) made of the target's first N
+decoder layers, its final norm and head (written to OUT/draft-N): a stand-in for a smaller
+checkpoint of the same family, where none is at hand. It sees the image as the target does.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import re
+import shutil
 import sys
 import time
 from pathlib import Path
@@ -70,6 +76,27 @@ def measure(model, samples, specs: list[str], batch_size: int, max_new_tokens: i
     return totals
 
 
+def first_layers(model_dir: Path, n: int, out: Path) -> Path:
+    """A copy of the checkpoint in model_dir with only its first n decoder layers -> its folder."""
+    from safetensors.torch import load_file, save_file
+
+    config = json.loads((model_dir / "config.json").read_text())
+    depth = config["text_config"]["num_hidden_layers"]
+    if not 1 <= n < depth:
+        raise UserError(f"--draft-layers must be in 1..{depth - 1} for this {depth}-layer model, got {n}")
+    state = load_file(str(model_dir / "model.safetensors"))
+    layer = re.compile(r"language_model\.(?:model\.)?layers\.(\d+)\.")
+    kept = {k: v for k, v in state.items() if not ((m := layer.search(k)) and int(m.group(1)) >= n)}
+    out.mkdir(parents=True, exist_ok=True)
+    save_file(kept, str(out / "model.safetensors"), metadata={"format": "pt"})
+    config["text_config"]["num_hidden_layers"] = n
+    (out / "config.json").write_text(json.dumps(config, indent=2) + "\n")
+    for name in ("tokenizer.json", "tokenizer_config.json", "preprocessor_config.json", "chat_template.json"):
+        if (model_dir / name).exists():
+            shutil.copy(model_dir / name, out / name)
+    return out
+
+
 def table(totals: dict) -> str:
     lines = ["| decode | decode tok/s | speed-up | drafts kept | tokens per verify step | same tokens as plain | exact match |",
              "|---|---|---|---|---|---|---|"]
@@ -90,6 +117,8 @@ def main() -> int:
     p.add_argument("--limit", type=int, default=60, help="questions to use (default 60)")
     p.add_argument("--batch-size", type=int, default=1)
     p.add_argument("--max-new-tokens", type=int, default=96)
+    p.add_argument("--draft-layers", type=int, metavar="N",
+                   help="also measure a draft model made of the target's first N decoder layers")
     p.add_argument("--device", default="cpu")
     p.add_argument("--out", default="runs/speculate-answers")
     args = p.parse_args()
@@ -101,8 +130,12 @@ def main() -> int:
         if not samples:
             raise UserError(f"{args.data} holds no questions")
         model = load(args.model, device=args.device)
+        specs = args.speculate or list(DEFAULT_SPECS)
+        if args.draft_layers is not None:
+            draft = first_layers(Path(model.path), args.draft_layers, Path(args.out) / f"draft-{args.draft_layers}")
+            specs.append(f"draft:model={draft}")
         began = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
-        totals = measure(model, samples, args.speculate or list(DEFAULT_SPECS), args.batch_size, args.max_new_tokens)
+        totals = measure(model, samples, specs, args.batch_size, args.max_new_tokens)
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
