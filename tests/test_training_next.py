@@ -131,6 +131,7 @@ def test_a_llava_checkpoint_continues_as_a_next_model(tmp_path):
     model = fastllava.load(out, device="cpu")
     assert model.config.is_next and model.config.image_grid_pinpoints == [(32, 64), (64, 32), (64, 64), (96, 32),
                                                                           (32, 96)]
+    assert model.config.text.max_position_embeddings == 4096  # a NeXT context, not LLaVA-1.5's 1024
     scene_image = render(random_scene(np.random.default_rng(0), "hires", (1, 3)), 32)  # 96 x 32 pixels
     r = model.generate(images=[scene_image], prompts=["What color is the star?"], max_new_tokens=2)[0]
     assert r.stats["image_tokens"] == model.config.image_tokens(32, 96)

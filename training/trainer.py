@@ -495,8 +495,10 @@ def train(out_dir: str | Path, spec: TrainSpec, device: str = "cpu", log=print,
 
 def _as_next(model: LlavaModel, pinpoints: list[tuple[int, int]]) -> LlavaNextModel:
     """A LLaVA-1.5 model's weights in a LLaVA-NeXT model (as LLaVA-NeXT starts from LLaVA-1.5's
-    recipe): the same tower, projector and language model, a fresh image_newline."""
-    cfg = dataclasses.replace(model.cfg, image_grid_pinpoints=pinpoints)
+    recipe): the same tower, projector and language model, a fresh image_newline, and the context
+    of a NeXT model (4096 positions: a hires image alone gives up to 2928 visual tokens)."""
+    text = dataclasses.replace(model.cfg.text, max_position_embeddings=max(model.cfg.text.max_position_embeddings, 4096))
+    cfg = dataclasses.replace(model.cfg, image_grid_pinpoints=pinpoints, text=text)
     out = LlavaNextModel(cfg).to(model.device)
     missing, unexpected = out.load_state_dict(model.state_dict(), strict=False)
     assert missing == ["image_newline"] and not unexpected, (missing, unexpected)
