@@ -422,7 +422,7 @@ def train(out_dir: str | Path, spec: TrainSpec, device: str = "cpu", log=print,
         if model.cfg.vision.num_patches != cfg.vision.num_patches or model.cfg.text.vocab_size != VOCAB_SIZE:
             raise UserError(f"{init} does not have the shapes of this training spec")
         if spec.anyres and not model.cfg.is_next:
-            model = _as_next(model, cfg.image_grid_pinpoints)
+            model = _as_next(model, cfg)
             log(f"LLaVA-NeXT model from {init}'s weights, image_newline from random")
         elif model.cfg.is_next != spec.anyres:
             raise UserError(f"{init} is a LLaVA-NeXT checkpoint; pass --anyres to continue it")
@@ -493,12 +493,13 @@ def train(out_dir: str | Path, spec: TrainSpec, device: str = "cpu", log=print,
     return _save(model, tokenizer, out_dir, spec.image_size, heads)
 
 
-def _as_next(model: LlavaModel, pinpoints: list[tuple[int, int]]) -> LlavaNextModel:
+def _as_next(model: LlavaModel, spec_cfg: LlavaConfig) -> LlavaNextModel:
     """A LLaVA-1.5 model's weights in a LLaVA-NeXT model (as LLaVA-NeXT starts from LLaVA-1.5's
-    recipe): the same tower, projector and language model, a fresh image_newline, and the context
-    of a NeXT model (4096 positions: a hires image alone gives up to 2928 visual tokens)."""
-    text = dataclasses.replace(model.cfg.text, max_position_embeddings=max(model.cfg.text.max_position_embeddings, 4096))
-    cfg = dataclasses.replace(model.cfg, image_grid_pinpoints=pinpoints, text=text)
+    recipe): the same tower, projector and language model, a fresh image_newline, and the tiling
+    and context of the NeXT spec's config `spec_cfg` (build_config: a hires image alone gives up to
+    2928 visual tokens)."""
+    text = dataclasses.replace(model.cfg.text, max_position_embeddings=spec_cfg.text.max_position_embeddings)
+    cfg = dataclasses.replace(model.cfg, image_grid_pinpoints=spec_cfg.image_grid_pinpoints, text=text)
     out = LlavaNextModel(cfg).to(model.device)
     missing, unexpected = out.load_state_dict(model.state_dict(), strict=False)
     assert missing == ["image_newline"] and not unexpected, (missing, unexpected)

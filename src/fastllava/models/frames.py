@@ -8,7 +8,16 @@ from __future__ import annotations
 
 import torch
 
+from ..errors import UserError
 from .llava_next import _centres
+
+
+def frames_per_video(pixel_values_videos: torch.Tensor) -> int:
+    """Frames per video of pixel_values_videos [V, F, C, H, W] (UserError for another shape)."""
+    if pixel_values_videos.dim() != 5:
+        raise UserError(f"pixel_values_videos must be [videos, frames, channels, height, width], got "
+                        f"{list(pixel_values_videos.shape)}")
+    return pixel_values_videos.shape[1]
 
 
 def frame_rows(vision: torch.Tensor, features: torch.Tensor, side: int, frames: int,

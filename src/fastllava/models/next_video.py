@@ -15,7 +15,7 @@ from torch import nn
 
 from ..config import LlavaConfig
 from ..errors import UserError
-from .frames import frame_rows
+from .frames import frame_rows, frames_per_video
 from .llava_next import LlavaNextModel
 
 
@@ -57,10 +57,7 @@ class NextVideoModel(LlavaNextModel):
         pooled grid of selected features, `features` its projection. `tower` (encode_tower, or a
         compiled or cached version of it) gives the frames' vision features when given; the
         projection it also makes, of the unpooled features, is not used (videos pool first)."""
-        if pixel_values_videos.dim() != 5:
-            raise UserError(f"pixel_values_videos must be [videos, frames, channels, height, width], got "
-                            f"{list(pixel_values_videos.shape)}")
-        t, g = pixel_values_videos.shape[1], self.cfg.vision.grid
+        t, g = frames_per_video(pixel_values_videos), self.cfg.vision.grid
         frames = pixel_values_videos.flatten(0, 1)  # [B*T, C, H, W]
         vision = tower(frames, ())[0] if tower is not None else self.vision_features(frames)  # [B*T, g*g, Dv]
         grid = vision.transpose(1, 2).reshape(frames.shape[0], -1, g, g)  # [B*T, Dv, g, g]

@@ -16,7 +16,7 @@ from torch.nn.utils.rnn import pad_sequence
 
 from .. import anyres
 from ..errors import UserError
-from .frames import frame_rows
+from .frames import frame_rows, frames_per_video
 from .llava import LlavaModel
 from .llava_next import LlavaNextModel, _centres
 
@@ -116,10 +116,7 @@ class OnevisionModel(LlavaNextModel):
         """The videos' frames as VisionContext rows (see models.frames.frame_rows): each frame's
         projected g x g grid pooled bilinearly to s x s, and its vision features pooled the same way;
         the video's image_newline on its last frame's row."""
-        if pixel_values_videos.dim() != 5:
-            raise UserError(f"pixel_values_videos must be [videos, frames, channels, height, width], got "
-                            f"{list(pixel_values_videos.shape)}")
-        t = pixel_values_videos.shape[1]
+        t = frames_per_video(pixel_values_videos)
         enc = LlavaModel.encode_images(self, pixel_values_videos.flatten(0, 1), None, (), tower)
         g = self.cfg.vision.grid
         s = -(-g // 2)

@@ -403,10 +403,11 @@ class Scheduler:
         device, b = self.model.device, len(self.rows)
         cur = torch.zeros(b, dtype=torch.long, device=device)  # [B]
         pos = torch.zeros(b, dtype=torch.long, device=device)  # [B]
-        history: list[list[int]] = [[] for _ in range(b)]
+        history: list[list[int]] = [[] for _ in range(b)]  # what ngram looks up (a draft model keeps its own)
         for r in active:
             cur[r.index], pos[r.index] = r.last, r.pos + 1
-            history[r.index] = r.job.ids + r.text.ids
+            if self.drafter is None:
+                history[r.index] = r.job.ids + r.text.ids
         self.cache.defer = True  # a quantized cache holds the round's tokens unquantized until settle()
         free = torch.ones(b, dtype=torch.bool, device=device)
         free[[r.index for r in active]] = False
