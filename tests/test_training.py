@@ -1,5 +1,7 @@
 """Training of the embedded model: packed rows are exact, and a tiny run writes a loadable model."""
 
+import dataclasses
+
 import pytest
 import torch
 
@@ -251,3 +253,33 @@ def test_scenes_rendered_at_several_sizes_reach_the_model_at_its_own():
         with pytest.raises(UserError):
             spec = TrainSpec(**{**TINY, **bad})
             spec.render_size_list(), spec.family_list()
+
+
+@torch.no_grad()
+def test_hidden_background_tokens_act_as_if_removed_from_the_prompt():
+    """drop_background hides background visual tokens: each segment's logits equal those of its
+    one-question prompt with those tokens taken out (the others keeping their positions), as a
+    reduction that drops them leaves the prompt; object tokens and text are never hidden."""
+    model, data = _tiny_model_and_data(questions=2)
+    data.drop_background = 1.0
+    batch = data.batch(3)
+    assert batch.hidden is not None and bool(batch.hidden.any())
+    image = slice(batch.image_start, batch.image_start + batch.patch_labels.shape[1])
+    assert not batch.hidden[:, :image.start].any() and not batch.hidden[:, image.stop:].any()
+    assert not (batch.hidden[:, image] & (batch.patch_labels[..., 0] > 0)).any()  # objects stay
+    packed, _, _ = packed_logits(model, batch)
+    unmasked, _, _ = packed_logits(model, dataclasses.replace(batch, hidden=None))
+    for row in range(3):
+        shown = ~batch.hidden[row]
+        for j in range(1, int(batch.segments[row].max()) + 1):
+            cols = (batch.segments[row] == j).nonzero()[:, 0]
+            keep = torch.cat([shown[batch.segments[row] == 0], torch.ones(len(cols), dtype=torch.bool)])
+            single = torch.cat([batch.ids[row, batch.segments[row] == 0], batch.ids[row, cols]])[None]  # [1, T1]
+            embeds = model.embed(single, model.image_features(batch.pixels[row:row + 1]))[:, keep]
+            ref = model(embeds, torch.arange(single.shape[1])[None, keep], None)
+            assert (packed[row, cols] - ref[0, -len(cols):]).abs().max().item() < 1e-5
+    assert (packed - unmasked)[batch.targets != -100].abs().max() > 1e-3  # hiding changed the answers' logits
+    data.drop_background = 0.0
+    assert data.batch(2).hidden is None
+    with pytest.raises(UserError, match="drop-background"):
+        train("unused", TrainSpec(**TINY, drop_background=1.5))

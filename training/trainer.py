@@ -79,6 +79,10 @@ class TrainSpec:
     workers: int = 0  # processes generating batches ahead of the training step (0 = in the step)
     anyres: bool = False  # a LLaVA-NeXT model (tiles at NEXT_CANVASES) on the hires scenes variant
     families: str = ",".join(FAMILIES)  # the question families asked (comma-separated; `describe` too)
+    drop_background: float = 0.0  # fraction of rows whose language model sees only part of the image's
+    # background: a random share (uniform in [0, 1]) of the visual tokens showing no object is hidden
+    # from every later token, so that answers come from the objects' tokens, as after a reduction that
+    # keeps them (without it the model leans on background tokens and fails when they are gone)
     render_sizes: str = ""  # pixels per tile the scenes are rendered at, one drawn per batch (comma-
     # separated, e.g. "96,336": the processor downscales larger renders as it does at inference; "" = image_size)
     seed: int = 0
@@ -140,7 +144,9 @@ class Batches:
 
     def __init__(self, encoder: PromptEncoder, processor: ImageProcessor | AnyresProcessor, image_size: int,
                  seed: int, questions: int = 1, grid: int = 24, variant: str = "default",
-                 families: tuple[str, ...] = FAMILIES, render_sizes: tuple[int, ...] = ()):
+                 families: tuple[str, ...] = FAMILIES, render_sizes: tuple[int, ...] = (),
+                 drop_background: float = 0.0):
+        self.drop_background = drop_background  # see TrainSpec.drop_background
         self.encoder, self.processor, self.image_size, self.grid = encoder, processor, image_size, grid
         self.questions, self.variant, self.families = questions, variant, tuple(families)
         self.render_sizes = tuple(render_sizes) or (image_size,)  # one drawn per batch
@@ -286,13 +292,19 @@ class Batches:
         else:
             pixels, sizes = self.processor([r[2] for r in rows]), None
         p = len(rows[0][3])  # visual tokens per row
+        start = len(rows[0][0]) - p
+        hidden = torch.zeros(size, longest, dtype=torch.bool)  # [B, T] keys no later token sees
+        for i, row in enumerate(rows):
+            if self.drop_background > 0 and self.rng.random() < self.drop_background:
+                background = (row[3][:, 0] == 0).numpy()  # [P] patches on no object (newlines: -100)
+                hidden[i, start:start + p] = torch.from_numpy(background & (self.rng.random(p) < self.rng.random()))
         return Packed(ids, positions, segments, targets, pixels, torch.stack([r[3] for r in rows]), families,
                       torch.tensor(guide_at, dtype=torch.long).view(-1, 2),
                       torch.stack(guide_mask) if guide_mask else torch.zeros(0, 3, p, dtype=torch.bool),
                       torch.stack(guide_attrs) if guide_attrs else torch.zeros(0, 3, 4, dtype=torch.long),
                       torch.tensor(guide_dirs, dtype=torch.long).view(-1, 2),
                       torch.tensor(guide_side, dtype=torch.long).view(-1, 2),
-                      len(rows[0][0]) - p, sizes)
+                      start, sizes, hidden if bool(hidden.any()) else None)
 
 
 class _Stream(torch.utils.data.IterableDataset):
@@ -339,6 +351,7 @@ class Packed:
     guide_side: torch.Tensor
     image_start: int
     image_sizes: torch.Tensor | None = None
+    hidden: torch.Tensor | None = None  # [B, T] bool: visual tokens hidden from the others (drop_background)
 
     def to(self, device) -> "Packed":
         moved = {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in vars(self).items()}
@@ -368,6 +381,8 @@ def packed_logits(model: LlavaModel, batch: Packed, taps: tuple[int, ...] = (), 
     x = model.embed(batch.ids, images["features"])  # [B, T, D]
     cos, sin = lm.rotary(batch.positions, x.dtype)
     mask, t = segment_mask(batch.segments), x.shape[1]
+    if batch.hidden is not None:  # hidden tokens are keys of no query (they still attend, unseen)
+        mask = mask & ~batch.hidden[:, None, None, :]
     tapped, first = {}, 0
     for tap in sorted(taps):  # the layers up to each tapped one, in one call of the layer loop
         x, probs, _ = lm.run(x, cos, sin, mask, None, 0, t, range(first, tap + 1), batch.guide_at.unbind(-1))
@@ -415,6 +430,8 @@ def train(out_dir: str | Path, spec: TrainSpec, device: str = "cpu", log=print,
     Stages: `vision_steps` of the vision tower alone on the dense patch labels (training.guidance),
     `align_steps` of the projector on captions, `steps` of everything on questions (with the
     patch labels as an auxiliary loss weighted by `aux_weight`)."""
+    if not 0.0 <= spec.drop_background <= 1.0:
+        raise UserError(f"--drop-background must be a fraction in [0, 1], not {spec.drop_background}")
     torch.manual_seed(spec.seed)
     cfg = build_config(spec)
     if init is not None:
@@ -440,7 +457,8 @@ def train(out_dir: str | Path, spec: TrainSpec, device: str = "cpu", log=print,
     tokenizer = build_word_tokenizer(default_words(), IMAGE_TOKEN_ID, VOCAB_SIZE)
     encoder = PromptEncoder(tokenizer, IMAGE_TOKEN_ID, cfg.image_features_per_image)
     data = Batches(encoder, training_processor(cfg), spec.image_size, spec.seed, spec.questions, cfg.vision.grid,
-                   "hires" if spec.anyres else "default", spec.family_list(), spec.render_size_list())
+                   "hires" if spec.anyres else "default", spec.family_list(), spec.render_size_list(),
+                   spec.drop_background)
     vision = [*model.vision_tower.parameters(), *head.parameters()]
     stages = [("vision", spec.vision_steps, vision, False),
               ("align", spec.align_steps, list(model.multi_modal_projector.parameters()), True),
