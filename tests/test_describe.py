@@ -12,9 +12,11 @@ import pytest
 from fastllava.cli import main
 from fastllava.errors import UserError
 from fastllava.evaluation import generate_dataset
-from fastllava.evaluation.questions import DESCRIBE_QUESTION, VOCABULARY, describe, prompt
+from fastllava.evaluation.dataset import load_dataset
+from fastllava.evaluation.questions import (DESCRIBE_QUESTION, ORDER_MARGIN, VOCABULARY, accepted_orders, ask_describe,
+                                            describe, prompt)
 from fastllava.evaluation.scenes import VARIANTS, Scene, random_scene
-from fastllava.evaluation.scoring import object_f1, objects
+from fastllava.evaluation.scoring import is_correct, object_f1, objects
 from fastllava.evaluation.tokenizer import TEMPLATE_WORDS, default_words
 from fastllava.evaluation.questions import PUNCTUATION
 
@@ -32,6 +34,45 @@ def test_describe_lists_every_object_left_to_right():
                                         "radius": 0.07}], "background": "plain", "background_level": 200,
                            "texture_seed": 0})
     assert describe(one) == "a small red star"
+
+
+def _scene(*xs: float) -> Scene:
+    """Small circles of the colors red, green, blue, ... at the given centres x, one above another."""
+    colors = ["red", "green", "blue", "yellow"]
+    return Scene.from_dict({"objects": [{"shape": "circle", "color": colors[i], "size": "small", "x": x,
+                                         "y": 0.2 + 0.2 * i, "radius": 0.07} for i, x in enumerate(xs)],
+                            "background": "plain", "background_level": 200, "texture_seed": 0})
+
+
+def test_side_by_side_objects_may_be_listed_in_either_order():
+    clear = ask_describe(_scene(0.3, 0.7), np.random.default_rng(0))
+    assert clear.answer == "a small red circle and a small green circle" and clear.accepted == ()
+    close = ask_describe(_scene(0.51, 0.5), np.random.default_rng(0))
+    assert close.answer == "a small green circle and a small red circle"
+    assert close.accepted == ("a small red circle and a small green circle",)
+    assert is_correct("A small red circle and a small green circle.", close.answer, close.accepted)
+    assert not is_correct("a small red circle and a small green circle", close.answer)
+    # near ties chain without becoming one: red and blue are clearly apart, so blue never precedes red
+    step = ORDER_MARGIN * 0.6
+    orders = accepted_orders(_scene(0.5, 0.5 + step, 0.5 + 2 * step))
+    assert sorted(orders) == [[0, 1, 2], [0, 2, 1], [1, 0, 2]] and orders[0] == [0, 1, 2]
+    assert len(accepted_orders(_scene(0.5, 0.5, 0.5, 0.5), limit=5)) == 6  # 4! = 24 orders, capped
+
+
+def test_accepted_answers_travel_with_the_set(tmp_path):
+    generate_dataset(60, 11, tmp_path / "d", image_size=32, families=["describe"], progress=False, variant="dense")
+    data = load_dataset(tmp_path / "d")
+    with_others = [s for s in data.samples if s.accepted]
+    assert with_others and all(s.answer not in s.accepted for s in with_others)
+    assert all(sorted(objects(a).elements()) == sorted(objects(s.answer).elements())
+               for s in with_others for a in s.accepted)
+    lines = (tmp_path / "d" / "questions.jsonl").read_text().splitlines()
+    row = json.loads(lines[0])
+    row["accepted"] = "a small red circle"
+    (tmp_path / "d" / "questions.jsonl").write_text("\n".join([json.dumps(row)] + lines[1:]) + "\n")
+    bad = load_dataset(tmp_path / "d")
+    assert bad.errors == ["questions.jsonl:1: field 'accepted' must be a list of strings"]
+    assert len(bad.samples) == len(data.samples) - 1
 
 
 def test_object_f1():
@@ -70,6 +111,11 @@ def test_a_describe_set_and_its_eval_report(tmp_path, capsys):
     f1 = results["families"]["describe"]["object_f1"]
     samples = [json.loads(line) for line in (tmp_path / "r" / "samples.jsonl").read_text().splitlines()]
     assert f1 == pytest.approx(np.mean([s["object_f1"] for s in samples if s["family"] == "describe"]))
+    in_order = [s["answer_order"] for s in samples if s["family"] == "describe"]
+    assert results["families"]["describe"]["answer_order"] == pytest.approx(np.mean(in_order))
+    asked = {r["id"]: r for r in rows}
+    assert all(s["correct"] == is_correct(s["prediction"], s["answer"], asked[s["id"]].get("accepted", []))
+               for s in samples)
     assert "object F1" in capsys.readouterr().out
     with pytest.raises(UserError, match="unknown question families"):
         generate_dataset(4, 0, tmp_path / "x", families=["describes"], progress=False)

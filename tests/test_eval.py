@@ -169,7 +169,7 @@ def test_evaluate_writes_results_and_samples(model, checkpoint, dataset, tmp_pat
     # batching does not change greedy answers; limit keeps the first questions
     again = evaluate(model, dataset, batch_size=1, limit=7, out_dir=tmp_path / "again", progress=False)
     assert again["overall"]["n"] == 7 and again["errors"] == []
-    assert again["settings"]["dataset"] == {"name": "shapes", "version": 1, "seed": 5, "n": N, "image_size": 64,
+    assert again["settings"]["dataset"] == {"name": "shapes", "version": 2, "seed": 5, "n": N, "image_size": 64,
                                             "variant": "default"}
     first = _lines(tmp_path / "again" / "samples.jsonl")
     assert [s["id"] for s in first] == [s.id for s in load_dataset(dataset).samples[:7]]

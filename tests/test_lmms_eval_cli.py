@@ -126,6 +126,8 @@ def test_the_long_answer_family_gets_eval_object_f1(tmp_path):
         got = utils.process_results(doc, [said])
         assert got["describe_object_f1"] == round(object_f1(said, doc["answer"]), 4)
         assert got["accuracy"] == got["describe_accuracy"] == float(is_correct(said, doc["answer"]))
+    swapped = {**doc, "accepted": [half]}  # an accepted other answer scores as the answer does
+    assert utils.process_results(swapped, [half])["accuracy"] == 1.0
 
 
 def _error(capsys, args: list[str]) -> str:

@@ -211,7 +211,8 @@ def _print_results(results: dict, out: Path) -> None:
     print(f"accuracy {overall['accuracy']:.4f} on {overall['n']} questions"
           + (f" ({len(results['errors'])} skipped)" if results["errors"] else ""))
     for name, r in results["families"].items():
-        f1 = f", object F1 {r['object_f1']:.4f}" if "object_f1" in r else ""
+        f1 = (f", object F1 {r['object_f1']:.4f}, exact in the answer's own order {r['answer_order']:.4f}"
+              if "object_f1" in r else "")
         print(f"  {name:<10} {r['accuracy']:.4f}  (n={r['n']}{f1})")
     v = results["visual_tokens"]
     print(f"visual tokens per question: {v['unreduced']:g} unreduced ({v['min']}-{v['max']}), "

@@ -31,7 +31,7 @@ from .questions import (ALL_FAMILIES, ANSWER_SUFFIX, ASK, ASK_LONG, FAMILIES, ST
 from .scenes import VARIANTS, Scene, caption, random_scene, render
 
 DATASET_NAME = "shapes"
-DATASET_VERSION = 1
+DATASET_VERSION = 2  # 2: describe questions carry "accepted" (side-by-side objects in either order)
 REQUIRED_FIELDS = ("id", "image", "question", "answer", "family")
 
 
@@ -82,6 +82,8 @@ def generate_dataset(n: int, seed: int, out_dir: str | Path, image_size: int = 3
                        "prompt": prompt(q.question, q.family), "answer": q.answer, "family": q.family}
                 if q.strategy is not None:
                     row["strategy"] = q.strategy
+                if q.accepted:
+                    row["accepted"] = list(q.accepted)
                 questions.append(row)
             bar.update(len(picked))
         index += 1
@@ -145,6 +147,7 @@ class Sample:
     strategy: str | None
     line: int  # 1-based line in questions.jsonl
     prompt: str | None = None  # the exact text asked (questions.jsonl's "prompt"); None: prompt(question)
+    accepted: tuple[str, ...] = ()  # other answers scored correct (questions.jsonl's "accepted")
 
     @property
     def asked(self) -> str:
@@ -225,6 +228,9 @@ def _parse(raw: bytes, number: int, root: Path) -> Sample | None:
         raise ValueError(f"image {row['image']} not found")
     if row.get("prompt") is not None and not isinstance(row["prompt"], str):
         raise ValueError(f"field 'prompt' must be a string, got {type(row['prompt']).__name__}")
+    accepted = row.get("accepted", [])
+    if not isinstance(accepted, list) or not all(isinstance(a, str) for a in accepted):
+        raise ValueError("field 'accepted' must be a list of strings")
     strategy = row.get("strategy")
     return Sample(str(row["id"]), image.resolve(), row["question"], row["answer"], row["family"],
-                  strategy if isinstance(strategy, str) else None, number, row.get("prompt"))
+                  strategy if isinstance(strategy, str) else None, number, row.get("prompt"), tuple(accepted))

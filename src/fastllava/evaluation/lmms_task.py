@@ -7,7 +7,8 @@ The folder holds:
                  no stop string, an `accuracy` metric, one `<family>_accuracy` per family in the set
                  and `describe_object_f1` (eval's object F1) when it holds describe questions
     NAME.jsonl   the questions eval would score (load_dataset's samples: bad lines left out), each
-                 with its image's absolute path and `prompt`, the exact text eval asks
+                 with its image's absolute path, `prompt` (the exact text eval asks) and
+                 `accepted` (other answers scored correct: describe's side-by-side objects swapped)
     utils.py     doc_to_visual (the image, RGB), doc_to_text (the prompt), process_results (scored
                  by fastllava.evaluation.scoring.is_correct, as eval scores)
 so every route asks the same text with the same image and scores the answer the same way.
@@ -47,7 +48,7 @@ def doc_to_text(doc, lmms_eval_specific_kwargs=None):
 
 def process_results(doc, results):
     text = results[0] if isinstance(results[0], str) else str(results[0])
-    score = float(is_correct(text, doc["answer"]))
+    score = float(is_correct(text, doc["answer"], doc.get("accepted") or ()))
     out = {"accuracy": score, doc["family"] + "_accuracy": score}
     if doc["family"] in LONG_FAMILIES:  # and eval's object F1, rounded as in its samples.jsonl
         out[doc["family"] + "_object_f1"] = round(object_f1(text, doc["answer"]), 4)
@@ -78,7 +79,7 @@ def write_task(data_dir: str | Path, out_dir: str | Path, name: str = "shapes",
     with (out / f"{name}.jsonl").open("w", encoding="utf-8") as f:
         for s in data.samples:
             f.write(json.dumps({"id": s.id, "image": str(s.image), "prompt": s.asked, "answer": s.answer,
-                                "family": s.family, "strategy": s.strategy or ""}, ensure_ascii=False) + "\n")
+                                "accepted": list(s.accepted), "family": s.family, "strategy": s.strategy or ""}, ensure_ascii=False) + "\n")
     (out / "utils.py").write_text(UTILS)
     yaml_path.write_text(_yaml(name, (out / f"{name}.jsonl").resolve(), data.root, max_new_tokens, families))
     if data.errors:

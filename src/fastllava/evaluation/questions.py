@@ -30,6 +30,10 @@ PUNCTUATION = ("?", ".", ",", ":")
 RELATIONS = {"left": "left of", "right": "right of", "above": "above", "below": "below"}
 OPPOSITE = {"left": "right", "right": "left", "above": "below", "below": "above"}
 NEAREST_MARGIN = 1.2  # the second-nearest object must be at least this much farther
+# describe: objects whose centres are closer than this along x (in tiles: a fraction of a default
+# image's width) are side by side, listed in either order (10 px of a 336-px tile, 3 of a 96-px one)
+ORDER_MARGIN = 0.03
+MAX_ACCEPTED = 120  # describe: at most this many other accepted orders are listed per question
 
 
 @dataclass(frozen=True)
@@ -38,6 +42,7 @@ class Question:
     answer: str
     family: str
     strategy: str | None = None  # "exist" only
+    accepted: tuple[str, ...] = ()  # other answers scored correct (describe: side-by-side objects swapped)
 
 
 def prompt(question: str, family: str | None = None) -> str:
@@ -173,15 +178,44 @@ def left_to_right(scene: Scene) -> list[int]:
     return sorted(range(len(scene.objects)), key=lambda i: (scene.objects[i].x, scene.objects[i].y))
 
 
-def describe(scene: Scene) -> str:
-    """Every object from left to right (left_to_right), in one fixed form:
-    "a small red circle, a large blue star and a small green square"."""
-    parts = [f"a {o.size} {o.color} {o.shape}" for o in (scene.objects[i] for i in left_to_right(scene))]
+def accepted_orders(scene: Scene, limit: int = MAX_ACCEPTED) -> list[list[int]]:
+    """Every order of the objects that never lists one before an object clearly to its left (centres
+    at least ORDER_MARGIN tiles apart along x), left_to_right's first, at most 1 + `limit` of them.
+    Objects nearly above one another have no visible left-to-right order: either is right."""
+    objs = scene.objects
+    orders: list[list[int]] = []
+
+    def extend(prefix: list[int], rest: list[int]) -> None:
+        if len(orders) > limit:
+            return
+        if not rest:
+            orders.append(prefix)
+            return
+        for i in rest:  # i may come next if nothing left is clearly to its left
+            if all(objs[i].x - objs[j].x < ORDER_MARGIN for j in rest if j != i):
+                extend(prefix + [i], [j for j in rest if j != i])
+
+    extend([], left_to_right(scene))
+    return orders[:1 + limit]
+
+
+def _listed(objects: list[SceneObject]) -> str:
+    """ "a small red circle, a large blue star and a small green square" """
+    parts = [f"a {o.size} {o.color} {o.shape}" for o in objects]
     return parts[0] if len(parts) == 1 else ", ".join(parts[:-1]) + " and " + parts[-1]
 
 
+def describe(scene: Scene) -> str:
+    """Every object from left to right (left_to_right), in one fixed form:
+    "a small red circle, a large blue star and a small green square"."""
+    return _listed([scene.objects[i] for i in left_to_right(scene)])
+
+
 def ask_describe(scene: Scene, rng: np.random.Generator) -> Question:
-    return Question(DESCRIBE_QUESTION, describe(scene), "describe")
+    """The answer is describe(scene); the other orders of accepted_orders are accepted too."""
+    answer = describe(scene)
+    others = dict.fromkeys(_listed([scene.objects[i] for i in order]) for order in accepted_orders(scene))
+    return Question(DESCRIBE_QUESTION, answer, "describe", accepted=tuple(a for a in others if a != answer))
 
 
 ASK = {"color": ask_color, "shape": ask_shape, "count": ask_count, "position": ask_position,

@@ -122,12 +122,13 @@ def _row(sample: Sample, result) -> dict:
     """One samples.jsonl line; `image_tokens`: the image's visual tokens before any reduction,
     `visual_tokens`: those entering the LLM then left after each in-LLM cut (see engine stats)."""
     row = {"id": sample.id, "family": sample.family, "question": sample.question, "answer": sample.answer,
-           "prediction": result.text, "correct": is_correct(result.text, sample.answer),
+           "prediction": result.text, "correct": is_correct(result.text, sample.answer, sample.accepted),
            **{k: result.stats[k] for k in ("image_tokens", "visual_tokens", "visual_tokens_equivalent")}}
     if sample.strategy is not None:
         row["strategy"] = sample.strategy
     if sample.family in LONG_FAMILIES:
         row["object_f1"] = round(object_f1(result.text, sample.answer), 4)
+        row["answer_order"] = is_correct(result.text, sample.answer)  # in the answer's own order
     return row
 
 
@@ -146,9 +147,13 @@ def _dataset_settings(meta: dict) -> dict:
 
 
 def _f1(rows: list[dict], family: str) -> dict:
-    """{"object_f1": mean} for a long-answer family, else {}."""
-    scores = [r["object_f1"] for r in rows if r["family"] == family and "object_f1" in r]
-    return {"object_f1": sum(scores) / len(scores)} if scores else {}
+    """{"object_f1": mean, "answer_order": exact in the answer's own order} for a long-answer
+    family, else {}."""
+    rows = [r for r in rows if r["family"] == family and "object_f1" in r]
+    if not rows:
+        return {}
+    return {"object_f1": sum(r["object_f1"] for r in rows) / len(rows),
+            "answer_order": accuracy([r["answer_order"] for r in rows])}
 
 
 def _summary(model, data: Dataset, rows: list[dict], errors: list[str], batch_size: int,

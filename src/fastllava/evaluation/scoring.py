@@ -18,8 +18,10 @@ def normalize(text: str) -> str:
     return " ".join(NUMBER_WORDS.get(w, w) for w in words)
 
 
-def is_correct(prediction: str, answer: str) -> bool:
-    return normalize(prediction) == normalize(answer)
+def is_correct(prediction: str, answer: str, accepted: tuple[str, ...] | list[str] = ()) -> bool:
+    """The prediction is the answer or one of the `accepted` others, after normalization."""
+    said = normalize(prediction)
+    return said == normalize(answer) or any(said == normalize(a) for a in accepted)
 
 
 _OBJECT = re.compile(r"\b(small|large) (\w+) (\w+)\b")
