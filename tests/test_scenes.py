@@ -244,12 +244,13 @@ def _digest(path) -> dict[str, str]:
 
 def test_default_variant_is_unchanged(tmp_path):
     """Digests of `generate_dataset(30, 7, image_size=64)` made with the code before `--variant` (the
-    questions since each line carries its `prompt`; without that field they hash as before)."""
+    questions since each line carries its `prompt`; without that field they hash as before; meta.json
+    since dataset version 2, whose only change is `describe`'s accepted orders, not asked here)."""
     generate_dataset(30, 7, tmp_path, image_size=64, progress=False)
     assert _digest(tmp_path) == {
         "questions.jsonl": "db5951dfb1a7cb4de1ceed72a4d6e6ba8877f44629f7fd620eba2ae8d7a45746",
         "scenes.jsonl": "56ea0666110fd64d85ce05cd207279a94eeaa64c4340f4b5fae0bdea3b31c36c",
-        "meta.json": "fa18884970e176adccd61807516e06bbe8b546c860616b02720476ea9fa92110",
+        "meta.json": "00bd63b3e38c288ec416b240afa0108473fc0d6e00485750fe8ef08d45fcccd9",
         "pixels": "81561806345464532a9e0b4d9040fe3629b71507e4739d4238a4fb1c792210d7",
     }
 
