@@ -212,10 +212,9 @@ def describe(scene: Scene) -> str:
 
 
 def ask_describe(scene: Scene, rng: np.random.Generator) -> Question:
-    """The answer is describe(scene); the other orders of accepted_orders are accepted too."""
-    answer = describe(scene)
-    others = dict.fromkeys(_listed([scene.objects[i] for i in order]) for order in accepted_orders(scene))
-    return Question(DESCRIBE_QUESTION, answer, "describe", accepted=tuple(a for a in others if a != answer))
+    """The answer is describe(scene) (accepted_orders' first); its other orders are accepted too."""
+    answer, *others = dict.fromkeys(_listed([scene.objects[i] for i in order]) for order in accepted_orders(scene))
+    return Question(DESCRIBE_QUESTION, answer, "describe", accepted=tuple(others))
 
 
 ASK = {"color": ask_color, "shape": ask_shape, "count": ask_count, "position": ask_position,

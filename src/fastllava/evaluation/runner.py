@@ -146,7 +146,7 @@ def _dataset_settings(meta: dict) -> dict:
     return {**out, "variant": meta.get("variant", "default")} if meta else out
 
 
-def _f1(rows: list[dict], family: str) -> dict:
+def _long_answer_scores(rows: list[dict], family: str) -> dict:
     """{"object_f1": mean, "answer_order": exact in the answer's own order} for a long-answer
     family, else {}."""
     rows = [r for r in rows if r["family"] == family and "object_f1" in r]
@@ -182,7 +182,7 @@ def _summary(model, data: Dataset, rows: list[dict], errors: list[str], batch_si
     return {
         "model": str(getattr(model, "path", None) or type(model).__name__),
         "overall": {"accuracy": accuracy(flags), "n": len(flags)},
-        "families": {f: {"accuracy": accuracy(v), "n": len(v), **_f1(rows, f)} for f, v in sorted(by_family.items())},
+        "families": {f: {"accuracy": accuracy(v), "n": len(v), **_long_answer_scores(rows, f)} for f, v in sorted(by_family.items())},
         "visual_tokens": _token_summary(rows),
         "settings": settings,
         "errors": errors,
