@@ -182,7 +182,8 @@ def _summary(model, data: Dataset, rows: list[dict], errors: list[str], batch_si
     return {
         "model": str(getattr(model, "path", None) or type(model).__name__),
         "overall": {"accuracy": accuracy(flags), "n": len(flags)},
-        "families": {f: {"accuracy": accuracy(v), "n": len(v), **_long_answer_scores(rows, f)} for f, v in sorted(by_family.items())},
+        "families": {f: {"accuracy": accuracy(v), "n": len(v), **_long_answer_scores(rows, f)}
+                     for f, v in sorted(by_family.items())},
         "visual_tokens": _token_summary(rows),
         "settings": settings,
         "errors": errors,
