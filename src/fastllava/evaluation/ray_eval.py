@@ -85,15 +85,17 @@ def sweep_ray(model: str | None, load_options: dict, data_dir: str | Path | Data
     config = _check_model(model, load_options, None)
     view = SimpleNamespace(config=config, path=str(model or ""))
 
+    started = []  # the cluster this sweep starts at its first run, after run_sweep has checked every budget
+
     def run(kwargs: dict, run_dir: Path | None, bar: Progress) -> dict:
+        if not ray.is_initialized():  # one cluster for every run (each run's actors load the model again)
+            _init(ray, replicas or (_gpu_count() if _on_gpu(load_options.get("device")) else 1))
+            started.append(True)
         kwargs = {"max_new_tokens": DEFAULT_MAX_NEW_TOKENS, "temperature": 0.0, **kwargs}
         used, answered = _answer_all(model, load_options, samples, batch_size, kwargs, replicas, False)
         bar.update(len(samples))
         return _results(data, answered, batch_size, limit, kwargs, used, run_dir)
 
-    started = not ray.is_initialized()
-    if started:  # one cluster for every run (each run's actors load the model again)
-        _init(ray, replicas or (_gpu_count() if _on_gpu(load_options.get("device")) else 1))
     try:
         return run_sweep(view, data, methods, keeps, limit, out_dir, progress, generate_kwargs, run)
     finally:
