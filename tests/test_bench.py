@@ -92,4 +92,8 @@ def test_bench_times_several_decode_modes_on_the_same_weights(tmp_path, capsys):
     profiles = sorted(p.name for p in out.glob("profile-*.txt"))  # --profile: one operator table per case
     assert profiles == ["profile-eager-b1-v576.txt", "profile-eager-b1-v8.txt", "profile-static-b1-v576.txt",
                         "profile-static-b1-v8.txt"]
-    assert "aten::linear" in (out / "profile-static-b1-v8.txt").read_text()
+    # a real operator table (the 30 costliest operators by CPU time), not the profiler's failure message;
+    # which operators make the top 30 varies from machine to machine, so none is named
+    profile_lines = (out / "profile-static-b1-v8.txt").read_text().splitlines()
+    assert "Self CPU time total" in profile_lines[-1]
+    assert sum(line.strip().startswith("aten::") for line in profile_lines) >= 20
