@@ -73,3 +73,22 @@ def test_inspect_draws_kept_patches(ckpt, tmp_path, capsys, spec, kept, merged):
     assert picture.shape == (448 + 56, 448)  # the 448-pixel image under a band: title, counts, legend
     band = picture[:56]
     assert (band < 128).any(axis=1)[4:14].any() and (band < 128).any(axis=1)[20:30].any()  # two lines of text
+
+
+def test_sweep_on_describe_reports_object_f1(tmp_path):
+    """A describe set: every row carries its object F1 (the mean of its questions'), shown in the
+    table; the embedded model lists objects well unreduced and badly from 8 random tokens."""
+    data = tmp_path / "describe"
+    generate_dataset(6, 4345, data, families=["describe"], progress=False)
+    out = tmp_path / "sweep"
+    assert main(["eval", "--device", "cpu", "--data", str(data), "--reduce", "random", "--keep", "8",
+                 "--batch-size", "6", "--max-new-tokens", "96", "--out", str(out), "--quiet"]) == 0
+    result = json.loads((out / "sweep.json").read_text())
+    base, run = result["baseline"], result["runs"][0]
+    for row, name in ((base, "none"), (run, run["spec"].replace(":", "_"))):
+        samples = [json.loads(line) for line in (out / "runs" / name / "samples.jsonl").read_text().splitlines()]
+        assert row["object_f1"]["describe"] == round(sum(s["object_f1"] for s in samples) / len(samples), 4)
+    assert base["object_f1"]["describe"] >= 0.8 and run["object_f1"]["describe"] < base["object_f1"]["describe"] - 0.2
+    table = (out / "sweep.md").read_text()
+    assert f"describe F1 {base['object_f1']['describe']:.3f} on 6 questions" in table
+    assert f"describe F1 {run['object_f1']['describe']:.3f}" in table.split("| random |")[1]

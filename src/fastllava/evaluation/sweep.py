@@ -1,6 +1,8 @@
 """`fastllava eval --reduce fastv,visionzip --keep 192,128,64`: accuracy of each reduction method
 at each budget against the unreduced model, with the prefill's FLOPs and its measured time, as
-JSON, a markdown table and a PNG plot.
+JSON, a markdown table and a PNG plot. On a set with long-answer (`describe`) questions each run
+also carries their object F1, which the table shows beside the accuracy: a list that loses one
+object of six is wrong by exact match but scores F1 0.91.
 
 The prefill time is measured apart from the evaluation, on the set's first TIMED_QUESTIONS
 questions as one batch with one new token (images encoded, the reduction, the language model's
@@ -80,7 +82,8 @@ def run_sweep(model, data: Dataset, methods, keeps: list[int] | None, limit: int
                          "visual_tokens_equivalent": tokens["equivalent"],
                          **res.get("prefill", UNTIMED),
                          "accuracy": res["overall"]["accuracy"], "n": res["overall"]["n"],
-                         "families": {f: r["accuracy"] for f, r in res["families"].items()}})
+                         "families": {f: r["accuracy"] for f, r in res["families"].items()},
+                         **_object_f1(res["families"])})
     base = rows[0]["accuracy"]
     for r in rows:
         r["retained"] = round(100 * r["accuracy"] / base, 2) if base else None
@@ -93,6 +96,17 @@ def run_sweep(model, data: Dataset, methods, keeps: list[int] | None, limit: int
         (out / "sweep.md").write_text(table(result))
         plot(result, out / "sweep.png")
     return result
+
+
+def _object_f1(families: dict) -> dict:
+    """{"object_f1": {family: mean object F1}} for the long-answer families of a run, else {}."""
+    f1 = {f: round(r["object_f1"], 4) for f, r in families.items() if "object_f1" in r}
+    return {"object_f1": f1} if f1 else {}
+
+
+def _f1_note(row: dict) -> str:
+    """', describe F1 0.953' for each long-answer family of a sweep row ('' without one)."""
+    return "".join(f", {f} F1 {v:.3f}" for f, v in sorted(row.get("object_f1", {}).items()))
 
 
 def prefill_cost(model, samples: list, reduce: str | None) -> dict:
@@ -116,19 +130,21 @@ def prefill_cost(model, samples: list, reduce: str | None) -> dict:
 
 
 def table(result: dict) -> str:
-    """Markdown: one row per method, one column per budget, 'accuracy (retained %), prefill ms'."""
+    """Markdown: one row per method, one column per budget, 'accuracy (retained %), prefill ms'
+    (with long-answer questions 'accuracy (retained %), describe F1 0.953, prefill ms')."""
     keeps = sorted({r["keep"] for r in result["runs"]}, reverse=True)
     cells: dict[str, dict[int, str]] = {}
     for r in result["runs"]:
         kept = f"{r['retained']:.1f}%" if r["retained"] is not None else "n/a"
         ms = f"{r['prefill_ms']:g} ms" if r["prefill_ms"] is not None else "n/a"
-        cells.setdefault(r["label"], {})[r["keep"]] = f"{r['accuracy']:.3f} ({kept}), {ms}"
+        cells.setdefault(r["label"], {})[r["keep"]] = f"{r['accuracy']:.3f} ({kept}){_f1_note(r)}, {ms}"
     b = result["baseline"]
+    legend = "cells: accuracy (% of unreduced)" + (", object F1" if "object_f1" in b else "")
     timing = (f", prefill {b['prefill_ms']} ms for {b['timed_questions']} questions ({b['prefill_gflops']} GFLOPs "
-              f"each); cells: accuracy (% of unreduced), prefill time of the same {b['timed_questions']} questions"
-              if b["prefill_ms"] is not None else "; cells: accuracy (% of unreduced), prefill time not measured")
-    lines = [f"unreduced ({result['visual_tokens']:g} visual tokens per question): accuracy {b['accuracy']:.3f} "
-             f"on {result['n']} questions{timing}", "",
+              f"each); {legend}, prefill time of the same {b['timed_questions']} questions"
+              if b["prefill_ms"] is not None else f"; {legend}, prefill time not measured")
+    lines = [f"unreduced ({result['visual_tokens']:g} visual tokens per question): accuracy {b['accuracy']:.3f}"
+             f"{_f1_note(b)} on {result['n']} questions{timing}", "",
              "| method | " + " | ".join(f"keep {k}" for k in keeps) + " |",
              "|---|" + "---|" * len(keeps)]
     for name, row in cells.items():
