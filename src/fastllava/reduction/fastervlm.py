@@ -20,11 +20,11 @@ class FasterVLM(VisionMethod):
     each keeps the patches its own [CLS] attends to most (see reduction.base).
 
     Zhang et al., "[CLS] Attention is All You Need for Training-Free Visual Token Pruning: Make
-    VLM Inference Faster" (FasterVLM), arXiv:2412.01818, 2024.
+    VLM Inference Faster" (FasterVLM), arXiv:2412.01818 v1, 2024 (its v2 is VisPruner).
     """
 
     name = "fastervlm"
-    paper = "Zhang et al. 2024, [CLS] Attention is All You Need for Training-Free Visual Token Pruning (arXiv:2412.01818)"
+    paper = "Zhang et al. 2024, [CLS] Attention is All You Need for Training-Free Visual Token Pruning (arXiv:2412.01818v1)"
     needs_cls = True
     merge_modes = MERGE_MODES
 

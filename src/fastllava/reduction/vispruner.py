@@ -77,7 +77,7 @@ class VisPruner(VisionMethod):
     """
 
     name = "vispruner"
-    paper = "Zhang et al. 2025, Beyond Text-Visual Attention: Exploiting Visual Cues for Effective Token Pruning in VLMs (VisPruner, ICCV 2025, arXiv:2412.01818)"
+    paper = "Zhang et al. 2025, Beyond Text-Visual Attention: Exploiting Visual Cues for Effective Token Pruning in VLMs (VisPruner, ICCV 2025, arXiv:2412.01818v2)"
     needs_cls = True
     merge_modes = MERGE_MODES
 
