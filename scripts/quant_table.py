@@ -38,7 +38,7 @@ def main() -> None:
     p.add_argument("--device")
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--limit", type=int)
-    p.add_argument("--max-new-tokens", type=int, default=8)
+    p.add_argument("--max-new-tokens", type=int, help="as eval's (default: 8, or 96 with describe questions)")
     p.add_argument("--out", default="runs/quant")
     args = p.parse_args()
     data, out = load_dataset(args.data), Path(args.out)

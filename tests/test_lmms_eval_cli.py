@@ -114,9 +114,8 @@ def _utils(task: Path):
 
 def test_the_long_answer_family_gets_eval_object_f1(tmp_path):
     generate_dataset(4, 2, tmp_path / "data", image_size=48, families=["describe", "color"], progress=False)
-    assert main(["lmms-task", "--data", str(tmp_path / "data"), "--out", str(tmp_path / "task"),
-                 "--max-new-tokens", "96"]) == 0
-    yaml = (tmp_path / "task" / "shapes.yaml").read_text()
+    assert main(["lmms-task", "--data", str(tmp_path / "data"), "--out", str(tmp_path / "task")]) == 0
+    yaml = (tmp_path / "task" / "shapes.yaml").read_text()  # a set with describe: eval's 96 tokens by default
     assert "max_new_tokens: 96" in yaml and "metric: describe_object_f1" in yaml and "color_object_f1" not in yaml
     utils = _utils(tmp_path / "task")
     doc = next(json.loads(x) for x in (tmp_path / "task" / "shapes.jsonl").read_text().splitlines()

@@ -36,7 +36,7 @@ def add_data_parser(subparsers) -> argparse.ArgumentParser:
                         help="side of a tile in pixels (default 336): the default variant's image side")
     shapes.add_argument("--families", type=_families,
                         help=f"comma-separated subset of {','.join(ALL_FAMILIES)} (default: {','.join(FAMILIES)}; "
-                             "describe asks for every object from left to right: give eval --max-new-tokens 96)")
+                             "describe asks for every object from left to right; eval then answers in up to 96 tokens)")
     shapes.add_argument("--questions-per-image", type=positive_int, default=3)
     shapes.add_argument("--overwrite", action="store_true", help="replace a dataset already in --out")
     shapes.set_defaults(func=cmd_data_shapes)
@@ -51,7 +51,8 @@ def add_eval_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--data", required=True, help="dataset directory holding questions.jsonl")
     p.add_argument("--batch-size", type=positive_int, default=8)
     p.add_argument("--limit", type=positive_int, help="score only the first N questions")
-    p.add_argument("--max-new-tokens", type=positive_int, default=8)
+    p.add_argument("--max-new-tokens", type=positive_int,
+                   help="longest answer in tokens (default: 8, or 96 when the set holds describe questions)")
     p.add_argument("--out", help="results directory (default: runs/eval-<timestamp>)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.add_argument("--reduce", help="visual token reduction spec; several (fastv,visionzip:contextual=8) "
@@ -89,7 +90,8 @@ def add_lmms_task_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--data", required=True, help="dataset directory holding questions.jsonl")
     p.add_argument("--out", required=True, help="task folder to write (NAME.yaml, NAME.jsonl, utils.py)")
     p.add_argument("--name", default="shapes", help="the task's name (default: shapes)")
-    p.add_argument("--max-new-tokens", type=positive_int, default=8, help="as eval's (default 8; 96 for describe)")
+    p.add_argument("--max-new-tokens", type=positive_int,
+                   help="as eval's (default: 8, or 96 when the set holds describe questions)")
     p.add_argument("--overwrite", action="store_true", help="replace a task of that name in --out")
     p.set_defaults(func=cmd_lmms_task)
     return p
@@ -99,7 +101,8 @@ def cmd_lmms_task(args: argparse.Namespace) -> int:
     from .lmms_task import write_task
 
     t = write_task(args.data, args.out, args.name, args.max_new_tokens, args.overwrite)
-    print(f"wrote task {args.name!r} ({t['n']} questions; {', '.join(t['families'])}) to {t['yaml']}")
+    print(f"wrote task {args.name!r} ({t['n']} questions; {', '.join(t['families'])}; answers of up to "
+          f"{t['max_new_tokens']} tokens) to {t['yaml']}")
     print(f"run: lmms-eval --include_path {Path(args.out)} --tasks {args.name} --model fastllava "
           f"--model_args pretrained=MODEL", file=sys.stderr)
     return 0

@@ -3,7 +3,7 @@ with `lmms-eval --include_path OUT --tasks NAME` (any lmms-eval model: `fastllav
 
 The folder holds:
     NAME.yaml    the task: `dataset_path: json` over NAME.jsonl, greedy generation of at most
-                 max_new_tokens (eval's default 8; give the long-answer describe family eval's 96) with
+                 max_new_tokens (by default eval's: 8, or 96 when the set holds describe questions) with
                  no stop string, an `accuracy` metric, one `<family>_accuracy` per family in the set
                  and `describe_object_f1` (eval's object F1) when it holds describe questions
     NAME.jsonl   the questions eval would score (load_dataset's samples: bad lines left out), each
@@ -24,7 +24,7 @@ from pathlib import Path
 from ..errors import UserError
 from .dataset import load_dataset
 from .questions import FAMILIES, LONG_FAMILIES
-from .runner import DEFAULT_MAX_NEW_TOKENS
+from .runner import default_max_new_tokens
 
 NAME = re.compile(r"[A-Za-z][A-Za-z0-9_]*")
 
@@ -57,16 +57,19 @@ def process_results(doc, results):
 
 
 def write_task(data_dir: str | Path, out_dir: str | Path, name: str = "shapes",
-               max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS, overwrite: bool = False) -> dict:
-    """Write the task folder (NAME.yaml, NAME.jsonl, utils.py); returns {"yaml", "n", "families", "skipped"}."""
+               max_new_tokens: int | None = None, overwrite: bool = False) -> dict:
+    """Write the task folder (NAME.yaml, NAME.jsonl, utils.py); returns {"yaml", "n", "families", "skipped",
+    "max_new_tokens"}. max_new_tokens None: eval's default for the set (runner.default_max_new_tokens)."""
     if not NAME.fullmatch(name):
         raise UserError(f"task name {name!r} must be a letter then letters, digits or underscores")
-    if max_new_tokens < 1:
+    if max_new_tokens is not None and max_new_tokens < 1:
         raise UserError(f"max_new_tokens must be at least 1, got {max_new_tokens}")
     data = load_dataset(data_dir)
     if not data.samples:
         first = f"; first problem: {data.errors[0]}" if data.errors else ""
         raise UserError(f"no usable questions in {data.root}{first}")
+    if max_new_tokens is None:
+        max_new_tokens = default_max_new_tokens(data.samples)
     out = Path(out_dir).expanduser()
     yaml_path = out / f"{name}.yaml"
     if out.exists() and not out.is_dir():
@@ -85,7 +88,8 @@ def write_task(data_dir: str | Path, out_dir: str | Path, name: str = "shapes",
     if data.errors:
         print(f"fastllava: warning: left out {len(data.errors)} bad line(s) of {data.root / 'questions.jsonl'}: "
               f"{data.errors[0]}", file=sys.stderr)
-    return {"yaml": yaml_path, "n": len(data.samples), "families": families, "skipped": len(data.errors)}
+    return {"yaml": yaml_path, "n": len(data.samples), "families": families, "skipped": len(data.errors),
+            "max_new_tokens": max_new_tokens}
 
 
 def _yaml(name: str, questions: Path, source: Path, max_new_tokens: int, families: list[str]) -> str:

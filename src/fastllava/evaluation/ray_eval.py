@@ -24,7 +24,7 @@ from ..errors import UserError
 from ..extras import require
 from .dataset import Dataset, Sample, load_dataset
 from .progress import Progress
-from .runner import DEFAULT_MAX_NEW_TOKENS, _answers, _row, check_budgets, finish
+from .runner import _answers, _row, answer_kwargs, check_budgets, finish
 
 
 class Replica:
@@ -67,7 +67,7 @@ def evaluate_ray(model: str | None, load_options: dict, data_dir: str | Path | D
     data, samples = _start(data_dir, batch_size, limit)
     if not os.environ.get("RAY_ADDRESS"):  # a local cluster reads the files the driver sees
         _check_model(model, load_options, (generate_kwargs or {}).get("reduce"))
-    kwargs = {"max_new_tokens": DEFAULT_MAX_NEW_TOKENS, "temperature": 0.0, **(generate_kwargs or {})}
+    kwargs = answer_kwargs(samples, generate_kwargs)
     replicas, answered = _answer_all(model, load_options, samples, batch_size, kwargs, replicas, progress)
     return _results(data, answered, batch_size, limit, kwargs, replicas, out_dir)
 
@@ -91,7 +91,7 @@ def sweep_ray(model: str | None, load_options: dict, data_dir: str | Path | Data
         if not ray.is_initialized():  # one cluster for every run (each run's actors load the model again)
             _init(ray, replicas or (_gpu_count() if _on_gpu(load_options.get("device")) else 1))
             started.append(True)
-        kwargs = {"max_new_tokens": DEFAULT_MAX_NEW_TOKENS, "temperature": 0.0, **kwargs}
+        kwargs = answer_kwargs(samples, kwargs)
         used, answered = _answer_all(model, load_options, samples, batch_size, kwargs, replicas, False)
         bar.update(len(samples))
         return _results(data, answered, batch_size, limit, kwargs, used, run_dir)

@@ -17,7 +17,22 @@ from .progress import Progress
 from .questions import ANSWER_SUFFIX, LONG_FAMILIES
 from .scoring import accuracy, is_correct, object_f1
 
-DEFAULT_MAX_NEW_TOKENS = 8
+ONE_WORD_TOKENS = 8  # eval's default answer length: a one-word answer and its end
+LONG_ANSWER_TOKENS = 96  # ... when the set asks for lists (describe: up to 12 objects of 5 words)
+
+
+def default_max_new_tokens(samples: list[Sample]) -> int:
+    """LONG_ANSWER_TOKENS when any sample is of a long-answer family (describe), else ONE_WORD_TOKENS."""
+    return LONG_ANSWER_TOKENS if any(s.family in LONG_FAMILIES for s in samples) else ONE_WORD_TOKENS
+
+
+def answer_kwargs(samples: list[Sample], generate_kwargs: dict | None) -> dict:
+    """generate's arguments for eval: greedy unless told otherwise, and max_new_tokens when not
+    given (None) by default_max_new_tokens(samples)."""
+    kwargs = {"temperature": 0.0, **(generate_kwargs or {})}
+    if kwargs.get("max_new_tokens") is None:
+        kwargs["max_new_tokens"] = default_max_new_tokens(samples)
+    return kwargs
 
 
 def evaluate(model, data_dir: str | Path | Dataset, batch_size: int = 8, limit: int | None = None,
@@ -35,7 +50,7 @@ def evaluate(model, data_dir: str | Path | Dataset, batch_size: int = 8, limit: 
     samples = data.samples[:limit] if limit is not None else data.samples
     if not samples:
         raise UserError(f"no usable questions in {data.root}" + (f"; first problem: {errors[0]}" if errors else ""))
-    kwargs = {"max_new_tokens": DEFAULT_MAX_NEW_TOKENS, "temperature": 0.0, **(generate_kwargs or {})}
+    kwargs = answer_kwargs(samples, generate_kwargs)
     check_budgets(model, samples, [kwargs.get("reduce")])
 
     rows = []
