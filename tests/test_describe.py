@@ -121,16 +121,22 @@ def test_a_describe_set_and_its_eval_report(tmp_path, capsys):
         generate_dataset(4, 0, tmp_path / "x", families=["describes"], progress=False)
 
 
-def test_eval_gives_describe_room_to_answer_by_default(tmp_path):
+def test_eval_gives_describe_room_to_answer_by_default(tmp_path, capsys):
     """Without --max-new-tokens eval answers a set with describe questions in up to 96 tokens (8 would cut
-    every list of two or more objects) and a one-word set in up to 8; a given value wins."""
+    every list of two or more objects) and a one-word set in up to 8; a given value wins, and answers
+    it cuts are counted and warned about."""
     generate_dataset(6, 4346, tmp_path / "d", families=["describe"], progress=False)
     generate_dataset(6, 4346, tmp_path / "w", families=["color"], progress=False)
     runs = {"d": [], "w": [], "d8": ["--max-new-tokens", "8"]}
-    results = {}
+    results, warned = {}, {}
     for name, extra in runs.items():
         assert main(["eval", "--data", str(tmp_path / name[0]), "--out", str(tmp_path / f"r{name}"), "--quiet", *extra]) == 0
         results[name] = json.loads((tmp_path / f"r{name}" / "results.json").read_text())
+        warned[name] = "stopped at --max-new-tokens" in capsys.readouterr().err
     assert [results[n]["settings"]["max_new_tokens"] for n in runs] == [96, 8, 8]
+    cut = {n: results[n]["overall"]["cut_at_max_new_tokens"] for n in runs}
+    samples = [json.loads(line) for line in (tmp_path / "rd8" / "samples.jsonl").read_text().splitlines()]
+    assert cut["d"] == cut["w"] == 0 and cut["d8"] == sum(s["finish_reason"] == "length" for s in samples) >= 3
+    assert warned == {"d": False, "w": False, "d8": True}
     described, cut = results["d"]["families"]["describe"], results["d8"]["families"]["describe"]
     assert described["object_f1"] >= 0.8 and described["object_f1"] > cut["object_f1"] + 0.2

@@ -162,7 +162,8 @@ def test_evaluate_writes_results_and_samples(model, checkpoint, dataset, tmp_pat
         row["answer"] = f" {predicted[row['id']].upper()}!"
     (relabelled / "questions.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     scored = evaluate(model, relabelled, batch_size=8, out_dir=tmp_path / "relabelled-run", progress=False)
-    assert scored["overall"] == {"accuracy": 0.5, "n": N}
+    assert scored["overall"] == {"accuracy": 0.5, "n": N,  # a random model never stops: every answer cut
+                                 "cut_at_max_new_tokens": sum(s["finish_reason"] == "length" for s in samples)}
     rescored = _lines(tmp_path / "relabelled-run" / "samples.jsonl")
     assert [s["correct"] for s in rescored] == [i % 2 == 0 for i in range(N)]
 

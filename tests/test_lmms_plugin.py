@@ -171,7 +171,7 @@ def test_question_sets_carry_the_prompt_eval_asks(tmp_path):
         def generate(self, images, prompts, **kw):
             asked.extend(prompts)
             stats = {"image_tokens": 16, "visual_tokens": [16], "visual_tokens_equivalent": 16.0}
-            return [SimpleNamespace(text="red", stats=stats) for _ in prompts]
+            return [SimpleNamespace(text="red", finish_reason="stop", stats=stats) for _ in prompts]
 
     lines[0]["prompt"] = "What is it? Answer in one word."  # a set's own prompt is asked as it is
     for row in lines[1:3]:

@@ -205,8 +205,17 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
 def _print_sweep(result: dict, out: Path) -> int:
     print((out / "sweep.md").read_text(), end="")
+    for row in [result["baseline"], *result["runs"]]:
+        _warn_cut(row["cut_at_max_new_tokens"], row["n"], row["max_new_tokens"], f" ({row['spec']})")
     print(f"sweep: {out / 'sweep.json'}, {out / 'sweep.md'}, {out / 'sweep.png'}", file=sys.stderr)
     return 0 if result else 1
+
+
+def _warn_cut(cut: int, n: int, max_new_tokens: int, run: str = "") -> None:
+    """A warning on stderr when answers ran into --max-new-tokens (scored as cut)."""
+    if cut:
+        print(f"fastllava: warning: {cut} of {n} answers{run} stopped at --max-new-tokens {max_new_tokens} before "
+              "their end (scored as cut); give a larger --max-new-tokens", file=sys.stderr)
 
 
 def _print_results(results: dict, out: Path) -> None:
@@ -217,6 +226,7 @@ def _print_results(results: dict, out: Path) -> None:
         f1 = (f", object F1 {r['object_f1']:.4f}, exact in the answer's own order {r['answer_order']:.4f}"
               if "object_f1" in r else "")
         print(f"  {name:<10} {r['accuracy']:.4f}  (n={r['n']}{f1})")
+    _warn_cut(overall["cut_at_max_new_tokens"], overall["n"], results["settings"]["max_new_tokens"])
     v = results["visual_tokens"]
     print(f"visual tokens per question: {v['unreduced']:g} unreduced ({v['min']}-{v['max']}), "
           f"{v['equivalent']:g} layer-weighted in the LLM")

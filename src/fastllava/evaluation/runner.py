@@ -135,9 +135,11 @@ def _answers(model, batch: list[Sample], kwargs: dict, errors: list[str]) -> lis
 
 def _row(sample: Sample, result) -> dict:
     """One samples.jsonl line; `image_tokens`: the image's visual tokens before any reduction,
-    `visual_tokens`: those entering the LLM then left after each in-LLM cut (see engine stats)."""
+    `visual_tokens`: those entering the LLM then left after each in-LLM cut (see engine stats);
+    `finish_reason`: "length" when the answer was cut at max_new_tokens."""
     row = {"id": sample.id, "family": sample.family, "question": sample.question, "answer": sample.answer,
            "prediction": result.text, "correct": is_correct(result.text, sample.answer, sample.accepted),
+           "finish_reason": result.finish_reason,
            **{k: result.stats[k] for k in ("image_tokens", "visual_tokens", "visual_tokens_equivalent")}}
     if sample.strategy is not None:
         row["strategy"] = sample.strategy
@@ -196,7 +198,8 @@ def _summary(model, data: Dataset, rows: list[dict], errors: list[str], batch_si
     }
     return {
         "model": str(getattr(model, "path", None) or type(model).__name__),
-        "overall": {"accuracy": accuracy(flags), "n": len(flags)},
+        "overall": {"accuracy": accuracy(flags), "n": len(flags),
+                    "cut_at_max_new_tokens": sum(row["finish_reason"] == "length" for row in rows)},
         "families": {f: {"accuracy": accuracy(v), "n": len(v), **_long_answer_scores(rows, f)}
                      for f, v in sorted(by_family.items())},
         "visual_tokens": _token_summary(rows),

@@ -82,6 +82,8 @@ def run_sweep(model, data: Dataset, methods, keeps: list[int] | None, limit: int
                          "visual_tokens_equivalent": tokens["equivalent"],
                          **res.get("prefill", UNTIMED),
                          "accuracy": res["overall"]["accuracy"], "n": res["overall"]["n"],
+                         "cut_at_max_new_tokens": res["overall"]["cut_at_max_new_tokens"],
+                         "max_new_tokens": res["settings"]["max_new_tokens"],
                          "families": {f: r["accuracy"] for f, r in res["families"].items()},
                          **_object_f1(res["families"])})
     base = rows[0]["accuracy"]
