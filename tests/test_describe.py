@@ -132,7 +132,7 @@ def test_eval_gives_describe_room_to_answer_by_default(tmp_path, capsys):
     for name, extra in runs.items():
         assert main(["eval", "--data", str(tmp_path / name[0]), "--out", str(tmp_path / f"r{name}"), "--quiet", *extra]) == 0
         results[name] = json.loads((tmp_path / f"r{name}" / "results.json").read_text())
-        warned[name] = "stopped at --max-new-tokens" in capsys.readouterr().err
+        warned[name] = "were cut at --max-new-tokens 8" in capsys.readouterr().err
     assert [results[n]["settings"]["max_new_tokens"] for n in runs] == [96, 8, 8]
     cut = {n: results[n]["overall"]["cut_at_max_new_tokens"] for n in runs}
     samples = [json.loads(line) for line in (tmp_path / "rd8" / "samples.jsonl").read_text().splitlines()]

@@ -212,10 +212,10 @@ def _print_sweep(result: dict, out: Path) -> int:
 
 
 def _warn_cut(cut: int, n: int, max_new_tokens: int, run: str = "") -> None:
-    """A warning on stderr when answers ran into --max-new-tokens (scored as cut)."""
+    """A warning on stderr when answers ran into --max-new-tokens (they are scored as they were cut)."""
     if cut:
-        print(f"fastllava: warning: {cut} of {n} answers{run} stopped at --max-new-tokens {max_new_tokens} before "
-              "their end (scored as cut); give a larger --max-new-tokens", file=sys.stderr)
+        print(f"fastllava: warning: {cut} of {n} answers{run} were cut at --max-new-tokens {max_new_tokens} and "
+              "scored so; give a larger --max-new-tokens", file=sys.stderr)
 
 
 def _print_results(results: dict, out: Path) -> None:
