@@ -206,7 +206,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
 def _print_sweep(result: dict, out: Path) -> int:
     print((out / "sweep.md").read_text(), end="")
     for row in [result["baseline"], *result["runs"]]:
-        _warn_cut(row["cut_at_max_new_tokens"], row["n"], row["max_new_tokens"], f" ({row['spec']})")
+        _warn_cut(row["cut_at_max_new_tokens"], row["n"], result["max_new_tokens"], f" ({row['spec']})")
     print(f"sweep: {out / 'sweep.json'}, {out / 'sweep.md'}, {out / 'sweep.png'}", file=sys.stderr)
     return 0 if result else 1
 

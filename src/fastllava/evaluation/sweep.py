@@ -24,7 +24,7 @@ from ..extras import require
 from ..reduction.runtime import make_reduction
 from .dataset import Dataset, load_dataset
 from .progress import Progress
-from .runner import check_budgets, evaluate
+from .runner import answer_kwargs, check_budgets, evaluate
 
 TIMED_QUESTIONS = 8
 TIMED_REPEATS = 3
@@ -70,6 +70,7 @@ def run_sweep(model, data: Dataset, methods, keeps: list[int] | None, limit: int
     n = min(len(data.samples), limit) if limit else len(data.samples)
     check_budgets(model, data.samples[:n], [method for _, method in runs])
     out = Path(out_dir).expanduser() if out_dir is not None else None
+    generate_kwargs = answer_kwargs(data.samples[:n], generate_kwargs)  # one answer length for every run
     rows = []
     with Progress("sweep", n * (len(runs) + 1), enabled=progress) as bar:
         for label, method in [("none", None), *runs]:
@@ -83,7 +84,6 @@ def run_sweep(model, data: Dataset, methods, keeps: list[int] | None, limit: int
                          **res.get("prefill", UNTIMED),
                          "accuracy": res["overall"]["accuracy"], "n": res["overall"]["n"],
                          "cut_at_max_new_tokens": res["overall"]["cut_at_max_new_tokens"],
-                         "max_new_tokens": res["settings"]["max_new_tokens"],
                          "families": {f: r["accuracy"] for f, r in res["families"].items()},
                          **_object_f1(res["families"])})
     base = rows[0]["accuracy"]
@@ -91,6 +91,7 @@ def run_sweep(model, data: Dataset, methods, keeps: list[int] | None, limit: int
         r["retained"] = round(100 * r["accuracy"] / base, 2) if base else None
     result = {"model": str(getattr(model, "path", "")), "data": str(data.root), "n": n,
               "variant": data.meta.get("variant", "default"), "visual_tokens": rows[0]["keep"],
+              "max_new_tokens": generate_kwargs["max_new_tokens"],
               "baseline": rows[0], "runs": rows[1:]}
     if out is not None:
         out.mkdir(parents=True, exist_ok=True)
